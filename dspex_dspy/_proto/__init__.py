@@ -1,0 +1,1 @@
+"""Generated from bridge/proto/snakepit_bridge.proto by bridge/generate.py; do not edit, regenerate with `make proto`."""

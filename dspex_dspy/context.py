@@ -1,0 +1,294 @@
+"""Context: a named set of variables that starts local and moves to a bridge when Python needs it.
+
+A :class:`Context` begins on :class:`~dspex_dspy.state.LocalState`. :meth:`Context.ensure_bridged`
+(or registering a program that needs Python) moves it to :class:`~dspex_dspy.state.BridgedState`:
+every variable is exported, imported into a session of a SessionStore under the context's id, and
+only then is the local copy dropped. Writers are held off while that happens, so no write is lost;
+a failure at any step leaves the context local with every value intact.
+
+The bridge is the embedded one by default (started lazily in this process on an ephemeral
+loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, ValidationError
+from dspex_dspy.state import BridgedState, LocalState, StateProvider
+
+__all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
+
+logger = logging.getLogger(__name__)
+
+_PYTHON_TYPES = frozenset({"dspy", "python"})
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    """One backend switch of a context."""
+
+    from_backend: str
+    to_backend: str
+    at: float
+    variables: int
+    duration_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What :meth:`Context.get_backend` reports.
+
+    Attributes:
+        type: ``"local"`` or ``"bridged"``.
+        module: the provider class (:class:`LocalState` or :class:`BridgedState`).
+        switches: how many times the context switched backend.
+        history: the switches, oldest first.
+        capabilities: what the current backend offers.
+    """
+
+    type: str
+    module: builtins.type
+    switches: int
+    history: tuple[SwitchEvent, ...]
+    capabilities: frozenset[str]
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else getattr(value, "name", str(value))
+
+
+def program_requires_python(spec: Mapping[str, Any]) -> bool:
+    """Whether a program spec needs Python workers (and so a bridged context).
+
+    True when ``requires_python`` is true, ``type`` is ``dspy`` or ``python``, ``adapter``
+    contains ``"Python"``, or a ``modules`` entry has type ``dspy``/``python`` or a ``class``
+    naming DSPy.
+
+    Example:
+        >>> program_requires_python({"type": "dspy"})
+        True
+        >>> program_requires_python({"type": "native", "modules": [{"class": "Tokenizer"}]})
+        False
+    """
+    if spec.get("requires_python") is True:
+        return True
+    if _as_text(spec.get("type", "")).lower() in _PYTHON_TYPES:
+        return True
+    if "python" in _as_text(spec.get("adapter", "")).lower():
+        return True
+    for module in spec.get("modules") or ():
+        if not isinstance(module, Mapping):
+            continue
+        if _as_text(module.get("type", "")).lower() in _PYTHON_TYPES:
+            return True
+        if "dspy" in _as_text(module.get("class", "")).lower():
+            return True
+    return False
+
+
+class _Stopped:
+    """Stands in for the provider of a stopped context: every use raises a clear error."""
+
+    kind = "stopped"
+    requires_bridge = False
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, context_id: str) -> None:
+        self.context_id = context_id
+
+    def __getattr__(self, name: str) -> Any:
+        raise DSPexError(f"context {self.context_id} is stopped")
+
+
+class Context:
+    """Variables for one program run, local first and bridged when Python workers need them.
+
+    Args:
+        session_id: the context's id (and its session id once bridged); an unguessable
+            ``"ctx_" + hex`` id when omitted.
+        backend: ``"local"`` (default) or ``"bridged"`` (bridge right away).
+        bridge: None for the embedded bridge, or ``"host:port"`` of a running bridge server.
+
+    Example:
+        >>> from dspex_dspy import Context, Variables
+        >>> with Context() as ctx:
+        ...     _ = Variables.defvariable(ctx, "temperature", "float", 0.7)
+        ...     ctx.get_backend().type
+        'local'
+    """
+
+    def __init__(self, session_id: str | None = None, *, backend: str = "local", bridge: str | None = None) -> None:
+        if backend not in ("local", "bridged"):
+            raise ValidationError("", "backend", backend, f"backend must be 'local' or 'bridged', got {backend!r}")
+        if session_id is not None and (not isinstance(session_id, str) or not session_id):
+            raise ValidationError("", "session_id", session_id, "session_id must be a non-empty string")
+        if bridge is not None and (not isinstance(bridge, str) or ":" not in bridge):
+            raise ValidationError("", "bridge", bridge, f"bridge must be a 'host:port' address, got {bridge!r}")
+        self.id: str = session_id or "ctx_" + secrets.token_hex(16)
+        self._bridge = bridge
+        self._provider: StateProvider = LocalState(self.id)
+        self._switch_lock = threading.RLock()
+        self._history: list[SwitchEvent] = []
+        self._programs: dict[str, dict[str, Any]] = {}
+        self._owns_session = False
+        self._remote: Any = None
+        if backend == "bridged":
+            self._switch("requested at creation", count=False)
+
+    # ------------------------------------------------------------------ backend
+
+    def get_backend(self) -> BackendInfo:
+        """Describe the current backend: type, provider class, switch count and history."""
+        provider = self._provider
+        return BackendInfo(
+            type=provider.kind,
+            module=type(provider),
+            switches=len(self._history),
+            history=tuple(self._history),
+            capabilities=provider.capabilities,
+        )
+
+    @property
+    def bridge_address(self) -> str | None:
+        """``"host:port"`` where workers connect to this context's session; None while local."""
+        provider = self._provider
+        return provider.address if isinstance(provider, BridgedState) else None
+
+    @property
+    def is_bridged(self) -> bool:
+        """Whether the context's variables live in a bridge session."""
+        return self._provider.kind == "bridged"
+
+    def ensure_bridged(self) -> None:
+        """Move the context to a bridge session, keeping every variable. Idempotent.
+
+        Raises:
+            BridgeUnavailableError: the bridge or its store cannot be reached; the context is
+                still local with every value intact.
+        """
+        self._switch("ensure_bridged")
+
+    def register_program(self, program_id: str, spec: Mapping[str, Any]) -> None:
+        """Record a program; switch to the bridge first when it needs Python.
+
+        See :func:`program_requires_python` for the rules. If the switch fails the program is not
+        recorded and the error propagates.
+        """
+        if not isinstance(program_id, str) or not program_id:
+            raise ValidationError("", "program_id", program_id, "program_id must be a non-empty string")
+        if not isinstance(spec, Mapping):
+            raise ValidationError(program_id, "spec", spec, "a program spec must be a mapping")
+        if program_requires_python(spec):
+            self._switch(f"program {program_id} requires Python")
+        self._programs[program_id] = dict(spec)
+
+    @property
+    def programs(self) -> dict[str, dict[str, Any]]:
+        """The registered programs (a copy)."""
+        return {k: dict(v) for k, v in self._programs.items()}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Release the context: its bridge session (if it created one) is cleaned up. Idempotent."""
+        with self._switch_lock:
+            provider = self._provider
+            if isinstance(provider, _Stopped):
+                return
+            self._provider = _Stopped(self.id)
+            if isinstance(provider, BridgedState) and self._owns_session:
+                try:
+                    provider.store.cleanup_session(self.id)  # type: ignore[attr-defined]
+                except DSPexError as exc:
+                    logger.debug("cleanup of session %s failed: %s", self.id, exc)
+            provider.close()
+            if self._remote is not None:
+                self._remote.close()
+                self._remote = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"Context(id={self.id!r}, backend={self._provider.kind!r})"
+
+    # ------------------------------------------------------------------ switching
+
+    def _open_bridge(self) -> tuple[Any, str]:
+        """Return ``(store, address)``: the embedded store, or a gRPC client of a remote bridge."""
+        if self._bridge is None:
+            # Imported here: a purely local context never loads gRPC.
+            from dspex_dspy.server import EmbeddedBridge
+
+            server = EmbeddedBridge.get()
+            return server.store, server.address
+        from dspex_dspy.remote import RemoteStore
+
+        remote = RemoteStore.connect(self._bridge)
+        return remote, self._bridge
+
+    def _switch(self, reason: str, *, count: bool = True) -> None:
+        with self._switch_lock:
+            local = self._provider
+            if not isinstance(local, LocalState):
+                if isinstance(local, _Stopped):
+                    raise DSPexError(f"context {self.id} is stopped")
+                return
+            started = time.perf_counter()
+            try:
+                store, address = self._open_bridge()
+            except DSPexError:
+                raise
+            except Exception as exc:
+                raise BridgeUnavailableError(f"cannot reach the bridge for context {self.id}: {exc}") from exc
+            created = False
+            try:
+                if not store.has_session(self.id):
+                    store.create_session(self.id, {"context": self.id})
+                    created = True
+                bridged = BridgedState(store, self.id, address)
+                with local.frozen() as exported:
+                    stamp = datetime.now(timezone.utc).isoformat()
+                    moved = [
+                        replace(v, metadata={**v.metadata, "migrated_from": "local", "migrated_at": stamp})
+                        for v in exported
+                    ]
+                    if moved:
+                        bridged.import_state(moved)
+                    self._provider = bridged
+                    local.retire_locked(bridged)
+            except BaseException as exc:
+                self._abandon(store, created)
+                if isinstance(exc, DSPexError) or not isinstance(exc, Exception):
+                    raise
+                raise BridgeUnavailableError(f"switching context {self.id} to the bridge failed: {exc}") from exc
+            self._owns_session = created
+            self._remote = store if self._bridge is not None else None
+            duration = time.perf_counter() - started
+            if count:
+                self._history.append(SwitchEvent("local", "bridged", time.time(), len(moved), duration, reason))
+            logger.info(
+                "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
+            )
+
+    def _abandon(self, store: Any, created: bool) -> None:
+        if created:
+            try:
+                store.cleanup_session(self.id)
+            except Exception as exc:
+                logger.debug("could not remove half-made session %s: %s", self.id, exc)
+        if self._bridge is not None:
+            store.close()

@@ -1,0 +1,146 @@
+"""The exceptions raised by dspex-dspy.
+
+Every error is a :class:`DSPexError`, and each one is also the builtin exception a Python user
+would reach for first, so ``except KeyError`` and ``except DSPexError`` both work::
+
+    DSPexError
+    ├── ValidationError          (ValueError)       a value, type, constraint or name was rejected
+    ├── BatchUpdateError         (ValueError)       some writes of a batch were rejected
+    ├── VariableNotFoundError    (KeyError)         no variable with that name or id
+    ├── VariableExistsError      (ValueError)       a variable with that name already exists
+    ├── VersionConflictError     (RuntimeError)     expected_version did not match the current one
+    ├── SessionNotFoundError     (KeyError)         the session does not exist (or expired)
+    ├── SessionExistsError       (ValueError)       a session with that id already exists
+    ├── LimitExceededError       (RuntimeError)     a configured limit (size, count, watchers) was hit
+    └── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
+
+A rejected write never changes anything: the variable keeps its value and version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BatchUpdateError",
+    "BridgeUnavailableError",
+    "DSPexError",
+    "LimitExceededError",
+    "SessionExistsError",
+    "SessionNotFoundError",
+    "ValidationError",
+    "VariableExistsError",
+    "VariableNotFoundError",
+    "VersionConflictError",
+]
+
+
+class DSPexError(Exception):
+    """Base class of every error raised by dspex-dspy."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ would quote the message; every error reads the same way instead.
+        return self.message
+
+
+class ValidationError(DSPexError, ValueError):
+    """A value, type or constraint was rejected.
+
+    Attributes:
+        variable: the variable's name (empty when not tied to one variable).
+        rule: the rule that failed, e.g. ``"max"`` or ``"type"``.
+        value: the rejected value.
+
+    Example:
+        ``temperature: 2.5 is above the maximum 2.0 (rule max)``
+    """
+
+    def __init__(self, variable: str, rule: str, value: Any, detail: str) -> None:
+        prefix = f"{variable}: " if variable else ""
+        super().__init__(f"{prefix}{detail} (rule {rule})")
+        self.variable = variable
+        self.rule = rule
+        self.value = value
+        self.detail = detail
+
+
+class BatchUpdateError(DSPexError, ValueError):
+    """Some writes of a batch were rejected.
+
+    Attributes:
+        errors: identifier -> the error that rejected that write.
+        new_versions: identifier -> new version of each write that was applied (always empty for
+            an atomic batch, which applies all or nothing).
+    """
+
+    def __init__(self, errors: dict[str, DSPexError], new_versions: dict[str, int] | None = None) -> None:
+        applied = new_versions or {}
+        what = "nothing was applied" if not applied else f"{len(applied)} other write(s) were applied"
+        details = "; ".join(str(e) for e in errors.values())
+        super().__init__(f"{len(errors)} write(s) rejected, {what}: {details}")
+        self.errors = errors
+        self.new_versions = applied
+
+
+class VariableNotFoundError(DSPexError, KeyError):
+    """No variable has that name or id in this context or session."""
+
+    def __init__(self, identifier: str, session_id: str | None = None) -> None:
+        where = f" in session {session_id}" if session_id else ""
+        super().__init__(f"Variable not found: {identifier}{where}")
+        self.identifier = identifier
+        self.session_id = session_id
+
+
+class VariableExistsError(DSPexError, ValueError):
+    """A variable with that name is already defined."""
+
+    def __init__(self, name: str, session_id: str | None = None) -> None:
+        where = f" in session {session_id}" if session_id else ""
+        super().__init__(f"Variable already exists: {name}{where}")
+        self.name = name
+        self.session_id = session_id
+
+
+class VersionConflictError(DSPexError, RuntimeError):
+    """A compare-and-swap write named a version that is not the current one; nothing changed."""
+
+    def __init__(self, name: str, expected: int, actual: int) -> None:
+        super().__init__(f"{name}: expected version {expected} but the current version is {actual}")
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+
+
+class SessionNotFoundError(DSPexError, KeyError):
+    """The session does not exist, was cleaned up, or expired."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session not found: {session_id}")
+        self.session_id = session_id
+
+
+class SessionExistsError(DSPexError, ValueError):
+    """A session with that id already exists."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session already exists: {session_id}")
+        self.session_id = session_id
+
+
+class LimitExceededError(DSPexError, RuntimeError):
+    """A configured limit was reached (value size, variables per session, sessions, watchers)."""
+
+    def __init__(self, limit: str, value: int, maximum: int) -> None:
+        super().__init__(f"{limit}: {value} exceeds the limit {maximum}")
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+
+
+class BridgeUnavailableError(DSPexError, ConnectionError):
+    """The bridge server or its session store cannot be reached."""

@@ -1,0 +1,102 @@
+"""The StateProvider protocol: what every backend of a :class:`~dspex_dspy.Context` implements.
+
+Two providers exist: :class:`~dspex_dspy.state.LocalState` (in process, sub-microsecond) and
+:class:`~dspex_dspy.state.BridgedState` (a session of a SessionStore, in process or over gRPC).
+The same contract test suite runs against both; anything that differs is a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from dspex_dspy.types import Variable
+
+__all__ = ["StateProvider"]
+
+
+@runtime_checkable
+class StateProvider(Protocol):
+    """A store of typed, constrained, versioned variables for one context.
+
+    Every method raises a :class:`~dspex_dspy.errors.DSPexError` subclass on failure and changes
+    nothing when it raises.
+    """
+
+    #: ``"local"`` or ``"bridged"``.
+    kind: str
+    #: True when this provider needs a bridge (a SessionStore) to exist.
+    requires_bridge: bool
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this backend offers (``cas``, ``atomic_batch``, ``history``, ``watch`` ...)."""
+        ...
+
+    def register(
+        self,
+        name: str,
+        type_: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = None,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Variable:
+        """Define a variable; raise VariableExistsError for a duplicate name."""
+        ...
+
+    def get(self, name: str) -> Any:
+        """The current value; raise VariableNotFoundError if missing."""
+        ...
+
+    def get_versioned(self, name: str) -> tuple[Any, int]:
+        """The current value and version, read together."""
+        ...
+
+    def get_variable(self, name: str) -> Variable:
+        """The whole variable record."""
+        ...
+
+    def set(
+        self,
+        name: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Write a value (CAS when ``expected_version`` is non-zero); return the new version."""
+        ...
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        """Values by name; raise VariableNotFoundError naming every missing one."""
+        ...
+
+    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+        """Write several values; raise BatchUpdateError if any write was rejected."""
+        ...
+
+    def list(self) -> list[Variable]:
+        """Every variable, in creation order."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove a variable; raise VariableNotFoundError if missing."""
+        ...
+
+    def exists(self, name: str) -> bool:
+        """Whether a variable of that name exists."""
+        ...
+
+    def export_state(self) -> list[Variable]:
+        """Every variable as a full record, in creation order (for migration)."""
+        ...
+
+    def import_state(self, variables: Sequence[Variable]) -> None:
+        """Add whole variables (versions and metadata kept), all or nothing."""
+        ...
+
+    def close(self) -> None:
+        """Release what the provider holds."""
+        ...

@@ -1,0 +1,160 @@
+"""BridgedState: a context's variables kept in a session of a SessionStore.
+
+The session lives either in a store in this process (the embedded bridge: calls go straight to
+the store, as the orchestrator reads its own table) or behind a remote bridge server (calls go
+over gRPC through :class:`~dspex_dspy.remote.RemoteStore`). Both expose the same store methods,
+so this class has one behaviour for both.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
+from dspex_dspy.store import BatchResult
+from dspex_dspy.types import Variable
+
+__all__ = ["BridgedState", "SessionAccess"]
+
+
+class SessionAccess(Protocol):
+    """The store methods BridgedState needs; :class:`SessionStore` and :class:`RemoteStore` have them."""
+
+    def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        type_: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = ...,
+        description: str = ...,
+        metadata: Mapping[str, Any] | None = ...,
+        source: str = ...,
+    ) -> Variable: ...
+
+    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> builtins.list[Variable]: ...
+
+    def get_variable(self, session_id: str, identifier: str) -> Variable: ...
+
+    def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]: ...
+
+    def set_variable(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = ...,
+        expected_version: int | None = ...,
+        source: str = ...,
+    ) -> Variable: ...
+
+    def set_variables(
+        self,
+        session_id: str,
+        updates: Mapping[str, Any],
+        *,
+        metadata: Mapping[str, Any] | None = ...,
+        atomic: bool = ...,
+        source: str = ...,
+    ) -> BatchResult: ...
+
+    def list_variables(self, session_id: str, pattern: str | None = ...) -> builtins.list[Variable]: ...
+
+    def delete_variable(self, session_id: str, identifier: str, *, source: str = ...) -> None: ...
+
+
+class BridgedState:
+    """Variables of one context, kept in session ``session_id`` of ``store``.
+
+    Args:
+        store: a :class:`~dspex_dspy.store.SessionStore` (embedded) or a
+            :class:`~dspex_dspy.remote.RemoteStore` (a bridge server over gRPC).
+        session_id: the session holding this context's variables; it must exist.
+        address: where workers connect (``"host:port"``).
+    """
+
+    kind = "bridged"
+    requires_bridge = True
+
+    def __init__(self, store: SessionAccess, session_id: str, address: str | None = None) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.address = address
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({"cas", "atomic_batch", "history", "rollback", "watch", "cross_process"})
+
+    def register(
+        self,
+        name: str,
+        type_: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = None,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Variable:
+        meta = dict(metadata or {})
+        meta.setdefault("source", "orchestrator")
+        meta.setdefault("backend", "bridged")
+        return self.store.register_variable(
+            self.session_id, name, type_, value, constraints=constraints, description=description, metadata=meta
+        )
+
+    def get(self, name: str) -> Any:
+        return self.store.get_variable(self.session_id, name).value
+
+    def get_versioned(self, name: str) -> tuple[Any, int]:
+        var = self.store.get_variable(self.session_id, name)
+        return var.value, var.version
+
+    def get_variable(self, name: str) -> Variable:
+        return self.store.get_variable(self.session_id, name)
+
+    def set(
+        self,
+        name: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        return self.store.set_variable(
+            self.session_id, name, value, metadata=metadata, expected_version=expected_version
+        ).version
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        found, missing = self.store.get_variables(self.session_id, list(names))
+        if missing:
+            raise VariableNotFoundError(", ".join(missing), self.session_id)
+        return {name: var.value for name, var in found.items()}
+
+    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+        result = self.store.set_variables(self.session_id, updates, atomic=atomic)
+        if result.errors:
+            raise BatchUpdateError(result.errors, result.new_versions)
+        return result.new_versions
+
+    def list(self) -> builtins.list[Variable]:
+        return self.store.list_variables(self.session_id)
+
+    def delete(self, name: str) -> None:
+        self.store.delete_variable(self.session_id, name)
+
+    def exists(self, name: str) -> bool:
+        found, _ = self.store.get_variables(self.session_id, [name])
+        return bool(found)
+
+    def export_state(self) -> builtins.list[Variable]:
+        return self.list()
+
+    def import_state(self, variables: Sequence[Variable]) -> None:
+        self.store.import_variables(self.session_id, variables)
+
+    def close(self) -> None:
+        """Nothing to release: the session outlives the provider (the context cleans it up)."""

@@ -1,0 +1,337 @@
+"""LocalState: the in-process backend a Context starts on.
+
+A dict of small records behind one lock. Reads take the lock, look the record up and return the
+value; writes validate through the variable's compiled spec. No I/O, no history, no watchers:
+that is what makes it sub-microsecond.
+
+When the context switches to a bridge, the migration holds this state's lock while it exports
+and imports, then *retires* the state: its records are dropped and every later call — from a
+thread that still holds a reference — is forwarded to the new provider. A write can therefore
+never land in a state that has already been copied.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from dspex_dspy.errors import (
+    BatchUpdateError,
+    DSPexError,
+    VariableExistsError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from dspex_dspy.state.base import StateProvider
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
+
+__all__ = ["LocalState"]
+
+_MUTABLE_TYPES = frozenset({"embedding", "tensor"})
+
+
+class _Record:
+    __slots__ = (
+        "created_at",
+        "description",
+        "id",
+        "metadata",
+        "mutable",
+        "source",
+        "spec",
+        "updated_at",
+        "value",
+        "version",
+    )
+
+    def __init__(
+        self,
+        id_: str,
+        spec: VariableSpec,
+        value: Any,
+        description: str,
+        metadata: dict[str, str],
+        version: int,
+        created_at: float,
+        updated_at: float,
+        source: str,
+    ) -> None:
+        self.id = id_
+        self.spec = spec
+        self.value = value
+        self.description = description
+        self.metadata = metadata
+        self.version = version
+        self.created_at = created_at
+        self.updated_at = updated_at
+        self.source = source
+        self.mutable = spec.type in _MUTABLE_TYPES
+
+
+def _copy_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return list(value)
+    return {"shape": list(value["shape"]), "data": list(value["data"])}
+
+
+class LocalState:
+    """In-process variables for one context: thread-safe, versions from 1, creation order kept.
+
+    Args:
+        owner: the owning context's id (used in error messages only).
+
+    Example:
+        >>> state = LocalState()
+        >>> _ = state.register("temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0})
+        >>> state.set("temperature", 0.9)
+        2
+        >>> state.get("temperature")
+        0.9
+    """
+
+    kind = "local"
+    requires_bridge = False
+
+    def __init__(self, owner: str | None = None) -> None:
+        self.owner = owner
+        self._lock = threading.Lock()
+        self._vars: dict[str, _Record] = {}
+        self._ids = itertools.count(1)
+        self._retired: StateProvider | None = None
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({"cas", "atomic_batch", "in_process"})
+
+    # ---------------------------------------------------------------- reads
+
+    def get(self, name: str) -> Any:
+        with self._lock:
+            rec = self._vars.get(name)
+        if rec is None:
+            return self._missing(name).get(name)
+        value = rec.value
+        return _copy_value(value) if rec.mutable else value
+
+    def get_versioned(self, name: str) -> tuple[Any, int]:
+        with self._lock:
+            rec = self._vars.get(name)
+            if rec is not None:
+                value, version = rec.value, rec.version
+        if rec is None:
+            return self._missing(name).get_versioned(name)
+        return (_copy_value(value) if rec.mutable else value), version
+
+    def get_variable(self, name: str) -> Variable:
+        with self._lock:
+            rec = self._vars.get(name)
+            snapshot = self._snapshot(name, rec) if rec is not None else None
+        if snapshot is None:
+            return self._missing(name).get_variable(name)
+        return snapshot
+
+    def get_many(self, names: Iterable[str]) -> dict[str, Any]:
+        wanted = list(names)
+        with self._lock:
+            if self._retired is not None:
+                forward = self._retired
+            else:
+                forward = None
+                found = {n: self._vars[n] for n in wanted if n in self._vars}
+        if forward is not None:
+            return forward.get_many(wanted)
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise VariableNotFoundError(", ".join(missing), self.owner)
+        return {n: (_copy_value(r.value) if r.mutable else r.value) for n, r in found.items()}
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            if name in self._vars:
+                return True
+            forward = self._retired
+        return forward.exists(name) if forward is not None else False
+
+    def list(self) -> builtins.list[Variable]:
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                return [self._snapshot(n, r) for n, r in self._vars.items()]
+        return forward.list()
+
+    def export_state(self) -> builtins.list[Variable]:
+        return self.list()
+
+    # ---------------------------------------------------------------- writes
+
+    def register(
+        self,
+        name: str,
+        type_: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = None,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Variable:
+        validate_name(name)
+        spec = compile_spec(name, type_, constraints)
+        normalised = spec.validate(value)
+        meta = normalize_metadata(name, metadata)
+        meta.setdefault("source", "orchestrator")
+        meta.setdefault("backend", "local")
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                if name in self._vars:
+                    raise VariableExistsError(name, self.owner)
+                now = time.time()
+                rec = _Record(
+                    f"var_{name}_{next(self._ids)}",
+                    spec,
+                    normalised,
+                    description or "",
+                    meta,
+                    1,
+                    now,
+                    now,
+                    "orchestrator",
+                )
+                self._vars[name] = rec
+                return self._snapshot(name, rec)
+        return forward.register(name, type_, value, constraints=constraints, description=description, metadata=metadata)
+
+    def set(
+        self,
+        name: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        meta = normalize_metadata(name, metadata) if metadata else None
+        with self._lock:
+            rec = self._vars.get(name)
+            if rec is not None:
+                normalised = rec.spec.validate(value)
+                if expected_version and expected_version != rec.version:
+                    raise VersionConflictError(name, expected_version, rec.version)
+                rec.value = normalised
+                rec.version += 1
+                rec.updated_at = time.time()
+                if meta:
+                    rec.metadata = {**rec.metadata, **meta}
+                return rec.version
+        return self._missing(name).set(name, value, metadata=metadata, expected_version=expected_version)
+
+    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                checked: list[tuple[str, _Record, Any]] = []
+                errors: dict[str, DSPexError] = {}
+                for name, value in updates.items():
+                    rec = self._vars.get(name)
+                    if rec is None:
+                        errors[name] = VariableNotFoundError(name, self.owner)
+                        continue
+                    try:
+                        checked.append((name, rec, rec.spec.validate(value)))
+                    except DSPexError as exc:
+                        errors[name] = exc
+                if atomic and errors:
+                    raise BatchUpdateError(errors)
+                now = time.time()
+                versions: dict[str, int] = {}
+                for name, rec, normalised in checked:
+                    rec.value = normalised
+                    rec.version += 1
+                    rec.updated_at = now
+                    versions[name] = rec.version
+                if errors:
+                    raise BatchUpdateError(errors, versions)
+                return versions
+        return forward.update_many(updates, atomic=atomic)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if self._vars.pop(name, None) is not None:
+                return
+        self._missing(name).delete(name)
+
+    def import_state(self, variables: Sequence[Variable]) -> None:
+        prepared = []
+        for var in variables:
+            validate_name(var.name)
+            spec = compile_spec(var.name, var.type, var.constraints)
+            prepared.append((var, spec, spec.validate(var.value), normalize_metadata(var.name, var.metadata)))
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                names = [v.name for v, *_ in prepared]
+                clash = [n for n in names if n in self._vars] or [n for n in set(names) if names.count(n) > 1]
+                if clash:
+                    raise VariableExistsError(clash[0], self.owner)
+                for var, spec, value, meta in prepared:
+                    self._vars[var.name] = _Record(
+                        f"var_{var.name}_{next(self._ids)}",
+                        spec,
+                        value,
+                        var.description,
+                        meta,
+                        var.version,
+                        var.created_at,
+                        var.updated_at,
+                        var.source,
+                    )
+                return
+        forward.import_state(variables)
+
+    def close(self) -> None:
+        with self._lock:
+            self._vars.clear()
+
+    # ---------------------------------------------------------------- migration support
+
+    @contextmanager
+    def frozen(self) -> Iterator[builtins.list[Variable]]:
+        """Hold this state's lock and yield a full export; writers wait until the block ends."""
+        with self._lock:
+            yield [self._snapshot(n, r) for n, r in self._vars.items()]
+
+    def retire_locked(self, successor: StateProvider) -> None:
+        """Drop every record and forward all later calls to ``successor``.
+
+        Must be called inside :meth:`frozen`, after the export was imported into ``successor``.
+        """
+        self._retired = successor
+        self._vars.clear()
+
+    # ---------------------------------------------------------------- internals
+
+    def _missing(self, name: str) -> StateProvider:
+        forward = self._retired
+        if forward is None:
+            raise VariableNotFoundError(name, self.owner)
+        return forward
+
+    @staticmethod
+    def _snapshot(name: str, rec: _Record) -> Variable:
+        return Variable(
+            id=rec.id,
+            name=name,
+            type=rec.spec.type,
+            value=_copy_value(rec.value) if rec.mutable else rec.value,
+            constraints=dict(rec.spec.constraints),
+            description=rec.description,
+            metadata=dict(rec.metadata),
+            version=rec.version,
+            created_at=rec.created_at,
+            updated_at=rec.updated_at,
+            source=rec.source,
+        )

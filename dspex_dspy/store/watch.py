@@ -1,0 +1,121 @@
+"""Watchers: how a store tells interested parties that variables changed.
+
+A :class:`Watch` holds at most one pending update per variable. A new update for a variable that
+still has one pending replaces it (keeping its place in line), so a slow consumer receives
+coalesced updates — always ending on the latest value — and a watcher's memory is bounded by the
+number of variables it watches, never by the number of writes. Per variable, the versions it
+delivers strictly increase.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from dspex_dspy.types import Variable
+
+__all__ = ["UpdateType", "VariableUpdate", "Watch"]
+
+
+class UpdateType:
+    """The ``update_type`` strings of the wire contract."""
+
+    INITIAL_VALUE = "initial_value"
+    VALUE_CHANGE = "value_change"
+    DELETED = "deleted"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class VariableUpdate:
+    """One change of one variable, as a watcher sees it.
+
+    Attributes:
+        variable_id: the variable's id (empty for a heartbeat).
+        variable: the variable after the change (for ``deleted``: its last state).
+        update_type: ``initial_value``, ``value_change``, ``deleted`` or ``heartbeat``.
+        source: who made the change (``orchestrator`` / ``worker``).
+        metadata: metadata given with the write.
+        timestamp: wall-clock seconds since the epoch.
+    """
+
+    variable_id: str
+    variable: Variable | None
+    update_type: str
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The variable's name (empty for a heartbeat)."""
+        return self.variable.name if self.variable is not None else ""
+
+
+class Watch:
+    """A registered watcher: a coalescing queue of :class:`VariableUpdate` filled by the store.
+
+    Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed.
+    """
+
+    def __init__(self, session_id: str, variable_ids: frozenset[str] | None) -> None:
+        self.session_id = session_id
+        self.variable_ids = variable_ids
+        self.coalesced = 0
+        self._pending: dict[str, VariableUpdate] = {}
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+
+    def wants(self, variable_id: str) -> bool:
+        """Whether this watcher follows that variable."""
+        return self.variable_ids is None or variable_id in self.variable_ids
+
+    def offer(self, update: VariableUpdate) -> None:
+        """Queue an update, replacing a pending one of the same variable (called by the store)."""
+        with self._cond:
+            if self._closed:
+                return
+            if update.variable_id in self._pending:
+                self.coalesced += 1
+            self._pending[update.variable_id] = update
+            self._cond.notify()
+
+    def next_update(self, timeout: float | None = None) -> VariableUpdate | None:
+        """Return the oldest pending update; wait up to ``timeout`` seconds (None = forever).
+
+        Returns None on timeout or once the watch is closed and drained (check :attr:`closed`).
+        """
+        with self._cond:
+            if not self._pending and not self._closed:
+                self._cond.wait_for(lambda: bool(self._pending) or self._closed, timeout)
+            if not self._pending:
+                return None
+            key = next(iter(self._pending))
+            return self._pending.pop(key)
+
+    @property
+    def closed(self) -> bool:
+        """True once the watch was closed (by its owner, the session ending or the store closing)."""
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """How many updates are waiting to be taken."""
+        with self._cond:
+            return len(self._pending)
+
+    def close(self) -> None:
+        """Stop receiving updates and wake any waiting reader. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[VariableUpdate]:
+        while True:
+            update = self.next_update()
+            if update is None:
+                if self._closed:
+                    return
+                continue
+            yield update

@@ -1,0 +1,634 @@
+"""Variable types, constraints, normalisation and the wire encoding of values.
+
+This module is the bottom layer: it knows nothing of storage, gRPC or DSPy. It defines the eight
+variable types, compiles a variable's constraints once into a :class:`VariableSpec` whose
+``validate`` is the hot path of every write, and encodes values as the bridge carries them
+(``type.googleapis.com/snakepit.<type>`` + UTF-8 JSON, special floats as strings).
+
+Pattern constraints are matched with RE2 (linear time, so no hostile pattern or value can stall a
+writer) and always against the **whole** string, as if anchored at both ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, cast
+
+import re2
+
+from dspex_dspy.errors import ValidationError
+
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "MAX_PATTERN_LENGTH",
+    "TYPE_URL_PREFIX",
+    "VARIABLE_TYPES",
+    "Variable",
+    "VariableSpec",
+    "VariableType",
+    "compile_spec",
+    "decode_constraints",
+    "decode_value",
+    "encode_constraints",
+    "encode_value",
+    "normalize_metadata",
+    "type_from_url",
+    "validate_name",
+]
+
+VariableType = Literal["float", "integer", "string", "boolean", "choice", "module", "embedding", "tensor"]
+VARIABLE_TYPES: Final[tuple[str, ...]] = (
+    "float",
+    "integer",
+    "string",
+    "boolean",
+    "choice",
+    "module",
+    "embedding",
+    "tensor",
+)
+TYPE_URL_PREFIX: Final = "type.googleapis.com/snakepit."
+MAX_NAME_LENGTH: Final = 128
+MAX_PATTERN_LENGTH: Final = 1024
+
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+@dataclass(frozen=True)
+class Variable:
+    """A snapshot of one variable: what it is, its current value and version.
+
+    Attributes:
+        id: unique id within its store (``var_<name>_<n>`` on a bridge).
+        name: the name it is looked up by.
+        type: one of :data:`VARIABLE_TYPES`.
+        value: the current, normalised value.
+        constraints: the constraints it was defined with.
+        description: free text.
+        metadata: ``str -> str`` annotations (``source``, ``backend``, ``migrated_from`` ...).
+        version: 1 when defined, +1 per accepted write.
+        created_at: wall-clock seconds since the epoch.
+        updated_at: wall-clock seconds since the epoch of the last accepted write.
+        source: who wrote it last: ``"orchestrator"`` or ``"worker"``.
+    """
+
+    id: str
+    name: str
+    type: str
+    value: Any
+    constraints: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    version: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    source: str = "orchestrator"
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a valid variable name, else raise :class:`ValidationError`.
+
+    A name starts with a letter or ``_`` and continues with letters, digits, ``_``, ``-`` or ``.``,
+    at most :data:`MAX_NAME_LENGTH` characters.
+    """
+    if not isinstance(name, str):
+        raise ValidationError(str(name), "name", name, f"a variable name must be a string, got {type(name).__name__}")
+    if not name or len(name) > MAX_NAME_LENGTH or not _NAME_RE.fullmatch(name):
+        raise ValidationError(
+            name,
+            "name",
+            name,
+            f"{name!r} is not a valid name (a letter or _, then letters, digits, _ - or ., "
+            f"at most {MAX_NAME_LENGTH} characters)",
+        )
+    return name
+
+
+def normalize_metadata(name: str, metadata: Mapping[str, Any] | None) -> dict[str, str]:
+    """Return metadata as ``str -> str``; numbers and booleans become strings, containers are rejected."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValidationError(name, "metadata", metadata, "metadata must be a mapping of str to str")
+    out: dict[str, str] = {}
+    for key, val in metadata.items():
+        if not isinstance(key, str):
+            raise ValidationError(name, "metadata", key, f"metadata key {key!r} is not a string")
+        if isinstance(val, str):
+            out[key] = val
+        elif isinstance(val, bool):
+            out[key] = "true" if val else "false"
+        elif isinstance(val, (int, float)):
+            out[key] = str(val)
+        else:
+            raise ValidationError(
+                name, "metadata", val, f"metadata value for {key!r} must be a string, got {type(val).__name__}"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints: tiny frozen checks with a readable repr, compiled once per variable.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Min:
+    bound: float
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value < self.bound:
+            raise ValidationError(name, "min", value, f"{value!r} is below the minimum {self.bound!r}")
+
+
+@dataclass(frozen=True)
+class _Max:
+    bound: float
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value > self.bound:
+            raise ValidationError(name, "max", value, f"{value!r} is above the maximum {self.bound!r}")
+
+
+@dataclass(frozen=True)
+class _NotNaN:
+    def __call__(self, name: str, value: Any) -> None:
+        if value != value:
+            raise ValidationError(name, "range", value, "NaN cannot be checked against a min/max range")
+
+
+@dataclass(frozen=True)
+class _MinLength:
+    bound: int
+
+    def __call__(self, name: str, value: Any) -> None:
+        if len(value) < self.bound:
+            raise ValidationError(
+                name, "min_length", value, f"{_short(value)} is shorter than the minimum length {self.bound}"
+            )
+
+
+@dataclass(frozen=True)
+class _MaxLength:
+    bound: int
+
+    def __call__(self, name: str, value: Any) -> None:
+        if len(value) > self.bound:
+            raise ValidationError(
+                name, "max_length", value, f"{_short(value)} is longer than the maximum length {self.bound}"
+            )
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    pattern: str
+    compiled: Any = field(repr=False, compare=False)
+
+    def __call__(self, name: str, value: Any) -> None:
+        if self.compiled.fullmatch(value) is None:
+            raise ValidationError(
+                name, "pattern", value, f"{_short(value)} does not match the pattern {self.pattern!r}"
+            )
+
+
+@dataclass(frozen=True)
+class _OneOf:
+    rule: str
+    allowed: frozenset[Any]
+    shown: tuple[Any, ...]
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value not in self.allowed:
+            raise ValidationError(name, self.rule, value, f"{_short(value)} is not one of {list(self.shown)!r}")
+
+
+@dataclass(frozen=True)
+class _Dimensions:
+    dimensions: int
+
+    def __call__(self, name: str, value: Any) -> None:
+        if len(value) != self.dimensions:
+            raise ValidationError(
+                name, "dimensions", value, f"an embedding of {len(value)} dimensions, expected {self.dimensions}"
+            )
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int | None, ...]
+
+    def __call__(self, name: str, value: Any) -> None:
+        shape = value["shape"]
+        if len(shape) != len(self.shape) or any(
+            e is not None and e != a for e, a in zip(self.shape, shape, strict=True)
+        ):
+            raise ValidationError(name, "shape", value, f"a tensor of shape {shape}, expected {list(self.shape)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Normalisation per type
+# --------------------------------------------------------------------------------------------
+
+
+def _type_error(name: str, type_: str, value: Any, expected: str) -> ValidationError:
+    return ValidationError(name, "type", value, f"{_short(value)} is not {expected} (type {type_})")
+
+
+def _norm_float(name: str, value: Any) -> float:
+    cls = type(value)
+    if cls is float:
+        return cast(float, value)
+    if cls is int or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return float(value)
+    raise _type_error(name, "float", value, "a number")
+
+
+def _norm_integer(name: str, value: Any) -> int:
+    cls = type(value)
+    if cls is int:
+        return cast(int, value)
+    if isinstance(value, bool):
+        raise _type_error(name, "integer", value, "an integer")
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _type_error(name, "integer", value, "an integer")
+
+
+def _norm_string(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise _type_error(name, "string", value, "a string")
+
+
+def _norm_boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low == "true":
+            return True
+        if low == "false":
+            return False
+    raise _type_error(name, "boolean", value, 'a boolean (or "true"/"false")')
+
+
+def _norm_number_list(name: str, type_: str, value: Any) -> list[float]:
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(name, type_, value, "a list of numbers")
+    out: list[float] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise _type_error(name, type_, value, "a list of numbers")
+        out.append(float(item))
+    return out
+
+
+def _norm_embedding(name: str, value: Any) -> list[float]:
+    return _norm_number_list(name, "embedding", value)
+
+
+def _flatten(name: str, value: Any, depth: int, shape: list[int], whole: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        if depth == len(shape):
+            shape.append(len(value))
+        elif shape[depth] != len(value):
+            raise ValidationError(name, "shape", whole, "a ragged nested list is not a tensor")
+        flat: list[Any] = []
+        for item in value:
+            flat.extend(_flatten(name, item, depth + 1, shape, whole))
+        return flat
+    if depth != len(shape):
+        raise ValidationError(name, "shape", whole, "a ragged nested list is not a tensor")
+    return [value]
+
+
+def _norm_tensor(name: str, value: Any) -> dict[str, list[Any]]:
+    if hasattr(value, "tolist") and hasattr(value, "shape") and not isinstance(value, Mapping):
+        value = {"shape": list(value.shape), "data": value.tolist()}
+    if isinstance(value, (list, tuple)):
+        shape: list[int] = []
+        data = _flatten(name, value, 0, shape, value)
+        return {"shape": shape, "data": _norm_number_list(name, "tensor", data)}
+    if not isinstance(value, Mapping) or set(value) != {"shape", "data"}:
+        raise _type_error(name, "tensor", value, 'a {"shape": [...], "data": [...]} object or a nested list')
+    raw_shape = value["shape"]
+    if not isinstance(raw_shape, (list, tuple)) or any(
+        isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in raw_shape
+    ):
+        raise ValidationError(name, "shape", value, f"shape {raw_shape!r} must be a list of non-negative integers")
+    data = value["data"]
+    if isinstance(data, (list, tuple)) and any(isinstance(d, (list, tuple)) for d in data):
+        inner: list[int] = []
+        data = _flatten(name, data, 0, inner, value)
+        if inner != list(raw_shape):
+            raise ValidationError(
+                name, "shape", value, f"nested data of shape {inner} does not match shape {list(raw_shape)}"
+            )
+    flat = _norm_number_list(name, "tensor", data)
+    size = math.prod(raw_shape)
+    if size != len(flat):
+        raise ValidationError(
+            name, "shape", value, f"shape {list(raw_shape)} holds {size} elements but data has {len(flat)}"
+        )
+    return {"shape": list(raw_shape), "data": flat}
+
+
+_NORMALISERS = {
+    "float": _norm_float,
+    "integer": _norm_integer,
+    "string": _norm_string,
+    "boolean": _norm_boolean,
+    "choice": _norm_string,
+    "module": _norm_string,
+    "embedding": _norm_embedding,
+    "tensor": _norm_tensor,
+}
+
+_ALLOWED_CONSTRAINTS: Final[dict[str, frozenset[str]]] = {
+    "float": frozenset({"min", "max"}),
+    "integer": frozenset({"min", "max"}),
+    "string": frozenset({"min_length", "max_length", "pattern", "enum"}),
+    "boolean": frozenset(),
+    "choice": frozenset({"choices"}),
+    "module": frozenset({"allowed_modules"}),
+    "embedding": frozenset({"dimensions"}),
+    "tensor": frozenset({"shape"}),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled specs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """A variable's type and constraints, compiled once; :meth:`validate` is the write hot path.
+
+    Attributes:
+        name: the variable's name (used in error messages).
+        type: one of :data:`VARIABLE_TYPES`.
+        constraints: the normalised constraints (JSON-friendly, as given after checking).
+        checks: the compiled constraint checks, applied in order.
+    """
+
+    name: str
+    type: str
+    constraints: Mapping[str, Any]
+    checks: tuple[Any, ...] = field(repr=False)
+
+    def validate(self, value: Any) -> Any:
+        """Return the normalised value, or raise :class:`ValidationError` naming variable, rule and value.
+
+        Example:
+            >>> compile_spec("temperature", "float", {"min": 0.0, "max": 2.0}).validate(1)
+            1.0
+        """
+        normalised = _NORMALISERS[self.type](self.name, value)
+        for check in self.checks:
+            check(self.name, normalised)
+        return normalised
+
+
+def _number(name: str, key: str, raw: Any) -> float | int:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != raw:
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must be a number, got {_short(raw)}")
+    return raw
+
+
+def _non_negative_int(name: str, key: str, raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ValidationError(
+            name, "constraints", raw, f"constraint {key} must be a non-negative integer, got {_short(raw)}"
+        )
+    return raw
+
+
+def _string_list(name: str, key: str, raw: Any) -> list[str]:
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Iterable):
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must be a list of strings")
+    items = list(raw)
+    if not items:
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must not be empty")
+    if any(not isinstance(i, str) for i in items):
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must be a list of strings")
+    if len(set(items)) != len(items):
+        raise ValidationError(name, "constraints", raw, f"constraint {key} has duplicate entries")
+    return items
+
+
+def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = None) -> VariableSpec:
+    """Check ``type_`` and ``constraints`` and compile them for fast validation.
+
+    Raises:
+        ValidationError: unknown type, unknown constraint key, ``min > max``, a pattern that does not
+            compile, an empty ``choices`` list, and the like.
+
+    Example:
+        >>> compile_spec("model", "string", {"enum": ["fast", "accurate"]}).validate("fast")
+        'fast'
+    """
+    if not isinstance(type_, str) or type_ not in _NORMALISERS:
+        raise ValidationError(
+            name, "type", type_, f"unknown variable type {type_!r} (one of {', '.join(VARIABLE_TYPES)})"
+        )
+    raw = dict(constraints or {})
+    if constraints is not None and not isinstance(constraints, Mapping):
+        raise ValidationError(name, "constraints", constraints, "constraints must be a mapping")
+    unknown = set(raw) - _ALLOWED_CONSTRAINTS[type_]
+    if unknown:
+        allowed = ", ".join(sorted(_ALLOWED_CONSTRAINTS[type_])) or "none"
+        raise ValidationError(
+            name,
+            "constraints",
+            sorted(unknown),
+            f"unknown constraint {', '.join(sorted(unknown))} for type {type_} (allowed: {allowed})",
+        )
+    checks: list[Any] = []
+    norm: dict[str, Any] = {}
+    if type_ in ("float", "integer"):
+        lo = _number(name, "min", raw["min"]) if "min" in raw else None
+        hi = _number(name, "max", raw["max"]) if "max" in raw else None
+        if lo is not None and hi is not None and lo > hi:
+            raise ValidationError(name, "constraints", raw, f"min {lo!r} is greater than max {hi!r}")
+        if type_ == "float" and (lo is not None or hi is not None):
+            checks.append(_NotNaN())
+        if lo is not None:
+            norm["min"] = lo
+            checks.append(_Min(lo))
+        if hi is not None:
+            norm["max"] = hi
+            checks.append(_Max(hi))
+    elif type_ == "string":
+        lo_len = _non_negative_int(name, "min_length", raw["min_length"]) if "min_length" in raw else None
+        hi_len = _non_negative_int(name, "max_length", raw["max_length"]) if "max_length" in raw else None
+        if lo_len is not None and hi_len is not None and lo_len > hi_len:
+            raise ValidationError(name, "constraints", raw, f"min_length {lo_len} is greater than max_length {hi_len}")
+        if lo_len is not None:
+            norm["min_length"] = lo_len
+            checks.append(_MinLength(lo_len))
+        if hi_len is not None:
+            norm["max_length"] = hi_len
+            checks.append(_MaxLength(hi_len))
+        if "pattern" in raw:
+            pattern = raw["pattern"]
+            if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_LENGTH:
+                raise ValidationError(
+                    name, "constraints", pattern, f"pattern must be a string of at most {MAX_PATTERN_LENGTH} characters"
+                )
+            try:
+                compiled = re2.compile(pattern)
+            except Exception as exc:  # re2 raises its own error type
+                raise ValidationError(
+                    name, "constraints", pattern, f"pattern {pattern!r} does not compile: {exc}"
+                ) from None
+            norm["pattern"] = pattern
+            checks.append(_Pattern(pattern, compiled))
+        if "enum" in raw:
+            items = _string_list(name, "enum", raw["enum"])
+            norm["enum"] = items
+            checks.append(_OneOf("enum", frozenset(items), tuple(items)))
+    elif type_ == "choice":
+        if "choices" not in raw:
+            raise ValidationError(name, "constraints", raw, "a choice variable needs a non-empty 'choices' list")
+        items = _string_list(name, "choices", raw["choices"])
+        norm["choices"] = items
+        checks.append(_OneOf("choices", frozenset(items), tuple(items)))
+    elif type_ == "module":
+        if "allowed_modules" in raw:
+            items = _string_list(name, "allowed_modules", raw["allowed_modules"])
+            norm["allowed_modules"] = items
+            checks.append(_OneOf("allowed_modules", frozenset(items), tuple(items)))
+    elif type_ == "embedding":
+        if "dimensions" in raw:
+            dims = _non_negative_int(name, "dimensions", raw["dimensions"])
+            if dims == 0:
+                raise ValidationError(name, "constraints", dims, "constraint dimensions must be positive")
+            norm["dimensions"] = dims
+            checks.append(_Dimensions(dims))
+    elif type_ == "tensor" and "shape" in raw:
+        shape = raw["shape"]
+        if not isinstance(shape, (list, tuple)) or any(
+            d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 0) for d in shape
+        ):
+            raise ValidationError(
+                name, "constraints", shape, "constraint shape must be a list of non-negative integers (None = any)"
+            )
+        norm["shape"] = list(shape)
+        checks.append(_Shape(tuple(shape)))
+    return VariableSpec(name=name, type=type_, constraints=norm, checks=tuple(checks))
+
+
+# --------------------------------------------------------------------------------------------
+# Wire encoding
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_float(x: float) -> float | str:
+    if math.isfinite(x):
+        return x
+    if x != x:
+        return "NaN"
+    return "Infinity" if x > 0 else "-Infinity"
+
+
+def _decode_float(name: str, raw: Any) -> Any:
+    if isinstance(raw, str):
+        if raw in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[raw]
+        raise ValidationError(name, "encoding", raw, f"{raw!r} is not a number")
+    return raw
+
+
+def type_from_url(type_url: str) -> str:
+    """Return the variable type named by a ``type.googleapis.com/snakepit.<type>`` URL.
+
+    A ``.binary`` suffix is accepted. Raises :class:`ValidationError` for any other URL.
+    """
+    if not type_url.startswith(TYPE_URL_PREFIX):
+        raise ValidationError(
+            "", "encoding", type_url, f"type_url {type_url!r} does not start with {TYPE_URL_PREFIX!r}"
+        )
+    type_ = type_url[len(TYPE_URL_PREFIX) :].removesuffix(".binary")
+    if type_ not in _NORMALISERS:
+        raise ValidationError("", "encoding", type_url, f"type_url {type_url!r} names no variable type")
+    return type_
+
+
+def encode_value(type_: str, value: Any) -> tuple[str, bytes]:
+    """Encode a normalised value as ``(type_url, UTF-8 JSON)`` for a ``google.protobuf.Any``.
+
+    NaN and ±inf travel as ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+
+    Example:
+        >>> encode_value("float", float("inf"))
+        ('type.googleapis.com/snakepit.float', b'"Infinity"')
+    """
+    if type_ == "float":
+        payload: Any = _encode_float(value)
+    elif type_ == "embedding":
+        payload = [_encode_float(x) for x in value]
+    elif type_ == "tensor":
+        payload = {"shape": value["shape"], "data": [_encode_float(x) for x in value["data"]]}
+    else:
+        payload = value
+    return TYPE_URL_PREFIX + type_, json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
+    """Decode the JSON payload of an ``Any`` back to a plain value (not yet validated).
+
+    Raises:
+        ValidationError: the URL names no type, or the payload is not valid UTF-8 JSON.
+    """
+    type_ = type_from_url(type_url)
+    try:
+        raw = json.loads(data.decode("utf-8")) if data else None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc}") from None
+    if raw is None:
+        raise ValidationError(name, "encoding", raw, "the value is empty (null)")
+    if type_ == "float":
+        return _decode_float(name, raw)
+    if type_ == "embedding" and isinstance(raw, list):
+        return [_decode_float(name, x) for x in raw]
+    if type_ == "tensor" and isinstance(raw, dict) and isinstance(raw.get("data"), list):
+        data_list = raw["data"]
+        return {**raw, "data": _decode_nested(name, data_list)}
+    return raw
+
+
+def _decode_nested(name: str, raw: list[Any]) -> list[Any]:
+    return [_decode_nested(name, x) if isinstance(x, list) else _decode_float(name, x) for x in raw]
+
+
+def encode_constraints(constraints: Mapping[str, Any]) -> str:
+    """Encode constraints as the JSON object carried in ``constraints_json``."""
+    return json.dumps(dict(constraints), separators=(",", ":"), allow_nan=False)
+
+
+def decode_constraints(text: str, *, name: str = "") -> dict[str, Any]:
+    """Decode ``constraints_json`` (empty string = no constraints)."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise ValidationError(name, "constraints", text[:60], f"constraints_json is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValidationError(name, "constraints", raw, "constraints_json must be a JSON object")
+    return raw

@@ -1,0 +1,157 @@
+"""The Variables API: define, read and write a context's variables, whatever its backend.
+
+Functions take the context first, as in DSPex (``Variables.get(ctx, "temperature")``). They work
+the same on a local and on a bridged context, and keep working across a switch.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from dspex_dspy.context import Context
+from dspex_dspy.errors import VariableNotFoundError, VersionConflictError
+from dspex_dspy.types import Variable
+
+__all__ = ["Variables"]
+
+_MISSING: Any = object()
+
+
+class Variables:
+    """Operations on the variables of a :class:`~dspex_dspy.Context` (all static).
+
+    Example:
+        >>> from dspex_dspy import Context, Variables
+        >>> ctx = Context()
+        >>> _ = Variables.defvariable(ctx, "tokens", "integer", 256, constraints={"min": 1, "max": 4096})
+        >>> Variables.update(ctx, "tokens", lambda n: n * 2)
+        2
+        >>> Variables.get(ctx, "tokens")
+        512
+    """
+
+    @staticmethod
+    def defvariable(
+        ctx: Context,
+        name: str,
+        type: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = None,
+        description: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Define a variable and return its id.
+
+        Args:
+            ctx: the context.
+            name: unique within the context.
+            type: ``float``, ``integer``, ``string``, ``boolean``, ``choice``, ``module``,
+                ``embedding`` or ``tensor``.
+            value: the initial value (validated and normalised).
+            constraints: e.g. ``{"min": 0.0, "max": 2.0}``, ``{"enum": [...]}``, ``{"pattern": "..."}``.
+            description: free text.
+            metadata: ``str -> str`` annotations.
+
+        Raises:
+            ValidationError: bad name, type, constraints or value.
+            VariableExistsError: the name is taken.
+        """
+        var = ctx._provider.register(
+            name, type, value, constraints=constraints, description=description or "", metadata=metadata
+        )
+        return var.id
+
+    @staticmethod
+    def get(ctx: Context, name: str, default: Any = _MISSING) -> Any:
+        """The variable's current value, or ``default`` if it does not exist.
+
+        Raises:
+            VariableNotFoundError: no such variable and no default given.
+        """
+        try:
+            return ctx._provider.get(name)
+        except VariableNotFoundError:
+            if default is _MISSING:
+                raise
+            return default
+
+    @staticmethod
+    def get_variable(ctx: Context, name: str) -> Variable:
+        """The whole :class:`~dspex_dspy.types.Variable` record (value, version, metadata ...)."""
+        return ctx._provider.get_variable(name)
+
+    @staticmethod
+    def set(
+        ctx: Context,
+        name: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+    ) -> int:
+        """Write a value and return the new version.
+
+        Args:
+            expected_version: when non-zero, write only if this is the current version
+                (compare-and-swap); otherwise raise :class:`VersionConflictError`.
+
+        Raises:
+            ValidationError: the value breaks the type or a constraint (nothing changes).
+            VersionConflictError: ``expected_version`` is stale (nothing changes).
+        """
+        return ctx._provider.set(name, value, metadata=metadata, expected_version=expected_version)
+
+    @staticmethod
+    def update(ctx: Context, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 10_000) -> int:
+        """Atomically replace the value with ``fn(value)``; return the new version.
+
+        A compare-and-swap loop: concurrent writers never lose an update. ``fn`` may run more
+        than once, so it must not have side effects.
+        """
+        for _ in builtins.range(max_attempts):
+            value, version = ctx._provider.get_versioned(name)
+            try:
+                return ctx._provider.set(name, fn(value), expected_version=version)
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(name, -1, -1)
+
+    @staticmethod
+    def get_many(ctx: Context, names: Iterable[str]) -> dict[str, Any]:
+        """Values of several variables, by name.
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        return ctx._provider.get_many(names)
+
+    @staticmethod
+    def update_many(ctx: Context, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+        """Write several variables; return their new versions.
+
+        ``atomic=True`` (default) validates every value first and applies all or none.
+        ``atomic=False`` applies what it can.
+
+        Raises:
+            BatchUpdateError: some writes were rejected; ``.errors`` says which and why and
+                ``.new_versions`` lists the writes applied (none when atomic).
+        """
+        return ctx._provider.update_many(updates, atomic=atomic)
+
+    @staticmethod
+    def list(ctx: Context) -> builtins.list[Variable]:
+        """Every variable, in creation order."""
+        return ctx._provider.list()
+
+    @staticmethod
+    def delete(ctx: Context, name: str) -> None:
+        """Remove a variable. Raises :class:`VariableNotFoundError` if it does not exist."""
+        ctx._provider.delete(name)
+
+    @staticmethod
+    def exists(ctx: Context, name: str) -> bool:
+        """Whether the context has a variable of that name."""
+        return ctx._provider.exists(name)

@@ -1,0 +1,418 @@
+"""Conversions between this package's records and errors and the bridge's protobuf messages.
+
+Both sides of the wire use this module: the bridge server turns :class:`~dspex_dspy.types.Variable`
+records into ``snakepit.bridge.Variable`` messages and exceptions into gRPC status codes, and the
+client does the inverse (messages back into records, a failed RPC back into the exception the
+server raised, with the server's message intact). Nothing here starts a server or opens a channel.
+
+Values travel as ``google.protobuf.Any`` (``type.googleapis.com/snakepit.<type>`` + UTF-8 JSON, see
+:func:`dspex_dspy.types.encode_value`). Embeddings and tensors may also travel on the documented
+binary path: a ``.binary`` type URL suffix, ``{"shape": [...]}`` as the JSON part, and the elements
+as little-endian IEEE-754 float64 in the message's ``binary_value`` field (never pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    DSPexError,
+    LimitExceededError,
+    SessionExistsError,
+    SessionNotFoundError,
+    ValidationError,
+    VariableExistsError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from dspex_dspy.types import (
+    TYPE_URL_PREFIX,
+    VARIABLE_TYPES,
+    Variable,
+    compile_spec,
+    decode_constraints,
+    decode_value,
+    encode_constraints,
+    encode_value,
+    type_from_url,
+)
+
+__all__ = [
+    "BINARY_SUFFIX",
+    "any_to_value",
+    "error_from_rpc",
+    "from_timestamp",
+    "proto_to_variable",
+    "source_from_proto",
+    "source_to_proto",
+    "status_for",
+    "timestamp",
+    "value_to_any",
+    "value_to_binary",
+    "variable_to_proto",
+]
+
+BINARY_SUFFIX: Final = ".binary"
+_BINARY_TYPES: Final = frozenset({"embedding", "tensor"})
+_NANOS: Final = 1_000_000_000
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+
+
+def value_to_any(type_: str, value: Any) -> any_pb2.Any:
+    """Encode a normalised value of a variable type as a ``google.protobuf.Any``.
+
+    Args:
+        type_: one of the eight variable types.
+        value: a value already normalised for that type (as a store returns it).
+
+    Returns:
+        The ``Any`` with ``type_url = type.googleapis.com/snakepit.<type>`` and the JSON payload.
+
+    Raises:
+        ValidationError: the type is unknown or the value cannot be encoded as JSON.
+
+    Example:
+        >>> value_to_any("float", 0.5).value
+        b'0.5'
+    """
+    if type_ not in VARIABLE_TYPES:
+        raise ValidationError(
+            "", "type", type_, f"unknown variable type {type_!r} (one of {', '.join(VARIABLE_TYPES)})"
+        )
+    try:
+        type_url, data = encode_value(type_, value)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValidationError("", "encoding", value, f"a {type_} value that cannot be encoded: {exc}") from None
+    return any_pb2.Any(type_url=type_url, value=data)
+
+
+def value_to_binary(type_: str, value: Any) -> tuple[any_pb2.Any, bytes]:
+    """Encode an embedding or tensor on the binary path: ``(Any with the shape, float64 LE bytes)``.
+
+    The bytes go into the message's ``binary_value`` (or ``initial_binary_value`` / ``binary_updates``)
+    field beside the returned ``Any``.
+
+    Args:
+        type_: ``"embedding"`` or ``"tensor"``.
+        value: the normalised value (a list of floats, or ``{"shape": [...], "data": [...]}``).
+
+    Raises:
+        ValidationError: another type, or a value that is not a flat list of numbers.
+
+    Example:
+        >>> any_msg, data = value_to_binary("embedding", [1.0, 2.0])
+        >>> any_msg.type_url, any_msg.value, len(data)
+        ('type.googleapis.com/snakepit.embedding.binary', b'{"shape":[2]}', 16)
+    """
+    if type_ not in _BINARY_TYPES:
+        raise ValidationError("", "encoding", type_, f"the binary path carries embeddings and tensors, not {type_}")
+    if type_ == "embedding":
+        shape, data = [len(value)], value
+    else:
+        shape, data = list(value["shape"]), value["data"]
+    try:
+        payload = struct.pack(f"<{len(data)}d", *data)
+    except struct.error as exc:
+        raise ValidationError("", "encoding", value, f"a {type_} value that cannot be encoded: {exc}") from None
+    header = json.dumps({"shape": shape}, separators=(",", ":")).encode()
+    return any_pb2.Any(type_url=TYPE_URL_PREFIX + type_ + BINARY_SUFFIX, value=header), payload
+
+
+def any_to_value(any_msg: any_pb2.Any | None, *, name: str = "", binary: bytes = b"") -> Any:
+    """Decode a ``google.protobuf.Any`` carrying a variable value (not yet validated).
+
+    Args:
+        any_msg: the ``Any`` (a missing or empty one is rejected).
+        name: the variable's name, used in error messages.
+        binary: the message's binary field, used when the type URL ends in ``.binary``.
+
+    Returns:
+        The plain value; pass it through the variable's spec to normalise and validate it.
+
+    Raises:
+        ValidationError: no value, an unknown type URL, a payload that is not valid JSON, or a binary
+            payload that does not match its shape.
+
+    Example:
+        >>> any_to_value(value_to_any("float", float("nan")))
+        nan
+    """
+    if any_msg is None or not any_msg.type_url:
+        raise ValidationError(name, "value", None, "no value was given (an empty google.protobuf.Any)")
+    type_url = any_msg.type_url
+    if type_url.endswith(BINARY_SUFFIX):
+        return _decode_binary(type_url, bytes(any_msg.value), bytes(binary), name)
+    return decode_value(type_url, bytes(any_msg.value), name=name)
+
+
+def _decode_binary(type_url: str, header: bytes, data: bytes, name: str) -> Any:
+    type_ = type_from_url(type_url)
+    if type_ not in _BINARY_TYPES:
+        raise ValidationError(
+            name, "encoding", type_url, f"the binary path carries embeddings and tensors, not {type_}"
+        )
+    try:
+        meta = json.loads(header.decode("utf-8")) if header else None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(
+            name, "encoding", header[:60], f"the binary value's header is not valid JSON: {exc}"
+        ) from None
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+        raise ValidationError(
+            name, "encoding", meta, 'the binary value\'s header must be {"shape": [non-negative ints]}'
+        )
+    count = math.prod(shape)
+    if len(data) != 8 * count:
+        raise ValidationError(
+            name, "encoding", len(data), f"shape {shape} needs {8 * count} bytes of float64 data, got {len(data)}"
+        )
+    values = list(struct.unpack(f"<{count}d", data))
+    if type_ == "embedding":
+        if len(shape) != 1:
+            raise ValidationError(name, "encoding", shape, f"an embedding has one dimension, got shape {shape}")
+        return values
+    return {"shape": shape, "data": values}
+
+
+# --------------------------------------------------------------------------------------------
+# Timestamps and variables
+# --------------------------------------------------------------------------------------------
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    """Convert wall-clock seconds since the epoch to a ``google.protobuf.Timestamp``.
+
+    Example:
+        >>> ts = timestamp(1.5)
+        >>> (ts.seconds, ts.nanos)
+        (1, 500000000)
+    """
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * _NANOS)
+    if nanos >= _NANOS:
+        whole, nanos = whole + 1, nanos - _NANOS
+    return timestamp_pb2.Timestamp(seconds=int(whole), nanos=int(nanos))
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp) -> float:
+    """Convert a ``google.protobuf.Timestamp`` to wall-clock seconds since the epoch (unset = 0.0)."""
+    return float(ts.seconds) + ts.nanos / _NANOS
+
+
+def source_to_proto(source: str) -> pb.Variable.Source:
+    """The ``Variable.Source`` of a writer: ``"worker"`` is ``PYTHON``, anything else ``ELIXIR``."""
+    return pb.Variable.PYTHON if source == "worker" else pb.Variable.ELIXIR
+
+
+def source_from_proto(source: int) -> str:
+    """The writer named by a ``Variable.Source``: ``PYTHON`` is ``"worker"``, ``ELIXIR`` ``"orchestrator"``."""
+    return "worker" if source == pb.Variable.PYTHON else "orchestrator"
+
+
+def variable_to_proto(var: Variable) -> pb.Variable:
+    """Convert a :class:`~dspex_dspy.types.Variable` record to a ``snakepit.bridge.Variable`` message.
+
+    Example:
+        >>> msg = variable_to_proto(Variable(id="var_t_1", name="t", type="float", value=0.5))
+        >>> msg.name, msg.value.value, msg.version
+        ('t', b'0.5', 1)
+    """
+    msg = pb.Variable(
+        id=var.id,
+        name=var.name,
+        type=var.type,
+        constraints_json=encode_constraints(var.constraints) if var.constraints else "",
+        metadata=dict(var.metadata),
+        source=source_to_proto(var.source),
+        version=var.version,
+        description=var.description,
+    )
+    msg.value.CopyFrom(value_to_any(var.type, var.value))
+    msg.last_updated_at.CopyFrom(timestamp(var.updated_at))
+    msg.created_at.CopyFrom(timestamp(var.created_at))
+    return msg
+
+
+def proto_to_variable(msg: pb.Variable) -> Variable:
+    """Convert a ``snakepit.bridge.Variable`` message to a validated, normalised record.
+
+    The value is decoded and passed through the variable's compiled constraints, so a record built
+    from a message obeys the same rules as one read from a store.
+
+    Raises:
+        ValidationError: unknown type, bad ``constraints_json``, or a value the constraints reject.
+
+    Example:
+        >>> v = Variable(id="var_t_1", name="t", type="float", value=0.5, created_at=1.0, updated_at=2.0)
+        >>> proto_to_variable(variable_to_proto(v)) == v
+        True
+    """
+    name = msg.name
+    constraints = decode_constraints(msg.constraints_json, name=name)
+    spec = compile_spec(name, msg.type, constraints)
+    raw = any_to_value(msg.value if msg.HasField("value") else None, name=name, binary=msg.binary_value)
+    return Variable(
+        id=msg.id,
+        name=name,
+        type=spec.type,
+        value=spec.validate(raw),
+        constraints=dict(spec.constraints),
+        description=msg.description,
+        metadata=dict(msg.metadata),
+        version=msg.version,
+        created_at=from_timestamp(msg.created_at),
+        updated_at=from_timestamp(msg.last_updated_at),
+        source=source_from_proto(msg.source),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Errors <-> status codes
+# --------------------------------------------------------------------------------------------
+
+_STATUS: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (VariableNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (VariableExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (VersionConflictError, grpc.StatusCode.ABORTED),
+    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BridgeUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    """The gRPC status code that reports ``exc`` (``INTERNAL`` for anything that is not a known error).
+
+    Example:
+        >>> status_for(SessionNotFoundError("s1"))
+        <StatusCode.NOT_FOUND: (5, 'not found')>
+    """
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+_VALIDATION_RE = re.compile(
+    r"(?s)(?:(?P<var>[A-Za-z_][A-Za-z0-9_.\-]*): )?(?P<detail>.*) \(rule (?P<rule>[A-Za-z_]+)\)"
+)
+_CONFLICT_RE = re.compile(
+    r"(?s)(?P<name>.*): expected version (?P<expected>-?\d+) but the current version is (?P<actual>-?\d+)"
+)
+_LIMIT_RE = re.compile(r"(?s)(?P<limit>.*): (?P<value>-?\d+) exceeds the limit (?P<maximum>-?\d+)")
+_VAR_EXISTS_RE = re.compile(r"(?s)Variable already exists: (?P<name>\S+)(?: in session (?P<session>\S+))?")
+_SESSION_EXISTS_RE = re.compile(r"(?s)Session already exists: (?P<session>.+)")
+_SESSION_NOT_FOUND_RE = re.compile(r"(?s)Session not found: (?P<session>.+)")
+_UNAVAILABLE_CODES: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
+
+
+def _with_message(exc: DSPexError, message: str) -> DSPexError:
+    """Give ``exc`` the server's own text, so users read exactly what the server said."""
+    if message and message != exc.message:
+        exc.message = message
+        exc.args = (message,)
+    return exc
+
+
+def _rpc_code(err: grpc.RpcError) -> grpc.StatusCode:
+    code_of: Callable[[], Any] | None = getattr(err, "code", None)
+    code = code_of() if callable(code_of) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _rpc_details(err: grpc.RpcError) -> str:
+    details_of: Callable[[], Any] | None = getattr(err, "details", None)
+    details = details_of() if callable(details_of) else None
+    return details if isinstance(details, str) else ""
+
+
+def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str = "") -> DSPexError:
+    """Turn a failed RPC back into the :class:`~dspex_dspy.errors.DSPexError` the server reported.
+
+    The server's message is kept as the error's text; the error's fields (variable, rule, versions,
+    limits) are recovered from it when it has this package's shape, else from ``identifier`` and
+    ``session_id``, else left empty / ``-1``.
+
+    Args:
+        err: the ``grpc.RpcError`` (sync or asyncio) raised by a stub call.
+        identifier: the variable name or id the call was about, if any.
+        session_id: the session the call was about, if any.
+
+    Returns:
+        The matching error; raise it ``from err``.
+
+    Example:
+        >>> try:
+        ...     stub.GetVariable(request)
+        ... except grpc.RpcError as err:
+        ...     raise error_from_rpc(err, identifier="temperature", session_id="s1") from err
+    """
+    code = _rpc_code(err)
+    details = _rpc_details(err)
+    if code == grpc.StatusCode.NOT_FOUND:
+        match = _SESSION_NOT_FOUND_RE.search(details)
+        if match or "session not found" in details.lower():
+            sid = match.group("session").strip() if match else session_id
+            return _with_message(SessionNotFoundError(sid), details)
+        return _with_message(VariableNotFoundError(identifier, session_id or None), details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        match = _VALIDATION_RE.fullmatch(details)
+        if match:
+            return _with_message(
+                ValidationError(match.group("var") or "", match.group("rule"), None, match.group("detail")), details
+            )
+        return _with_message(ValidationError(identifier, "invalid_argument", None, details), details)
+    if code == grpc.StatusCode.ABORTED:
+        match = _CONFLICT_RE.search(details)
+        if match:
+            conflict = VersionConflictError(
+                match.group("name"), int(match.group("expected")), int(match.group("actual"))
+            )
+        else:
+            conflict = VersionConflictError(identifier, -1, -1)
+        return _with_message(conflict, details)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        session_match = _SESSION_EXISTS_RE.search(details)
+        if session_match:
+            return _with_message(SessionExistsError(session_match.group("session").strip()), details)
+        var_match = _VAR_EXISTS_RE.search(details)
+        if var_match:
+            exists = VariableExistsError(var_match.group("name"), var_match.group("session") or session_id or None)
+        elif "session" in details.lower() and not identifier:
+            return _with_message(SessionExistsError(session_id), details)
+        else:
+            exists = VariableExistsError(identifier, session_id or None)
+        return _with_message(exists, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        match = _LIMIT_RE.search(details)
+        if match:
+            limit = LimitExceededError(match.group("limit"), int(match.group("value")), int(match.group("maximum")))
+        else:
+            limit = LimitExceededError("limit", -1, -1)
+        return _with_message(limit, details)
+    if code in _UNAVAILABLE_CODES:
+        text = (
+            f"the bridge is unavailable ({code.name}): {details}"
+            if details
+            else f"the bridge is unavailable ({code.name})"
+        )
+        return BridgeUnavailableError(text)
+    return DSPexError(f"{code.name}: {details}" if details else code.name)
