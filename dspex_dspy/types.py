@@ -25,6 +25,7 @@ from dspex_dspy.errors import ValidationError
 __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_PATTERN_LENGTH",
+    "MAX_TENSOR_RANK",
     "TYPE_URL_PREFIX",
     "VARIABLE_TYPES",
     "Variable",
@@ -54,6 +55,7 @@ VARIABLE_TYPES: Final[tuple[str, ...]] = (
 TYPE_URL_PREFIX: Final = "type.googleapis.com/snakepit."
 MAX_NAME_LENGTH: Final = 128
 MAX_PATTERN_LENGTH: Final = 1024
+MAX_TENSOR_RANK: Final = 32
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -302,6 +304,8 @@ def _norm_embedding(name: str, value: Any) -> list[float]:
 
 
 def _flatten(name: str, value: Any, depth: int, shape: list[int], whole: Any) -> list[Any]:
+    if depth > MAX_TENSOR_RANK:
+        raise ValidationError(name, "shape", "...", f"tensor data is nested deeper than {MAX_TENSOR_RANK} levels")
     if isinstance(value, (list, tuple)):
         if depth == len(shape):
             shape.append(len(value))
@@ -598,8 +602,8 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
     type_ = type_from_url(type_url)
     try:
         raw = json.loads(data.decode("utf-8")) if data else None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc!r}") from None
     if raw is None:
         raise ValidationError(name, "encoding", raw, "the value is empty (null)")
     if type_ == "float":
@@ -608,12 +612,14 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
         return [_decode_float(name, x) for x in raw]
     if type_ == "tensor" and isinstance(raw, dict) and isinstance(raw.get("data"), list):
         data_list = raw["data"]
-        return {**raw, "data": _decode_nested(name, data_list)}
+        return {**raw, "data": _decode_nested(name, data_list, 0)}
     return raw
 
 
-def _decode_nested(name: str, raw: list[Any]) -> list[Any]:
-    return [_decode_nested(name, x) if isinstance(x, list) else _decode_float(name, x) for x in raw]
+def _decode_nested(name: str, raw: list[Any], depth: int) -> list[Any]:
+    if depth > MAX_TENSOR_RANK:
+        raise ValidationError(name, "shape", "...", f"tensor data is nested deeper than {MAX_TENSOR_RANK} levels")
+    return [_decode_nested(name, x, depth + 1) if isinstance(x, list) else _decode_float(name, x) for x in raw]
 
 
 def encode_constraints(constraints: Mapping[str, Any]) -> str:

@@ -35,6 +35,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.store.watch import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,
@@ -52,11 +53,13 @@ __all__ = [
     "any_to_value",
     "error_from_rpc",
     "from_timestamp",
+    "proto_to_update",
     "proto_to_variable",
     "source_from_proto",
     "source_to_proto",
     "status_for",
     "timestamp",
+    "update_to_proto",
     "value_to_any",
     "value_to_binary",
     "variable_to_proto",
@@ -155,7 +158,11 @@ def any_to_value(any_msg: any_pb2.Any | None, *, name: str = "", binary: bytes =
     type_url = any_msg.type_url
     if type_url.endswith(BINARY_SUFFIX):
         return _decode_binary(type_url, bytes(any_msg.value), bytes(binary), name)
-    return decode_value(type_url, bytes(any_msg.value), name=name)
+    try:
+        return decode_value(type_url, bytes(any_msg.value), name=name)
+    except RecursionError:
+        # Hostile input, not a bug: JSON nested deeper than the interpreter's recursion limit.
+        raise ValidationError(name, "encoding", type_url, "the value is nested too deeply") from None
 
 
 def _decode_binary(type_url: str, header: bytes, data: bytes, name: str) -> Any:
@@ -280,6 +287,40 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
     )
 
 
+def update_to_proto(update: VariableUpdate) -> pb.VariableUpdate:
+    """Convert a store's :class:`~dspex_dspy.store.VariableUpdate` to a ``VariableUpdate`` message.
+
+    A heartbeat (no variable) leaves ``variable`` unset and ``variable_id`` empty.
+    """
+    msg = pb.VariableUpdate(
+        variable_id=update.variable_id,
+        update_source=update.source,
+        update_metadata=dict(update.metadata),
+        update_type=update.update_type,
+        timestamp=timestamp(update.timestamp),
+    )
+    if update.variable is not None:
+        msg.variable.CopyFrom(variable_to_proto(update.variable))
+    return msg
+
+
+def proto_to_update(msg: pb.VariableUpdate) -> VariableUpdate:
+    """Convert a ``VariableUpdate`` message back to a :class:`~dspex_dspy.store.VariableUpdate`.
+
+    Raises:
+        ValidationError: the carried variable does not decode or validate.
+    """
+    variable = proto_to_variable(msg.variable) if msg.HasField("variable") else None
+    return VariableUpdate(
+        variable_id=msg.variable_id,
+        variable=variable,
+        update_type=msg.update_type,
+        source=msg.update_source,
+        metadata=dict(msg.update_metadata),
+        timestamp=from_timestamp(msg.timestamp),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Errors <-> status codes
 # --------------------------------------------------------------------------------------------
@@ -318,6 +359,7 @@ _CONFLICT_RE = re.compile(
 _LIMIT_RE = re.compile(r"(?s)(?P<limit>.*): (?P<value>-?\d+) exceeds the limit (?P<maximum>-?\d+)")
 _VAR_EXISTS_RE = re.compile(r"(?s)Variable already exists: (?P<name>\S+)(?: in session (?P<session>\S+))?")
 _SESSION_EXISTS_RE = re.compile(r"(?s)Session already exists: (?P<session>.+)")
+_VAR_NOT_FOUND_RE = re.compile(r"(?s)Variable not found: (?P<name>\S+)(?: in session (?P<session>\S+))?")
 _SESSION_NOT_FOUND_RE = re.compile(r"(?s)Session not found: (?P<session>.+)")
 _UNAVAILABLE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -360,7 +402,7 @@ def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str 
         The matching error; raise it ``from err``.
 
     Example:
-        >>> try:
+        >>> try:  # doctest: +SKIP
         ...     stub.GetVariable(request)
         ... except grpc.RpcError as err:
         ...     raise error_from_rpc(err, identifier="temperature", session_id="s1") from err
@@ -372,7 +414,12 @@ def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str 
         if match or "session not found" in details.lower():
             sid = match.group("session").strip() if match else session_id
             return _with_message(SessionNotFoundError(sid), details)
-        return _with_message(VariableNotFoundError(identifier, session_id or None), details)
+        var_match = _VAR_NOT_FOUND_RE.search(details)
+        if var_match:
+            missing = VariableNotFoundError(var_match.group("name"), var_match.group("session") or session_id or None)
+        else:
+            missing = VariableNotFoundError(identifier, session_id or None)
+        return _with_message(missing, details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         match = _VALIDATION_RE.fullmatch(details)
         if match:

@@ -1,0 +1,230 @@
+"""Benchmarks: every figure is a ratio against a baseline measured in the same run.
+
+Run with ``make bench`` (or ``python -m benchmarks.run [--quick] [--only NAME ...]``). Prints a
+table of medians, p99 and ratios, and writes ``benchmarks/results/latest.json``. Machines here are
+noisy, so absolute times are reported for reading only; the targets (DESIGN.md) are on ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Row:
+    """One measured figure and, when it has one, its baseline and target ratio."""
+
+    name: str
+    median_us: float
+    p99_us: float
+    baseline: str = ""
+    baseline_us: float = 0.0
+    ratio: float = 0.0
+    target: str = ""
+    met: bool | None = None
+
+
+def measure(fn: Callable[[], Any], *, batch: int, rounds: int) -> list[float]:
+    """Per-call times in microseconds: ``rounds`` samples, each the mean over ``batch`` calls."""
+    for _ in range(min(batch, 1000)):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter() - start) / batch * 1e6)
+    return samples
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def compare(
+    rows: list[Row],
+    name: str,
+    fn: Callable[[], Any],
+    baseline_name: str,
+    baseline: Callable[[], Any],
+    *,
+    target: float | None,
+    batch: int,
+    rounds: int,
+) -> None:
+    """Measure ``fn`` and ``baseline`` interleaved (so drift hits both) and append a row."""
+    ours: list[float] = []
+    base: list[float] = []
+    for _ in range(rounds):
+        base.extend(measure(baseline, batch=batch, rounds=1))
+        ours.extend(measure(fn, batch=batch, rounds=1))
+    med, bmed = statistics.median(ours), statistics.median(base)
+    ratio = med / bmed if bmed else 0.0
+    rows.append(
+        Row(
+            name,
+            med,
+            p99(ours),
+            baseline_name,
+            bmed,
+            ratio,
+            f"<= {target}x" if target is not None else "",
+            (ratio <= target) if target is not None else None,
+        )
+    )
+    print(f"  {name}: {med:.3f} us vs {baseline_name} {bmed:.3f} us -> {ratio:.2f}x", flush=True)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def bench_local(rows: list[Row], quick: bool) -> None:
+    from dspex_dspy import Context, Variables
+
+    lock = threading.Lock()
+    table = {"temperature": 0.7}
+
+    def dict_get() -> Any:
+        with lock:
+            return table["temperature"]
+
+    def dict_set() -> None:
+        with lock:
+            table["temperature"] = 0.9
+
+    ctx = Context()
+    Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0})
+    get, set_ = Variables.get, Variables.set
+    rounds, batch = (15, 5000) if quick else (40, 20000)
+    compare(rows, "LocalState get", lambda: get(ctx, "temperature"), "dict get under a lock", dict_get,
+            target=3.0, batch=batch, rounds=rounds)
+    compare(rows, "LocalState set (validated)", lambda: set_(ctx, "temperature", 0.9), "dict set under a lock",
+            dict_set, target=10.0, batch=batch, rounds=rounds)
+    ctx.stop()
+
+
+def _ping_baseline(address: str) -> tuple[Any, Callable[[], Any]]:
+    import grpc
+
+    from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+    from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.BridgeServiceStub(channel)
+    request = pb.PingRequest(message="ping")
+    return channel, lambda: stub.Ping(request, timeout=10)
+
+
+def _start_remote_server() -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc, line.rsplit(" ", 1)[-1].strip()
+    raise RuntimeError("the bridge server did not start")
+
+
+def bench_bridged(rows: list[Row], quick: bool) -> None:
+    from dspex_dspy import Context, Variables
+
+    rounds, batch = (8, 200) if quick else (20, 500)
+    proc, address = _start_remote_server()
+    try:
+        channel, ping = _ping_baseline(address)
+        for label, ctx in (("embedded", Context(backend="bridged")), ("remote", Context(bridge=address, backend="bridged"))):
+            for i in range(20):
+                Variables.defvariable(ctx, f"perf_{i}", "float", i * 0.1)
+            if label == "remote":
+                compare(rows, "bridged get (remote, uncached)", lambda c=ctx: Variables.get(c, "perf_10"),
+                        "raw gRPC Ping", ping, target=1.2, batch=batch, rounds=rounds)
+                compare(rows, "bridged set (remote)", lambda c=ctx: Variables.set(c, "perf_10", 0.5),
+                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
+                names = [f"perf_{i}" for i in range(10)]
+                compare(rows, "batch get of 10 (remote)", lambda c=ctx: Variables.get_many(c, names),
+                        "10 single remote gets", lambda c=ctx: [Variables.get(c, n) for n in names],
+                        target=0.25, batch=max(20, batch // 10), rounds=rounds)
+            else:
+                # The embedded bridge reads the store in process, as the Elixir node reads its table.
+                compare(rows, "bridged get (embedded)", lambda c=ctx: Variables.get(c, "perf_10"),
+                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
+                compare(rows, "bridged set (embedded)", lambda c=ctx: Variables.set(c, "perf_10", 0.5),
+                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
+            ctx.stop()
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def bench_switch(rows: list[Row], quick: bool) -> None:
+    from dspex_dspy import Context, Variables
+
+    for count, target_ms in ((100, 20.0), (10_000, 1000.0)):
+        times = []
+        for _ in range(3 if quick or count > 1000 else 10):
+            ctx = Context()
+            for i in range(count):
+                Variables.defvariable(ctx, f"var_{i}", "integer", i, constraints={"min": 0, "max": 100_000},
+                                      metadata={"index": str(i)})
+            start = time.perf_counter()
+            ctx.ensure_bridged()
+            times.append((time.perf_counter() - start) * 1e6)
+            ctx.stop()
+        med = statistics.median(times)
+        rows.append(Row(f"switch with {count} variables", med, max(times), target=f"<= {target_ms:g} ms",
+                        met=med / 1000 <= target_ms))
+        print(f"  switch with {count} variables: {med / 1000:.2f} ms", flush=True)
+
+
+SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
+    "local": bench_local,
+    "bridged": bench_bridged,
+    "switch": bench_switch,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for name, section in SECTIONS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"[{name}]", flush=True)
+        section(rows, args.quick)
+    print()
+    print(f"{'benchmark':44} {'median':>12} {'p99':>12} {'ratio':>8}  {'target':>10}  baseline")
+    for r in rows:
+        ratio = f"{r.ratio:.2f}x" if r.baseline else ""
+        status = "" if r.met is None else (" ok" if r.met else " MISSED")
+        print(f"{r.name:44} {r.median_us:10.3f}us {r.p99_us:10.3f}us {ratio:>8}  {r.target:>10}{status}  {r.baseline}")
+    RESULTS.mkdir(exist_ok=True)
+    machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
+    print(f"\nwritten {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

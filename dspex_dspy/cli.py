@@ -1,0 +1,183 @@
+"""The ``dspex-bridge`` command: run a standalone bridge server, or ping one.
+
+``dspex-bridge serve`` starts a :class:`~dspex_dspy.server.BridgeServer` over a fresh
+:class:`~dspex_dspy.store.SessionStore` (swept periodically), prints exactly one line
+``dspex-bridge listening on HOST:PORT`` once it accepts calls (with ``--port 0`` the port is the one
+the OS chose, so scripts and tests can read it), and stops gracefully on SIGTERM or SIGINT, exiting
+0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. Also runnable as
+``python -m dspex_dspy.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import grpc
+
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.errors import DSPexError
+from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
+from dspex_dspy.store import SessionStore, StoreLimits
+from dspex_dspy.wire import error_from_rpc, from_timestamp
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_STORE = StoreLimits()
+_DEFAULT_SERVER = ServerLimits()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dspex-bridge`` argument parser (``serve`` and ``ping`` subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="dspex-bridge", description="Serve or ping a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run a standalone bridge server until SIGTERM/SIGINT")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback)")
+    serve.add_argument(
+        "--port", type=_port, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--ttl", type=_positive_float, default=3600.0, help="session TTL in seconds (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--sweep-interval",
+        type=_positive_float,
+        default=60.0,
+        help="seconds between expiry sweeps (default: %(default)s)",
+    )
+    serve.add_argument("--max-sessions", type=_positive_int, default=_DEFAULT_STORE.max_sessions)
+    serve.add_argument(
+        "--max-variables", type=_positive_int, default=_DEFAULT_STORE.max_variables_per_session, help="per session"
+    )
+    serve.add_argument(
+        "--max-value-bytes", type=_positive_int, default=_DEFAULT_STORE.max_value_bytes, help="largest value accepted"
+    )
+    serve.add_argument(
+        "--max-watchers", type=_positive_int, default=_DEFAULT_SERVER.max_watchers, help="concurrent watch streams"
+    )
+    serve.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        default=DEFAULT_HEARTBEAT_INTERVAL,
+        help="seconds of silence before a watch stream sends a heartbeat (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--grace", type=float, default=5.0, help="seconds calls in flight get to finish on stop (default: %(default)s)"
+    )
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+
+    ping = commands.add_parser("ping", help="send a Ping to a bridge and print the reply")
+    ping.add_argument("address", help="HOST:PORT of the bridge")
+    ping.add_argument("--message", default="ping", help="text to send (default: %(default)s)")
+    ping.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait (default: %(default)s)")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = SessionStore(
+        default_ttl=args.ttl,
+        limits=StoreLimits(
+            max_sessions=args.max_sessions,
+            max_variables_per_session=args.max_variables,
+            max_value_bytes=args.max_value_bytes,
+            max_watchers=args.max_watchers,
+        ),
+    )
+    limits = ServerLimits(
+        max_value_bytes=args.max_value_bytes,
+        max_watchers=args.max_watchers,
+        max_message_bytes=max(_DEFAULT_SERVER.max_message_bytes, 2 * args.max_value_bytes),
+    )
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server, _ = create_server(
+                store, args.host, args.port, limits=limits, heartbeat_interval=args.heartbeat_interval
+            )
+        except DSPexError as exc:
+            print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+            store.close()
+            return 1
+        store.start_sweeper(args.sweep_interval)
+        server.start()
+        print(f"dspex-bridge listening on {server.address}", flush=True)
+        # Wait in short slices so the signal handler runs promptly on the main thread.
+        while not stop_requested.wait(0.5):
+            pass
+        server.stop(args.grace)
+        store.close()
+        logger.info("stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ping(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = pb_grpc.BridgeServiceStub(channel)
+        try:
+            reply = stub.Ping(pb.PingRequest(message=args.message), timeout=args.timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            print(f"dspex-bridge: ping {args.address} failed: {error_from_rpc(err)}", file=sys.stderr, flush=True)
+            return 1
+    server_time = from_timestamp(reply.server_time)
+    print(f"{reply.message} (server_time {server_time:.6f})", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dspex-bridge`` with ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    Example:
+        >>> main(["ping", "127.0.0.1:50051"])  # doctest: +SKIP
+        pong: ping (server_time 1767225600.000000)
+        0
+    """
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _ping(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

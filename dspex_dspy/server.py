@@ -1,0 +1,737 @@
+"""The bridge server: ``snakepit.bridge.BridgeService`` over gRPC, backed by a :class:`SessionStore`.
+
+:class:`BridgeServicer` maps every RPC of the wire contract (``PROTOCOL.md``) onto a
+:class:`~dspex_dspy.store.SessionStore` and every error onto its status code (bad input is always
+``INVALID_ARGUMENT``; ``INTERNAL`` only ever means a bug here). :func:`create_server` wraps it in a
+:class:`BridgeServer` with the standard gRPC health service, message/value/watcher limits and a
+thread pool sized so that long-lived ``WatchVariables`` streams cannot starve unary calls.
+:class:`EmbeddedBridge` is the process-wide server an orchestrator starts lazily on loopback, whose
+store it also reads in process.
+
+Who wrote a value: the server cannot know its peer, so every write through it is recorded as
+``"worker"`` unless the request's ``metadata`` map or the call's gRPC metadata has ``source`` set to
+``"orchestrator"`` or ``"elixir"``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, LimitExceededError, SessionNotFoundError
+from dspex_dspy.store import SessionStore, Watch
+from dspex_dspy.types import Variable, compile_spec, decode_constraints
+from dspex_dspy.wire import (
+    any_to_value,
+    from_timestamp,
+    status_for,
+    timestamp,
+    update_to_proto,
+    value_to_any,
+    variable_to_proto,
+)
+
+__all__ = ["SERVICE_NAME", "BridgeServer", "BridgeServicer", "EmbeddedBridge", "ServerLimits", "create_server"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: Final = "snakepit.bridge.BridgeService"
+DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+_ORCHESTRATOR_SOURCES: Final = frozenset({"orchestrator", "elixir"})
+_SHUTTING_DOWN: Final = "the bridge server is shutting down"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits the server enforces on top of the store's own :class:`~dspex_dspy.store.StoreLimits`.
+
+    Attributes:
+        max_message_bytes: largest gRPC message received or sent.
+        max_value_bytes: largest encoded value (``Any.value`` plus any binary part) accepted in a
+            write; a larger one is ``RESOURCE_EXHAUSTED``.
+        max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``.
+        max_workers: threads serving RPCs (None = ``max_watchers + 32``). Each open watch stream
+            holds a thread, so this must exceed ``max_watchers`` or watches could starve unary calls.
+    """
+
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_value_bytes: int = 8 * 1024 * 1024
+    max_watchers: int = 64
+    max_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_value_bytes", "max_watchers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_workers is not None and self.max_workers <= self.max_watchers:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must exceed max_watchers ({self.max_watchers}), "
+                "or open watch streams could leave no thread for unary calls"
+            )
+
+    @property
+    def workers(self) -> int:
+        """The thread-pool size actually used."""
+        return self.max_workers if self.max_workers is not None else self.max_watchers + 32
+
+
+class _Abort(Exception):
+    """Raised inside a handler to end the call with a given status (caught by the handler wrapper)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+_Unary = Callable[["BridgeServicer", Any, grpc.ServicerContext], Any]
+_Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
+
+
+def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
+    """End the call with the status that reports ``exc``."""
+    if isinstance(exc, _Abort):
+        context.abort(exc.code, exc.message)
+    if isinstance(exc, DSPexError):
+        context.abort(status_for(exc), str(exc))
+    if isinstance(exc, RecursionError):
+        # A value nested thousands of levels deep is bad input, not a bug.
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the value is nested too deeply (rule encoding)")
+    logger.exception("%s failed unexpectedly", rpc)
+    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}")
+
+
+def _unary(method: _Unary) -> _Unary:
+    """Wrap a unary handler: refuse calls while shutting down, map exceptions to status codes."""
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    def handler(self: BridgeServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        if self.shutting_down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            failure = exc
+        _fail(context, rpc, failure)
+
+    return handler
+
+
+def _stream(method: _Stream) -> _Stream:
+    """Wrap a server-streaming handler like :func:`_unary`."""
+    rpc = method.__name__
+
+    @functools.wraps(method)
+    def handler(self: BridgeServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        if self.shutting_down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+        try:
+            yield from method(self, request, context)
+            return
+        except Exception as exc:
+            failure = exc
+        _fail(context, rpc, failure)
+
+    return handler
+
+
+def _unimplemented(rpc: str, what: str) -> _Abort:
+    return _Abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{rpc} is not implemented by the dspex-dspy bridge: it serves sessions and variables; {what}",
+    )
+
+
+class BridgeServicer:
+    """The ``snakepit.bridge.BridgeService`` implementation over a :class:`SessionStore`.
+
+    Args:
+        store: the sessions and variables to serve.
+        limits: server-side limits (message size, value size, watch streams).
+        heartbeat_interval: seconds of silence after which a watch stream sends a ``heartbeat``.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        *,
+        limits: ServerLimits | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    ) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError(f"heartbeat_interval must be positive, got {heartbeat_interval}")
+        self.store = store
+        self.limits = limits or ServerLimits()
+        self.heartbeat_interval = float(heartbeat_interval)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._watches: set[Watch] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`begin_shutdown` was called: new calls get ``UNAVAILABLE``."""
+        return self._stopping.is_set()
+
+    @property
+    def active_watches(self) -> int:
+        """``WatchVariables`` streams open now."""
+        with self._lock:
+            return len(self._watches)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new calls and end every open watch stream cleanly."""
+        self._stopping.set()
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _writer(self, metadata: Mapping[str, str], context: grpc.ServicerContext) -> str:
+        """Who a write comes from: ``"orchestrator"`` only when it says so, else ``"worker"``."""
+        claimed = metadata.get("source", "")
+        if not claimed:
+            for key, value in context.invocation_metadata() or ():
+                if key == "source" and isinstance(value, str):
+                    claimed = value
+                    break
+        return "orchestrator" if claimed.strip().lower() in _ORCHESTRATOR_SOURCES else "worker"
+
+    def _decode(self, any_msg: any_pb2.Any, name: str, binary: bytes = b"") -> Any:
+        """Decode a value from the wire, refusing one larger than ``max_value_bytes``."""
+        size = len(any_msg.value) + len(binary)
+        if size > self.limits.max_value_bytes:
+            raise LimitExceededError(
+                f"{name}: value size in bytes" if name else "value size in bytes", size, self.limits.max_value_bytes
+            )
+        return any_to_value(any_msg, name=name, binary=binary)
+
+    @contextmanager
+    def _watch_slot(self, watch_factory: Callable[[], Watch]) -> Iterator[Watch]:
+        """Open a watch within ``max_watchers``; close and forget it on the way out."""
+        with self._lock:
+            if len(self._watches) >= self.limits.max_watchers:
+                raise LimitExceededError("watch streams", len(self._watches) + 1, self.limits.max_watchers)
+            watch = watch_factory()
+            self._watches.add(watch)
+        try:
+            yield watch
+        finally:
+            with self._lock:
+                self._watches.discard(watch)
+            self.store.unwatch(watch)
+
+    # ------------------------------------------------------------------ sessions
+
+    @_unary
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        """Answer ``pong`` (echoing the request's message) with the server's wall-clock time."""
+        message = f"pong: {request.message}" if request.message else "pong"
+        return pb.PingResponse(message=message, server_time=timestamp(time.time()))
+
+    @_unary
+    def InitializeSession(
+        self, request: pb.InitializeSessionRequest, context: grpc.ServicerContext
+    ) -> pb.InitializeSessionResponse:
+        """Create a session (``ALREADY_EXISTS`` if the id is taken); ``config`` is accepted and ignored."""
+        self.store.create_session(request.session_id, dict(request.metadata))
+        return pb.InitializeSessionResponse(success=True)
+
+    @_unary
+    def CleanupSession(
+        self, request: pb.CleanupSessionRequest, context: grpc.ServicerContext
+    ) -> pb.CleanupSessionResponse:
+        """Remove a session; an unknown one is ``NOT_FOUND`` unless ``force`` is set."""
+        try:
+            cleaned = self.store.cleanup_session(request.session_id)
+        except SessionNotFoundError:
+            if not request.force:
+                raise
+            cleaned = 0
+        return pb.CleanupSessionResponse(success=True, resources_cleaned=cleaned)
+
+    @_unary
+    def GetSession(self, request: pb.GetSessionRequest, context: grpc.ServicerContext) -> pb.GetSessionResponse:
+        """Describe a session (and refresh its TTL)."""
+        info = self.store.get_session(request.session_id)
+        return pb.GetSessionResponse(
+            session_id=info.id,
+            metadata=dict(info.metadata),
+            created_at=timestamp(info.created_at),
+            variable_count=info.variable_count,
+            tool_count=0,
+        )
+
+    @_unary
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        """Refresh a session's TTL; ``session_valid`` is false for an unknown or expired session."""
+        valid = self.store.heartbeat(request.session_id)
+        return pb.HeartbeatResponse(server_time=timestamp(time.time()), session_valid=valid)
+
+    # ------------------------------------------------------------------ variables
+
+    @_unary
+    def RegisterVariable(
+        self, request: pb.RegisterVariableRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterVariableResponse:
+        """Define a variable; a set ``initial_version`` or ``created_at`` imports it with those kept."""
+        name = request.name
+        constraints = decode_constraints(request.constraints_json, name=name)
+        compile_spec(name, request.type, constraints)  # a bad type or constraint is reported before the value
+        value = self._decode(request.initial_value, name, request.initial_binary_value)
+        source = self._writer(request.metadata, context)
+        if request.initial_version != 0 or request.HasField("created_at"):
+            variable = Variable(
+                id="",
+                name=name,
+                type=request.type,
+                value=value,
+                constraints=constraints,
+                description=request.description,
+                metadata=dict(request.metadata),
+                version=request.initial_version or 1,
+                created_at=from_timestamp(request.created_at) if request.HasField("created_at") else 0.0,
+                source=source,
+            )
+            (registered,) = self.store.import_variables(request.session_id, [variable])
+        else:
+            registered = self.store.register_variable(
+                request.session_id,
+                name,
+                request.type,
+                value,
+                constraints=constraints,
+                description=request.description,
+                metadata=dict(request.metadata),
+                source=source,
+            )
+        return pb.RegisterVariableResponse(success=True, variable_id=registered.id)
+
+    @_unary
+    def GetVariable(self, request: pb.GetVariableRequest, context: grpc.ServicerContext) -> pb.GetVariableResponse:
+        """Return one variable by id or name."""
+        variable = self.store.get_variable(request.session_id, request.variable_identifier)
+        return pb.GetVariableResponse(variable=variable_to_proto(variable), from_cache=False)
+
+    @_unary
+    def SetVariable(self, request: pb.SetVariableRequest, context: grpc.ServicerContext) -> pb.SetVariableResponse:
+        """Write one variable; a non-zero ``expected_version`` that is not current is ``ABORTED``."""
+        ident = request.variable_identifier
+        value = self._decode(request.value, ident, request.binary_value)
+        variable = self.store.set_variable(
+            request.session_id,
+            ident,
+            value,
+            metadata=dict(request.metadata),
+            expected_version=request.expected_version or None,
+            source=self._writer(request.metadata, context),
+        )
+        return pb.SetVariableResponse(success=True, new_version=variable.version)
+
+    @_unary
+    def GetVariables(
+        self, request: pb.BatchGetVariablesRequest, context: grpc.ServicerContext
+    ) -> pb.BatchGetVariablesResponse:
+        """Return the variables found, keyed by identifier as requested, and the missing identifiers."""
+        found, missing = self.store.get_variables(request.session_id, list(request.variable_identifiers))
+        return pb.BatchGetVariablesResponse(
+            variables={ident: variable_to_proto(var) for ident, var in found.items()},
+            missing_variables=missing,
+        )
+
+    @_unary
+    def SetVariables(
+        self, request: pb.BatchSetVariablesRequest, context: grpc.ServicerContext
+    ) -> pb.BatchSetVariablesResponse:
+        """Write several variables; ``atomic`` applies all or none. Rejections are reported, not raised."""
+        errors: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        for ident, any_msg in request.updates.items():
+            try:
+                values[ident] = self._decode(any_msg, ident, request.binary_updates.get(ident, b""))
+            except DSPexError as exc:
+                errors[ident] = str(exc)
+        if request.atomic and errors:
+            # The session must still exist for a rejection to mean anything.
+            self.store.get_session(request.session_id)
+            return pb.BatchSetVariablesResponse(success=False, errors=errors)
+        result = self.store.set_variables(
+            request.session_id,
+            values,
+            metadata=dict(request.metadata),
+            atomic=request.atomic,
+            source=self._writer(request.metadata, context),
+        )
+        errors.update({ident: str(exc) for ident, exc in result.errors.items()})
+        return pb.BatchSetVariablesResponse(success=not errors, errors=errors, new_versions=result.new_versions)
+
+    @_unary
+    def ListVariables(
+        self, request: pb.ListVariablesRequest, context: grpc.ServicerContext
+    ) -> pb.ListVariablesResponse:
+        """Variables in creation order, optionally filtered by a ``*`` glob on the whole name."""
+        variables = self.store.list_variables(request.session_id, request.pattern or None)
+        return pb.ListVariablesResponse(variables=[variable_to_proto(v) for v in variables])
+
+    @_unary
+    def DeleteVariable(
+        self, request: pb.DeleteVariableRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteVariableResponse:
+        """Delete a variable; watchers receive a ``deleted`` update."""
+        self.store.delete_variable(request.session_id, request.variable_identifier, source=self._writer({}, context))
+        return pb.DeleteVariableResponse(success=True)
+
+    @_unary
+    def GetVariableHistory(
+        self, request: pb.GetVariableHistoryRequest, context: grpc.ServicerContext
+    ) -> pb.GetVariableHistoryResponse:
+        """A variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
+        variable = self.store.get_variable(request.session_id, request.variable_identifier)
+        entries = self.store.get_history(request.session_id, variable.id, request.limit)
+        return pb.GetVariableHistoryResponse(
+            entries=[
+                pb.VariableHistoryEntry(
+                    version=entry.version,
+                    value=value_to_any(variable.type, entry.value),
+                    timestamp=timestamp(entry.timestamp),
+                    changed_by=entry.changed_by,
+                    metadata=entry.metadata,
+                )
+                for entry in entries
+            ]
+        )
+
+    @_unary
+    def RollbackVariable(
+        self, request: pb.RollbackVariableRequest, context: grpc.ServicerContext
+    ) -> pb.RollbackVariableResponse:
+        """Write the value a variable had at ``target_version`` as a new version."""
+        variable = self.store.rollback_variable(
+            request.session_id,
+            request.variable_identifier,
+            request.target_version,
+            source=self._writer({}, context),
+        )
+        return pb.RollbackVariableResponse(success=True, variable=variable_to_proto(variable))
+
+    @_stream
+    def WatchVariables(
+        self, request: pb.WatchVariablesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.VariableUpdate]:
+        """Stream variable updates: the snapshot (if asked), then changes, deletions and heartbeats.
+
+        The watcher is registered with the store before the snapshot is taken, so no write falls
+        between them. The stream ends when the client cancels, the server shuts down, or the
+        session goes away (``NOT_FOUND``).
+        """
+        session_id = request.session_id
+        identifiers = list(request.variable_identifiers)
+
+        def open_watch() -> Watch:
+            return self.store.watch(session_id, identifiers, include_initial=request.include_initial_values)
+
+        with self._watch_slot(open_watch) as watch:
+            # Wakes the loop at once when the client goes away.
+            context.add_callback(watch.close)
+            interval = self.heartbeat_interval
+            last_sent = time.monotonic()
+            while context.is_active() and not self._stopping.is_set():
+                update = watch.next_update(timeout=max(0.0, last_sent + interval - time.monotonic()))
+                if update is not None:
+                    yield update_to_proto(update)
+                    last_sent = time.monotonic()
+                elif watch.closed:
+                    break
+                elif time.monotonic() - last_sent >= interval:
+                    yield pb.VariableUpdate(update_type="heartbeat", timestamp=timestamp(time.time()))
+                    last_sent = time.monotonic()
+            if context.is_active() and not self._stopping.is_set():
+                # The store closed the watch: the session ended, or the store itself closed.
+                if not self.store.has_session(session_id):
+                    raise SessionNotFoundError(session_id)
+                raise BridgeUnavailableError("the session store was closed")
+
+    # ------------------------------------------------------------------ tools (not served)
+
+    @_unary
+    def GetExposedElixirTools(
+        self, request: pb.GetExposedElixirToolsRequest, context: grpc.ServicerContext
+    ) -> pb.GetExposedElixirToolsResponse:
+        """No orchestrator tools are exposed: an empty list (workers call this when they connect)."""
+        return pb.GetExposedElixirToolsResponse()
+
+    @_unary
+    def ExecuteTool(self, request: pb.ExecuteToolRequest, context: grpc.ServicerContext) -> pb.ExecuteToolResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("ExecuteTool", "tool execution is not supported")
+
+    @_stream
+    def ExecuteStreamingTool(
+        self, request: pb.ExecuteToolRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ToolChunk]:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("ExecuteStreamingTool", "tool execution is not supported")
+
+    @_unary
+    def RegisterTools(
+        self, request: pb.RegisterToolsRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterToolsResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("RegisterTools", "tool registration is not supported")
+
+    @_unary
+    def ExecuteElixirTool(
+        self, request: pb.ExecuteElixirToolRequest, context: grpc.ServicerContext
+    ) -> pb.ExecuteElixirToolResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("ExecuteElixirTool", "no orchestrator tools are exposed")
+
+    @_unary
+    def AddDependency(
+        self, request: pb.AddDependencyRequest, context: grpc.ServicerContext
+    ) -> pb.AddDependencyResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("AddDependency", "variable dependencies are not supported")
+
+    @_unary
+    def StartOptimization(
+        self, request: pb.StartOptimizationRequest, context: grpc.ServicerContext
+    ) -> pb.StartOptimizationResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("StartOptimization", "server-side optimization is not supported")
+
+    @_unary
+    def StopOptimization(
+        self, request: pb.StopOptimizationRequest, context: grpc.ServicerContext
+    ) -> pb.StopOptimizationResponse:
+        """Not implemented: ``UNIMPLEMENTED``."""
+        raise _unimplemented("StopOptimization", "server-side optimization is not supported")
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class BridgeServer:
+    """A running (or ready to run) bridge: the gRPC server, its servicer, health service and store.
+
+    Build one with :func:`create_server`. Usable as a context manager (starts on enter, stops on
+    exit).
+
+    Attributes:
+        store: the served :class:`SessionStore`.
+        servicer: the :class:`BridgeServicer`.
+        host: the bound host.
+        port: the bound port (the real one when created with port 0).
+    """
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        servicer: BridgeServicer,
+        health_servicer: Any,
+        *,
+        host: str,
+        port: int,
+        owns_store: bool,
+    ) -> None:
+        self._server = server
+        self.servicer = servicer
+        self._health = health_servicer
+        self.store = servicer.store
+        self.host = host
+        self.port = port
+        self._owns_store = owns_store
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        """``"host:port"`` for clients to connect to."""
+        return _format_address(self.host, self.port)
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._started and not self._stopped.is_set()
+
+    def start(self) -> BridgeServer:
+        """Start serving (idempotent); returns ``self``."""
+        with self._lock:
+            if self._stopped.is_set():
+                raise BridgeUnavailableError(f"the bridge server at {self.address} was stopped; create a new one")
+            if self._started:
+                return self
+            self._server.start()
+            self._started = True
+            if self._owns_store:
+                self.store.start_sweeper()
+            for service in ("", SERVICE_NAME):
+                self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("bridge server listening on %s", self.address)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop gracefully (idempotent).
+
+        New calls get ``UNAVAILABLE`` and health turns ``NOT_SERVING``; open watch streams end
+        cleanly; calls in flight get ``grace`` seconds to finish. A store the server created is
+        closed too.
+        """
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        self.servicer.begin_shutdown()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        if self._owns_store:
+            self.store.close()
+        logger.info("bridge server at %s stopped", self.address)
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until the server stops (or ``timeout`` passes); True if it stopped."""
+        # grpc's own return value is the opposite: True when the timeout was reached.
+        timed_out = self._server.wait_for_termination(timeout)
+        return not timed_out
+
+    def __enter__(self) -> BridgeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("stopped" if self._stopped.is_set() else "created")
+        return f"BridgeServer(address={self.address!r}, {state})"
+
+
+def create_server(
+    store: SessionStore | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    limits: ServerLimits | None = None,
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+) -> tuple[BridgeServer, int]:
+    """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
+
+    Args:
+        store: the store to serve; None creates one that the server owns (swept while running,
+            closed on stop).
+        host: interface to bind; loopback by default.
+        port: port to bind; 0 picks a free one.
+        limits: server-side limits.
+        heartbeat_interval: seconds of silence after which a watch stream sends a heartbeat.
+
+    Returns:
+        ``(server, port)`` with the real bound port.
+
+    Raises:
+        BridgeUnavailableError: the address cannot be bound.
+
+    Example:
+        >>> server, port = create_server()
+        >>> with server:
+        ...     print(server.address)  # doctest: +SKIP
+        127.0.0.1:50123
+    """
+    limits = limits or ServerLimits()
+    owns_store = store is None
+    served = store if store is not None else SessionStore()
+    servicer = BridgeServicer(served, limits=limits, heartbeat_interval=heartbeat_interval)
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
+        options=options,
+    )
+    pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    target = _format_address(host, port)
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
+    if not bound:
+        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
+    bridge = BridgeServer(server, servicer, health_servicer, host=host, port=bound, owns_store=owns_store)
+    return bridge, bound
+
+
+class EmbeddedBridge:
+    """The process-wide bridge an orchestrator starts lazily on loopback (port chosen by the OS).
+
+    Example:
+        >>> server = EmbeddedBridge.get()  # doctest: +SKIP
+        >>> server.store.create_session("s1")  # doctest: +SKIP
+    """
+
+    _lock: Final = threading.Lock()
+    _server: BridgeServer | None = None
+    _atexit_registered = False
+
+    @classmethod
+    def get(cls) -> BridgeServer:
+        """Return the running embedded bridge, starting it (and a fresh store) if needed. Thread-safe."""
+        with cls._lock:
+            if cls._server is not None and cls._server.running:
+                return cls._server
+            store = SessionStore()
+            store.start_sweeper()
+            try:
+                server, _ = create_server(store, "127.0.0.1", 0)
+                server.start()
+            except BaseException:
+                store.close()
+                raise
+            cls._server = server
+            if not cls._atexit_registered:
+                atexit.register(cls.shutdown)
+                cls._atexit_registered = True
+            return server
+
+    @classmethod
+    def running(cls) -> bool:
+        """Whether an embedded bridge is running now (does not start one)."""
+        with cls._lock:
+            return cls._server is not None and cls._server.running
+
+    @classmethod
+    def shutdown(cls, grace: float | None = 1.0) -> None:
+        """Stop the embedded bridge and close its store; a later :meth:`get` starts a fresh one."""
+        with cls._lock:
+            server, cls._server = cls._server, None
+        if server is not None:
+            server.stop(grace)
+            server.store.close()
