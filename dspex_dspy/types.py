@@ -25,6 +25,8 @@ from dspex_dspy.errors import ValidationError
 __all__ = [
     "MAX_NAME_LENGTH",
     "MAX_PATTERN_LENGTH",
+    "INT64_MAX",
+    "INT64_MIN",
     "MAX_TENSOR_RANK",
     "TYPE_URL_PREFIX",
     "VARIABLE_TYPES",
@@ -56,6 +58,8 @@ TYPE_URL_PREFIX: Final = "type.googleapis.com/snakepit."
 MAX_NAME_LENGTH: Final = 128
 MAX_PATTERN_LENGTH: Final = 1024
 MAX_TENSOR_RANK: Final = 32
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -145,7 +149,7 @@ class _Min:
 
     def __call__(self, name: str, value: Any) -> None:
         if value < self.bound:
-            raise ValidationError(name, "min", value, f"{value!r} is below the minimum {self.bound!r}")
+            raise ValidationError(name, "min", value, f"{_short(value)} is below the minimum {self.bound!r}")
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class _Max:
 
     def __call__(self, name: str, value: Any) -> None:
         if value > self.bound:
-            raise ValidationError(name, "max", value, f"{value!r} is above the maximum {self.bound!r}")
+            raise ValidationError(name, "max", value, f"{_short(value)} is above the maximum {self.bound!r}")
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,10 @@ class _Shape:
 
 
 def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than the interpreter will print
+        return f"<{type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -251,21 +258,23 @@ def _norm_float(name: str, value: Any) -> float:
     if cls is float:
         return cast(float, value)
     if cls is int or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise _type_error(name, "float", value, "a number that fits a 64-bit float") from None
     raise _type_error(name, "float", value, "a number")
 
 
 def _norm_integer(name: str, value: Any) -> int:
-    cls = type(value)
-    if cls is int:
-        return cast(int, value)
     if isinstance(value, bool):
         raise _type_error(name, "integer", value, "an integer")
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise _type_error(name, "integer", value, "an integer")
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        result = int(value)
+    else:
+        raise _type_error(name, "integer", value, "an integer")
+    if not INT64_MIN <= result <= INT64_MAX:
+        raise _type_error(name, "integer", value, "an integer in the signed 64-bit range")
+    return result
 
 
 def _norm_string(name: str, value: Any) -> str:
@@ -295,7 +304,10 @@ def _norm_number_list(name: str, type_: str, value: Any) -> list[float]:
     for item in value:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise _type_error(name, type_, value, "a list of numbers")
-        out.append(float(item))
+        try:
+            out.append(float(item))
+        except OverflowError:
+            raise _type_error(name, type_, value, "a list of numbers that fit 64-bit floats") from None
     return out
 
 
@@ -409,8 +421,12 @@ class VariableSpec:
 
 
 def _number(name: str, key: str, raw: Any) -> float | int:
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw != raw:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
         raise ValidationError(name, "constraints", raw, f"constraint {key} must be a number, got {_short(raw)}")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must be a finite number, got {raw!r}")
+    if isinstance(raw, int) and not INT64_MIN <= raw <= INT64_MAX:
+        raise ValidationError(name, "constraints", raw, f"constraint {key} must fit the signed 64-bit range")
     return raw
 
 
@@ -450,9 +466,9 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
         raise ValidationError(
             name, "type", type_, f"unknown variable type {type_!r} (one of {', '.join(VARIABLE_TYPES)})"
         )
-    raw = dict(constraints or {})
     if constraints is not None and not isinstance(constraints, Mapping):
         raise ValidationError(name, "constraints", constraints, "constraints must be a mapping")
+    raw = dict(constraints or {})
     unknown = set(raw) - _ALLOWED_CONSTRAINTS[type_]
     if unknown:
         allowed = ", ".join(sorted(_ALLOWED_CONSTRAINTS[type_])) or "none"
@@ -602,8 +618,10 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
     type_ = type_from_url(type_url)
     try:
         raw = json.loads(data.decode("utf-8")) if data else None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc!r}") from None
+    except RecursionError:
+        raise ValidationError(name, "encoding", data[:60], "the value is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc}") from None
     if raw is None:
         raise ValidationError(name, "encoding", raw, "the value is empty (null)")
     if type_ == "float":

@@ -23,6 +23,7 @@ from typing import Any
 from dspex_dspy.errors import (
     BatchUpdateError,
     DSPexError,
+    ValidationError,
     VariableExistsError,
     VariableNotFoundError,
     VersionConflictError,
@@ -103,6 +104,7 @@ class LocalState:
         self._vars: dict[str, _Record] = {}
         self._ids = itertools.count(1)
         self._retired: StateProvider | None = None
+        self._by_id: dict[str, str] = {}
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -114,7 +116,8 @@ class LocalState:
         with self._lock:
             rec = self._vars.get(name)
         if rec is None:
-            return self._missing(name).get(name)
+            target, key = self._miss(name)
+            return target.get(key)
         value = rec.value
         return _copy_value(value) if rec.mutable else value
 
@@ -124,7 +127,8 @@ class LocalState:
             if rec is not None:
                 value, version = rec.value, rec.version
         if rec is None:
-            return self._missing(name).get_versioned(name)
+            target, key = self._miss(name)
+            return target.get_versioned(key)
         return (_copy_value(value) if rec.mutable else value), version
 
     def get_variable(self, name: str) -> Variable:
@@ -132,7 +136,8 @@ class LocalState:
             rec = self._vars.get(name)
             snapshot = self._snapshot(name, rec) if rec is not None else None
         if snapshot is None:
-            return self._missing(name).get_variable(name)
+            target, key = self._miss(name)
+            return target.get_variable(key)
         return snapshot
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
@@ -142,7 +147,7 @@ class LocalState:
                 forward = self._retired
             else:
                 forward = None
-                found = {n: self._vars[n] for n in wanted if n in self._vars}
+                found = {n: r for n in wanted if (r := self._find(n)) is not None}
         if forward is not None:
             return forward.get_many(wanted)
         missing = [n for n in wanted if n not in found]
@@ -152,7 +157,7 @@ class LocalState:
 
     def exists(self, name: str) -> bool:
         with self._lock:
-            if name in self._vars:
+            if self._find(name) is not None:
                 return True
             forward = self._retired
         return forward.exists(name) if forward is not None else False
@@ -203,6 +208,7 @@ class LocalState:
                     "orchestrator",
                 )
                 self._vars[name] = rec
+                self._by_id[rec.id] = name
                 return self._snapshot(name, rec)
         return forward.register(name, type_, value, constraints=constraints, description=description, metadata=metadata)
 
@@ -227,7 +233,8 @@ class LocalState:
                 if meta:
                     rec.metadata = {**rec.metadata, **meta}
                 return rec.version
-        return self._missing(name).set(name, value, metadata=metadata, expected_version=expected_version)
+        target, key = self._miss(name)
+        return target.set(key, value, metadata=metadata, expected_version=expected_version)
 
     def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
         with self._lock:
@@ -236,7 +243,7 @@ class LocalState:
                 checked: list[tuple[str, _Record, Any]] = []
                 errors: dict[str, DSPexError] = {}
                 for name, value in updates.items():
-                    rec = self._vars.get(name)
+                    rec = self._find(name)
                     if rec is None:
                         errors[name] = VariableNotFoundError(name, self.owner)
                         continue
@@ -260,9 +267,12 @@ class LocalState:
 
     def delete(self, name: str) -> None:
         with self._lock:
-            if self._vars.pop(name, None) is not None:
+            rec = self._vars.pop(name, None)
+            if rec is not None:
+                del self._by_id[rec.id]
                 return
-        self._missing(name).delete(name)
+        target, key = self._miss(name)
+        target.delete(key)
 
     def import_state(self, variables: Sequence[Variable]) -> None:
         prepared = []
@@ -278,7 +288,7 @@ class LocalState:
                 if clash:
                     raise VariableExistsError(clash[0], self.owner)
                 for var, spec, value, meta in prepared:
-                    self._vars[var.name] = _Record(
+                    rec = self._vars[var.name] = _Record(
                         f"var_{var.name}_{next(self._ids)}",
                         spec,
                         value,
@@ -289,12 +299,14 @@ class LocalState:
                         var.updated_at,
                         var.source,
                     )
+                    self._by_id[rec.id] = var.name
                 return
         forward.import_state(variables)
 
     def close(self) -> None:
         with self._lock:
             self._vars.clear()
+            self._by_id.clear()
 
     # ---------------------------------------------------------------- migration support
 
@@ -311,14 +323,28 @@ class LocalState:
         """
         self._retired = successor
         self._vars.clear()
+        self._by_id.clear()
 
     # ---------------------------------------------------------------- internals
 
-    def _missing(self, name: str) -> StateProvider:
+    def _find(self, identifier: str) -> _Record | None:
+        """The record named ``identifier``, or whose id it is (lock held)."""
+        rec = self._vars.get(identifier)
+        if rec is None and identifier in self._by_id:
+            rec = self._vars.get(self._by_id[identifier])
+        return rec
+
+    def _miss(self, name: str) -> tuple[StateProvider, str]:
+        """Where a call for an unknown name goes: the successor, or this state under the id's name."""
         forward = self._retired
-        if forward is None:
+        if forward is not None:
+            return forward, name
+        if not isinstance(name, str) or not name:
+            raise ValidationError("", "identifier", name, "a variable identifier must be a non-empty string")
+        real = self._by_id.get(name)
+        if real is None:
             raise VariableNotFoundError(name, self.owner)
-        return forward
+        return self, real
 
     @staticmethod
     def _snapshot(name: str, rec: _Record) -> Variable:

@@ -1,0 +1,1 @@
+"""Helpers for the worker-side integration tests: client adapters and the worker subprocess script."""
