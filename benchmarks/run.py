@@ -111,10 +111,26 @@ def bench_local(rows: list[Row], quick: bool) -> None:
     Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0})
     get, set_ = Variables.get, Variables.set
     rounds, batch = (15, 5000) if quick else (40, 20000)
-    compare(rows, "LocalState get", lambda: get(ctx, "temperature"), "dict get under a lock", dict_get,
-            target=3.0, batch=batch, rounds=rounds)
-    compare(rows, "LocalState set (validated)", lambda: set_(ctx, "temperature", 0.9), "dict set under a lock",
-            dict_set, target=10.0, batch=batch, rounds=rounds)
+    compare(
+        rows,
+        "LocalState get",
+        lambda: get(ctx, "temperature"),
+        "dict get under a lock",
+        dict_get,
+        target=3.0,
+        batch=batch,
+        rounds=rounds,
+    )
+    compare(
+        rows,
+        "LocalState set (validated)",
+        lambda: set_(ctx, "temperature", 0.9),
+        "dict set under a lock",
+        dict_set,
+        target=10.0,
+        batch=batch,
+        rounds=rounds,
+    )
     ctx.stop()
 
 
@@ -150,24 +166,66 @@ def bench_bridged(rows: list[Row], quick: bool) -> None:
     proc, address = _start_remote_server()
     try:
         channel, ping = _ping_baseline(address)
-        for label, ctx in (("embedded", Context(backend="bridged")), ("remote", Context(bridge=address, backend="bridged"))):
+        for label, ctx in (
+            ("embedded", Context(backend="bridged")),
+            ("remote", Context(bridge=address, backend="bridged")),
+        ):
             for i in range(20):
                 Variables.defvariable(ctx, f"perf_{i}", "float", i * 0.1)
             if label == "remote":
-                compare(rows, "bridged get (remote, uncached)", lambda c=ctx: Variables.get(c, "perf_10"),
-                        "raw gRPC Ping", ping, target=1.2, batch=batch, rounds=rounds)
-                compare(rows, "bridged set (remote)", lambda c=ctx: Variables.set(c, "perf_10", 0.5),
-                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
+                compare(
+                    rows,
+                    "bridged get (remote, uncached)",
+                    lambda c=ctx: Variables.get(c, "perf_10"),
+                    "raw gRPC Ping",
+                    ping,
+                    target=1.2,
+                    batch=batch,
+                    rounds=rounds,
+                )
+                compare(
+                    rows,
+                    "bridged set (remote)",
+                    lambda c=ctx: Variables.set(c, "perf_10", 0.5),
+                    "raw gRPC Ping",
+                    ping,
+                    target=None,
+                    batch=batch,
+                    rounds=rounds,
+                )
                 names = [f"perf_{i}" for i in range(10)]
-                compare(rows, "batch get of 10 (remote)", lambda c=ctx: Variables.get_many(c, names),
-                        "10 single remote gets", lambda c=ctx: [Variables.get(c, n) for n in names],
-                        target=0.25, batch=max(20, batch // 10), rounds=rounds)
+                compare(
+                    rows,
+                    "batch get of 10 (remote)",
+                    lambda c=ctx, n=names: Variables.get_many(c, n),
+                    "10 single remote gets",
+                    lambda c=ctx, n=names: [Variables.get(c, x) for x in n],
+                    target=0.25,
+                    batch=max(20, batch // 10),
+                    rounds=rounds,
+                )
             else:
                 # The embedded bridge reads the store in process, as the Elixir node reads its table.
-                compare(rows, "bridged get (embedded)", lambda c=ctx: Variables.get(c, "perf_10"),
-                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
-                compare(rows, "bridged set (embedded)", lambda c=ctx: Variables.set(c, "perf_10", 0.5),
-                        "raw gRPC Ping", ping, target=None, batch=batch, rounds=rounds)
+                compare(
+                    rows,
+                    "bridged get (embedded)",
+                    lambda c=ctx: Variables.get(c, "perf_10"),
+                    "raw gRPC Ping",
+                    ping,
+                    target=None,
+                    batch=batch,
+                    rounds=rounds,
+                )
+                compare(
+                    rows,
+                    "bridged set (embedded)",
+                    lambda c=ctx: Variables.set(c, "perf_10", 0.5),
+                    "raw gRPC Ping",
+                    ping,
+                    target=None,
+                    batch=batch,
+                    rounds=rounds,
+                )
             ctx.stop()
         channel.close()
     finally:
@@ -183,22 +241,150 @@ def bench_switch(rows: list[Row], quick: bool) -> None:
         for _ in range(3 if quick or count > 1000 else 10):
             ctx = Context()
             for i in range(count):
-                Variables.defvariable(ctx, f"var_{i}", "integer", i, constraints={"min": 0, "max": 100_000},
-                                      metadata={"index": str(i)})
+                Variables.defvariable(
+                    ctx, f"var_{i}", "integer", i, constraints={"min": 0, "max": 100_000}, metadata={"index": str(i)}
+                )
             start = time.perf_counter()
             ctx.ensure_bridged()
             times.append((time.perf_counter() - start) * 1e6)
             ctx.stop()
         med = statistics.median(times)
-        rows.append(Row(f"switch with {count} variables", med, max(times), target=f"<= {target_ms:g} ms",
-                        met=med / 1000 <= target_ms))
+        rows.append(
+            Row(
+                f"switch with {count} variables",
+                med,
+                max(times),
+                target=f"<= {target_ms:g} ms",
+                met=med / 1000 <= target_ms,
+            )
+        )
         print(f"  switch with {count} variables: {med / 1000:.2f} ms", flush=True)
+
+
+_WATCHER = """
+import sys
+from dspex_dspy.client import SessionContext
+session = SessionContext.connect(sys.argv[1], session_id=sys.argv[2], cache=False)
+with session.watch_variables(["signal"]) as watch:
+    for event in watch:
+        print(event.version, flush=True)
+"""
+
+
+def bench_workers(rows: list[Row], quick: bool) -> None:
+    from dspex_dspy import Context, Variables
+    from dspex_dspy.client import SessionContext
+
+    lock = threading.Lock()
+    table = {"temperature": 0.7}
+
+    def dict_get() -> Any:
+        with lock:
+            return table["temperature"]
+
+    proc, address = _start_remote_server()
+    try:
+        channel, ping = _ping_baseline(address)
+        ctx = Context(bridge=address, backend="bridged")
+        Variables.defvariable(ctx, "temperature", "float", 0.7)
+        Variables.defvariable(ctx, "signal", "integer", 0)
+        cached = SessionContext.connect(address, session_id=ctx.id)
+        cached.wait_synced(30)
+        uncached = SessionContext.connect(address, session_id=ctx.id, cache=False)
+        rounds = 8 if quick else 20
+        compare(
+            rows,
+            "worker read (watch-fed cache)",
+            lambda: cached.get_variable("temperature"),
+            "dict get under a lock",
+            dict_get,
+            target=20.0,
+            batch=5000,
+            rounds=rounds,
+        )
+        compare(
+            rows,
+            "worker get (uncached, gRPC)",
+            lambda: uncached.get_variable("temperature"),
+            "raw gRPC Ping",
+            ping,
+            target=1.2,
+            batch=200 if quick else 500,
+            rounds=rounds,
+        )
+
+        watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, address, ctx.id], stdout=subprocess.PIPE, text=True)
+        assert watcher.stdout is not None
+        watcher.stdout.readline()  # the initial value: the watch is registered
+        latencies, pings = [], []
+        for i in range(50 if quick else 200):
+            start = time.perf_counter()
+            version = Variables.set(ctx, "signal", i + 1)
+            while int(watcher.stdout.readline()) < version:
+                pass
+            latencies.append((time.perf_counter() - start) * 1e6)
+            start = time.perf_counter()
+            ping()
+            pings.append((time.perf_counter() - start) * 1e6)
+        watcher.terminate()
+        watcher.wait(10)
+        med, bmed = statistics.median(latencies), statistics.median(pings)
+        rows.append(
+            Row(
+                "set -> seen by a watcher in another process",
+                med,
+                p99(latencies),
+                "raw gRPC Ping",
+                bmed,
+                med / bmed,
+                "<= 2.0x",
+                med / bmed <= 2.0,
+            )
+        )
+        print(f"  set -> watcher in another process: {med:.1f} us vs Ping {bmed:.1f} us -> {med / bmed:.2f}x")
+        cached.close()
+        uncached.close()
+        ctx.stop()
+        channel.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def bench_modules(rows: list[Row], quick: bool) -> None:
+    import dspy
+
+    from dspex_dspy import Context, Variables
+    from dspex_dspy.modules import VariableAwarePredict
+    from dspex_dspy.offline import offline_lm
+
+    ctx = Context()
+    Variables.defvariable(ctx, "temperature", "float", 0.7)
+    Variables.defvariable(ctx, "max_tokens", "integer", 256)
+    lm = offline_lm("offline/bench")
+    plain = dspy.Predict("question -> answer")
+    bound = VariableAwarePredict("question -> answer", session_context=ctx)
+    config = {"temperature": 0.7, "max_tokens": 256}
+    with dspy.context(lm=lm):
+        compare(
+            rows,
+            "VariableAwarePredict call (2 bound vars)",
+            lambda: bound(question="q"),
+            "plain dspy.Predict, same engine",
+            lambda: plain(question="q", config=config),
+            target=1.05,
+            batch=50 if quick else 200,
+            rounds=8 if quick else 20,
+        )
+    ctx.stop()
 
 
 SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "local": bench_local,
     "bridged": bench_bridged,
     "switch": bench_switch,
+    "workers": bench_workers,
+    "modules": bench_modules,
 }
 
 

@@ -28,11 +28,12 @@ How the cache stays correct:
 
 ``watch_variables`` yields :class:`WatchEvent` records and survives broken streams and server
 restarts the same way: after each (re)connect it lists the variables, so the last event per
-variable is the latest, and it filters per variable **name** with the rule of
-:class:`_WatchTracker`: an update is new if its version is higher than the last one yielded for
-that name, or if it belongs to a new incarnation of the name (a ``deleted`` was seen, or its
-``created_at`` differs — ids are not stable across server restarts, a creation time is). Heartbeats
-are never yielded.
+variable is its latest state (and a variable that vanished while the stream was down is reported
+``deleted``). Repeats are filtered per variable **name**: an update is yielded only if its version
+is higher than the last one yielded for that name, or if it belongs to a new incarnation of the
+name — after a ``deleted``, or with another ``created_at`` (ids are not stable across a server
+restart, a creation time is; a state re-imported with its versions and creation times is the same
+incarnation, so nothing is repeated). Heartbeats are never yielded.
 
 Copies and pickles: ``copy.deepcopy`` (as DSPy optimizers deep-copy modules) returns the same
 client, so copies share the live session; pickling stores the address, session id and options and

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from typing import Any
 
 from dspex_dspy.context import Context
@@ -57,7 +56,7 @@ def _predictor(source: Any) -> Any:
     return predictor
 
 
-def _print_table(rows: list[Mapping[str, Any]]) -> None:
+def _print_table(rows: list[dict[str, Any]]) -> None:
     columns = ("who", "call", *BOUND, "answer")
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     line = "  ".join(c.ljust(widths[c]) for c in columns)
@@ -167,7 +166,7 @@ def run_orchestrator(bridge: str | None) -> int:
             t_version = Variables.set(ctx, "temperature", 0.2)
             m_version = Variables.set(ctx, "model", "claude-3")
             _say(f"changed temperature -> 0.2 (v{t_version}) and model -> claude-3 (v{m_version}) live")
-            for name, proc in workers.items():
+            for proc in workers.values():
                 assert proc.stdin is not None
                 proc.stdin.write(json.dumps({"temperature": t_version, "model": m_version}) + "\n")
                 proc.stdin.flush()

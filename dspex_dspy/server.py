@@ -461,6 +461,8 @@ class BridgeServicer:
                 elif watch.closed:
                     break
                 elif time.monotonic() - last_sent >= interval:
+                    # An open watch is a session in use: keep it from expiring under its watchers.
+                    self.store.heartbeat(session_id)
                     yield pb.VariableUpdate(update_type="heartbeat", timestamp=timestamp(time.time()))
                     last_sent = time.monotonic()
             if context.is_active() and not self._stopping.is_set():

@@ -317,7 +317,9 @@ def _norm_embedding(name: str, value: Any) -> list[float]:
 
 def _flatten(name: str, value: Any, depth: int, shape: list[int], whole: Any) -> list[Any]:
     if depth > MAX_TENSOR_RANK:
-        raise ValidationError(name, "shape", "...", f"tensor data is nested deeper than {MAX_TENSOR_RANK} levels")
+        raise ValidationError(
+            name, "shape", "...", f"tensor data is nested too deeply (more than {MAX_TENSOR_RANK} levels)"
+        )
     if isinstance(value, (list, tuple)):
         if depth == len(shape):
             shape.append(len(value))
@@ -636,7 +638,9 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
 
 def _decode_nested(name: str, raw: list[Any], depth: int) -> list[Any]:
     if depth > MAX_TENSOR_RANK:
-        raise ValidationError(name, "shape", "...", f"tensor data is nested deeper than {MAX_TENSOR_RANK} levels")
+        raise ValidationError(
+            name, "shape", "...", f"tensor data is nested too deeply (more than {MAX_TENSOR_RANK} levels)"
+        )
     return [_decode_nested(name, x, depth + 1) if isinstance(x, list) else _decode_float(name, x) for x in raw]
 
 

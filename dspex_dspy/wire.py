@@ -158,11 +158,7 @@ def any_to_value(any_msg: any_pb2.Any | None, *, name: str = "", binary: bytes =
     type_url = any_msg.type_url
     if type_url.endswith(BINARY_SUFFIX):
         return _decode_binary(type_url, bytes(any_msg.value), bytes(binary), name)
-    try:
-        return decode_value(type_url, bytes(any_msg.value), name=name)
-    except RecursionError:
-        # Hostile input, not a bug: JSON nested deeper than the interpreter's recursion limit.
-        raise ValidationError(name, "encoding", type_url, "the value is nested too deeply") from None
+    return decode_value(type_url, bytes(any_msg.value), name=name)
 
 
 def _decode_binary(type_url: str, header: bytes, data: bytes, name: str) -> Any:

@@ -16,19 +16,34 @@ from dspex_dspy.errors import BatchUpdateError
 def main() -> dict[str, object]:
     """Run the workflow and return the final configuration."""
     with Context() as ctx:
-        Variables.defvariable(ctx, "model", "string", "gpt-3.5-turbo",
-                              constraints={"enum": ["gpt-3.5-turbo", "gpt-4", "claude-3"]},
-                              description="LLM model selection")
-        Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0},
-                              description="Generation randomness")
-        Variables.defvariable(ctx, "max_tokens", "integer", 256, constraints={"min": 1, "max": 4096},
-                              description="Maximum response length")
-        Variables.defvariable(ctx, "top_p", "float", 1.0, constraints={"min": 0.0, "max": 1.0},
-                              description="Nucleus sampling")
+        Variables.defvariable(
+            ctx,
+            "model",
+            "string",
+            "gpt-3.5-turbo",
+            constraints={"enum": ["gpt-3.5-turbo", "gpt-4", "claude-3"]},
+            description="LLM model selection",
+        )
+        Variables.defvariable(
+            ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0}, description="Generation randomness"
+        )
+        Variables.defvariable(
+            ctx,
+            "max_tokens",
+            "integer",
+            256,
+            constraints={"min": 1, "max": 4096},
+            description="Maximum response length",
+        )
+        Variables.defvariable(
+            ctx, "top_p", "float", 1.0, constraints={"min": 0.0, "max": 1.0}, description="Nucleus sampling"
+        )
 
-        for update in ({"temperature": 0.5, "max_tokens": 512},
-                       {"model": "gpt-4", "temperature": 0.8},
-                       {"max_tokens": 1024, "top_p": 0.95}):
+        for update in (
+            {"temperature": 0.5, "max_tokens": 512},
+            {"model": "gpt-4", "temperature": 0.8},
+            {"max_tokens": 1024, "top_p": 0.95},
+        ):
             versions = Variables.update_many(ctx, update)
             print(f"applied {update} -> versions {versions}")
 

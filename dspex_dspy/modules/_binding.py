@@ -5,7 +5,8 @@ On every call it reads each bound variable once (value and version, from its
 :class:`~dspex_dspy.modules._source.VariableSource`), checks the values, and opens a
 :class:`CallScope` for the duration of the call. The scope rides in DSPy's own context
 overrides (what ``dspy.context`` writes), so it follows the call into ``dspy.Parallel`` worker
-threads and ``dspy.asyncify`` and is private to one thread or task. Every predictor of the
+threads and ``dspy.asyncify`` and is private to one thread or task (a variable-aware
+``Predict``, which runs no other module, keeps its scope in a context variable of its own). Every predictor of the
 module is a :class:`RoutedPredict`; when it runs it hands the scope's values to DSPy through
 the per-call channels of ``Predict.forward`` — ``config`` for generation knobs, ``lm`` for a
 ``model`` binding, ``signature`` for ``instructions``, ``demos`` — and never writes them into
@@ -309,7 +310,22 @@ def _enter(scope: CallScope) -> Any:
     The same as ``dspy.context(dspex_variable_scope=scope)`` without copying every global
     setting into the override (that copy is most of ``dspy.context``'s cost).
     """
-    return thread_local_overrides.set(dotdict({**thread_local_overrides.get(), SCOPE_KEY: scope}))
+    overrides = dotdict(thread_local_overrides.get())
+    overrides[SCOPE_KEY] = scope
+    return thread_local_overrides.set(overrides)
+
+
+#: The scope of a leaf variable-aware predictor's own call. A ``Predict`` runs no other module,
+#: so its scope needs no trip through DSPy's overrides (that copy is most of the cost of a scope).
+_OWN_SCOPE: ContextVar[CallScope | None] = ContextVar("dspex_own_scope", default=None)
+
+
+def _scope_for(predictor: Any) -> CallScope | None:
+    """The scope a predictor runs in: its own call's, else the enclosing module's (if any)."""
+    own = _OWN_SCOPE.get()
+    if own is not None and own.owner is predictor:
+        return own
+    return _active_scope()
 
 
 def _active_scope() -> CallScope | None:
@@ -408,13 +424,13 @@ class RoutedPredict(dspy.Predict):  # type: ignore[misc]
     _dspex_instructions_anchor: str | None = None
 
     def forward(self, **kwargs: Any) -> Any:
-        scope = _active_scope()
+        scope = _scope_for(self)
         if scope is not None:
             kwargs = scope.route(self, kwargs)
         return super().forward(**kwargs)
 
     async def aforward(self, **kwargs: Any) -> Any:
-        scope = _active_scope()
+        scope = _scope_for(self)
         if scope is not None:
             kwargs = scope.route(self, kwargs)
         return await super().aforward(**kwargs)
@@ -506,6 +522,17 @@ class VariableBindingMixin:
         lm_map: Mapping[str, Any] | None,
         default_bindings: bool,
     ) -> None:
+        if isinstance(self, dspy.Predict) and not isinstance(self, RoutedPredict):
+            raise TypeError(
+                f"{type(self).__name__} mixes VariableBindingMixin into a dspy.Predict that does not read bound "
+                "values: derive from dspex_dspy.modules.RoutedPredict (or VariableAwarePredict) instead"
+            )
+        if lm_map is not None and not all(isinstance(k, str) for k in lm_map):
+            raise ValidationError("", "lm_map", lm_map, "lm_map keys must be model names (strings)")
+        if variable_bindings is not None and not isinstance(variable_bindings, Mapping):
+            raise ValidationError(
+                "", "variable_bindings", variable_bindings, "variable_bindings must map attribute -> variable name"
+            )
         d = self.__dict__
         d["_dspex_source"] = VariableSource(session_context) if session_context is not None else None
         d["_dspex_bindings"] = {}
@@ -514,8 +541,6 @@ class VariableBindingMixin:
         d["_dspex_lms"] = _LMChoice(lm_map)
         d["_dspex_slot"] = _ProvenanceSlot()
         d["_dspex_routed"] = False
-        if lm_map is not None and not all(isinstance(k, str) for k in lm_map):
-            raise ValidationError("", "lm_map", lm_map, "lm_map keys must be model names (strings)")
         explicit = dict(variable_bindings or {})
         if default_bindings:
             self._dspex_apply_defaults(skip=explicit)
@@ -679,7 +704,7 @@ class VariableBindingMixin:
         bindings = self.__dict__.get("_dspex_bindings") or {}
         if attr not in bindings:
             raise KeyError(f"{type(self).__name__}.{attr} is not bound to a variable")
-        scope = _active_scope()
+        scope = _scope_for(self)
         if scope is not None:
             found, value = scope.value_for(self, attr)
             if found:
@@ -743,34 +768,48 @@ class VariableBindingMixin:
         d = self.__dict__
         if d.get("_dspex_pending"):
             self._dspex_apply_defaults(skip={})
+        if not d.get("_dspex_routed"):
+            _route_once(self, d)
         bindings = d.get("_dspex_bindings")
         if not bindings:
             return _finish(d, super().__call__(*args, **kwargs), {})  # type: ignore[misc]
-        if not d.get("_dspex_routed"):
-            _route_once(self, d)
         scope, provenance = _open_scope(self, d, bindings, _read_all(self, d, bindings), kwargs)
-        token = _enter(scope)
-        try:
-            result = super().__call__(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            thread_local_overrides.reset(token)
+        if isinstance(self, RoutedPredict):
+            own = _OWN_SCOPE.set(scope)
+            try:
+                result = super().__call__(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                _OWN_SCOPE.reset(own)
+        else:
+            token = _enter(scope)
+            try:
+                result = super().__call__(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                thread_local_overrides.reset(token)
         return _finish(d, result, provenance)
 
     async def acall(self, *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         if d.get("_dspex_pending"):
             await self._dspex_aresolve_pending()
+        if not d.get("_dspex_routed"):
+            _route_once(self, d)
         bindings = d.get("_dspex_bindings")
         if not bindings:
             return _finish(d, await super().acall(*args, **kwargs), {})  # type: ignore[misc]
-        if not d.get("_dspex_routed"):
-            _route_once(self, d)
         scope, provenance = _open_scope(self, d, bindings, await _aread_all(self, d, bindings), kwargs)
-        token = _enter(scope)
-        try:
-            result = await super().acall(*args, **kwargs)  # type: ignore[misc]
-        finally:
-            thread_local_overrides.reset(token)
+        if isinstance(self, RoutedPredict):
+            own = _OWN_SCOPE.set(scope)
+            try:
+                result = await super().acall(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                _OWN_SCOPE.reset(own)
+        else:
+            token = _enter(scope)
+            try:
+                result = await super().acall(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                thread_local_overrides.reset(token)
         return _finish(d, result, provenance)
 
     # ------------------------------------------------------------------ save / load
@@ -816,7 +855,7 @@ def _source_of(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> Vari
 def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     """``(value, version)`` of every bound variable, in the order of ``bindings``."""
     source = _source_of(module, d, bindings)
-    read = source.read
+    read = source.reader
     readings = []
     for attr, variable in bindings.items():
         try:
@@ -866,7 +905,8 @@ def _open_scope(
         injected: dict[str, Any] = last[4]
         if not injected or injected.keys().isdisjoint(kwargs):
             kwargs.update(injected)
-            slot.var.set(last[3])
+            if slot.var.get() is not last[3]:
+                slot.var.set(last[3])
             return last[2], last[3]
     call_config = kwargs.get("config") or {}
     values: dict[str, Any] = {}

@@ -14,6 +14,7 @@ returns the same source, and pickling drops it (a saved program never carries a 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from dspex_dspy.context import Context
@@ -43,10 +44,12 @@ class VariableSource:
         TypeError: ``target`` is none of these.
     """
 
-    __slots__ = ("_kind", "target")
+    __slots__ = ("_kind", "reader", "target")
 
     target: Any
     _kind: str
+    #: The fastest callable doing what :meth:`read` does (the per-call hot path uses it).
+    reader: Callable[[str], tuple[Any, int]]
 
     def __init__(self, target: Any) -> None:
         if isinstance(target, VariableSource):
@@ -66,6 +69,13 @@ class VariableSource:
             )
         self.target = target
         self._kind = kind
+        if kind == "context":
+            # The provider is looked up on every read: a context switches provider when bridged.
+            self.reader = lambda name: target._provider.get_versioned(name)
+        elif kind == "sync":
+            self.reader = target.get_versioned
+        else:
+            self.reader = self.read
 
     @property
     def is_async(self) -> bool:

@@ -7,6 +7,7 @@ The same contract test suite runs against both; anything that differs is a bug.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,7 +78,7 @@ class StateProvider(Protocol):
         """Write several values; raise BatchUpdateError if any write was rejected."""
         ...
 
-    def list(self) -> list[Variable]:
+    def list(self) -> builtins.list[Variable]:
         """Every variable, in creation order."""
         ...
 
@@ -89,7 +90,7 @@ class StateProvider(Protocol):
         """Whether a variable of that name exists."""
         ...
 
-    def export_state(self) -> list[Variable]:
+    def export_state(self) -> builtins.list[Variable]:
         """Every variable as a full record, in creation order (for migration)."""
         ...
 

@@ -105,6 +105,7 @@ class LocalState:
         self._ids = itertools.count(1)
         self._retired: StateProvider | None = None
         self._by_id: dict[str, str] = {}
+        self._last_created = 0.0
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -196,6 +197,9 @@ class LocalState:
                 if name in self._vars:
                     raise VariableExistsError(name, self.owner)
                 now = time.time()
+                if now <= self._last_created:
+                    now = self._last_created + 1e-6  # creation times must order creation
+                self._last_created = now
                 rec = _Record(
                     f"var_{name}_{next(self._ids)}",
                     spec,
@@ -300,6 +304,7 @@ class LocalState:
                         var.source,
                     )
                     self._by_id[rec.id] = var.name
+                    self._last_created = max(self._last_created, var.created_at)
                 return
         forward.import_state(variables)
 

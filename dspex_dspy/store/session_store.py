@@ -280,7 +280,7 @@ class SessionStore:
             if name in session.names:
                 raise VariableExistsError(name, session_id)
             self._check_count(session, 1)
-            now = self._clock()
+            now = self._creation_time(session)
             record = self._new_record(spec, normalised, description, meta, 1, now, now, source)
             self._insert(session, record)
             snapshot = self._snapshot(record)
@@ -325,6 +325,9 @@ class SessionStore:
                     var.updated_at or now,
                     var.source,
                 )
+                last = next(reversed(session.variables.values()), None)
+                if last is not None and last.created_at > record.created_at:
+                    session.unordered = True
                 self._insert(session, record)
                 snapshot = self._snapshot(record)
                 self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, var.source, meta, now)
@@ -413,6 +416,10 @@ class SessionStore:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
         with self._lock:
             session = self._session(session_id)
+            if session.unordered:
+                # Imports sent concurrently (a pipelined migration) may arrive out of order.
+                session.variables = dict(sorted(session.variables.items(), key=lambda item: item[1].created_at))
+                session.unordered = False
             records = list(session.variables.values())
         if pattern and pattern != "*":
             records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
@@ -598,6 +605,14 @@ class SessionStore:
         )
         record.history.append(HistoryEntry(version, value, updated_at, source, dict(metadata)))
         return record
+
+    def _creation_time(self, session: SessionRecord) -> float:
+        """Now, but strictly after the session's newest variable, so creation times order creation."""
+        now = self._clock()
+        last = next(reversed(session.variables.values()), None)
+        if last is not None and now <= last.created_at:
+            now = last.created_at + 1e-6
+        return float(now)
 
     @staticmethod
     def _insert(session: SessionRecord, record: VariableRecord) -> None:

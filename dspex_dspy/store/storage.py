@@ -57,6 +57,8 @@ class SessionRecord:
     last_access: float
     variables: dict[str, VariableRecord] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
+    #: True when an import arrived out of creation order; listing re-sorts once by ``created_at``.
+    unordered: bool = False
 
 
 class Storage(Protocol):

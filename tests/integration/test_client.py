@@ -416,13 +416,14 @@ def test_watches_and_cache_recover_from_a_server_restart_without_repeats(make_cl
     store = SessionStore()
     store.create_session("s")
     store.register_variable("s", "counter", "integer", 0)
+    store.register_variable("s", "doomed", "boolean", True)
     first, port = create_server(store, port=0, heartbeat_interval=HEARTBEAT_S)
     first.start()
     second: BridgeServer | None = None
     try:
         client = make_client(first.address, "s")
         events, stop = client.watch()
-        seen = events.until(lambda e: e.name == "counter")
+        seen = events.gather(lambda got: {e.name for e in got} == {"counter", "doomed"})
         for value in range(1, 11):
             store.set_variable("s", "counter", value)
         seen += events.until(lambda e: e.value == 10)
@@ -431,6 +432,7 @@ def test_watches_and_cache_recover_from_a_server_restart_without_repeats(make_cl
         for value in range(11, 21):
             store.set_variable("s", "counter", value)
         store.register_variable("s", "born_while_down", "string", "hello")
+        store.delete_variable("s", "doomed")
         second, _ = create_server(store, port=port, heartbeat_interval=HEARTBEAT_S)
         second.start()
         seen += events.until(lambda e: e.name == "counter" and e.value == 20)
@@ -439,6 +441,7 @@ def test_watches_and_cache_recover_from_a_server_restart_without_repeats(make_cl
         seen += events.gather(
             lambda got: (
                 any(e.name == "born_while_down" for e in got + seen)
+                and any(e.name == "doomed" and e.update_type == "deleted" for e in got + seen)
                 and any(e.name == "counter" and e.value == 30 for e in got)
             )
         )
@@ -448,9 +451,12 @@ def test_watches_and_cache_recover_from_a_server_restart_without_repeats(make_cl
         assert counter == sorted(set(counter)), counter
         assert counter[-1] == store.get_variable("s", "counter").version
         assert [e.value for e in seen if e.name == "born_while_down"] == ["hello"], seen
+        assert [e.update_type for e in seen if e.name == "doomed"] == ["initial_value", "deleted"], seen
         assert client.wait_synced(DEADLINE_S)
         assert client.wait_cached("counter", store.get_variable("s", "counter").version)
         assert client.cached("counter") == (30, 31)
+        assert client.cached("doomed") is None
+        assert client.cached("born_while_down") == ("hello", 1)
     finally:
         first.stop(grace=0)
         if second is not None:

@@ -397,6 +397,17 @@ def test_user_module_applies_bindings_inside_its_parallel_workers(
     assert engine.last.temperature is None  # nothing leaked into DSPy's own modules
 
 
+class Answer(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
+    def __init__(self, session_context: Any = None, **kwargs: Any) -> None:
+        super().__init__(session_context=session_context, **kwargs)
+        self.generate = dspy.Predict("question -> answer")
+        self.review: Any = None
+
+    def forward(self, question: str) -> Any:
+        answer = self.generate(question=question)
+        return self.review(answer=answer.answer) if self.review is not None else answer
+
+
 class Pipeline(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
     def __init__(self, session_context: Any, **kwargs: Any) -> None:
         super().__init__(session_context=session_context, **kwargs)
@@ -415,6 +426,29 @@ def test_inner_module_bindings_win_over_the_enclosing_modules(ctx: Context, engi
     draft, polish = engine.requests
     assert (draft.temperature, draft.max_tokens) == (1.1, 256)
     assert (polish.temperature, polish.max_tokens) == (0.7, 256)
+
+
+class Review(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
+    """A variable-aware module with no bindings of its own, used inside a bound one."""
+
+    def __init__(self, session_context: Any = None) -> None:
+        super().__init__(session_context=session_context, default_bindings=False)
+        self.check: Any = None
+
+    def forward(self, answer: str) -> Any:
+        return dspy.Prediction(verdict="none") if self.check is None else self.check(answer=answer)
+
+
+def test_unbound_inner_module_takes_the_enclosing_bindings(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
+    review = Review(ctx)
+    outer = Answer(ctx, variable_bindings={"max_tokens": "max_tokens"})
+    outer.review = review
+    outer(question="first")  # routes what the program holds now
+    review.check = dspy.Predict("answer -> verdict")  # added later, inside the inner module
+    outer(question="second")
+    assert [r.max_tokens for r in engine.requests] == [256, 256, 256]
+    review(answer="alone")
+    assert engine.last.max_tokens is None
 
 
 # ------------------------------------------------------------------ concurrency

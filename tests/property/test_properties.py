@@ -43,7 +43,7 @@ def typed_values(elements: st.SearchStrategy[float] = any_float) -> st.SearchStr
     """(type, already-normalised value) for every variable type."""
     return st.one_of(
         st.tuples(st.just("float"), elements),
-        st.tuples(st.just("integer"), st.integers(-(2**70), 2**70)),
+        st.tuples(st.just("integer"), st.integers(-(2**63), 2**63 - 1)),
         st.tuples(st.just("string"), st.text(max_size=50)),
         st.tuples(st.just("boolean"), st.booleans()),
         st.tuples(st.just("choice"), st.text(min_size=1, max_size=10)),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import pickle
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import cloudpickle
 import dspy
@@ -418,3 +418,43 @@ def test_create_variable_aware_program(ctx: Context) -> None:
     assert isinstance(react, VariableAwareReAct) and react.max_iters == 2
     with pytest.raises(ValidationError, match="unknown module type"):
         create_variable_aware_program("Retrieve", "question -> answer", ctx)
+
+
+def test_mixing_into_a_plain_predict_subclass_is_refused(ctx: Context) -> None:
+    class Unrouted(VariableBindingMixin, dspy.Predict):  # type: ignore[misc]
+        pass
+
+    with pytest.raises(TypeError, match=r"derive from dspex_dspy\.modules\.RoutedPredict"):
+        Unrouted("question -> answer", session_context=ctx)
+
+    class Routed(VariableBindingMixin, RoutedPredict):
+        default_variable_bindings: ClassVar[Mapping[str, str]] = {"temperature": "temperature"}
+
+    assert Routed("question -> answer", session_context=ctx).temperature == 0.7
+
+
+def test_public_names() -> None:
+    import dspex_dspy
+    import dspex_dspy.modules as modules
+
+    assert set(modules.__all__) == {
+        "BINDABLE_ATTRIBUTES",
+        "STATE_KEY",
+        "AwaitRequiredError",
+        "BoundValue",
+        "ModuleVariableResolver",
+        "RoutedPredict",
+        "VariableAwareChainOfThought",
+        "VariableAwarePredict",
+        "VariableAwareProgramOfThought",
+        "VariableAwareReAct",
+        "VariableBindingMixin",
+        "VariableSource",
+        "create_variable_aware_program",
+        "default_resolver",
+        "get_provenance",
+        "route_predictors",
+    }
+    assert all(hasattr(modules, name) for name in modules.__all__)
+    assert dspex_dspy.VariableAwarePredict is VariableAwarePredict
+    assert dspex_dspy.create_variable_aware_program is create_variable_aware_program
