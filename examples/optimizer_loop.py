@@ -45,8 +45,9 @@ def worker(address: str, session_id: str, name: str) -> None:
 
     with SessionContext.connect(address, session_id=session_id) as session:
         qa = VariableAwarePredict("question -> answer", session_context=session)
-        print(json.dumps({"worker": name, "ready": True}), flush=True)
         with session.watch_variables(["temperature"]) as watch:
+            next(watch)  # the initial value: the watch is registered, no later write can be missed
+            print(json.dumps({"worker": name, "ready": True}), flush=True)
             published = next(e for e in watch if e.metadata.get("published_by") == "optimizer_loop")
         # The watch and the read cache are separate streams: wait until the cache holds that version.
         session.wait_cached("temperature", published.version, timeout=30)
