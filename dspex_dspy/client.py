@@ -22,18 +22,35 @@ How the cache stays correct:
   that moment, the write leaves a *floor* (name, version): reads of that name bypass the cache
   until it holds that version; a resync drops the floors of writes that finished before its
   listing was taken (the listing includes them).
+- **Always a state the server was in.** The server keeps one pending update per variable and
+  replaces it in place when the variable is written again, so an update can overtake earlier
+  writes of other variables (pending ``[done=False, temperature]`` becomes ``[done=True,
+  temperature]``). The feed applies an update at once only when it is provably in write order
+  (the variable's next version after the last one this stream delivered, a creation, an initial
+  value, or a deletion at the last version seen); any other update that would change the cache
+  is applied together with a fresh listing (``ListVariables``, taken after the update arrived),
+  which holds that update and every write before it. Only the worker's own newer writes are kept
+  over the listing.
 - **Down = bypassed.** As soon as the stream breaks the cache stops serving; reads go to the server
   until a reconnect (backoff 0.05 s doubling to 2 s) has resynced. ``cache=False`` turns the cache
   off.
 
-``watch_variables`` yields :class:`WatchEvent` records and survives broken streams and server
-restarts the same way: after each (re)connect it lists the variables, so the last event per
-variable is its latest state (and a variable that vanished while the stream was down is reported
-``deleted``). Repeats are filtered per variable **name**: an update is yielded only if its version
-is higher than the last one yielded for that name, or if it belongs to a new incarnation of the
-name — after a ``deleted``, or with another ``created_at`` (ids are not stable across a server
-restart, a creation time is; a state re-imported with its versions and creation times is the same
-incarnation, so nothing is repeated). Heartbeats are never yielded.
+``watch_variables`` yields :class:`WatchEvent` records. With the cache on, it is served from the
+cache's own stream: each update is handed to the watches only after the cache applied it (or
+already held a later state), so a watch is never ahead of the cache — **read-after-watch**: after
+``watch_variables`` yields an event, cached reads return that version or newer for that variable
+and reflect every write the server applied before it. A watch then opens no stream of its own.
+With ``cache=False`` each watch opens its own ``WatchVariables`` stream, as before.
+
+Either way a watch survives broken streams and server restarts: after each (re)connect the
+variables are listed, so the last event per variable is its latest state (and a variable that
+vanished while the stream was down is reported ``deleted``). Repeats are filtered per variable
+**name**: an update is yielded only if its version is higher than the last one yielded for that
+name, or if it belongs to a new incarnation of the name — after a ``deleted``, or with another
+``created_at`` (ids are not stable across a server restart, a creation time is; a state
+re-imported with its versions and creation times is the same incarnation, so nothing is
+repeated). A slow reader gets coalesced updates (always ending on the latest), never an unbounded
+backlog. Heartbeats are never yielded.
 
 Copies and pickles: ``copy.deepcopy`` (as DSPy optimizers deep-copy modules) returns the same
 client, so copies share the live session; pickling stores the address, session id and options and
@@ -274,11 +291,132 @@ class _WatchTracker:
         return events
 
 
+class _StreamOrder:
+    """Tells, message by message, whether one watch stream delivered an update in write order.
+
+    The server keeps at most one pending update per variable, and a newer write *replaces* a
+    pending one in its place in line. So an update can overtake writes of other variables made
+    before it: pending ``[done=False, temperature]`` becomes ``[done=True, temperature]``, and
+    ``done=True`` arrives before the earlier temperature. An update is certainly in order when no
+    replacement can have happened: the variable's next version after the last message of this
+    stream (or its first version, or an initial value, or a deletion at the last version seen),
+    since then it was queued when it was written, behind every earlier write.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def in_order(self, update: VariableUpdate) -> bool:
+        var = update.variable
+        if var is None or update.update_type == UpdateType.HEARTBEAT:
+            return True
+        if update.update_type == UpdateType.DELETED:
+            return self._last.pop(var.id, None) == var.version
+        last = self._last.get(var.id)
+        self._last[var.id] = var.version
+        if update.update_type == UpdateType.INITIAL_VALUE:
+            return True
+        return var.version == (1 if last is None else last + 1)
+
+
+@dataclass
+class _Batch:
+    """What a cache-fed watch takes at once: updates, then a listing (a resync), then later updates."""
+
+    before: list[VariableUpdate]
+    listing: list[Variable] | None
+    after: list[VariableUpdate]
+    fatal: DSPexError | None
+
+    def events(self, tracker: _WatchTracker) -> list[WatchEvent]:
+        events = [event for update in self.before if (event := tracker.on_update(update)) is not None]
+        if self.listing is not None:
+            events += tracker.on_listing(self.listing)
+        events += [event for update in self.after if (event := tracker.on_update(update)) is not None]
+        return events
+
+
+class _Subscription:
+    """One ``watch_variables`` fed by the cache's stream: what it has not taken yet, and its connection state.
+
+    Guarded by the cache's lock. Updates are coalesced per variable id (a slow reader's backlog is
+    bounded by the number of variables); a newer listing supersedes an older one, whose updates
+    then count as older than it.
+    """
+
+    def __init__(self, identifiers: Sequence[str]) -> None:
+        self.wanted = frozenset(identifiers) or None
+        self.before: dict[str, VariableUpdate] = {}
+        self.listing: list[Variable] | None = None
+        self.after: dict[str, VariableUpdate] = {}
+        self.connected = False
+        self.ever_connected = False
+        self.fatal: DSPexError | None = None
+        self.down_since: float | None = None
+        self.last_error: DSPexError | None = None
+        self.stopped = False
+
+    def wants(self, var: Variable) -> bool:
+        return self.wanted is None or var.name in self.wanted or var.id in self.wanted
+
+    @staticmethod
+    def _queue(pending: dict[str, VariableUpdate], update: VariableUpdate) -> None:
+        pending.pop(update.variable_id, None)
+        pending[update.variable_id] = update
+
+    def push_update(self, update: VariableUpdate) -> None:
+        if self.fatal is None and not self.stopped:
+            self._queue(self.after if self.listing is not None else self.before, update)
+
+    def push_listing(self, variables: list[Variable]) -> None:
+        if self.fatal is not None or self.stopped:
+            return
+        if self.listing is not None:
+            for update in self.after.values():
+                self._queue(self.before, update)
+            self.after = {}
+        self.listing = variables
+        self.connected = self.ever_connected = True
+        self.down_since = self.last_error = None
+
+    def push_down(self, error: DSPexError, now: float, *, judge: bool = True) -> None:
+        """The cache's stream broke with ``error`` (``judge``: decide whether that ends the watch)."""
+        if self.fatal is not None or self.stopped:
+            return
+        if judge and _watch_is_over(error, live=self.connected, ever_connected=self.ever_connected):
+            self.fatal = error
+            return
+        self.connected = False
+        self.last_error = error
+        if self.down_since is None:
+            self.down_since = now
+
+    def ready(self) -> bool:
+        return bool(self.before or self.listing is not None or self.after or self.fatal or self.stopped)
+
+    def take(self) -> _Batch | None:
+        if not (self.before or self.listing is not None or self.after or self.fatal):
+            return None
+        batch = _Batch(list(self.before.values()), self.listing, list(self.after.values()), self.fatal)
+        self.before, self.listing, self.after = {}, None, {}
+        return batch
+
+    def patience(self, reconnect_timeout: float | None, now: float) -> float | None:
+        """Seconds left to wait for a reconnect (None: no limit); <= 0 once it is overdue."""
+        if self.down_since is None or reconnect_timeout is None:
+            return None
+        return self.down_since + reconnect_timeout - now
+
+
 class _VariableCache:
     """The worker's copy of a session's variables, fed by a watch stream (see the module docstring).
 
     Thread-safe. ``lookup`` answers only when the cache is synced and fresh for that name; None
-    means "ask the server".
+    means "ask the server". The cache also feeds the client's ``watch_variables`` subscriptions:
+    each update is handed to them only after it is applied, and an update that may have overtaken
+    earlier writes (see :class:`_StreamOrder`) is applied only together with a listing taken after
+    it arrived (:meth:`catch_up`). So what the cache holds is always a state the server was in,
+    and a watch is never ahead of it.
     """
 
     def __init__(self) -> None:
@@ -286,8 +424,12 @@ class _VariableCache:
         self._vars: dict[str, Variable] = {}
         self._specs: dict[str, VariableSpec] = {}
         self._provisional: set[str] = set()
+        self._registered_here: set[str] = set()
         self._deleted_ids: set[str] = set()
         self._floors: dict[str, tuple[int, int]] = {}
+        self._touched: dict[str, int] = {}
+        self._subs: list[_Subscription] = []
+        self._failure: DSPexError | None = None
         self._synced = False
         self._seq = 0
         self.on_change: Callable[[], None] | None = None
@@ -337,67 +479,197 @@ class _VariableCache:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
+    # ------------------------------------------------------------------ watch subscriptions
+
+    def subscribe(self, sub: _Subscription) -> None:
+        """Start feeding ``sub``: at once with the cached state if synced, else from the next resync."""
+        with self._cond:
+            self._live().append(sub)
+            if self._synced:
+                # Own registrations carry a local creation time until the stream confirms them.
+                sub.push_listing([var for name, var in self._vars.items() if name not in self._registered_here])
+            elif self._failure is not None:
+                sub.push_down(self._failure, time.monotonic(), judge=False)
+
+    def release(self, sub: _Subscription) -> None:
+        """Stop feeding ``sub`` and wake its reader (who may wait in another thread). Idempotent."""
+        with self._cond:
+            sub.stopped = True
+            self._live()
+            self._changed()
+
+    def _live(self) -> list[_Subscription]:
+        """The subscriptions still fed, dropping stopped ones.
+
+        A watch's generator stops its subscription without taking the lock (it may be finalized by
+        the garbage collector in any thread, even one that holds the lock), so stopped ones are
+        dropped here, lazily.
+        """
+        if any(sub.stopped for sub in self._subs):
+            self._subs = [sub for sub in self._subs if not sub.stopped]
+        return self._subs
+
+    def take(self, sub: _Subscription) -> _Batch | None:
+        with self._cond:
+            return sub.take()
+
+    def patience(
+        self, sub: _Subscription, reconnect_timeout: float | None
+    ) -> tuple[float | None, DSPexError | None, float | None]:
+        """``(seconds left to reconnect or None, the last error, since when the stream is down)`` of ``sub``."""
+        with self._cond:
+            return sub.patience(reconnect_timeout, time.monotonic()), sub.last_error, sub.down_since
+
+    def _publish(self, update: VariableUpdate, var: Variable) -> bool:
+        """Hand ``update`` to the subscriptions that want ``var``; whether any did."""
+        wanted = False
+        for sub in self._live():
+            if sub.wants(var):
+                sub.push_update(update)
+                wanted = True
+        return wanted
+
     # ------------------------------------------------------------------ fed by the stream
 
-    def mark_down(self) -> None:
+    def mark_down(self, error: DSPexError | None = None) -> None:
+        """The stream broke (``error``) or the client closes (None): stop serving reads."""
         with self._cond:
-            if self._synced:
-                self._synced = False
-                self._changed()
+            self._synced = False
+            if error is not None:
+                self._failure = error
+                now = time.monotonic()
+                for sub in self._live():
+                    sub.push_down(error, now)
+            self._changed()
 
     def resync_started(self) -> int:
         with self._cond:
             return self._seq
 
     def resync(self, variables: Iterable[Variable], seq: int) -> None:
+        listed = list(variables)
         with self._cond:
-            self._vars = {var.name: var for var in variables}
+            self._vars = {var.name: var for var in listed}
             self._specs.clear()
             self._provisional.clear()
+            self._registered_here.clear()
             self._deleted_ids.clear()
             self._floors = {name: floor for name, floor in self._floors.items() if floor[1] > seq}
+            self._touched = {name: mark for name, mark in self._touched.items() if mark > seq}
+            self._failure = None
             self._synced = True
+            for sub in self._live():
+                sub.push_listing(listed)
             self._changed()
 
-    def apply(self, update: VariableUpdate) -> None:
+    def catch_up(self, variables: Iterable[Variable], seq: int, trigger: VariableUpdate) -> None:
+        """Replace the cache by a listing taken after ``trigger`` (an update :meth:`apply` held back) arrived.
+
+        The listing holds ``trigger`` and every write before it, and is newer than anything the
+        stream delivered before it. Only the worker's own writes since ``seq`` (the listing may
+        predate them) keep their cached state where it is newer.
+        """
+        listed = list(variables)
+        with self._cond:
+            if not self._synced:
+                return  # the stream broke meanwhile: the next resync lists again
+            touched = {name for name, mark in self._touched.items() if mark > seq}
+            fresh = {var.name: var for var in listed}
+            for name in touched:
+                entry, server = self._vars.get(name), fresh.get(name)
+                if server is None:
+                    if entry is not None:
+                        fresh[name] = entry  # registered here after the listing
+                elif entry is None:
+                    if server.id in self._deleted_ids:
+                        del fresh[name]  # deleted here after the listing
+                elif entry.id == server.id:
+                    if entry.version >= server.version:
+                        fresh[name] = entry  # written here after the listing
+                elif name in self._registered_here:
+                    fresh[name] = entry
+            for name, entry in self._vars.items():
+                kept = fresh.get(name)
+                if kept is None or kept.id != entry.id:
+                    self._deleted_ids.add(entry.id)
+            kept_own = {name for name in self._provisional if fresh.get(name) is self._vars.get(name)}
+            self._vars = fresh
+            self._provisional = kept_own
+            self._registered_here &= kept_own
+            self._touched = {name: self._touched[name] for name in touched}
+            if trigger.variable is not None:
+                self._publish(trigger, trigger.variable)
+            self._changed()
+
+    def apply(self, update: VariableUpdate, in_order: bool = True) -> bool:
+        """Apply one streamed update and hand it to the subscriptions that want it.
+
+        Returns True, doing nothing, when the update would change the cache (or, a deletion, be
+        reported) but may have overtaken earlier writes (``in_order`` False): the caller then lists
+        the variables and calls :meth:`catch_up`. An update older than the cache changes nothing
+        and is still handed on (the cache already holds a later state of the whole session), so
+        watches see every update of the stream, with its source and metadata.
+        """
         var = update.variable
         if var is None or update.update_type == UpdateType.HEARTBEAT:
-            return
+            return False
         with self._cond:
-            if var.id in self._deleted_ids:
-                return
+            if not self._synced:
+                return False
             entry = self._vars.get(var.name)
+            if entry is not None and entry.id != var.id:
+                # A message of an older incarnation of that name, queued before it was replaced.
+                if update.update_type == UpdateType.DELETED:
+                    self._deleted_ids.add(var.id)
+                return False
             if update.update_type == UpdateType.DELETED:
+                changes = entry is not None
+                if not changes and not any(sub.wants(var) for sub in self._live()):
+                    self._deleted_ids.add(var.id)
+                    return False
+                if not in_order:
+                    return True
                 self._deleted_ids.add(var.id)
-                if entry is not None and entry.id == var.id:
+                if entry is not None:
                     del self._vars[var.name]
                     self._provisional.discard(var.name)
+                    self._registered_here.discard(var.name)
                     self._floors.pop(var.name, None)
-            elif entry is None:
-                self._vars[var.name] = var
-            elif entry.id != var.id:
-                return  # a message of another incarnation of that name, queued before it was replaced
-            elif var.version > entry.version or (var.version == entry.version and var.name in self._provisional):
-                self._vars[var.name] = var
-                self._provisional.discard(var.name)
             else:
-                return
-            self._changed()
+                if var.id in self._deleted_ids:
+                    return False
+                own = var.name in self._provisional  # the worker's own write: ahead of the stream
+                changes = entry is None or var.version > entry.version or (var.version == entry.version and own)
+                if not in_order and (changes or (own and any(sub.wants(var) for sub in self._live()))):
+                    return True
+                if changes:
+                    self._vars[var.name] = var
+                    self._provisional.discard(var.name)
+                    self._registered_here.discard(var.name)
+            if self._publish(update, var) or changes:
+                self._changed()
+            return False
 
     # ------------------------------------------------------------------ the worker's own writes
 
+    def _own(self, name: str) -> None:
+        self._seq += 1
+        self._touched[name] = self._seq
+
     def own_register(self, var: Variable) -> None:
         with self._cond:
-            self._seq += 1
-            if self._synced:
+            self._own(var.name)
+            entry = self._vars.get(var.name)
+            if self._synced and (entry is None or entry.id != var.id):  # else the stream brought it first
                 self._vars[var.name] = var
                 self._provisional.add(var.name)
+                self._registered_here.add(var.name)
                 self._floors.pop(var.name, None)
                 self._changed()
 
     def own_write(self, name: str, version: int, value: Any, metadata: Mapping[str, str]) -> None:
         with self._cond:
-            self._seq += 1
+            self._own(name)
             entry = self._vars.get(name) if self._synced else None
             if entry is not None and entry.version < version:
                 spec = self._specs.get(entry.id)
@@ -427,10 +699,11 @@ class _VariableCache:
 
     def own_delete(self, name: str) -> None:
         with self._cond:
-            self._seq += 1
+            self._own(name)
             entry = self._vars.pop(name, None)
             self._floors.pop(name, None)
             self._provisional.discard(name)
+            self._registered_here.discard(name)
             if entry is not None:
                 self._deleted_ids.add(entry.id)
                 self._changed()
@@ -490,6 +763,23 @@ def _watch_is_over(error: DSPexError, *, live: bool, ever_connected: bool) -> bo
     if isinstance(error, (SessionNotFoundError, VariableNotFoundError)):
         return live or not ever_connected
     return not isinstance(error, BridgeUnavailableError)
+
+
+def _unlisted(identifiers: Sequence[str], listing: Iterable[Variable]) -> list[str]:
+    """The identifiers that name no variable of ``listing`` (by name or id)."""
+    known = {key for var in listing for key in (var.name, var.id)}
+    return [ident for ident in dict.fromkeys(identifiers) if ident not in known]
+
+
+def _woken(sub: _Subscription, since: float | None, stopped: Callable[[], bool]) -> Callable[[], bool]:
+    """When a cache-fed watch waiting with ``sub.down_since == since`` should look again."""
+    return lambda: sub.ready() or stopped() or sub.down_since != since
+
+
+def _reconnect_failed(error: DSPexError | None, ctx: _ClientCore) -> DSPexError:
+    return error or BridgeUnavailableError(
+        f"the watch of session {ctx.session_id} could not reconnect within {ctx.reconnect_timeout:g} s"
+    )
 
 
 class _ClientCore:
@@ -665,23 +955,34 @@ def _feed_cache(remote: RemoteStore, session_id: str, cache: _VariableCache, str
     backoff = _Backoff()
     while not streams.closed:
         stream: Any = None
+        error: DSPexError = BridgeUnavailableError(f"the cache watch of session {session_id} ended")
         try:
             stream = remote.stub.WatchVariables(request, metadata=(("source", WORKER),))
             streams.add(stream)
-            next(stream)  # the watcher is registered: nothing written from now on can be missed
+            order = _StreamOrder()
+            # The first message proves the watcher registered: nothing written from now on can be missed.
+            order.in_order(proto_to_update(next(stream)))
             seq = cache.resync_started()
             listing = remote.call(BridgeCalls.list_variables(session_id))
             cache.resync(listing, seq)
             backoff.reset()
             for message in stream:
-                cache.apply(proto_to_update(message))
-        except (grpc.RpcError, DSPexError, StopIteration, ValueError) as exc:
+                update = proto_to_update(message)
+                if cache.apply(update, order.in_order(update)):
+                    seq = cache.resync_started()
+                    listing = remote.call(BridgeCalls.list_variables(session_id))
+                    cache.catch_up(listing, seq, update)
+        except (grpc.RpcError, DSPexError) as exc:
+            error = _watch_error(exc, (), session_id)
+            if not streams.closed:
+                logger.debug("cache watch of session %s broke: %s", session_id, exc)
+        except (StopIteration, ValueError) as exc:
             if not streams.closed:
                 logger.debug("cache watch of session %s broke: %s", session_id, exc)
         except Exception:
             logger.exception("cache watch of session %s failed", session_id)
         finally:
-            cache.mark_down()
+            cache.mark_down(None if streams.closed else error)
             if stream is not None:
                 streams.discard(stream)
                 stream.cancel()
@@ -695,6 +996,14 @@ class SessionContext(_ClientCore):
     Two ways to make one: ``SessionContext(stub, session_id)`` with a ``BridgeServiceStub`` you
     built (the snakepit form; the cache watches through the same stub), or
     :meth:`SessionContext.connect` with an address (``DSPEX_BRIDGE_ADDRESS`` by default).
+
+    Consistency with the cache on (the default):
+
+    - read-your-writes: after a write returns, reads return that version or newer;
+    - read-after-watch: after :meth:`watch_variables` yields an event, cached reads return that
+      version or newer for that variable and reflect every write the server applied before it
+      (e.g. watch ``optimization_done``; once it is True, ``get_variable("temperature")`` sees
+      the temperature written before it). The watch is fed by the cache's own stream.
 
     Args:
         stub: a blocking ``snakepit.bridge.BridgeService`` stub.
@@ -1001,6 +1310,10 @@ class SessionContext(_ClientCore):
             A :class:`VariableWatch`: iterate it; stop it with ``close()`` (from any thread),
             by closing this context, or by leaving its ``with`` block.
 
+        With the cache on, the watch is fed by the cache's stream (read-after-watch: once an event
+        is yielded, cached reads are at least as new, for every variable). A watched name that is
+        deleted is reported ``deleted``; a variable created again under it is a new incarnation.
+
         Example:
             >>> with ctx.watch_variables(["temperature"]) as watch:  # doctest: +SKIP
             ...     for event in watch:
@@ -1019,8 +1332,10 @@ class VariableWatch(Iterator[WatchEvent]):
 
     Per variable it yields strictly increasing versions and never a repeat, also across broken
     streams and server restarts, and after a resync the last event of each variable is its latest
-    value. It raises :class:`SessionNotFoundError` if the session goes away on a live server, and
-    the last error if reconnecting takes longer than the context's ``reconnect_timeout``.
+    value. It raises :class:`VariableNotFoundError` for a watched name the session does not have,
+    :class:`SessionNotFoundError` if the session goes away on a live server, and the last error if
+    reconnecting takes longer than the context's ``reconnect_timeout``. With the cache on it never
+    runs ahead of the cache (see :class:`SessionContext`).
     """
 
     def __init__(self, ctx: SessionContext, identifiers: list[str], include_initial: bool) -> None:
@@ -1030,7 +1345,9 @@ class VariableWatch(Iterator[WatchEvent]):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._stream: Any = None
-        self._events = self._run()
+        self._sub: _Subscription | None = None
+        cache = ctx._cache
+        self._events = self._run_cached(cache) if cache is not None else self._run_stream()
 
     def __iter__(self) -> VariableWatch:
         return self
@@ -1042,9 +1359,11 @@ class VariableWatch(Iterator[WatchEvent]):
         """Stop the watch (thread-safe; iteration then ends). Idempotent."""
         self._stop.set()
         with self._lock:
-            stream = self._stream
+            stream, sub = self._stream, self._sub
         if stream is not None:
             stream.cancel()
+        if sub is not None and self._ctx._cache is not None:
+            self._ctx._cache.release(sub)  # wakes a reader waiting in another thread
         with contextlib.suppress(ValueError):  # running in another thread: the cancelled stream ends it
             self._events.close()
 
@@ -1064,7 +1383,55 @@ class VariableWatch(Iterator[WatchEvent]):
         found, _ = ctx._call(BridgeCalls.get_variables(ctx.session_id, self._identifiers))
         return list(found.values())
 
-    def _run(self) -> Generator[WatchEvent, None, None]:
+    def _check_known(self, listing: list[Variable]) -> bool:
+        """Raise VariableNotFoundError for watched identifiers the server does not know; False if it cannot tell now."""
+        unknown = _unlisted(self._identifiers, listing)
+        if not unknown:
+            return True
+        ctx = self._ctx
+        try:
+            _, missing = ctx._call(BridgeCalls.get_variables(ctx.session_id, unknown))
+        except BridgeUnavailableError:
+            return False
+        if missing:
+            raise VariableNotFoundError(", ".join(missing), ctx.session_id)
+        return True
+
+    def _run_cached(self, cache: _VariableCache) -> Generator[WatchEvent, None, None]:
+        """Events from the cache's own stream, each handed over after the cache applied it."""
+        ctx = self._ctx
+        tracker = _WatchTracker(self._identifiers, self._include_initial)
+        sub = _Subscription(self._identifiers)
+        with self._lock:
+            if self._stopped():
+                return
+            self._sub = sub
+        # Unknown names fail at once: from the server while the cache is not synced yet (an empty
+        # session syncs only at its first heartbeat), else from the first listing.
+        checked = not self._identifiers or (not cache.synced and self._check_known([]))
+        cache.subscribe(sub)
+        try:
+            while not self._stopped():
+                batch = cache.take(sub)
+                if batch is None:
+                    left, error, since = cache.patience(sub, ctx.reconnect_timeout)
+                    if left is not None and left <= 0:
+                        raise _reconnect_failed(error, ctx)
+                    cache.wait(_woken(sub, since, self._stopped), left)
+                    continue
+                if batch.listing is not None and not checked:
+                    checked = self._check_known(batch.listing)
+                for event in batch.events(tracker):
+                    if self._stopped():
+                        return
+                    yield event
+                if batch.fatal is not None:
+                    raise batch.fatal
+        finally:
+            sub.stopped = True  # no lock here (see _VariableCache._live)
+
+    def _run_stream(self) -> Generator[WatchEvent, None, None]:
+        """Events from a stream of the watch's own (the client has no cache)."""
         ctx = self._ctx
         tracker = _WatchTracker(self._identifiers, self._include_initial)
         request = pb.WatchVariablesRequest(
@@ -1134,7 +1501,11 @@ class AsyncSessionContext(_ClientCore):
     """The asyncio twin of :class:`SessionContext` (grpc.aio): the same methods, as coroutines.
 
     ``watch_variables`` returns an async iterator; ``cached`` stays a plain method (no I/O). The
-    channel and the cache task are created lazily inside the running event loop of the first
+    consistency guarantees are the same, read-after-watch included: after ``watch_variables``
+    yields an event, cached reads return that version or newer for that variable and reflect every
+    write the server applied before it.
+
+    The channel and the cache task are created lazily inside the running event loop of the first
     call, because grpc.aio objects belong to the loop that created them; using the context from
     another loop while that one is alive raises :class:`~dspex_dspy.errors.DSPexError` (a context
     whose loop has closed binds to the new loop, when it was made from an address).
@@ -1307,21 +1678,30 @@ class AsyncSessionContext(_ClientCore):
         while not self.closed:
             stream = self.stub.WatchVariables(request, metadata=(("source", WORKER),))
             self._streams.add(stream)
+            error: DSPexError = BridgeUnavailableError(f"the cache watch of session {self.session_id} ended")
             try:
-                if await _read(stream) is not None:
+                first = await _read(stream)
+                if first is not None:
+                    order = _StreamOrder()
+                    order.in_order(proto_to_update(first))
                     seq = cache.resync_started()
                     listing = await self._call(BridgeCalls.list_variables(self.session_id))
                     cache.resync(listing, seq)
                     backoff.reset()
                     while (message := await _read(stream)) is not None:
-                        cache.apply(proto_to_update(message))
+                        update = proto_to_update(message)
+                        if cache.apply(update, order.in_order(update)):
+                            seq = cache.resync_started()
+                            listing = await self._call(BridgeCalls.list_variables(self.session_id))
+                            cache.catch_up(listing, seq, update)
             except (grpc.RpcError, DSPexError) as exc:
+                error = _watch_error(exc, (), self.session_id)
                 logger.debug("cache watch of session %s broke: %s", self.session_id, exc)
             except asyncio.CancelledError:
                 if not self.closed:
                     raise
             finally:
-                cache.mark_down()
+                cache.mark_down(None if self.closed else error)
                 self._streams.discard(stream)
                 stream.cancel()
             if self.closed:
@@ -1501,7 +1881,9 @@ class AsyncVariableWatch(AsyncIterator[WatchEvent]):
         self._include_initial = include_initial
         self._stopped_flag = False
         self._stream: Any = None
-        self._events = self._run()
+        self._sub: _Subscription | None = None
+        cache = ctx._cache
+        self._events = self._run_cached(cache) if cache is not None else self._run_stream()
 
     def __aiter__(self) -> AsyncVariableWatch:
         return self
@@ -1514,6 +1896,8 @@ class AsyncVariableWatch(AsyncIterator[WatchEvent]):
         self._stopped_flag = True
         if self._stream is not None:
             self._stream.cancel()
+        if self._sub is not None and self._ctx._cache is not None:
+            self._ctx._cache.release(self._sub)  # wakes a reader waiting in another task
         with contextlib.suppress(RuntimeError):  # running in another task: the cancelled stream ends it
             await self._events.aclose()
 
@@ -1533,7 +1917,54 @@ class AsyncVariableWatch(AsyncIterator[WatchEvent]):
         found, _ = await ctx._call(BridgeCalls.get_variables(ctx.session_id, self._identifiers))
         return list(found.values())
 
-    async def _run(self) -> AsyncGenerator[WatchEvent, None]:
+    async def _check_known(self, listing: list[Variable]) -> bool:
+        """Raise VariableNotFoundError for watched identifiers the server does not know; False if it cannot tell now."""
+        unknown = _unlisted(self._identifiers, listing)
+        if not unknown:
+            return True
+        ctx = self._ctx
+        try:
+            _, missing = await ctx._call(BridgeCalls.get_variables(ctx.session_id, unknown))
+        except BridgeUnavailableError:
+            return False
+        if missing:
+            raise VariableNotFoundError(", ".join(missing), ctx.session_id)
+        return True
+
+    async def _run_cached(self, cache: _VariableCache) -> AsyncGenerator[WatchEvent, None]:
+        """Events from the cache's own stream, each handed over after the cache applied it."""
+        ctx = self._ctx
+        if self._stopped():
+            return
+        ctx._bind()  # starts the cache task in this loop
+        tracker = _WatchTracker(self._identifiers, self._include_initial)
+        sub = _Subscription(self._identifiers)
+        self._sub = sub
+        # Unknown names fail at once (see VariableWatch).
+        checked = not self._identifiers or (not cache.synced and await self._check_known([]))
+        cache.subscribe(sub)
+        try:
+            while not self._stopped():
+                batch = cache.take(sub)
+                if batch is None:
+                    left, error, since = cache.patience(sub, ctx.reconnect_timeout)
+                    if left is not None and left <= 0:
+                        raise _reconnect_failed(error, ctx)
+                    await ctx._wait(_woken(sub, since, self._stopped), left)
+                    continue
+                if batch.listing is not None and not checked:
+                    checked = await self._check_known(batch.listing)
+                for event in batch.events(tracker):
+                    if self._stopped():
+                        return
+                    yield event
+                if batch.fatal is not None:
+                    raise batch.fatal
+        finally:
+            sub.stopped = True  # no lock here (see _VariableCache._live)
+
+    async def _run_stream(self) -> AsyncGenerator[WatchEvent, None]:
+        """Events from a stream of the watch's own (the context has no cache)."""
         ctx = self._ctx
         tracker = _WatchTracker(self._identifiers, self._include_initial)
         request = pb.WatchVariablesRequest(

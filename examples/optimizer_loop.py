@@ -49,8 +49,8 @@ def worker(address: str, session_id: str, name: str) -> None:
             next(watch)  # the initial value: the watch is registered, no later write can be missed
             print(json.dumps({"worker": name, "ready": True}), flush=True)
             published = next(e for e in watch if e.metadata.get("published_by") == "optimizer_loop")
-        # The watch and the read cache are separate streams: wait until the cache holds that version.
-        session.wait_cached("temperature", published.version, timeout=30)
+        # Read-after-watch: once the watch yielded the published write, cached reads include it.
+        assert session.get_versioned("temperature")[1] >= published.version
         print(json.dumps({"worker": name, "temperature": qa.temperature}), flush=True)
 
 

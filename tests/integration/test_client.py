@@ -559,3 +559,190 @@ def test_remote_import_is_all_or_nothing(server: BridgeServer, session: str) -> 
     assert len(imported) == 600
     stored = server.store.get_variable(session, "v599")
     assert (stored.value, stored.version, stored.created_at) == (599, 5, 1000.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Read-after-watch: a watch event is never ahead of the cache
+# --------------------------------------------------------------------------------------------
+
+RAW_ROUNDS = 20
+RAW_WRITES = 50
+
+
+def _orchestrate_rounds(server: BridgeServer, session: str, expected: dict[str, float], acked: threading.Event) -> None:
+    """Per round: reset ``done``, write ``temperature`` many times, then ``done=True``; wait for the worker.
+
+    Resetting ``done`` just before lets the server coalesce ``done=True`` into a still pending
+    ``done=False``, ahead of the temperature writes: the cache must still not fall behind.
+    """
+    store = server.store
+    step = 0
+    for round_ in range(RAW_ROUNDS):
+        store.set_variable(session, "done", False, source="orchestrator")
+        for _ in range(RAW_WRITES):
+            step += 1
+            value = round(step * 0.001, 6)
+            store.set_variable(session, "temperature", value, source="orchestrator")
+        expected["temperature"] = value
+        store.set_variable(session, "done", True, metadata={"round": str(round_)}, source="orchestrator")
+        if not acked.wait(DEADLINE_S):
+            return  # the worker failed; its own assertion reports why
+        acked.clear()
+
+
+def test_a_cached_read_after_a_watch_event_sees_every_earlier_write(
+    client: Any, server: BridgeServer, session: str
+) -> None:
+    """The orchestrator writes temperature, then done; a worker watching only done reads temperature from the cache.
+
+    With the watch on its own stream, the cache (another stream) could still be behind when the
+    watch reported done=True, and the read returned an older temperature.
+    """
+    server.store.register_variable(session, "done", "boolean", False)
+    assert client.wait_synced(DEADLINE_S)
+    expected: dict[str, float] = {}
+    acked = threading.Event()
+    observed: list[tuple[int, float, float]] = []  # (done version, read temperature, last written)
+    rounds: list[str] = []  # the metadata of each done=True event (the watch keeps every write's metadata)
+    orchestrator = threading.Thread(
+        target=_orchestrate_rounds, args=(server, session, expected, acked), name="orchestrator", daemon=True
+    )
+
+    def check(event: WatchEvent, temperature: float) -> bool:
+        observed.append((event.version, temperature, expected["temperature"]))
+        rounds.append(event.metadata.get("round", "?"))
+        acked.set()
+        return len(observed) == RAW_ROUNDS
+
+    if client.kind == "sync":
+        ctx = client.ctx
+        with ctx.watch_variables(["done"]) as watch:
+            orchestrator.start()
+            for event in watch:
+                if event.value is True and check(event, ctx.get_variable("temperature")):
+                    break
+    else:
+
+        async def worker() -> None:
+            ctx = client.ctx
+            async with ctx.watch_variables(["done"]) as watch:
+                orchestrator.start()
+                async for event in watch:
+                    if event.value is True and check(event, await ctx.get_variable("temperature")):
+                        break
+
+        client.run(worker)
+    orchestrator.join(DEADLINE_S)
+    assert not orchestrator.is_alive()
+    stale = [(version, read, written) for version, read, written in observed if read != written]
+    assert not stale, f"{len(stale)} of {len(observed)} reads after done=True were stale: {stale[:5]}"
+    assert len(observed) == RAW_ROUNDS
+    assert rounds == [str(r) for r in range(RAW_ROUNDS)]
+
+
+def test_a_watch_event_is_never_ahead_of_cached_reads(client: Any, server: BridgeServer, session: str) -> None:
+    """Every event of a watch of several variables: each cached read is at that event's version or newer."""
+    assert client.wait_synced(DEADLINE_S)
+    names = ["temperature", "max_tokens"]
+    behind: list[tuple[str, int, int]] = []
+
+    def writer() -> None:
+        for step in range(1, 201):
+            server.store.set_variable(session, names[step % 2], step if step % 2 else step / 1000)
+
+    thread = threading.Thread(target=writer, name="writer", daemon=True)
+
+    def check(event: WatchEvent, read: tuple[Any, int]) -> bool:
+        if read[1] < event.version:
+            behind.append((event.name, event.version, read[1]))
+        return event.name == "max_tokens" and event.value == 199
+
+    if client.kind == "sync":
+        ctx = client.ctx
+        with ctx.watch_variables(names) as watch:
+            thread.start()
+            for event in watch:
+                if check(event, ctx.get_versioned(event.name)):
+                    break
+    else:
+
+        async def worker() -> None:
+            ctx = client.ctx
+            async with ctx.watch_variables(names) as watch:
+                thread.start()
+                async for event in watch:
+                    if check(event, await ctx.get_versioned(event.name)):
+                        break
+
+        client.run(worker)
+    thread.join(DEADLINE_S)
+    assert not behind, behind
+
+
+def test_a_watch_without_the_cache_still_follows_changes(
+    make_client: Callable[..., Any], server: BridgeServer, session: str
+) -> None:
+    client = make_client(server.address, session, cache=False)
+    events, stop = client.watch(["temperature"])
+    try:
+        assert (events.next().update_type, client.cached("temperature")) == ("initial_value", None)
+        server.store.set_variable(session, "temperature", 1.5)
+        change = events.next()
+        assert (change.value, change.version, change.update_type) == (1.5, 2, "value_change")
+    finally:
+        stop()
+
+
+def test_a_cached_watch_opens_no_stream_of_its_own(make_client: Callable[..., Any]) -> None:
+    store = SessionStore()
+    store.create_session("s")
+    store.register_variable("s", "x", "integer", 0)
+    bridge, _ = create_server(store, port=0, heartbeat_interval=HEARTBEAT_S)
+    bridge.start()
+    try:
+        client = make_client(bridge.address, "s")
+        assert client.wait_synced(DEADLINE_S)
+        streams = bridge.servicer.active_watches
+        events, stop = client.watch(["x"])
+        try:
+            assert events.next().version == 1
+            store.set_variable("s", "x", 1)
+            assert events.next().version == 2
+            assert bridge.servicer.active_watches == streams
+        finally:
+            stop()
+    finally:
+        bridge.stop(grace=0)
+        store.close()
+
+
+def test_a_watch_ends_when_its_session_is_cleaned_up(client: Any, server: BridgeServer, session: str) -> None:
+    events, stop = client.watch(["temperature"])
+    try:
+        assert events.next().update_type == "initial_value"
+        server.store.cleanup_session(session)
+        with pytest.raises(SessionNotFoundError):
+            events.until(lambda e: False)
+    finally:
+        stop()
+
+
+def test_a_watch_gives_up_after_the_reconnect_timeout(make_client: Callable[..., Any]) -> None:
+    store = SessionStore()
+    store.create_session("s")
+    store.register_variable("s", "x", "integer", 0)
+    bridge, _ = create_server(store, port=0, heartbeat_interval=HEARTBEAT_S)
+    bridge.start()
+    try:
+        client = make_client(bridge.address, "s", reconnect_timeout=0.5)
+        events, stop = client.watch()
+        try:
+            assert events.next().update_type == "initial_value"
+            bridge.stop(grace=0)
+            with pytest.raises(BridgeUnavailableError):
+                events.until(lambda e: False)
+        finally:
+            stop()
+    finally:
+        bridge.stop(grace=0)
+        store.close()

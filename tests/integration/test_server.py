@@ -907,3 +907,27 @@ def test_embedded_bridge_is_a_lazy_singleton_that_can_be_restarted() -> None:
         assert not second.store.has_session("embedded")
     finally:
         EmbeddedBridge.shutdown()
+
+
+def test_an_open_watch_keeps_its_session_from_expiring(make_bridge: Callable[..., Bridge]) -> None:
+    """Each heartbeat of an open watch refreshes the session's TTL; once the watch closes, it expires."""
+    bridge = make_bridge(store=SessionStore(default_ttl=0.5), heartbeat_interval=0.1)
+    bridge.register("x", "integer", 1)
+    stream = bridge.watch(["x"])
+    assert stream.update().update_type == "initial_value"
+    beats = 0
+    while beats < 8:  # 8 heartbeats, at least 0.1 s of silence each: more than the 0.5 s TTL went by
+        item = stream.next(heartbeats=True)
+        assert isinstance(item, pb.VariableUpdate), item
+        beats += item.update_type == "heartbeat"
+    assert bridge.store.sweep() == []
+    assert bridge.store.has_session(SID)
+
+    stream.close()
+    removed: list[str] = []
+    deadline = time.monotonic() + 30.0
+    while SID not in removed:
+        assert time.monotonic() < deadline, "the session did not expire after its watch closed"
+        removed += bridge.store.sweep()
+        time.sleep(0.05)
+    assert not bridge.store.has_session(SID)
