@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), help="run only these sections")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     rows: list[Row] = []
     for name, section in SECTIONS.items():
@@ -415,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.name:44} {r.median_us:10.3f}us {r.p99_us:10.3f}us {ratio:>7} {best:>7}  {r.target:>10}{status}  {r.baseline}"
         )
-    RESULTS.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
-    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
-    print(f"\nwritten {RESULTS / 'latest.json'}")
+    args.out.write_text(json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2))
+    print(f"\nwritten {args.out}")
     return 0
 
 

@@ -1,0 +1,39 @@
+"""The benchmark runner itself works: a quick run of its sections prints the table and writes JSON.
+
+Nothing here judges speed (tests never depend on timing); it only keeps ``make bench`` runnable.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_quick_benchmark_run_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "local", "workers", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {
+        "LocalState get",
+        "LocalState set (validated)",
+        "worker read (watch-fed cache)",
+        "set -> seen by a watcher in another process",
+    } <= set(rows)
+    for row in rows.values():
+        assert row["ratio"] > 0 and row["baseline"]
+    assert "benchmark" in proc.stdout and "ratio" in proc.stdout
