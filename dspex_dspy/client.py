@@ -86,7 +86,15 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
-from dspex_dspy.remote import CHANNEL_OPTIONS, DEFAULT_CALL_TIMEOUT, BridgeCall, BridgeCalls, RemoteStore, open_channel
+from dspex_dspy.remote import (
+    CHANNEL_OPTIONS,
+    DEFAULT_CALL_TIMEOUT,
+    BridgeCall,
+    BridgeCalls,
+    RemoteStore,
+    open_channel,
+    registered_variable,
+)
 from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
@@ -877,22 +885,8 @@ class _ClientCore:
         metadata: Mapping[str, Any] | None,
     ) -> str:
         if self._cache is not None:
-            spec = compile_spec(name, type_, constraints)
-            now = time.time()
             self._cache.own_register(
-                Variable(
-                    id=var_id,
-                    name=name,
-                    type=spec.type,
-                    value=spec.validate(value),
-                    constraints=dict(spec.constraints),
-                    description=description or "",
-                    metadata=normalize_metadata(name, metadata),
-                    version=1,
-                    created_at=now,
-                    updated_at=now,
-                    source=WORKER,
-                )
+                registered_variable(var_id, name, type_, value, constraints, description, metadata, WORKER)
             )
         return var_id
 

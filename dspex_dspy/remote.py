@@ -55,6 +55,7 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "DEFAULT_CALL_TIMEOUT",
     "IMPORT_WINDOW",
+    "registered_variable",
     "BridgeCall",
     "BridgeCalls",
     "RemoteStore",
@@ -488,6 +489,34 @@ class BridgeCalls:
 # --------------------------------------------------------------------------------------------
 
 
+def registered_variable(
+    var_id: str,
+    name: str,
+    type_: str,
+    value: Any,
+    constraints: Mapping[str, Any] | None,
+    description: str | None,
+    metadata: Mapping[str, Any] | None,
+    source: str,
+) -> Variable:
+    """The record of a variable the server just registered under ``var_id`` (version 1, client clock)."""
+    spec = compile_spec(name, type_, constraints)
+    now = time.time()
+    return Variable(
+        id=var_id,
+        name=name,
+        type=spec.type,
+        value=spec.validate(value),
+        constraints=dict(spec.constraints),
+        description=description or "",
+        metadata=normalize_metadata(name, metadata),
+        version=1,
+        created_at=now,
+        updated_at=now,
+        source=source,
+    )
+
+
 class RemoteStore:
     """A :class:`~dspex_dspy.store.SessionStore` look-alike that talks to a bridge server over gRPC.
 
@@ -661,21 +690,7 @@ class RemoteStore:
             source=source,
         )
         var_id = self.call(call)
-        spec = compile_spec(name, type_, constraints)
-        now = time.time()
-        registered = Variable(
-            id=var_id,
-            name=name,
-            type=spec.type,
-            value=spec.validate(value),
-            constraints=dict(spec.constraints),
-            description=description or "",
-            metadata=normalize_metadata(name, metadata),
-            version=1,
-            created_at=now,
-            updated_at=now,
-            source=source,
-        )
+        registered = registered_variable(var_id, name, type_, value, constraints, description, metadata, source)
         return self._learn(session_id, registered)
 
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
