@@ -14,13 +14,12 @@ import pickle
 import queue
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
-from workers.adapters import CLIENTS, DEADLINE_S, AsyncClient, EventQueue, SyncClient
+from workers.adapters import CLIENTS, DEADLINE_S, AsyncClient, EventQueue, SyncClient, reads, wait_for
 
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.client import ADDRESS_ENV, AsyncSessionContext, SessionContext, WatchEvent
@@ -306,25 +305,6 @@ def test_the_cache_is_bypassed_while_the_watch_is_down_and_resyncs(make_client: 
         if second is not None:
             second.stop(grace=0)
         store.close()
-
-
-def reads(client: Any, name: str) -> Any:
-    """The value ``client`` reads for ``name``, or None while the bridge is unavailable."""
-    try:
-        return client.get(name)
-    except BridgeUnavailableError:
-        return None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> bool:
-    """Wait until ``condition()`` holds, checking every 10 ms; False after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.01)
-    return True
 
 
 # --------------------------------------------------------------------------------------------

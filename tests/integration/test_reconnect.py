@@ -8,13 +8,11 @@ test runs for the blocking and the asyncio client. Waits are bounded and end on 
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from workers.adapters import CLIENTS, DEADLINE_S
+from workers.adapters import CLIENTS, DEADLINE_S, reads, wait_for
 
 from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.remote import RemoteStore
@@ -35,25 +33,6 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     yield make
     for client in made:
         client.close()
-
-
-def reads(client: Any, name: str) -> Any:
-    """The value ``client`` reads for ``name``, or None while the bridge is unavailable."""
-    try:
-        return client.get(name)
-    except BridgeUnavailableError:
-        return None
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> bool:
-    """Wait until ``condition()`` holds, checking every 20 ms; False after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    tick = threading.Event()
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        tick.wait(0.02)
-    return True
 
 
 def history(events: list[Any], name: str) -> list[tuple[int, Any]]:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Coroutine, Iterable, Mapping
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from dspex_dspy.client import AsyncSessionContext, AsyncVariableWatch, SessionContext, VariableWatch, WatchEvent
+from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.types import Variable
 
 T = TypeVar("T")
@@ -271,3 +273,22 @@ class AsyncClient:
 
 
 CLIENTS: dict[str, Any] = {"sync": SyncClient, "async": AsyncClient}
+
+
+def reads(client: Any, name: str) -> Any:
+    """The value ``client`` reads for ``name``, or None while the bridge is unavailable."""
+    try:
+        return client.get(name)
+    except BridgeUnavailableError:
+        return None
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = DEADLINE_S) -> bool:
+    """Wait until ``condition()`` holds, checking every 10 ms; False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.01)
+    return True
