@@ -41,11 +41,13 @@ from dspex_dspy.errors import (
     VariableExistsError,
 )
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.tls import CA_ENV, Pem, channel_credentials, resolve_security
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,
     compile_spec,
     encode_constraints,
+    is_secret,
     normalize_metadata,
     validate_name,
 )
@@ -316,7 +318,7 @@ class BridgeCalls:
         without a round trip, with the same error the server would report.
         """
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         request = pb.RegisterVariableRequest(
             session_id=session_id,
             name=name,
@@ -500,7 +502,7 @@ def registered_variable(
     source: str,
 ) -> Variable:
     """The record of a variable the server just registered under ``var_id`` (version 1, client clock)."""
-    spec = compile_spec(name, type_, constraints)
+    spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
     now = time.time()
     return Variable(
         id=var_id,
@@ -557,18 +559,39 @@ class RemoteStore:
         self._known_lock = threading.Lock()
 
     @classmethod
-    def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
-        """Open an insecure channel to ``address`` and wait until it is ready.
+    def connect(
+        cls,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+    ) -> RemoteStore:
+        """Open a channel to ``address`` (see :func:`open_channel`) and wait until it is ready.
 
         Args:
             address: ``"host:port"`` of a bridge server.
             timeout: seconds to wait for the connection.
             call_timeout: the deadline of each later call.
+            root_certificates: PEM roots to trust (bytes, text or a path): the channel uses TLS.
+            token: a bearer token sent on every call.
+            certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
+            private_key: the key of that client certificate (PEM).
 
         Raises:
             BridgeUnavailableError: no server answered within ``timeout``.
         """
-        channel = open_channel(address, timeout=timeout)
+        channel = open_channel(
+            address,
+            timeout=timeout,
+            root_certificates=root_certificates,
+            token=token,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+        )
         return cls(pb_grpc.BridgeServiceStub(channel), channel=channel, address=address, call_timeout=call_timeout)
 
     # ------------------------------------------------------------------ running calls
@@ -752,7 +775,7 @@ class RemoteStore:
         now = time.time()
         out = []
         for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             imported = replace(
                 var,
                 id=var_id,
@@ -826,14 +849,18 @@ class RemoteStore:
         version = self.call(call)
         if known is not None:
             try:
-                normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+                normalised = compile_spec(
+                    known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+                ).validate(value)
             except ValidationError:
                 known = None  # what this client knew is stale: the variable was redefined
         if known is None:
             known = self.call(BridgeCalls.get_variable(session_id, identifier))
             if known.version == version:
                 return self._learn(session_id, known)
-            normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+            normalised = compile_spec(
+                known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+            ).validate(value)
         written = replace(
             known,
             value=normalised,
@@ -884,18 +911,50 @@ class RemoteStore:
         return self._learn(session_id, self.call(call))
 
 
-def open_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:
-    """Open an insecure channel to ``address`` and wait up to ``timeout`` seconds for it to be ready.
+def open_channel(
+    address: str,
+    *,
+    timeout: float = 5.0,
+    root_certificates: Pem | None = None,
+    token: str | None = None,
+    certificate_chain: Pem | None = None,
+    private_key: Pem | None = None,
+) -> grpc.Channel:
+    """Open a channel to ``address`` and wait up to ``timeout`` seconds for it to be ready.
+
+    The channel is plaintext unless root certificates are given (or ``DSPEX_BRIDGE_CA`` is set),
+    and carries a bearer token when one is given (or ``DSPEX_BRIDGE_TOKEN`` is set); see
+    :func:`~dspex_dspy.tls.resolve_security`.
 
     Raises:
-        BridgeUnavailableError: the address is malformed or nothing answered in time.
+        BridgeUnavailableError: the address is malformed or nothing answered in time (the message
+            carries gRPC's last connection error, e.g. a failed TLS handshake).
     """
     if not isinstance(address, str) or ":" not in address:
         raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    security = resolve_security(root_certificates, token, certificate_chain=certificate_chain, private_key=private_key)
+    credentials = channel_credentials(address, security)
+    if credentials is None:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:
+        reason = _connection_error(channel)
         channel.close()
-        raise BridgeUnavailableError(f"no bridge server answered at {address} within {timeout:g} s") from None
+        hint = "" if security.tls else f"; if the bridge uses TLS, pass root_certificates= or set {CA_ENV}"
+        raise BridgeUnavailableError(
+            f"no bridge server answered at {address} within {timeout:g} s{reason}{hint}"
+        ) from None
     return channel
+
+
+def _connection_error(channel: grpc.Channel) -> str:
+    """gRPC's last connection error on a channel that never became ready, as a message suffix."""
+    try:
+        pb_grpc.BridgeServiceStub(channel).Ping(pb.PingRequest(), timeout=1.0)
+    except grpc.RpcError as err:
+        details = err.details() if callable(getattr(err, "details", None)) else ""
+        return f" (last error: {details})" if details else ""
+    return ""

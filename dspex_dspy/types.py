@@ -38,6 +38,7 @@ __all__ = [
     "decode_value",
     "encode_constraints",
     "encode_value",
+    "is_secret",
     "normalize_metadata",
     "type_from_url",
     "validate_name",
@@ -94,6 +95,25 @@ class Variable:
     created_at: float = 0.0
     updated_at: float = 0.0
     source: str = "orchestrator"
+
+    def __repr__(self) -> str:
+        value = "<secret>" if is_secret(self.metadata) else repr(self.value)
+        return (
+            f"Variable(id={self.id!r}, name={self.name!r}, type={self.type!r}, value={value}, "
+            f"constraints={dict(self.constraints)!r}, description={self.description!r}, "
+            f"metadata={dict(self.metadata)!r}, version={self.version!r}, created_at={self.created_at!r}, "
+            f"updated_at={self.updated_at!r}, source={self.source!r})"
+        )
+
+
+def is_secret(metadata: Mapping[str, Any] | None) -> bool:
+    """Whether metadata marks a variable secret (``{"secret": "true"}``): its value is never shown.
+
+    Example:
+        >>> is_secret({"secret": "true"}), is_secret({"secret": "no"}), is_secret(None)
+        (True, False, False)
+    """
+    return bool(metadata) and str(metadata.get("secret", "")).strip().lower() == "true"  # type: ignore[union-attr]
 
 
 def validate_name(name: object) -> str:
@@ -402,12 +422,14 @@ class VariableSpec:
         type: one of :data:`VARIABLE_TYPES`.
         constraints: the normalised constraints (JSON-friendly, as given after checking).
         checks: the compiled constraint checks, applied in order.
+        secret: the variable is secret: a rejected value is not shown in the error.
     """
 
     name: str
     type: str
     constraints: Mapping[str, Any]
     checks: tuple[Any, ...] = field(repr=False)
+    secret: bool = False
 
     def validate(self, value: Any) -> Any:
         """Return the normalised value, or raise :class:`ValidationError` naming variable, rule and value.
@@ -416,9 +438,22 @@ class VariableSpec:
             >>> compile_spec("temperature", "float", {"min": 0.0, "max": 2.0}).validate(1)
             1.0
         """
+        if self.secret:
+            return self._validate_secret(value)
         normalised = _NORMALISERS[self.type](self.name, value)
         for check in self.checks:
             check(self.name, normalised)
+        return normalised
+
+    def _validate_secret(self, value: Any) -> Any:
+        try:
+            normalised = _NORMALISERS[self.type](self.name, value)
+            for check in self.checks:
+                check(self.name, normalised)
+        except ValidationError as exc:
+            raise ValidationError(
+                self.name, exc.rule, None, f"the value was rejected (not shown: {self.name} is secret)"
+            ) from None
         return normalised
 
 
@@ -453,8 +488,12 @@ def _string_list(name: str, key: str, raw: Any) -> list[str]:
     return items
 
 
-def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = None) -> VariableSpec:
+def compile_spec(
+    name: str, type_: str, constraints: Mapping[str, Any] | None = None, *, secret: bool = False
+) -> VariableSpec:
     """Check ``type_`` and ``constraints`` and compile them for fast validation.
+
+    ``secret`` compiles the spec of a secret variable, whose rejected values are never shown.
 
     Raises:
         ValidationError: unknown type, unknown constraint key, ``min > max``, a pattern that does not
@@ -552,7 +591,7 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
             )
         norm["shape"] = list(shape)
         checks.append(_Shape(tuple(shape)))
-    return VariableSpec(name=name, type=type_, constraints=norm, checks=tuple(checks))
+    return VariableSpec(name=name, type=type_, constraints=norm, checks=tuple(checks), secret=secret)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ from google.protobuf import any_pb2, timestamp_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import (
+    AuthenticationError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
+    PermissionDeniedError,
+    RateLimitError,
     SessionExistsError,
     SessionNotFoundError,
     ValidationError,
@@ -329,6 +332,8 @@ _STATUS: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflictError, grpc.StatusCode.ABORTED),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (BridgeUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -353,6 +358,7 @@ _CONFLICT_RE = re.compile(
     r"(?s)(?P<name>.*): expected version (?P<expected>-?\d+) but the current version is (?P<actual>-?\d+)"
 )
 _LIMIT_RE = re.compile(r"(?s)(?P<limit>.*): (?P<value>-?\d+) exceeds the limit (?P<maximum>-?\d+)")
+_RATE_RE = re.compile(r"(?s)rate limit exceeded for (?P<principal>.*): retry after (?P<retry>[0-9.]+) s")
 _VAR_EXISTS_RE = re.compile(r"(?s)Variable already exists: (?P<name>\S+)(?: in session (?P<session>\S+))?")
 _SESSION_EXISTS_RE = re.compile(r"(?s)Session already exists: (?P<session>.+)")
 _VAR_NOT_FOUND_RE = re.compile(r"(?s)Variable not found: (?P<name>\S+)(?: in session (?P<session>\S+))?")
@@ -444,7 +450,14 @@ def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str 
         else:
             exists = VariableExistsError(identifier, session_id or None)
         return _with_message(exists, details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(details or "the bridge requires a valid token")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDeniedError(details or "the token does not allow this")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        rate = _RATE_RE.search(details)
+        if rate:
+            return RateLimitError(rate.group("principal"), float(rate.group("retry")))
         match = _LIMIT_RE.search(details)
         if match:
             limit = LimitExceededError(match.group("limit"), int(match.group("value")), int(match.group("maximum")))

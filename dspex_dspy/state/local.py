@@ -29,7 +29,7 @@ from dspex_dspy.errors import (
     VersionConflictError,
 )
 from dspex_dspy.state.base import StateProvider
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["LocalState"]
 
@@ -186,7 +186,7 @@ class LocalState:
         metadata: Mapping[str, Any] | None = None,
     ) -> Variable:
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         meta.setdefault("source", "orchestrator")
@@ -282,7 +282,7 @@ class LocalState:
         prepared = []
         for var in variables:
             validate_name(var.name)
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             prepared.append((var, spec, spec.validate(var.value), normalize_metadata(var.name, var.metadata)))
         with self._lock:
             forward = self._retired

@@ -6,10 +6,13 @@ import pytest
 
 from dspex_dspy import errors
 from dspex_dspy.errors import (
+    AuthenticationError,
     BatchUpdateError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
+    PermissionDeniedError,
+    RateLimitError,
     SessionExistsError,
     SessionNotFoundError,
     ValidationError,
@@ -30,6 +33,9 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (SessionExistsError("s1"), ValueError),
     (LimitExceededError("sessions", 11, 10), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
+    (RateLimitError("worker-1", 0.25), RuntimeError),
+    (AuthenticationError("the token has expired"), PermissionError),
+    (PermissionDeniedError("SetVariable needs the 'write' permission"), PermissionError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]
 

@@ -32,10 +32,13 @@ PUBLIC = {
 }
 
 ERRORS = {
+    "AuthenticationError",
     "BatchUpdateError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "SessionExistsError",
     "SessionNotFoundError",
     "ValidationError",
@@ -54,17 +57,20 @@ ALLOWED = {
     "context": {"errors", "types", "state"},
     "variables": {"errors", "types", "context"},
     "wire": {"errors", "types", "store", "_proto"},
-    "server": {"errors", "types", "store", "wire", "_proto"},
-    "remote": {"errors", "types", "store", "wire", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "_proto"},
+    "tokens": {"errors"},
+    "tls": {"errors"},
+    "auth": {"errors", "tls", "tokens", "_proto"},
+    "server": {"errors", "types", "store", "wire", "auth", "tls", "_proto"},
+    "remote": {"errors", "types", "store", "wire", "tls", "_proto"},
+    "client": {"errors", "types", "store", "wire", "remote", "tls", "_proto"},
     "modules": {"errors", "types", "modules", "context", "variables"},
-    "cli": {"errors", "types", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "auth", "tls", "tokens", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote")} | {("demo", n) for n in ("client", "modules", "offline")}
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("context", "tokens")} | {("demo", n) for n in ("client", "modules", "offline")}
 
 
 def _layer(path: Path) -> str:
