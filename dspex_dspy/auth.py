@@ -332,12 +332,12 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 if wait > 0:
                     raise RateLimitError(key, wait)
         except AuthenticationError as exc:
-            self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED, str(exc), _write_target(rpc, request))
         except PermissionDeniedError as exc:
-            self._refuse(context, call, grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            self._refuse(context, call, grpc.StatusCode.PERMISSION_DENIED, str(exc), _write_target(rpc, request))
         except RateLimitError as exc:
             context.set_trailing_metadata((("retry-after", f"{exc.retry_after:.3f}"),))
-            self._refuse(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            self._refuse(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), _write_target(rpc, request))
         return call, claims
 
     @staticmethod
@@ -353,8 +353,8 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         raise PermissionDeniedError(f"{rpc}: the token of {claims.sub} does not open session {session!r}")
 
     @staticmethod
-    def _refuse(context: Any, call: _Call, code: grpc.StatusCode, message: str) -> None:
-        _audit(call, code.name, reason=message)
+    def _refuse(context: Any, call: _Call, code: grpc.StatusCode, message: str, variable: Any = None) -> None:
+        _audit(call, code.name, variable=variable, reason=message)
         context.abort(code, message)
 
     def _refuse_streaming(self, rpc: str) -> Callable[[Any, Any], Any]:
