@@ -50,7 +50,9 @@ NEW_SID = "sess_new"
 DEADLINE = 30.0  # generous bound on waits; never an assertion on speed
 
 
-def _token(perms: str, *, sessions: Any = (SID,), ttl: float = 600.0, sub: str = "tester", secret: bytes = SECRET) -> str:
+def _token(
+    perms: str, *, sessions: Any = (SID,), ttl: float = 600.0, sub: str = "tester", secret: bytes = SECRET
+) -> str:
     return mint_token(secret, sub=sub, sessions=list(sessions) if sessions != "*" else "*", perms=perms, ttl=ttl)
 
 
@@ -89,7 +91,9 @@ def auth_bridge() -> Iterator[BridgeServer]:
 @pytest.fixture()
 def tls_bridge(material: TlsMaterial) -> Iterator[BridgeServer]:
     """A bridge with TLS and tokens, with one session holding x = 1.0."""
-    server, _ = create_server(tls=ServerTLS.load(material.server.cert_path, material.server.key_path), auth_secret=SECRET)
+    server, _ = create_server(
+        tls=ServerTLS.load(material.server.cert_path, material.server.key_path), auth_secret=SECRET
+    )
     server.start()
     server.store.create_session(SID)
     server.store.register_variable(SID, "x", "float", 1.0)
@@ -237,7 +241,9 @@ def _credential(kind: str) -> tuple[tuple[str, str], ...]:
     if kind == "wrong secret":
         return _bearer(_token("read,write,watch,optimize", secret=OTHER_SECRET))
     if kind == "expired token":
-        return _bearer(mint_token(SECRET, sub="late", sessions=[SID], perms="read,write,watch", ttl=1, now=time.time() - 60))
+        return _bearer(
+            mint_token(SECRET, sub="late", sessions=[SID], perms="read,write,watch", ttl=1, now=time.time() - 60)
+        )
     if kind == "other session":
         return _bearer(_token("read,write,watch,optimize", sessions=[OTHER_SID]))
     if kind == "read-only token":
@@ -258,7 +264,15 @@ def _expected(kind: str, rpc: Rpc) -> grpc.StatusCode | None:
     return None if rpc.needs == held else DENIED
 
 
-KINDS = ["no token", "garbage token", "wrong secret", "expired token", "other session", "read-only token", "watch-only token"]
+KINDS = [
+    "no token",
+    "garbage token",
+    "wrong secret",
+    "expired token",
+    "other session",
+    "read-only token",
+    "watch-only token",
+]
 CASES = [(kind, rpc) for kind in KINDS for rpc in RPCS if _expected(kind, rpc) is not None]
 
 
@@ -340,7 +354,10 @@ def test_the_writer_is_the_token_subject_not_what_the_request_claims(auth_bridge
         stub = pb_grpc.BridgeServiceStub(channel)
         stub.SetVariable(
             pb.SetVariableRequest(
-                session_id=SID, variable_identifier="x", value=value_to_any("float", 4.0), metadata={"source": "orchestrator"}
+                session_id=SID,
+                variable_identifier="x",
+                value=value_to_any("float", 4.0),
+                metadata={"source": "orchestrator"},
             ),
             metadata=(*_bearer(token), ("source", "orchestrator")),
             timeout=DEADLINE,
@@ -428,9 +445,10 @@ def test_two_nodes_with_one_secret_accept_each_others_tokens() -> None:
         store.create_session(SID)
         store.register_variable(SID, "x", "float", 1.0)
         token = _token("read,write,watch", sub="worker-2")
-        with SessionContext.connect(node_b.address, SID, token=token) as watcher, RemoteStore.connect(
-            node_a.address, token=token
-        ) as writer:
+        with (
+            SessionContext.connect(node_b.address, SID, token=token) as watcher,
+            RemoteStore.connect(node_a.address, token=token) as writer,
+        ):
             _wait_for(lambda: watcher.cache_synced, "the watcher cache to sync")
             watch = watcher.watch_variables(["x"], include_initial=True)
             assert next(watch).value == 1.0
@@ -448,7 +466,9 @@ def test_a_snakepit_client_without_metadata_works_on_a_loopback_bridge_without_a
         stub = pb_grpc.BridgeServiceStub(channel)
         assert stub.InitializeSession(pb.InitializeSessionRequest(session_id="snk"), timeout=DEADLINE).success
         stub.RegisterVariable(
-            pb.RegisterVariableRequest(session_id="snk", name="t", type="float", initial_value=value_to_any("float", 0.5)),
+            pb.RegisterVariableRequest(
+                session_id="snk", name="t", type="float", initial_value=value_to_any("float", 0.5)
+            ),
             timeout=DEADLINE,
         )
         reply = stub.SetVariable(
@@ -509,7 +529,11 @@ def test_writes_deletes_rollbacks_and_refusals_leave_one_audit_line_each(
     with grpc.insecure_channel(auth_bridge.address) as channel, pytest.raises(grpc.RpcError):
         pb_grpc.BridgeServiceStub(channel).RegisterVariable(
             pb.RegisterVariableRequest(
-                session_id=SID, name="z", type="float", initial_value=value_to_any("float", 0.1), constraints_json='{"max": 0}'
+                session_id=SID,
+                name="z",
+                type="float",
+                initial_value=value_to_any("float", 0.1),
+                constraints_json='{"max": 0}',
             ),
             metadata=_bearer(token),
             timeout=DEADLINE,
@@ -518,7 +542,9 @@ def test_writes_deletes_rollbacks_and_refusals_leave_one_audit_line_each(
         with pytest.raises(PermissionDeniedError):
             reader.set_variable(SID, "x", 3.0)
     lines = _audit_lines(caplog)
-    summary = [(ln["rpc"], ln["principal"], ln["session"], ln["variable"], ln["version"], ln["outcome"]) for ln in lines]
+    summary = [
+        (ln["rpc"], ln["principal"], ln["session"], ln["variable"], ln["version"], ln["outcome"]) for ln in lines
+    ]
     assert summary == [
         ("SetVariable", "auditor", SID, "x", 2, "OK"),
         ("RollbackVariable", "auditor", SID, "x", 3, "OK"),

@@ -112,9 +112,7 @@ def _issue(directory: Path, ca: Authority, label: str, *, server: bool) -> Issue
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
     cert = builder.sign(ca._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
