@@ -96,7 +96,7 @@ from dspex_dspy.remote import (
     registered_variable,
 )
 from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
-from dspex_dspy.tls import ChannelSecurity, Pem, channel_credentials, resolve_security
+from dspex_dspy.tls import ChannelSecurity, Pem, resolve_security, secure_aio_channel
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
@@ -1652,11 +1652,7 @@ class AsyncSessionContext(_ClientCore):
             raise DSPexError("the grpc.aio stub of this AsyncSessionContext belongs to an event loop that has closed")
         if not self._given_stub:
             assert self.address is not None
-            credentials = channel_credentials(self.address, self.security)
-            if credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+            self._channel = secure_aio_channel(self.address, self.security, CHANNEL_OPTIONS)
             self.stub = pb_grpc.BridgeServiceStub(self._channel)
         self._loop = loop
         self._changed = asyncio.Event()

@@ -41,7 +41,7 @@ from dspex_dspy.errors import (
     VariableExistsError,
 )
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
-from dspex_dspy.tls import CA_ENV, Pem, channel_credentials, resolve_security
+from dspex_dspy.tls import CA_ENV, Pem, resolve_security, secure_channel
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,
@@ -933,16 +933,12 @@ def open_channel(
     if not isinstance(address, str) or ":" not in address:
         raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
     security = resolve_security(root_certificates, token, certificate_chain=certificate_chain, private_key=private_key)
-    credentials = channel_credentials(address, security)
-    if credentials is None:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    else:
-        channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    transport, channel = secure_channel(address, security, CHANNEL_OPTIONS)
     try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
+        grpc.channel_ready_future(transport).result(timeout=timeout)
     except grpc.FutureTimeoutError:
-        reason = _connection_error(channel)
-        channel.close()
+        reason = _connection_error(transport)
+        transport.close()
         hint = "" if security.tls else f"; if the bridge uses TLS, pass root_certificates= or set {CA_ENV}"
         raise BridgeUnavailableError(
             f"no bridge server answered at {address} within {timeout:g} s{reason}{hint}"
