@@ -29,7 +29,7 @@ from dspex_dspy.auth import RateLimiter
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, StoreLimits
-from dspex_dspy.tls import ServerTLS, channel_credentials, resolve_security
+from dspex_dspy.tls import ServerTLS, resolve_security, secure_channel
 from dspex_dspy.tokens import PERMISSIONS, load_secret, mint_token
 from dspex_dspy.wire import error_from_rpc, from_timestamp
 
@@ -210,13 +210,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _ping(args: argparse.Namespace) -> int:
     try:
         security = resolve_security(args.ca, args.token, certificate_chain=args.cert, private_key=args.key)
-        credentials = channel_credentials(args.address, security)
+        _, channel = secure_channel(args.address, security)
     except DSPexError as exc:
         print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
         return 2
-    channel = (
-        grpc.insecure_channel(args.address) if credentials is None else grpc.secure_channel(args.address, credentials)
-    )
     with channel:
         stub = pb_grpc.BridgeServiceStub(channel)
         try:

@@ -113,16 +113,19 @@ def test_the_right_ca_connects_every_client(tls_bridge: BridgeServer, material: 
     with SessionContext.connect(tls_bridge.address, SID, root_certificates=material.ca.cert, token=token) as worker:
         assert worker.get_variable("x") == 1.0
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         ctx = await AsyncSessionContext.connect(
             tls_bridge.address, SID, root_certificates=str(material.ca.path), token=token
         )
         try:
-            return float(await ctx.get_variable("x"))
+            value = float(await ctx.get_variable("x"))
+            async for event in ctx.watch_variables(["x"], include_initial=True):
+                return value, float(event.value)
+            raise AssertionError("the watch ended without an event")
         finally:
             await ctx.close()
 
-    assert asyncio.run(run()) == 1.0
+    assert asyncio.run(run()) == (1.0, 1.0)
 
 
 def test_the_environment_names_the_ca_and_the_token(
