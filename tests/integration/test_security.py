@@ -138,9 +138,9 @@ def test_the_environment_names_the_ca_and_the_token(
 
 
 def test_a_wrong_ca_fails_with_a_clear_error(tls_bridge: BridgeServer, material: TlsMaterial) -> None:
-    with pytest.raises(BridgeUnavailableError, match="(?i)handshake|certificate"):
+    with pytest.raises(BridgeUnavailableError, match=r"(?i)handshake|certificate"):
         open_channel(tls_bridge.address, timeout=2.0, root_certificates=material.other_ca.cert, token=ADMIN)
-    with pytest.raises(BridgeUnavailableError, match="(?i)handshake|certificate"):
+    with pytest.raises(BridgeUnavailableError, match=r"(?i)handshake|certificate"):
         SessionContext.connect(tls_bridge.address, SID, timeout=2.0, root_certificates=material.other_ca.path)
 
 
@@ -541,9 +541,11 @@ def test_writes_deletes_rollbacks_and_refusals_leave_one_audit_line_each(
             metadata=_bearer(token),
             timeout=DEADLINE,
         )
-    with RemoteStore.connect(auth_bridge.address, token=_token("read", sub="reader")) as reader:
-        with pytest.raises(PermissionDeniedError):
-            reader.set_variable(SID, "x", 3.0)
+    with (
+        RemoteStore.connect(auth_bridge.address, token=_token("read", sub="reader")) as reader,
+        pytest.raises(PermissionDeniedError),
+    ):
+        reader.set_variable(SID, "x", 3.0)
     lines = _audit_lines(caplog)
     summary = [
         (ln["rpc"], ln["principal"], ln["session"], ln["variable"], ln["version"], ln["outcome"]) for ln in lines
