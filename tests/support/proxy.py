@@ -106,8 +106,7 @@ class _Pair:
                             s.close()
                     return
                 for key, mask in sel.select(_POLL_S):
-                    s = key.fileobj
-                    assert isinstance(s, socket.socket)
+                    s = self.client if key.fileobj is self.client else self.upstream
                     if mask & selectors.EVENT_READ:
                         try:
                             data = s.recv(_CHUNK)
@@ -197,7 +196,7 @@ class FaultProxy:
         while not self._closed.is_set():
             try:
                 client, _ = self._listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
