@@ -276,4 +276,3 @@ class FaultProxy:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
