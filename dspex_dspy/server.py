@@ -31,8 +31,8 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, LimitExceededError, SessionNotFoundError
+from dspex_dspy.guard import clip, guarded_handler
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
@@ -105,14 +105,16 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """End the call with the status that reports ``exc``."""
     if isinstance(exc, _Abort):
-        context.abort(exc.code, exc.message)
+        context.abort(exc.code, clip(exc.message))
     if isinstance(exc, DSPexError):
-        context.abort(status_for(exc), str(exc))
+        context.abort(status_for(exc), clip(str(exc)))
     if isinstance(exc, RecursionError):
         # A value nested thousands of levels deep is bad input, not a bug.
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the value is nested too deeply (rule encoding)")
     logger.exception("%s failed unexpectedly", rpc)
-    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}")
+    context.abort(
+        grpc.StatusCode.INTERNAL, clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}")
+    )
 
 
 def _unary(method: _Unary) -> _Unary:
@@ -675,7 +677,9 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
         options=options,
     )
-    pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
+    # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
+    # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
+    server.add_generic_rpc_handlers((guarded_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
