@@ -12,6 +12,9 @@ Three things happen here before a request reaches :class:`~dspex_dspy.server.Bri
   a later read fail.
 - **Echoes.** :func:`clip` bounds every status message: a message never carries more than
   :data:`MAX_STATUS_MESSAGE` characters of anything a client sent.
+
+:class:`WatchSlots` shares the watch streams fairly (per session and per principal under a global
+cap), so one client cannot take every slot.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Final
 import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy.errors import ValidationError
+from dspex_dspy.errors import LimitExceededError, ValidationError
 from dspex_dspy.store.glob import MAX_GLOB_LENGTH
 
 __all__ = [
@@ -31,9 +34,11 @@ __all__ = [
     "MAX_STATUS_MESSAGE",
     "TIMESTAMP_MAX_SECONDS",
     "TIMESTAMP_MIN_SECONDS",
+    "WatchSlots",
     "check_request",
     "clip",
     "guarded_handler",
+    "peer_principal",
 ]
 
 INT32_MAX: Final = 2**31 - 1
@@ -214,3 +219,74 @@ def guarded_handler(servicer: Any) -> grpc.GenericRpcHandler[Any, Any]:
                 response_serializer=response_class.SerializeToString,
             )
     return grpc.method_handlers_generic_handler(_SERVICE, handlers)
+
+
+def peer_principal(context: grpc.ServicerContext) -> str:
+    """Who is calling, for fair shares: the peer's address (``ipv4:127.0.0.1:53312``).
+
+    Each client connection is one principal; an authenticated server can name principals by
+    identity instead (see :class:`WatchSlots`).
+    """
+    peer = context.peer() or "unknown"
+    return peer[:MAX_IDENTIFIER_LENGTH]
+
+
+class WatchSlots:
+    """Fair shares of the server's watch streams: a global cap, and caps per session and per principal.
+
+    One client (or one session) can hold at most its share, so it can never leave the others
+    without a watch. Not thread-safe on its own: the server calls it under its lock.
+
+    Args:
+        total: streams open at once, over everything.
+        per_session: streams open at once on one session.
+        per_principal: streams open at once by one principal (a peer address, or an identity).
+
+    Example:
+        >>> slots = WatchSlots(total=4, per_session=2, per_principal=1)
+        >>> slots.acquire("s1", "peer-a")
+        >>> slots.acquire("s1", "peer-a")
+        Traceback (most recent call last):
+        ...
+        dspex_dspy.errors.LimitExceededError: watch streams of one client: 2 exceeds the limit 1
+    """
+
+    def __init__(self, total: int, per_session: int, per_principal: int) -> None:
+        for name, value in (("total", total), ("per_session", per_session), ("per_principal", per_principal)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.total = total
+        self.per_session = per_session
+        self.per_principal = per_principal
+        self._open = 0
+        self._by_session: dict[str, int] = {}
+        self._by_principal: dict[str, int] = {}
+
+    @property
+    def open(self) -> int:
+        """Streams holding a slot now."""
+        return self._open
+
+    def acquire(self, session_id: str, principal: str) -> None:
+        """Take one slot, or raise :class:`LimitExceededError` naming the share that is full."""
+        if self._open >= self.total:
+            raise LimitExceededError("watch streams", self._open + 1, self.total)
+        in_session = self._by_session.get(session_id, 0)
+        if in_session >= self.per_session:
+            raise LimitExceededError("watch streams of one session", in_session + 1, self.per_session)
+        of_principal = self._by_principal.get(principal, 0)
+        if of_principal >= self.per_principal:
+            raise LimitExceededError("watch streams of one client", of_principal + 1, self.per_principal)
+        self._open += 1
+        self._by_session[session_id] = in_session + 1
+        self._by_principal[principal] = of_principal + 1
+
+    def release(self, session_id: str, principal: str) -> None:
+        """Give one slot back."""
+        self._open = max(0, self._open - 1)
+        for counts, key in ((self._by_session, session_id), (self._by_principal, principal)):
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
