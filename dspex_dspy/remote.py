@@ -19,12 +19,13 @@ request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, Generic, TypeVar
 
@@ -71,6 +72,9 @@ DEFAULT_CALL_TIMEOUT: Final = 10.0
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
+
+UNDO_TIMEOUT: Final = 2.0
+"""Seconds the clean-up of a failed import may take (the connection is often what failed)."""
 
 CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     ("grpc.initial_reconnect_backoff_ms", 50),
@@ -555,6 +559,7 @@ class RemoteStore:
         # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
+        self._deadlines = threading.local()
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
@@ -573,15 +578,72 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ running calls
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound every call this thread makes inside the block by one deadline ``seconds`` from now.
+
+        A call's timeout becomes the smaller of :attr:`call_timeout` and the time left; once the
+        deadline has passed, calls fail at once with :class:`BridgeUnavailableError`. Used to give
+        a whole migration one bounded time, however many calls it makes.
+        """
+        previous = getattr(self._deadlines, "at", None)
+        at = time.monotonic() + seconds
+        self._deadlines.at = at if previous is None else min(previous, at)
+        try:
+            yield
+        finally:
+            self._deadlines.at = previous
+
+    def _timeout(self, cap: float | None = None) -> float:
+        """The timeout of the next call: ``call_timeout`` (or ``cap``), cut to the thread's deadline."""
+        timeout = self.call_timeout if cap is None else min(cap, self.call_timeout)
+        at = getattr(self._deadlines, "at", None)
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise BridgeUnavailableError(
+                    f"the bridge at {self.address or '?'} did not answer within the operation's deadline"
+                )
+            timeout = min(timeout, left)
+        return timeout
+
+    def _lost_session(self, exc: DSPexError, session_id: str) -> DSPexError:
+        """Say how to recover when the bridge no longer has a session this client used."""
+        if isinstance(exc, SessionNotFoundError) and self._knows_session(session_id):
+            hint = (
+                f" (the bridge at {self.address or '?'} no longer has this session: it was restarted or the "
+                "session expired; call ensure_bridged() on the context to re-create it from the values "
+                "this client last saw)"
+            )
+            if hint not in exc.message:
+                exc.message += hint
+                exc.args = (exc.message,)
+        return exc
+
+    def _knows_session(self, session_id: str) -> bool:
+        with self._known_lock:
+            return any(key[0] == session_id for key in self._known)
+
+    def known_variables(self, session_id: str) -> list[Variable]:
+        """The last state this client saw of each variable of a session, in creation order.
+
+        What a context re-creates its session from when the bridge lost it (see
+        :meth:`dspex_dspy.Context.ensure_bridged`).
+        """
+        with self._known_lock:
+            seen = {var.name: var for (sid, _), var in self._known.items() if sid == session_id}
+        return sorted(seen.values(), key=lambda var: (var.created_at, var.name))
+
     def call(self, bridge_call: BridgeCall[_T]) -> _T:
         """Run one described call with this store's deadline; raise the server's error on failure."""
         if self._closed:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
         method = getattr(self.stub, bridge_call.rpc)
         try:
-            response = method(bridge_call.request, timeout=self.call_timeout, metadata=bridge_call.metadata)
+            response = method(bridge_call.request, timeout=self._timeout(), metadata=bridge_call.metadata)
         except grpc.RpcError as err:
-            raise bridge_call.error(err) from err
+            session_id = getattr(bridge_call.request, "session_id", "")
+            raise self._lost_session(bridge_call.error(err), session_id) from err
         except ValueError as err:  # grpc raises this for a call on a closed channel
             raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
         return bridge_call.parse(response)
@@ -731,8 +793,13 @@ class RemoteStore:
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
             window = list(enumerate(calls[start : start + IMPORT_WINDOW], start))
+            try:
+                timeout = self._timeout()
+            except BridgeUnavailableError as exc:
+                failure = (start, exc)
+                break
             pending = [
-                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=self.call_timeout, metadata=c.metadata))
+                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=timeout, metadata=c.metadata))
                 for i, c in window
             ]
             for i, c, future in pending:
@@ -766,14 +833,23 @@ class RemoteStore:
         return out
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
-        """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
+        """Delete the variables a failed import made (pipelined); failures are logged, not raised.
+
+        The clean-up gets its own short deadline (:data:`UNDO_TIMEOUT`): when the connection is what
+        failed it cannot succeed, and the caller must learn of the failure in bounded time.
+        """
+        undo_by = time.monotonic() + UNDO_TIMEOUT
         for start in range(0, len(variable_ids), IMPORT_WINDOW):
+            left = undo_by - time.monotonic()
+            if left <= 0:
+                logger.warning("could not undo the import of %d variable(s) in time", len(variable_ids) - start)
+                return
             calls = [
                 BridgeCalls.delete_variable(session_id, var_id, source="orchestrator")
                 for var_id in variable_ids[start : start + IMPORT_WINDOW]
             ]
             futures = [
-                self.stub.DeleteVariable.future(c.request, timeout=self.call_timeout, metadata=c.metadata)
+                self.stub.DeleteVariable.future(c.request, timeout=min(left, self.call_timeout), metadata=c.metadata)
                 for c in calls
             ]
             for c, future in zip(calls, futures, strict=True):
