@@ -11,6 +11,8 @@ and inject faults between the two ends:
   (a half-open connection). New connections are accepted but carry nothing either.
 * :meth:`FaultProxy.restore` resumes forwarding. Nothing was dropped while blackholed, so
   connections that survived carry on where they stopped.
+* :meth:`FaultProxy.blackhole_after` blackholes once that many more bytes went client -> server
+  (to cut a connection in the middle of a long exchange, deterministically).
 * :meth:`FaultProxy.retarget` sends *new* connections to another port (a restarted server).
 * :meth:`FaultProxy.close` resets every connection and stops listening.
 
@@ -121,6 +123,8 @@ class _Pair:
                             eof[s] = True
                         elif data:
                             pending[other[s]] += data
+                            if s is self.client:
+                                self.proxy._count_upstream(len(data))
                     if mask & selectors.EVENT_WRITE and pending[s]:
                         try:
                             sent = s.send(pending[s])
@@ -167,6 +171,8 @@ class FaultProxy:
         self._resumed.set()
         self._closed = threading.Event()
         self.accepted = 0
+        self.upstream_bytes = 0
+        self._trip_at: int | None = None
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -217,6 +223,23 @@ class FaultProxy:
                 self._pairs.add(pair)
                 self.accepted += 1
             pair.thread.start()
+
+    def _count_upstream(self, n: int) -> None:
+        with self._lock:
+            self.upstream_bytes += n
+            tripped = self._trip_at is not None and self.upstream_bytes >= self._trip_at
+            if tripped:
+                self._trip_at = None
+        if tripped:
+            self.blackhole()
+
+    def blackhole_after(self, upstream_bytes: int) -> None:
+        """Blackhole (as :meth:`blackhole`) once ``upstream_bytes`` more bytes went client -> server.
+
+        The chunk that crosses the threshold is still delivered; nothing after it is.
+        """
+        with self._lock:
+            self._trip_at = self.upstream_bytes + upstream_bytes
 
     def _forget(self, pair: _Pair) -> None:
         with self._lock:
