@@ -852,11 +852,22 @@ class RemoteStore:
                 self.stub.DeleteVariable.future(c.request, timeout=min(left, self.call_timeout), metadata=c.metadata)
                 for c in calls
             ]
+            failed: list[str] = []
+            last_error: DSPexError | None = None
             for c, future in zip(calls, futures, strict=True):
                 try:
                     future.result()
                 except grpc.RpcError as err:
-                    logger.warning("could not undo the import of %s: %s", c.identifier, c.error(err))
+                    failed.append(c.identifier)
+                    last_error = c.error(err)
+            if failed:
+                logger.warning(
+                    "could not undo the import of %d variable(s) (%s%s): %s",
+                    len(failed),
+                    ", ".join(failed[:5]),
+                    ", ..." if len(failed) > 5 else "",
+                    last_error,
+                )
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""

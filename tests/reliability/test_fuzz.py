@@ -277,7 +277,11 @@ def test_a_version_at_the_int32_limit_never_makes_reads_fail(served: Served) -> 
     stub = served.stub
     stub.RegisterVariable(
         pb.RegisterVariableRequest(
-            session_id=SID, name="top", type="integer", initial_value=value_to_any("integer", 1), initial_version=2**31 - 1
+            session_id=SID,
+            name="top",
+            type="integer",
+            initial_value=value_to_any("integer", 1),
+            initial_version=2**31 - 1,
         ),
         timeout=TIMEOUT,
     )
@@ -354,6 +358,8 @@ def test_hostile_patterns_within_the_bound_match_like_fnmatch_and_the_cache_stay
         got = sorted(v.name for v in listed.variables)
         assert got == sorted(n for n in names if fnmatch.fnmatchcase(n, pattern)), pattern
     for i in range(300):
-        served.stub.ListVariables(pb.ListVariablesRequest(session_id=SID, pattern=f"*{i}*" + "b" * 900), timeout=TIMEOUT)
+        served.stub.ListVariables(
+            pb.ListVariablesRequest(session_id=SID, pattern=f"*{i}*" + "b" * 900), timeout=TIMEOUT
+        )
     info = store_glob._compiled.cache_info()
     assert info.maxsize == store_glob.GLOB_CACHE_SIZE and info.currsize <= store_glob.GLOB_CACHE_SIZE

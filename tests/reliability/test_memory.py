@@ -70,9 +70,9 @@ def target(spawn_bridge: Callable[..., BridgeProcess], monkeypatch: pytest.Monke
     bridge.stop()
 
 
-def _measure(target: Target, workload: Callable[[int], grpc.StatusCode], rounds: int, warmup: int = 3) -> tuple[
-    float, dict[str, int]
-]:
+def _measure(
+    target: Target, workload: Callable[[int], grpc.StatusCode], rounds: int, warmup: int = 3
+) -> tuple[float, dict[str, int]]:
     for i in range(warmup):
         workload(-1 - i)
     before = target.rss
@@ -86,7 +86,9 @@ def _measure(target: Target, workload: Callable[[int], grpc.StatusCode], rounds:
 def test_session_metadata_is_bounded(target: Target) -> None:
     meta = {f"k{i}": "v" * 1000 for i in range(5000)}  # 5 MB
     code = target.code(
-        lambda: target.stub.InitializeSession(pb.InitializeSessionRequest(session_id="big", metadata=meta), timeout=TIMEOUT)
+        lambda: target.stub.InitializeSession(
+            pb.InitializeSessionRequest(session_id="big", metadata=meta), timeout=TIMEOUT
+        )
     )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert target.code(lambda: target.stub.GetSession(pb.GetSessionRequest(session_id="big"), timeout=TIMEOUT)) == (
