@@ -853,27 +853,32 @@ def _source_of(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> Vari
 
 
 def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
-    """``(value, version)`` of every bound variable, in the order of ``bindings``."""
+    """``(value, version)`` of every bound variable, in the order of ``bindings``, from one snapshot.
+
+    One snapshot means no write falls between two bindings of one call: an atomic
+    ``update_many`` is seen whole or not at all (and an uncached worker makes one round trip).
+    """
     source = _source_of(module, d, bindings)
-    read = source.reader
-    readings = []
-    for attr, variable in bindings.items():
-        try:
-            readings.append(read(variable))
-        except VariableNotFoundError:
-            raise module._dspex_not_found(attr, variable, source, bound=True) from None
-    return readings
+    try:
+        snapshot = source.many_reader(bindings.values())
+    except VariableNotFoundError as exc:
+        for attr, variable in bindings.items():
+            if not source.has(variable):
+                raise module._dspex_not_found(attr, variable, source, bound=True) from None
+        raise exc from None
+    return [snapshot[variable] for variable in bindings.values()]
 
 
 async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     source = _source_of(module, d, bindings)
-    readings = []
-    for attr, variable in bindings.items():
-        try:
-            readings.append(await source.aread(variable))
-        except VariableNotFoundError:
-            raise module._dspex_not_found(attr, variable, source, bound=True) from None
-    return readings
+    try:
+        snapshot = await source.aread_many(bindings.values())
+    except VariableNotFoundError as exc:
+        for attr, variable in bindings.items():
+            if not await source.ahas(variable):
+                raise module._dspex_not_found(attr, variable, source, bound=True) from None
+        raise exc from None
+    return [snapshot[variable] for variable in bindings.values()]
 
 
 def _route_once(module: Any, d: dict[str, Any]) -> None:
