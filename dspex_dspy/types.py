@@ -40,6 +40,7 @@ __all__ = [
     "encode_value",
     "normalize_metadata",
     "type_from_url",
+    "unwrap_scalar",
     "validate_name",
 ]
 
@@ -249,6 +250,24 @@ def _short(value: Any, limit: int = 60) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+_PLAIN_TYPES: Final = frozenset({float, int, str, bool, list, dict})
+
+
+def unwrap_scalar(value: Any) -> Any:
+    """A numpy scalar or 0-d array as the Python number it holds; any other value unchanged.
+
+    Every backend applies this before validating, so ``numpy.float32(0.5)`` and
+    ``numpy.array(3)`` are accepted the same way by a local context, a bridge and a worker.
+
+    Example:
+        >>> unwrap_scalar(7)
+        7
+    """
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
+
+
 def _type_error(name: str, type_: str, value: Any, expected: str) -> ValidationError:
     return ValidationError(name, "type", value, f"{_short(value)} is not {expected} (type {type_})")
 
@@ -302,6 +321,8 @@ def _norm_number_list(name: str, type_: str, value: Any) -> list[float]:
         raise _type_error(name, type_, value, "a list of numbers")
     out: list[float] = []
     for item in value:
+        if type(item) is not float and type(item) is not int:
+            item = unwrap_scalar(item)
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise _type_error(name, type_, value, "a list of numbers")
         try:
@@ -416,6 +437,8 @@ class VariableSpec:
             >>> compile_spec("temperature", "float", {"min": 0.0, "max": 2.0}).validate(1)
             1.0
         """
+        if type(value) not in _PLAIN_TYPES:
+            value = unwrap_scalar(value)
         normalised = _NORMALISERS[self.type](self.name, value)
         for check in self.checks:
             check(self.name, normalised)
