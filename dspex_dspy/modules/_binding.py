@@ -45,6 +45,7 @@ from dspy.primitives.base_module import BaseModule
 
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError
 from dspex_dspy.modules._source import VariableSource
+from dspex_dspy.reader import AnyVariableReader
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
@@ -504,7 +505,7 @@ class VariableBindingMixin:
     def __init__(
         self,
         *args: Any,
-        session_context: Any = None,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
@@ -517,7 +518,7 @@ class VariableBindingMixin:
 
     def _dspex_setup(
         self,
-        session_context: Any,
+        session_context: AnyVariableReader | None,
         variable_bindings: Mapping[str, str] | None,
         lm_map: Mapping[str, Any] | None,
         default_bindings: bool,
@@ -674,12 +675,15 @@ class VariableBindingMixin:
         return dict(self.__dict__.get("_dspex_bindings") or {})
 
     @property
-    def session_context(self) -> Any:
+    def session_context(self) -> AnyVariableReader | None:
         """The Context or session client bound values are read from (None when detached)."""
         source: VariableSource | None = self.__dict__.get("_dspex_source")
-        return None if source is None else source.target
+        if source is None:
+            return None
+        target: AnyVariableReader = source.target
+        return target
 
-    def set_session_context(self, session_context: Any) -> None:
+    def set_session_context(self, session_context: AnyVariableReader | None) -> None:
         """Read bound variables from ``session_context`` from now on (None detaches).
 
         Bindings are kept (e.g. those restored by ``load``); default bindings are applied for

@@ -89,5 +89,5 @@ def test_a_missing_binding_is_still_named(fast_switching: None) -> None:
         Variables.defvariable(ctx, "b", "integer", 1)
         module = Echo(session_context=ctx, variable_bindings={"temperature": "a", "max_tokens": "b"})
         Variables.delete(ctx, "b")
-        with pytest.raises(KeyError, match="Echo.max_tokens is bound to 'b', which no longer exists"):
+        with pytest.raises(KeyError, match=r"Echo\.max_tokens is bound to 'b', which no longer exists"):
             module()

@@ -89,7 +89,9 @@ def test_reads_complete_while_a_3000_variable_import_is_in_progress(bridge_for: 
             read: dict[str, Any] = {}
             reader = threading.Thread(
                 target=lambda: read.update(
-                    first=Variables.get(ctx, "v0"), last=Variables.get(ctx, "v2999"), many=ctx.get_versioned_many(["v1", "v2"])
+                    first=Variables.get(ctx, "v0"),
+                    last=Variables.get(ctx, "v2999"),
+                    many=ctx.get_versioned_many(["v1", "v2"]),
                 ),
                 daemon=True,
             )
