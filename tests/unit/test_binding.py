@@ -281,9 +281,13 @@ def test_user_module_gets_bindings_and_routed_predictors(ctx: Context) -> None:
     program.bind_to_variable("temperature", "temperature")
     assert program.get_bindings() == {"model": "model_name", "temperature": "temperature"}
     assert program.model == "gpt-4"
-    assert type(program.generate.predict) is dspy.Predict  # routed lazily, on the first call
-    route_predictors(program)
+    # Routed as soon as the sub-module is assigned, so a save before the first call keeps bindings.
     assert type(program.generate.predict) is RoutedPredict
+    program.extra = dspy.Predict("a -> b")
+    assert type(program.extra) is RoutedPredict
+    plain = dspy.ChainOfThought("q -> a")
+    route_predictors(plain)
+    assert type(plain.predict) is RoutedPredict
     assert repr(program.generate.predict).startswith("Predict(")
 
 
@@ -441,6 +445,7 @@ def test_public_names() -> None:
 
     assert set(modules.__all__) == {
         "BINDABLE_ATTRIBUTES",
+        "OWNER_STATE_KEY",
         "STATE_KEY",
         "AwaitRequiredError",
         "BoundValue",
