@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import dspy
@@ -19,6 +19,10 @@ import pytest
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.modules import VariableBindingMixin, get_provenance
+from dspex_dspy.reader import VariableReader
+from dspex_dspy.server import create_server
+from dspex_dspy.store import SessionStore
+from dspex_dspy.types import Variable
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +34,8 @@ class Echo(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
     """Returns the bound values of the call, as the call saw them."""
 
     def forward(self) -> Any:
-        return dspy.Prediction(temperature=self.temperature, max_tokens=self.max_tokens)
+        bound = self.get_bindings()
+        return dspy.Prediction(**{attr: getattr(self, attr) for attr in ("temperature", "max_tokens") if attr in bound})
 
 
 @pytest.fixture
@@ -91,3 +96,40 @@ def test_a_missing_binding_is_still_named(fast_switching: None) -> None:
         Variables.delete(ctx, "b")
         with pytest.raises(KeyError, match=r"Echo\.max_tokens is bound to 'b', which no longer exists"):
             module()
+
+
+class CountingStore(SessionStore):
+    """A real store that counts the reads a bridge server makes on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single_reads = 0
+        self.batch_reads = 0
+
+    def get_variable(self, session_id: str, identifier: str) -> Variable:
+        self.single_reads += 1
+        return super().get_variable(session_id, identifier)
+
+    def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]:
+        self.batch_reads += 1
+        return super().get_variables(session_id, identifiers)
+
+
+def test_a_call_on_a_remote_bridge_reads_its_bindings_in_one_rpc() -> None:
+    store = CountingStore()
+    server, port = create_server(store, "127.0.0.1", 0)
+    server.start()
+    try:
+        with Context(bridge=f"127.0.0.1:{port}") as ctx:
+            Variables.defvariable(ctx, "a", "float", 0.5)
+            Variables.defvariable(ctx, "b", "integer", 100)
+            Variables.defvariable(ctx, "c", "float", 0.9)
+            ctx.ensure_bridged()
+            assert isinstance(ctx, VariableReader)
+            module = Echo(session_context=ctx, variable_bindings={"temperature": "a", "max_tokens": "b", "top_p": "c"})
+            store.single_reads = store.batch_reads = 0
+            for _ in range(5):
+                module()
+            assert (store.single_reads, store.batch_reads) == (0, 5)
+    finally:
+        server.stop(0)
