@@ -401,19 +401,6 @@ class LocalState:
                 self._fenced = False
                 self._unfenced.notify_all()
 
-    @contextmanager
-    def frozen(self) -> Iterator[builtins.list[Variable]]:
-        """Hold this state's lock and yield a full export; readers and writers wait until the block ends."""
-        with self._lock:
-            yield [self._snapshot(n, r) for n, r in self._vars.items()]
-
-    def retire_locked(self, successor: StateProvider) -> None:
-        """Drop every record and forward all later calls to ``successor``.
-
-        Must be called inside :meth:`frozen`, after the export was imported into ``successor``.
-        """
-        self._retire(successor)
-
     def _retire(self, successor: StateProvider) -> None:
         self._retired = successor
         self._vars.clear()
