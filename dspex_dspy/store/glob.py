@@ -3,8 +3,9 @@
 ``ListVariables`` filters names with a glob matched against the whole name: ``*`` (any run of
 characters), ``?`` (one character), ``[abc]`` / ``[a-z]`` (one of a set) and ``[!abc]`` (one not in
 it); any other character, including an unclosed ``[``, stands for itself. A pattern is translated
-into a regular expression for RE2, an engine whose matching time is linear in the name's length
-whatever the pattern (Python's ``fnmatch`` backtracks and can take seconds on a hostile pattern).
+into a regular expression for pydantic-core's Rust regex engine (the one constraint patterns use),
+whose matching time is linear in the name's length whatever the pattern (Python's ``fnmatch``
+backtracks and can take seconds on a hostile pattern).
 Patterns longer than :data:`MAX_GLOB_LENGTH` characters are refused, and at most
 :data:`GLOB_CACHE_SIZE` compiled patterns are kept.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Final
 
-import re2
+from pydantic_core import SchemaValidator, core_schema
 
 from dspex_dspy.errors import ValidationError
 
@@ -26,24 +27,28 @@ MAX_GLOB_LENGTH: Final = 1024
 GLOB_CACHE_SIZE: Final = 64
 """Compiled patterns remembered (least recently used first out)."""
 
-_SPECIAL: Final = frozenset("\\.^$|?*+()[]{}-/&~#")
+
+def _literal(ch: str) -> str:
+    # Every character as a code point escape: nothing in it is special, in a class or out of it.
+    return f"\\x{{{ord(ch):X}}}"
 
 
-def _escape(ch: str) -> str:
-    return "\\" + ch if ch in _SPECIAL else ch
+class _Never:
+    """The matcher of a glob that matches no name (it has an empty set)."""
+
+    @staticmethod
+    def match(name: str) -> None:
+        return None
 
 
-def _class_char(ch: str) -> str:
-    # Inside a character class only these are special to RE2.
-    return "\\" + ch if ch in "\\]^-[" else ch
+def glob_to_regex(pattern: str) -> str | None:
+    """Translate a glob into a Rust-regex expression that matches the whole name.
 
-
-def glob_to_regex(pattern: str) -> str:
-    """Translate a glob into an RE2 expression that matches the whole name.
+    Returns None for a glob that can match no name (an empty set such as ``[z-a]``).
 
     Example:
-        >>> glob_to_regex("temp*")
-        '(?s:temp.*)\\\\z'
+        >>> glob_to_regex("t*")
+        '\\\\A(?s:\\\\x{74}.*)\\\\z'
     """
     out: list[str] = []
     i, n = 0, len(pattern)
@@ -76,24 +81,37 @@ def glob_to_regex(pattern: str) -> str:
                 if k + 2 < len(body) and body[k + 1] == "-":
                     lo, hi = body[k], body[k + 2]
                     if lo <= hi:
-                        parts.append(f"{_class_char(lo)}-{_class_char(hi)}")
+                        parts.append(f"{_literal(lo)}-{_literal(hi)}")
                     k += 3
                 else:
-                    parts.append(_class_char(body[k]))
+                    parts.append(_literal(body[k]))
                     k += 1
             if not parts:
                 # An empty (or all-empty-range) set matches nothing; its negation matches anything.
-                out.append("." if negate else "[^\\x00-\\x{10FFFF}]")
+                if not negate:
+                    return None
+                out.append(".")
             else:
                 out.append(("[^" if negate else "[") + "".join(parts) + "]")
         else:
-            out.append(_escape(ch))
-    return "(?s:" + "".join(out) + ")\\z"
+            out.append(_literal(ch))
+    return "\\A(?s:" + "".join(out) + ")\\z"
+
+
+class _Matcher:
+    """A compiled glob: ``match(name)`` is truthy when the whole name matches."""
+
+    def __init__(self, regex: str) -> None:
+        self._validator = SchemaValidator(core_schema.str_schema(pattern=regex, regex_engine="rust-regex"))
+
+    def match(self, name: str) -> bool | None:
+        return True if self._validator.isinstance_python(name) else None
 
 
 @functools.lru_cache(maxsize=GLOB_CACHE_SIZE)
 def _compiled(pattern: str) -> Any:
-    return re2.compile(glob_to_regex(pattern))
+    regex = glob_to_regex(pattern)
+    return _Never() if regex is None else _Matcher(regex)
 
 
 def compile_glob(pattern: str) -> Any:
@@ -113,7 +131,7 @@ def compile_glob(pattern: str) -> Any:
         )
     try:
         return _compiled(pattern)
-    except Exception as exc:  # re2 raises its own error type
+    except Exception as exc:  # pydantic-core's SchemaError, for a character the engine refuses
         raise ValidationError("", "pattern", None, f"the pattern cannot be used: {str(exc)[:200]}") from None
 
 

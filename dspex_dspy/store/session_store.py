@@ -41,6 +41,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_size
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
@@ -57,45 +58,6 @@ MAX_VERSION = 2**31 - 1
 MIN_TIME = -62_135_596_800.0
 MAX_TIME = 253_402_300_799.0
 """Timestamps a store keeps lie in years 1..9999 (what ``google.protobuf.Timestamp`` can carry)."""
-
-
-@dataclass(frozen=True)
-class StoreLimits:
-    """Limits a store enforces; a breach raises :class:`LimitExceededError` and changes nothing.
-
-    Every byte a store keeps counts against one of these. Sizes are UTF-8 bytes of strings
-    (names, ids, descriptions, metadata keys and values, the constraints as JSON) and the
-    approximate encoded size of values (characters of a string, 8 bytes per number).
-
-    Attributes:
-        max_sessions: sessions alive at once.
-        max_variables_per_session: variables in one session.
-        max_value_bytes: approximate encoded size of one value.
-        max_watchers: watchers registered at once, over all sessions.
-        history_limit: writes remembered per variable (older ones are dropped).
-        max_history_bytes: bytes of remembered writes per variable (values and their metadata);
-            older writes are dropped past it (the latest is always kept).
-        max_session_metadata_bytes: a session's metadata.
-        max_variable_metadata_bytes: a variable's metadata (after a write merges into it).
-        max_description_bytes: a variable's description.
-        max_constraints_bytes: a variable's constraints, as JSON.
-        max_session_bytes: everything one session holds: its metadata and, per variable, the
-            name, id, description, constraints, metadata and remembered writes.
-        max_total_bytes: everything the store holds, over all sessions.
-    """
-
-    max_sessions: int = 10_000
-    max_variables_per_session: int = 100_000
-    max_value_bytes: int = 1 << 20
-    max_watchers: int = 256
-    history_limit: int = 100
-    max_history_bytes: int = 4 << 20
-    max_session_metadata_bytes: int = 64 << 10
-    max_variable_metadata_bytes: int = 64 << 10
-    max_description_bytes: int = 16 << 10
-    max_constraints_bytes: int = 256 << 10
-    max_session_bytes: int = 256 << 20
-    max_total_bytes: int = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -137,17 +99,6 @@ class BatchResult:
     def success(self) -> bool:
         """True when every write was applied."""
         return not self.errors
-
-
-def _value_size(type_: str, value: Any) -> int:
-    """A cheap estimate of a value's encoded size, for the value-size limit."""
-    if isinstance(value, str):
-        return len(value) if len(value) < 1 << 16 else len(value.encode("utf-8"))
-    if type_ == "embedding":
-        return 8 * len(value)
-    if type_ == "tensor":
-        return 8 * len(value["data"])
-    return 8
 
 
 def _text_bytes(text: str) -> int:
@@ -386,7 +337,7 @@ class SessionStore:
             now = self._clock()
             adding = sum(
                 self._fixed_bytes(var.name, var.description, meta, spec.constraints)
-                + _value_size(spec.type, normalised)
+                + value_size(spec.type, normalised)
                 + _map_bytes(meta)
                 for spec, normalised, var, meta in prepared
             )
@@ -663,14 +614,10 @@ class SessionStore:
         return record
 
     def _check_count(self, session: SessionRecord, adding: int) -> None:
-        total = len(session.variables) + adding
-        if total > self.limits.max_variables_per_session:
-            raise LimitExceededError("variables per session", total, self.limits.max_variables_per_session)
+        check_count(self.limits, len(session.variables), adding)
 
     def _check_size(self, name: str, type_: str, value: Any) -> None:
-        size = _value_size(type_, value)
-        if size > self.limits.max_value_bytes:
-            raise LimitExceededError(f"{name}: value size in bytes", size, self.limits.max_value_bytes)
+        check_value_size(self.limits, name, type_, value)
 
     def _new_record(
         self,
@@ -714,7 +661,7 @@ class SessionStore:
 
     @staticmethod
     def _entry_bytes(type_: str, entry: HistoryEntry) -> int:
-        return _value_size(type_, entry.value) + _map_bytes(entry.metadata)
+        return value_size(type_, entry.value) + _map_bytes(entry.metadata)
 
     def _check_fields(
         self, name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]
@@ -768,7 +715,7 @@ class SessionStore:
                     f"{record.name}: metadata bytes", merged_bytes, self.limits.max_variable_metadata_bytes
                 )
             fixed_delta = merged_bytes - _map_bytes(record.metadata)
-        entry_bytes = _value_size(record.spec.type, value) + _map_bytes(metadata or {})
+        entry_bytes = value_size(record.spec.type, value) + _map_bytes(metadata or {})
         history = record.history
         kept = len(history) + 1
         history_bytes = record.history_bytes + entry_bytes

@@ -59,8 +59,15 @@ def test_the_proxy_forwards_resets_blackholes_and_restores(served: Served, proxy
 
         assert proxy.reset() == 1
         wait_until(lambda: proxy.connections == 0, "the reset connection to go")
-        # The channel reconnects through the proxy on its own.
-        assert stub.Ping(pb.PingRequest(message="d"), timeout=DEADLINE, wait_for_ready=True).message == "pong: d"
+        # A call racing the reset may fail UNAVAILABLE; then the channel reconnects on its own.
+        def pings() -> bool:
+            try:
+                return stub.Ping(pb.PingRequest(message="d"), timeout=5.0, wait_for_ready=True).message == "pong: d"
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                return False
+
+        wait_until(pings, "a ping through a new connection")
         assert proxy.accepted == 2
     finally:
         channel.close()
