@@ -59,6 +59,7 @@ def test_the_proxy_forwards_resets_blackholes_and_restores(served: Served, proxy
 
         assert proxy.reset() == 1
         wait_until(lambda: proxy.connections == 0, "the reset connection to go")
+
         # A call racing the reset may fail UNAVAILABLE; then the channel reconnects on its own.
         def pings() -> bool:
             try:
