@@ -292,3 +292,41 @@ def test_one_client_cannot_take_every_watch_slot() -> None:
     finally:
         served.server.stop(0)
         served.store.close()
+
+
+def test_the_cli_serves_with_the_fair_shares_and_byte_limits_it_is_given(
+    spawn_bridge: Callable[..., BridgeProcess],
+) -> None:
+    from dspex_dspy.wire import value_to_any
+
+    bridge = spawn_bridge("--max-watchers", "8", "--max-watchers-per-client", "1", "--max-history-bytes", "2500000")
+    channel = fresh_channel(bridge.address or "")
+    stub = pb_grpc.BridgeServiceStub(channel)
+    try:
+        stub.InitializeSession(pb.InitializeSessionRequest(session_id="c"), timeout=DEADLINE)
+        stub.RegisterVariable(
+            pb.RegisterVariableRequest(
+                session_id="c", name="h", type="string", initial_value=value_to_any("string", "")
+            ),
+            timeout=DEADLINE,
+        )
+        first = stub.WatchVariables(pb.WatchVariablesRequest(session_id="c", include_initial_values=True))
+        assert next(first).update_type == "initial_value"
+        second = stub.WatchVariables(pb.WatchVariablesRequest(session_id="c", include_initial_values=True))
+        with pytest.raises(grpc.RpcError) as info:
+            next(second)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "watch streams of one client" in info.value.details()
+        first.cancel()
+        for i in range(5):
+            value = value_to_any("string", str(i) * 1_000_000)
+            stub.SetVariable(
+                pb.SetVariableRequest(session_id="c", variable_identifier="h", value=value), timeout=DEADLINE
+            )
+        history = stub.GetVariableHistory(
+            pb.GetVariableHistoryRequest(session_id="c", variable_identifier="h"), timeout=DEADLINE
+        ).entries
+        assert [e.version for e in history] == [6, 5]
+    finally:
+        channel.close()
+        bridge.stop()
