@@ -33,6 +33,7 @@ PUBLIC = {
 
 ERRORS = {
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -53,12 +54,13 @@ ALLOWED = {
     "state": {"errors", "types", "store", "state"},
     "context": {"errors", "types", "state"},
     "variables": {"errors", "types", "context"},
-    "wire": {"errors", "types", "store", "_proto"},
-    "server": {"errors", "types", "store", "wire", "_proto"},
-    "remote": {"errors", "types", "store", "wire", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "_proto"},
+    "wire_errors": {"errors"},
+    "wire": {"errors", "types", "store", "wire_errors", "_proto"},
+    "server": {"errors", "types", "store", "wire", "wire_errors", "_proto"},
+    "remote": {"errors", "types", "store", "wire", "wire_errors", "remote", "_proto"},
+    "client": {"errors", "types", "store", "wire", "wire_errors", "remote", "_proto"},
     "modules": {"errors", "types", "modules", "context", "variables"},
-    "cli": {"errors", "types", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
