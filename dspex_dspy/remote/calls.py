@@ -379,7 +379,9 @@ class BridgeCalls:
                 for ident in updates
                 if ident in reported or ident in unsendable
             }
-            versions = {ident: int(response.new_versions[ident]) for ident in updates if ident in response.new_versions}
+            if not response.success and not errors:
+                raise reported_failure("SetVariables", "")  # a failure flag that names no entry
+            versions = {ident: response.new_versions[ident] for ident in updates if ident in response.new_versions}
             return BatchResult(versions, errors)
 
         return BridgeCall("SetVariables", request, parse, session_id=session_id, source=source)

@@ -233,6 +233,13 @@ def test_a_failure_flag_without_a_message_is_an_error(response: pb.SetVariableRe
         call.parse(response)
 
 
+def test_a_batch_failure_flag_that_names_no_entry_is_an_error() -> None:
+    call = BridgeCalls.set_variables("s1", {"t": 0.5}, source="worker")
+    with pytest.raises(BridgeError, match="SetVariables failed and the bridge gave no reason"):
+        call.parse(pb.BatchSetVariablesResponse(success=False))
+    assert call.parse(pb.BatchSetVariablesResponse(success=True, new_versions={"t": 2})).new_versions == {"t": 2}
+
+
 def test_a_failure_flag_with_a_message_keeps_the_peers_text() -> None:
     call = BridgeCalls.delete_variable("s1", "t", source="worker")
     with pytest.raises(BridgeError) as info:
