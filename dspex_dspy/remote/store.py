@@ -68,7 +68,7 @@ class RemoteStore:
 
     def __init__(
         self,
-        stub: Any,
+        stub: pb_grpc.BridgeServiceStub,
         *,
         channel: grpc.Channel | None = None,
         address: str | None = None,

@@ -25,11 +25,13 @@ from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import (
     BatchUpdateError,
     BridgeError,
+    LimitExceededError,
     ValidationError,
     VariableNotFoundError,
     VersionConflictError,
 )
-from dspex_dspy.server import BridgeServer, create_server
+from dspex_dspy.server import BridgeServer, ServerLimits, create_server
+from dspex_dspy.store import SessionStore
 from dspex_dspy.types import TYPE_URL_PREFIX
 from dspex_dspy.wire import value_to_any
 from dspex_dspy.wire_errors import DOMAIN, error_from_rpc
@@ -243,3 +245,50 @@ def test_worker_batches_keep_each_entrys_class_whatever_its_text(client: Any, at
     assert (status.variable, status.rule, status.value) == ("status", "type", "not found")
     assert type(errors["ghost"]) is VariableNotFoundError
     assert info.value.new_versions == ({} if atomic else {"temperature": 2})
+
+
+# ------------------------------------------------------------------ limits and internal errors
+
+
+class _BrokenStore(SessionStore):
+    """A store with a bug: reading a session fails with an exception no error class describes."""
+
+    def get_session(self, session_id: str) -> Any:
+        raise ZeroDivisionError("a bug in the store")
+
+
+def test_a_limit_carries_what_was_exceeded() -> None:
+    bridge, _ = create_server(limits=ServerLimits(max_value_bytes=64))
+    with bridge:
+        bridge.store.create_session("s1")
+        bridge.store.register_variable("s1", "text", "string", "short")
+        with grpc.insecure_channel(bridge.address) as channel:
+            request = pb.SetVariableRequest(session_id="s1", variable_identifier="text")
+            request.value.CopyFrom(value_to_any("string", "x" * 100))
+            err = failure(lambda: pb_grpc.BridgeServiceStub(channel).SetVariable(request, timeout=DEADLINE))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    _, info = error_info(err)
+    assert (info.reason, dict(info.metadata)) == (
+        "LIMIT_EXCEEDED",
+        {"limit": "text: value size in bytes", "value": "102", "maximum": "64"},
+    )
+    rebuilt = error_from_rpc(err)
+    assert isinstance(rebuilt, LimitExceededError)
+    assert (rebuilt.limit, rebuilt.value, rebuilt.maximum, str(rebuilt)) == (
+        "text: value size in bytes",
+        102,
+        64,
+        err.details(),
+    )
+
+
+def test_a_bug_in_the_server_is_internal_and_says_so() -> None:
+    bridge, _ = create_server(_BrokenStore())
+    with bridge, grpc.insecure_channel(bridge.address) as channel:
+        err = failure(lambda: pb_grpc.BridgeServiceStub(channel).GetSession(pb.GetSessionRequest(session_id="s1")))
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert err.details() == "GetSession: internal error in the bridge server: ZeroDivisionError: a bug in the store"
+    assert error_info(err)[1].reason == "INTERNAL"
+    rebuilt = error_from_rpc(err)
+    assert type(rebuilt) is BridgeError
+    assert (rebuilt.code, rebuilt.reason, str(rebuilt)) == ("INTERNAL", "INTERNAL", err.details())
