@@ -40,6 +40,7 @@ from dspex_dspy.errors import (
 __all__ = [
     "DOMAIN",
     "MAX_DETAIL_VALUE_CHARS",
+    "MAX_TRAILER_STATUS_BYTES",
     "REASONS",
     "error_from_rpc",
     "error_from_status",
@@ -55,11 +56,21 @@ __all__ = [
 DOMAIN: Final = "dspex.bridge"
 """The ``ErrorInfo.domain`` of every error this package reports."""
 
-MAX_DETAIL_VALUE_CHARS: Final = 2048
+MAX_DETAIL_VALUE_CHARS: Final = 1024
 """Longest JSON of a rejected value carried in ``ErrorInfo.metadata["value"]``.
 
-gRPC limits the size of trailers (8 KiB by default), so a larger value (or one that is not JSON)
-is left out, ``metadata["value_omitted"]`` says why, and the rebuilt error's ``value`` is None.
+A larger value (or one that is not JSON) is left out, ``metadata["value_omitted"]`` says why, and
+the rebuilt error's ``value`` is None.
+"""
+
+MAX_TRAILER_STATUS_BYTES: Final = 2048
+"""Largest serialized ``google.rpc.Status`` sent in a failed call's trailers.
+
+gRPC refuses trailers beyond a few KiB (8 KiB by default, counting the message twice: once as
+``grpc-message`` and once inside the status), and a refused trailer would turn the real error into
+``RESOURCE_EXHAUSTED``. A status that does not fit is sent without the rejected value, and if it
+still does not fit (an identifier of thousands of characters), without details at all: the
+client then reads the code and message, as from a peer that sends no details.
 """
 
 # class -> (ErrorInfo reason, status code). Order matters only for subclasses (there are none).
@@ -104,21 +115,22 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _value_metadata(value: Any) -> dict[str, str]:
-    """``{"value": <JSON>}``, or ``{"value_omitted": <why>}`` when it is not JSON or too large."""
+def _value_metadata(value: Any, limit: int) -> dict[str, str]:
+    """``{"value": <JSON>}``, or ``{"value_omitted": <why>}`` when it is not JSON or longer than ``limit``."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=True)
     except (TypeError, ValueError, RecursionError):
         return {"value_omitted": f"a {type(value).__name__} is not JSON"}
-    if len(text) > MAX_DETAIL_VALUE_CHARS:
-        return {"value_omitted": f"{len(text)} characters of JSON (more than {MAX_DETAIL_VALUE_CHARS})"}
+    if len(text) > limit:
+        return {"value_omitted": f"{len(text)} characters of JSON (more than {limit} fit in the details)"}
     return {"value": text}
 
 
-def _fields(exc: DSPexError) -> dict[str, str]:
+def _fields(exc: DSPexError, value_limit: int) -> dict[str, str]:
     """The error's fields as ``ErrorInfo.metadata``."""
     if isinstance(exc, ValidationError):
-        return {"variable": exc.variable, "rule": exc.rule, "detail": exc.detail, **_value_metadata(exc.value)}
+        value = _value_metadata(exc.value, value_limit)
+        return {"variable": exc.variable, "rule": exc.rule, "detail": exc.detail, **value}
     if isinstance(exc, VariableNotFoundError):
         fields = {"variable": exc.identifier}
         return {**fields, "session_id": exc.session_id} if exc.session_id else fields
@@ -134,7 +146,7 @@ def _fields(exc: DSPexError) -> dict[str, str]:
     return {}
 
 
-def error_info(exc: DSPexError) -> error_details_pb2.ErrorInfo:
+def error_info(exc: DSPexError, *, value_limit: int = MAX_DETAIL_VALUE_CHARS) -> error_details_pb2.ErrorInfo:
     """The ``google.rpc.ErrorInfo`` describing ``exc``: its reason, :data:`DOMAIN` and fields.
 
     Example:
@@ -145,7 +157,7 @@ def error_info(exc: DSPexError) -> error_details_pb2.ErrorInfo:
     reason = next((r for cls, r, _ in _KINDS if isinstance(exc, cls)), None)
     if reason is None:
         reason = exc.reason if isinstance(exc, BridgeError) and exc.reason else "INTERNAL"
-    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=_fields(exc))
+    return error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=_fields(exc, value_limit))
 
 
 def _pack(message: Any) -> any_pb2.Any:
@@ -154,9 +166,12 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
-def status_proto(exc: DSPexError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` reporting ``exc``: code, message, ``ErrorInfo`` (+ ``BadRequest``)."""
-    details = [_pack(error_info(exc))]
+def status_proto(exc: DSPexError, *, value_limit: int = MAX_DETAIL_VALUE_CHARS) -> status_pb2.Status:
+    """The ``google.rpc.Status`` reporting ``exc``: code, message, ``ErrorInfo`` (+ ``BadRequest``).
+
+    ``value_limit`` bounds the JSON of a rejected value carried in the details.
+    """
+    details = [_pack(error_info(exc, value_limit=value_limit))]
     if isinstance(exc, ValidationError):
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=exc.variable or "value", description=f"{exc.detail} (rule {exc.rule})"
@@ -184,7 +199,21 @@ def rpc_status_for(
         if code is None:
             raise ValueError("rpc_status_for needs an error or a status code")
         exc = BridgeError(message, code=code.name, reason=reason or code.name)
-    return rpc_status.to_status(status_proto(exc))
+    status = status_proto(exc)
+    if status.ByteSize() > MAX_TRAILER_STATUS_BYTES:
+        status = status_proto(exc, value_limit=0)
+    if status.ByteSize() > MAX_TRAILER_STATUS_BYTES:
+        return _PlainStatus(status_for(exc), str(exc))
+    return rpc_status.to_status(status)
+
+
+class _PlainStatus(grpc.Status):
+    """A status without rich details: just the code and message, as a snakepit 0.4 peer sends them."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = ()
 
 
 def pack_status(exc: DSPexError) -> any_pb2.Any:

@@ -27,6 +27,7 @@ from dspex_dspy.remote import BridgeCalls
 from dspex_dspy.wire_errors import (
     DOMAIN,
     MAX_DETAIL_VALUE_CHARS,
+    MAX_TRAILER_STATUS_BYTES,
     REASONS,
     error_from_rpc,
     error_from_status,
@@ -187,6 +188,26 @@ def test_a_value_that_cannot_travel_is_left_out_and_says_why(value: Any, why: st
     rebuilt = error_from_rpc(failed_call(exc))
     assert isinstance(rebuilt, ValidationError)
     assert (rebuilt.variable, rebuilt.rule, rebuilt.value, str(rebuilt)) == ("v", "type", None, str(exc))
+
+
+def test_trailers_stay_small_enough_for_grpc() -> None:
+    # A value that fits in the details on its own, but not next to a long detail: the value goes first.
+    long_detail = ValidationError("v", "type", "x" * 1000, "d" * 400)
+    assert status_proto(long_detail).ByteSize() > MAX_TRAILER_STATUS_BYTES
+    trailer = dict(rpc_status_for(long_detail).trailing_metadata)
+    sent = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+    assert sent.ByteSize() <= MAX_TRAILER_STATUS_BYTES
+    info = error_details_pb2.ErrorInfo()
+    assert sent.details[0].Unpack(info) and "value_omitted" in info.metadata
+    # An identifier of thousands of characters: no details at all, the code and message as always.
+    huge = VariableNotFoundError("x" * 3000, "s1")
+    status = rpc_status_for(huge)
+    assert (status.code, status.details, tuple(status.trailing_metadata)) == (
+        grpc.StatusCode.NOT_FOUND,
+        str(huge),
+        (),
+    )
+    same_error(error_from_rpc(RpcFailure(status.code, status.details), identifier="x" * 3000, session_id="s1"), huge)
 
 
 def test_grpc_aio_failures_are_read_the_same_way() -> None:

@@ -98,6 +98,17 @@ def test_a_plain_client_reads_the_reason_of_a_missing_variable(stub: Any, sessio
     assert dict(info.metadata) == {"variable": "ghost", "session_id": session}
 
 
+@pytest.mark.parametrize("length", [1000, 5000, 8000])
+def test_a_long_identifier_still_gets_its_status(stub: Any, session: str, length: int) -> None:
+    ident = "x" * length
+    err = failure(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=session, variable_identifier=ident)))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert err.details() == f"Variable not found: {ident} in session {session}"
+    rebuilt = error_from_rpc(err, identifier=ident, session_id=session)
+    assert isinstance(rebuilt, VariableNotFoundError)
+    assert (rebuilt.identifier, rebuilt.session_id, str(rebuilt)) == (ident, session, err.details())
+
+
 def test_a_plain_client_reads_the_reason_of_a_missing_session(stub: Any) -> None:
     err = failure(lambda: stub.GetSession(pb.GetSessionRequest(session_id="nope")))
     assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND, "Session not found: nope")
