@@ -199,9 +199,12 @@ def rpc_status_for(
         if code is None:
             raise ValueError("rpc_status_for needs an error or a status code")
         exc = BridgeError(message, code=code.name, reason=reason or code.name)
-    status = status_proto(exc)
-    if status.ByteSize() > MAX_TRAILER_STATUS_BYTES:
-        status = status_proto(exc, value_limit=0)
+    try:
+        status = status_proto(exc)
+        if status.ByteSize() > MAX_TRAILER_STATUS_BYTES:
+            status = status_proto(exc, value_limit=0)
+    except UnicodeError:  # text that is not valid UTF-8 (a lone surrogate) cannot travel in a proto
+        return _PlainStatus(status_for(exc), str(exc).encode("utf-8", "backslashreplace").decode("utf-8"))
     if status.ByteSize() > MAX_TRAILER_STATUS_BYTES:
         return _PlainStatus(status_for(exc), str(exc))
     return rpc_status.to_status(status)

@@ -210,6 +210,15 @@ def test_trailers_stay_small_enough_for_grpc() -> None:
     same_error(error_from_rpc(RpcFailure(status.code, status.details), identifier="x" * 3000, session_id="s1"), huge)
 
 
+def test_text_that_cannot_be_utf8_still_gets_its_status() -> None:
+    status = rpc_status_for(VariableNotFoundError("x\ud800"))
+    assert (status.code, status.details, tuple(status.trailing_metadata)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "Variable not found: x\\ud800",
+        (),
+    )
+
+
 def test_grpc_aio_failures_are_read_the_same_way() -> None:
     exc = VersionConflictError("temperature", 3, 5)
     status = rpc_status_for(exc)
