@@ -109,6 +109,16 @@ def test_a_long_identifier_still_gets_its_status(stub: Any, session: str, length
     assert (rebuilt.identifier, rebuilt.session_id, str(rebuilt)) == (ident, session, err.details())
 
 
+def test_a_non_ascii_identifier_keeps_its_details(stub: Any, session: str) -> None:
+    ident = "température ✓ 温度"
+    err = failure(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=session, variable_identifier=ident)))
+    assert err.details() == f"Variable not found: {ident} in session {session}"
+    _, info = error_info(err)
+    assert info.metadata["variable"] == ident
+    rebuilt = error_from_rpc(err)
+    assert isinstance(rebuilt, VariableNotFoundError) and rebuilt.identifier == ident
+
+
 def test_a_plain_client_reads_the_reason_of_a_missing_session(stub: Any) -> None:
     err = failure(lambda: stub.GetSession(pb.GetSessionRequest(session_id="nope")))
     assert (err.code(), err.details()) == (grpc.StatusCode.NOT_FOUND, "Session not found: nope")
