@@ -2,7 +2,8 @@
 
 :class:`BridgeServicer` maps every RPC of the wire contract (``PROTOCOL.md``) onto a
 :class:`~dspex_dspy.store.SessionStore` and every error onto its status code (bad input is always
-``INVALID_ARGUMENT``; ``INTERNAL`` only ever means a bug here). :func:`create_server` wraps it in a
+``INVALID_ARGUMENT``; ``INTERNAL`` only ever means a bug here), with the error's kind and fields in
+the gRPC rich error details (:mod:`dspex_dspy.wire_errors`). :func:`create_server` wraps it in a
 :class:`BridgeServer` with the standard gRPC health service, message/value/watcher limits and a
 thread pool sized so that long-lived ``WatchVariables`` streams cannot starve unary calls.
 :class:`EmbeddedBridge` is the process-wide server an orchestrator starts lazily on loopback, whose
