@@ -19,6 +19,7 @@ from dspex_dspy import Context, Variables
 from dspex_dspy.errors import (
     BatchUpdateError,
     DSPexError,
+    LimitExceededError,
     ValidationError,
     VariableExistsError,
     VariableNotFoundError,
@@ -27,7 +28,19 @@ from dspex_dspy.errors import (
 
 pytestmark = pytest.mark.integration
 
-FIELDS = ("variable", "rule", "value", "detail", "identifier", "name", "expected", "actual", "message")
+FIELDS = (
+    "variable",
+    "rule",
+    "value",
+    "detail",
+    "identifier",
+    "name",
+    "expected",
+    "actual",
+    "limit",
+    "maximum",
+    "message",
+)
 
 
 def fields(error: BaseException) -> dict[str, Any]:
@@ -161,3 +174,25 @@ def test_a_duplicate_carries_the_name(ctx: Context, reference: Context) -> None:
     assert isinstance(error, VariableExistsError)
     assert error.name == "x"
     assert type(error) is type(raised(lambda: Variables.defvariable(reference, "x", "integer", 2)))
+
+
+def limit_fields(error: DSPexError) -> tuple[str, str, int, bool]:
+    """A limit error's class, limit and maximum, and whether the value it names is over the maximum.
+
+    The size itself is not compared: a bridge server measures the value as it arrives on the wire
+    (its JSON, quotes included) before decoding it, a store measures the decoded value.
+    """
+    assert isinstance(error, LimitExceededError)
+    return type(error).__name__, error.limit, error.maximum, error.value > error.maximum
+
+
+def test_a_limit_carries_what_was_exceeded(ctx: Context, reference: Context) -> None:
+    too_big = "x" * (2 << 20)
+    on_both(ctx, reference, lambda c: Variables.defvariable(c, "text", "string", "short"))
+    error = raised(lambda: Variables.set(ctx, "text", too_big))
+    assert limit_fields(error) == ("LimitExceededError", "text: value size in bytes", 1 << 20, True)
+    assert limit_fields(error) == limit_fields(raised(lambda: Variables.set(reference, "text", too_big)))
+    batch = raised(lambda: Variables.update_many(ctx, {"text": too_big}))
+    expected = raised(lambda: Variables.update_many(reference, {"text": too_big}))
+    assert isinstance(batch, BatchUpdateError) and isinstance(expected, BatchUpdateError)
+    assert limit_fields(batch.errors["text"]) == limit_fields(expected.errors["text"])
