@@ -25,8 +25,9 @@ from typing import Any, Final
 import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy.errors import LimitExceededError, ValidationError
+from dspex_dspy.errors import DSPexError, LimitExceededError, ValidationError
 from dspex_dspy.store.glob import MAX_GLOB_LENGTH
+from dspex_dspy.wire_errors import rpc_status_for
 
 __all__ = [
     "INT32_MAX",
@@ -37,15 +38,16 @@ __all__ = [
     "WatchSlots",
     "check_request",
     "clip",
+    "clipped",
     "guarded_handler",
     "peer_principal",
 ]
 
 INT32_MAX: Final = 2**31 - 1
-MAX_IDENTIFIER_LENGTH: Final = 256
-"""Longest session id or variable identifier accepted (a name is at most 128 characters)."""
-MAX_STATUS_MESSAGE: Final = 2048
-"""Longest status message sent (gRPC refuses trailing metadata past a few KiB)."""
+MAX_IDENTIFIER_LENGTH: Final = 1024
+"""Longest session id or variable identifier accepted (names have at most 128 characters, session ids 256)."""
+MAX_STATUS_MESSAGE: Final = 4096
+"""Longest status message sent (gRPC clients refuse trailing metadata past 8 KiB)."""
 TIMESTAMP_MIN_SECONDS: Final = -62_135_596_800
 """``0001-01-01T00:00:00Z``, the earliest ``google.protobuf.Timestamp``."""
 TIMESTAMP_MAX_SECONDS: Final = 253_402_300_799
@@ -69,6 +71,14 @@ def clip(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
     marker = f" ...[{len(text)} characters, shortened]... "
     head = max(0, limit - tail - len(marker))
     return text[:head] + marker + text[len(text) - tail :]
+
+
+def clipped(exc: DSPexError, limit: int = MAX_STATUS_MESSAGE) -> DSPexError:
+    """``exc`` with its message shortened by :func:`clip` (the same object, changed in place)."""
+    if len(exc.message) > limit:
+        exc.message = clip(exc.message, limit)
+        exc.args = (exc.message,)
+    return exc
 
 
 def _preview(value: str) -> str:
@@ -161,16 +171,14 @@ def _deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _refusal(request: Any) -> tuple[grpc.StatusCode, str] | None:
+def _refusal(request: Any) -> grpc.Status | None:
     if isinstance(request, _Undecodable):
-        return (
-            grpc.StatusCode.INVALID_ARGUMENT,
-            clip(f"the request is not a valid {request.message_name} message: {request.error} (rule decoding)"),
-        )
+        detail = clip(f"the request is not a valid {request.message_name} message: {request.error}")
+        return rpc_status_for(ValidationError("", "decoding", None, detail))
     try:
         check_request(request)
     except ValidationError as exc:
-        return grpc.StatusCode.INVALID_ARGUMENT, clip(str(exc))
+        return rpc_status_for(clipped(exc))
     return None
 
 
@@ -178,7 +186,7 @@ def _unary_behaviour(method: Callable[[Any, grpc.ServicerContext], Any]) -> Call
     def behaviour(request: Any, context: grpc.ServicerContext) -> Any:
         refusal = _refusal(request)
         if refusal is not None:
-            context.abort(*refusal)
+            context.abort_with_status(refusal)
         return method(request, context)
 
     return behaviour
@@ -188,7 +196,7 @@ def _stream_behaviour(method: Callable[[Any, grpc.ServicerContext], Iterator[Any
     def behaviour(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         refusal = _refusal(request)
         if refusal is not None:
-            context.abort(*refusal)
+            context.abort_with_status(refusal)
         yield from method(request, context)
 
     return behaviour

@@ -30,8 +30,8 @@ def test_clip_keeps_short_text_and_both_ends_of_long_text() -> None:
     ("request_msg", "field"),
     [
         (pb.GetVariableRequest(session_id="s" * (MAX_IDENTIFIER_LENGTH + 1)), "session_id"),
-        (pb.GetVariableRequest(session_id="s", variable_identifier="v" * 300), "variable_identifier"),
-        (pb.BatchGetVariablesRequest(session_id="s", variable_identifiers=["ok", "v" * 300]), "variable_identifiers"),
+        (pb.GetVariableRequest(session_id="s", variable_identifier="v" * 1025), "variable_identifier"),
+        (pb.BatchGetVariablesRequest(session_id="s", variable_identifiers=["ok", "v" * 1025]), "variable_identifiers"),
         (pb.ListVariablesRequest(session_id="s", pattern="*" * (MAX_GLOB_LENGTH + 1)), "pattern"),
         (pb.RegisterVariableRequest(session_id="s", name="n", initial_version=-1), "initial_version"),
         (

@@ -33,6 +33,7 @@ PUBLIC = {
 
 ERRORS = {
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -55,13 +56,14 @@ ALLOWED = {
     "state": {"errors", "types", "limits", "store", "state"},
     "context": {"errors", "types", "state"},
     "variables": {"errors", "types", "context"},
-    "wire": {"errors", "types", "store", "_proto"},
-    "guard": {"errors", "types", "store", "_proto"},
-    "server": {"errors", "types", "store", "wire", "guard", "_proto"},
-    "remote": {"errors", "types", "store", "wire", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "_proto"},
+    "wire_errors": {"errors"},
+    "wire": {"errors", "types", "store", "wire_errors", "_proto"},
+    "guard": {"errors", "types", "store", "wire_errors", "_proto"},
+    "server": {"errors", "types", "store", "wire", "wire_errors", "guard", "_proto"},
+    "remote": {"errors", "types", "store", "wire", "wire_errors", "remote", "_proto"},
+    "client": {"errors", "types", "store", "wire", "wire_errors", "remote", "_proto"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
-    "cli": {"errors", "types", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
