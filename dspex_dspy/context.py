@@ -294,6 +294,23 @@ class Context:
             if self._remote is not None:
                 self._remote.close()
                 self._remote = None
+            if self._leftover is not None and self._bridge is not None:
+                self._clear_leftover_quietly()
+
+    def _clear_leftover_quietly(self) -> None:
+        """On stop, try once (briefly) to remove what a failed switch left on the bridge."""
+        try:
+            store, _ = self._open_bridge()
+        except Exception as exc:
+            logger.debug("could not reach the bridge to clean up after context %s: %s", self.id, exc)
+            return
+        try:
+            with self._deadline(store, _CLEANUP_TIMEOUT):
+                self._clear_leftover(store)
+        except Exception as exc:
+            logger.debug("could not clean up what a failed switch of context %s left: %s", self.id, exc)
+        finally:
+            store.close()
 
     def __enter__(self) -> Context:
         return self

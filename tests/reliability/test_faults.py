@@ -115,6 +115,18 @@ def test_a_switch_cut_off_midway_fails_in_bounded_time_and_a_retry_succeeds(serv
         ctx.stop()
 
 
+def test_stopping_after_a_cut_off_switch_removes_what_it_left(served: Served, proxy: FaultProxy) -> None:
+    ctx = _seeded_context(proxy.address, 1500)
+    proxy.blackhole_after(40_000)
+    with pytest.raises(BridgeUnavailableError):
+        ctx.ensure_bridged()
+    assert served.store.has_session(ctx.id)
+    proxy.reset()
+    proxy.restore()
+    ctx.stop()
+    assert not served.store.has_session(ctx.id)
+
+
 def test_a_failed_switch_into_an_existing_session_removes_only_its_own_imports(
     served: Served, proxy: FaultProxy
 ) -> None:
