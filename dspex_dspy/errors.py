@@ -12,6 +12,7 @@ would reach for first, so ``except KeyError`` and ``except DSPexError`` both wor
     ├── SessionNotFoundError     (KeyError)         the session does not exist (or expired)
     ├── SessionExistsError       (ValueError)       a session with that id already exists
     ├── LimitExceededError       (RuntimeError)     a configured limit (size, count, watchers) was hit
+    ├── VariableLockedError      (RuntimeError)     an optimizer's lease holds the variable
     └── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
 
 A rejected write never changes anything: the variable keeps its value and version.
@@ -30,6 +31,7 @@ __all__ = [
     "SessionNotFoundError",
     "ValidationError",
     "VariableExistsError",
+    "VariableLockedError",
     "VariableNotFoundError",
     "VersionConflictError",
 ]
@@ -140,6 +142,24 @@ class LimitExceededError(DSPexError, RuntimeError):
         self.limit = limit
         self.value = value
         self.maximum = maximum
+
+
+class VariableLockedError(DSPexError, RuntimeError):
+    """An optimization lease holds the variable: only its optimizer may write it (or start on it).
+
+    A write passes anyway when forced (``force=True``), and the forced write is recorded in the
+    variable's metadata (``forced_over``). Reads and watches are never refused.
+
+    Attributes:
+        name: the variable.
+        optimizer_id: the optimizer holding the lease.
+    """
+
+    def __init__(self, name: str, optimizer_id: str, detail: str = "") -> None:
+        what = detail or "writes need force=True until the optimization stops or its lease expires"
+        super().__init__(f"Variable locked: {name} is held by optimizer {optimizer_id}; {what}")
+        self.name = name
+        self.optimizer_id = optimizer_id
 
 
 class BridgeUnavailableError(DSPexError, ConnectionError):

@@ -40,6 +40,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableExistsError,
 )
+from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease, lease_request_options, validate_lease_request
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
@@ -176,6 +177,8 @@ def error_from_text(message: str, *, identifier: str = "", session_id: str = "")
         code = grpc.StatusCode.ABORTED
     elif "already exists" in low:
         code = grpc.StatusCode.ALREADY_EXISTS
+    elif low.startswith("variable locked:"):
+        code = grpc.StatusCode.FAILED_PRECONDITION
     elif "exceeds the limit" in low:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif "(rule " in low:
@@ -439,6 +442,40 @@ class BridgeCalls:
             return BatchResult(versions, errors)
 
         return BridgeCall("SetVariables", request, parse, session_id=session_id, source=source)
+
+    @staticmethod
+    def start_optimization(
+        session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> BridgeCall[OptimizationLease]:
+        """``StartOptimization`` on several variables: the lease (its expiry as seen from here).
+
+        The contract's request names one variable; the whole list and the ttl travel in
+        ``optimizer_config`` (``variables``: a JSON list, ``lease_seconds``).
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        names = list(identifiers)
+        request = pb.StartOptimizationRequest(
+            session_id=session_id,
+            variable_identifier=names[0],
+            optimizer_id=optimizer_id,
+            optimizer_config=lease_request_options(names, ttl),
+        )
+
+        def parse(response: Any) -> OptimizationLease:
+            _checked(response, names[0], session_id)
+            return OptimizationLease(response.optimization_id, optimizer_id, tuple(names), ttl, time.time() + ttl)
+
+        return BridgeCall("StartOptimization", request, parse, identifier=", ".join(names), session_id=session_id)
+
+    @staticmethod
+    def stop_optimization(session_id: str, identifier: str, *, force: bool = False) -> BridgeCall[None]:
+        """``StopOptimization`` of a lease (by its id) or, forced, of the lease holding a variable."""
+        request = pb.StopOptimizationRequest(session_id=session_id, variable_identifier=identifier, force=force)
+
+        def parse(response: Any) -> None:
+            return None
+
+        return BridgeCall("StopOptimization", request, parse, identifier=identifier, session_id=session_id)
 
     @staticmethod
     def list_variables(session_id: str, pattern: str | None = None) -> BridgeCall[list[Variable]]:
@@ -802,8 +839,9 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
-        """Write a variable; return it at its new version.
+        """Write a variable; return it at its new version (``force``: through a lease).
 
         The record returned is built from what this client knows of the variable plus the write
         (value normalised by the variable's spec, the server's new version); ``updated_at`` is this
@@ -819,7 +857,7 @@ class RemoteStore:
             identifier,
             value,
             type_hint=known.type if known is not None else None,
-            metadata=metadata,
+            metadata=_forcing(metadata) if force else metadata,
             expected_version=expected_version,
             source=source,
         )
@@ -852,13 +890,25 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
         """Write several variables. ``atomic``: validate all, then apply all or none."""
         hints = {ident: t for ident in updates if (t := self._known_type(session_id, ident)) is not None}
+        meta = _forcing(metadata) if force else metadata
         call = BridgeCalls.set_variables(
-            session_id, updates, type_hints=hints, metadata=metadata, atomic=atomic, source=source
+            session_id, updates, type_hints=hints, metadata=meta, atomic=atomic, source=source
         )
         return self.call(call)
+
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables; see :mod:`dspex_dspy.leases`."""
+        return self.call(BridgeCalls.start_optimization(session_id, identifiers, optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease by its id, or by force the lease holding a variable (an ended lease: no-op)."""
+        self.call(BridgeCalls.stop_optimization(session_id, identifier, force=force))
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
@@ -882,6 +932,11 @@ class RemoteStore:
         """Write the value the variable had at ``target_version`` as a new version."""
         call = BridgeCalls.rollback_variable(session_id, identifier, target_version, source=source)
         return self._learn(session_id, self.call(call))
+
+
+def _forcing(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write metadata that asks the server to write through a lease."""
+    return {**(metadata or {}), FORCE_METADATA_KEY: "true"}
 
 
 def open_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:

@@ -32,6 +32,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -39,6 +40,7 @@ from dspex_dspy.store.watch import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,
+    OptimizationStatus,
     Variable,
     compile_spec,
     decode_constraints,
@@ -247,6 +249,11 @@ def variable_to_proto(var: Variable) -> pb.Variable:
     msg.value.CopyFrom(value_to_any(var.type, var.value))
     msg.last_updated_at.CopyFrom(timestamp(var.updated_at))
     msg.created_at.CopyFrom(timestamp(var.created_at))
+    status = var.optimization_status
+    if status is not None:
+        msg.optimization_status.optimizing = True
+        msg.optimization_status.optimizer_id = status.optimizer_id
+        msg.optimization_status.started_at.CopyFrom(timestamp(status.started_at))
     return msg
 
 
@@ -280,6 +287,11 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
         created_at=from_timestamp(msg.created_at),
         updated_at=from_timestamp(msg.last_updated_at),
         source=source_from_proto(msg.source),
+        optimization_status=(
+            OptimizationStatus(msg.optimization_status.optimizer_id, from_timestamp(msg.optimization_status.started_at))
+            if msg.optimization_status.optimizing
+            else None
+        ),
     )
 
 
@@ -329,6 +341,7 @@ _STATUS: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
     (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflictError, grpc.StatusCode.ABORTED),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (VariableLockedError, grpc.StatusCode.FAILED_PRECONDITION),
     (BridgeUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -357,6 +370,7 @@ _VAR_EXISTS_RE = re.compile(r"(?s)Variable already exists: (?P<name>\S+)(?: in s
 _SESSION_EXISTS_RE = re.compile(r"(?s)Session already exists: (?P<session>.+)")
 _VAR_NOT_FOUND_RE = re.compile(r"(?s)Variable not found: (?P<name>\S+)(?: in session (?P<session>\S+))?")
 _SESSION_NOT_FOUND_RE = re.compile(r"(?s)Session not found: (?P<session>.+)")
+_LOCKED_RE = re.compile(r"(?s)Variable locked: (?P<name>\S+) is held by optimizer (?P<optimizer>\S+?); (?P<detail>.*)")
 _UNAVAILABLE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
@@ -451,6 +465,11 @@ def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str 
         else:
             limit = LimitExceededError("limit", -1, -1)
         return _with_message(limit, details)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        match = _LOCKED_RE.search(details)
+        if match:
+            locked = VariableLockedError(match.group("name"), match.group("optimizer"), match.group("detail"))
+            return _with_message(locked, details)
     if code in _UNAVAILABLE_CODES:
         text = (
             f"the bridge is unavailable ({code.name}): {details}"
