@@ -14,6 +14,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -29,6 +30,7 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (SessionNotFoundError("s1"), KeyError),
     (SessionExistsError("s1"), ValueError),
     (LimitExceededError("sessions", 11, 10), RuntimeError),
+    (VariableLockedError("temperature", "tuner-1"), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]

@@ -19,6 +19,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -280,6 +281,7 @@ ERRORS: list[tuple[DSPexError, grpc.StatusCode]] = [
     (SessionExistsError("s1"), grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflictError("temperature", 3, 5), grpc.StatusCode.ABORTED),
     (LimitExceededError("variables per session", 11, 10), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (VariableLockedError("temperature", "tuner-1"), grpc.StatusCode.FAILED_PRECONDITION),
     (BridgeUnavailableError("store closed"), grpc.StatusCode.UNAVAILABLE),
 ]
 
@@ -300,6 +302,7 @@ def test_error_from_rpc_rebuilds_the_servers_error(exc: DSPexError, code: grpc.S
     assert type(rebuilt) is type(exc)
     assert str(rebuilt) == str(exc)
     fields = {"variable", "rule", "name", "expected", "actual", "session_id", "identifier", "limit", "value", "maximum"}
+    fields |= {"optimizer_id"}
     for attr in fields - {"value"}:
         if hasattr(exc, attr):
             assert getattr(rebuilt, attr) == getattr(exc, attr), attr
