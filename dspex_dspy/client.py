@@ -86,6 +86,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.remote import (
     CHANNEL_OPTIONS,
     DEFAULT_CALL_TIMEOUT,
@@ -1290,6 +1291,21 @@ class SessionContext(_ClientCore):
         """
         self._call(BridgeCalls.delete_variable(self.session_id, name, source=WORKER))
         self._deleted(name)
+
+    def start_optimization(
+        self, names: Sequence[str], optimizer_id: str, *, ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> OptimizationLease:
+        """Take (or renew) an optimization lease on ``names``; see ``Variables.start_optimization``.
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+        """
+        return self._call(BridgeCalls.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease (the lease or its id), or with ``force=True`` the lease holding a variable."""
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        self._call(BridgeCalls.stop_optimization(self.session_id, target, force=force))
 
     # ------------------------------------------------------------------ watching
 

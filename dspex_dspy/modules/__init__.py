@@ -24,6 +24,7 @@ from dspex_dspy.modules._binding import (
     VariableBindingMixin,
     get_provenance,
     route_predictors,
+    trial_values,
 )
 from dspex_dspy.modules._programs import (
     ModuleVariableResolver,
@@ -53,4 +54,5 @@ __all__ = [
     "default_resolver",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]

@@ -26,6 +26,11 @@ Precedence for one LM request, highest first:
 
 So a binding is an explicit decision that wins over what an optimizer wrote while it is bound;
 ``unbind_variable`` lets the optimizer's demos or instructions apply again.
+
+A search over bound variables (:class:`~dspex_dspy.tune.VariableTuner`) runs its trials inside
+:func:`trial_values`: for those calls, the named variables read the trial's values instead of the
+session's (provenance version 0), in the calling thread and in the ``dspy.Parallel`` /
+``dspy.Evaluate`` threads it starts, while every other caller keeps reading the session.
 """
 
 from __future__ import annotations
@@ -55,10 +60,13 @@ __all__ = [
     "VariableBindingMixin",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]
 
 #: The key under which a call's scope rides in DSPy's context overrides.
 SCOPE_KEY = "dspex_variable_scope"
+#: The key under which a trial's values (variable name -> value) ride in DSPy's context overrides.
+TRIAL_KEY = "dspex_trial_values"
 #: The key under which ``dump_state`` stores the bindings.
 STATE_KEY = "dspex_variable_bindings"
 _PROVENANCE_ATTR = "_dspex_provenance"
@@ -194,7 +202,7 @@ class BoundValue(NamedTuple):
         attribute: the bound attribute (``"temperature"``).
         variable: the session variable it is bound to.
         value: the value read for this call (after checking, e.g. an int for ``max_tokens``).
-        version: the variable's version at that read.
+        version: the variable's version at that read (0 for a trial's value, see :func:`trial_values`).
         applied: False when the caller's own per-call value took precedence (``config=`` key,
             ``lm=``, ``signature=``, ``demos=`` or the keyword itself).
     """
@@ -204,6 +212,26 @@ class BoundValue(NamedTuple):
     value: Any
     version: int
     applied: bool = True
+
+
+def trial_values(values: Mapping[str, Any]) -> Any:
+    """A context manager: variable-aware calls inside it read ``values`` (name -> value) for those variables.
+
+    Nothing is written to the session: other threads and processes keep reading its values. The
+    values follow the block into ``dspy.Parallel`` and ``dspy.Evaluate`` threads (they ride in
+    DSPy's context overrides, as ``dspy.context`` settings do) and are checked per call like
+    session values.
+
+    Example:
+        >>> with trial_values({"temperature": 0.2}):                # doctest: +SKIP
+        ...     dspy.Evaluate(devset=dev, metric=metric)(program)
+    """
+    return dspy.context(**{TRIAL_KEY: dict(values)})
+
+
+def _trial() -> Mapping[str, Any] | None:
+    found: Mapping[str, Any] | None = thread_local_overrides.get().get(TRIAL_KEY)
+    return found
 
 
 def get_provenance(prediction: Any) -> dict[str, BoundValue]:
@@ -710,6 +738,9 @@ class VariableBindingMixin:
             if found:
                 return value
         variable = bindings[attr]
+        trial = _trial()
+        if trial is not None and variable in trial:
+            return _target(attr)[1](attr, variable, trial[variable])
         value, _ = self._dspex_require_source(attr).read(variable)
         return _target(attr)[1](attr, variable, value)
 
@@ -857,7 +888,11 @@ def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[
     source = _source_of(module, d, bindings)
     read = source.reader
     readings = []
+    trial = _trial()
     for attr, variable in bindings.items():
+        if trial is not None and variable in trial:
+            readings.append((trial[variable], 0))
+            continue
         try:
             readings.append(read(variable))
         except VariableNotFoundError:
@@ -868,7 +903,11 @@ def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[
 async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     source = _source_of(module, d, bindings)
     readings = []
+    trial = _trial()
     for attr, variable in bindings.items():
+        if trial is not None and variable in trial:
+            readings.append((trial[variable], 0))
+            continue
         try:
             readings.append(await source.aread(variable))
         except VariableNotFoundError:

@@ -58,7 +58,7 @@ ALLOWED = {
     "wire": {"errors", "types", "store", "_proto"},
     "server": {"errors", "types", "leases", "store", "wire", "_proto"},
     "remote": {"errors", "types", "leases", "store", "wire", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "remote", "_proto"},
     "modules": {"errors", "types", "modules", "context", "variables"},
     "tune": {"errors", "types", "leases", "modules", "context", "variables", "tune"},
     "cli": {"errors", "types", "store", "server", "wire", "_proto"},
