@@ -27,6 +27,8 @@ from dspex_dspy.offline import offline_lm
 from dspex_dspy.tune import VariableTuner
 
 sys.path.insert(0, str(Path(__file__).with_name("workers")))
+import contextlib
+
 from tuning import MODELS, define_task, metric, program_for, trainset
 
 pytestmark = pytest.mark.integration
@@ -106,10 +108,8 @@ class Proc:
         self.kill()
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if pipe is not None:
-                try:
+                with contextlib.suppress(OSError, ValueError):
                     pipe.close()
-                except (OSError, ValueError):
-                    pass
 
 
 @pytest.fixture
