@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from dspex_dspy import Context, Variables, VariableAwarePredict
+from dspex_dspy import Context, VariableAwarePredict, Variables
 from dspex_dspy.errors import DSPexError, ValidationError
 from dspex_dspy.tune import bound_variables, build_space
 from dspex_dspy.types import Variable
