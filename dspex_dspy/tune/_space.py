@@ -39,15 +39,31 @@ Binding = tuple[str, str]  # (module path, attribute)
 
 
 def _variable_aware_modules(program: Any) -> Iterator[tuple[str, Any]]:
+    """Variable-aware modules of ``program``: itself, module attributes, and modules in lists, tuples and dicts.
+
+    Unlike ``named_sub_modules`` it does not walk into plain data (a predictor's call history grows
+    with every call), so finding the bindings costs the same before and after many calls.
+    """
+    from dspy.primitives.base_module import BaseModule
+
     from dspex_dspy.modules import VariableBindingMixin
 
     seen: set[int] = set()
-    candidates = [("self", program), *program.named_sub_modules()]
-    for path, module in candidates:
-        if id(module) in seen or not isinstance(module, VariableBindingMixin):
+    queue: list[tuple[str, Any]] = [("self", program)]
+    while queue:
+        path, module = queue.pop(0)
+        if id(module) in seen:
             continue
         seen.add(id(module))
-        yield path, module
+        if isinstance(module, VariableBindingMixin):
+            yield path, module
+        for name, value in vars(module).items():
+            if isinstance(value, BaseModule):
+                queue.append((f"{path}.{name}", value))
+            elif isinstance(value, (list, tuple)):
+                queue.extend((f"{path}.{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, BaseModule))
+            elif isinstance(value, dict):
+                queue.extend((f"{path}.{name}[{k}]", v) for k, v in value.items() if isinstance(v, BaseModule))
 
 
 def bound_variables(program: Any) -> tuple[dict[str, list[Binding]], Any]:
