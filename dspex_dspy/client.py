@@ -97,7 +97,7 @@ from dspex_dspy.remote import (
     registered_variable,
 )
 from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
+from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
 __all__ = [
@@ -143,6 +143,7 @@ class WatchEvent:
         timestamp: wall-clock seconds since the epoch.
         variable_id: the variable's id on the server.
         metadata: the metadata given with the write.
+        optimization_status: the optimization lease holding the variable at that version, or None.
     """
 
     name: str
@@ -153,6 +154,7 @@ class WatchEvent:
     timestamp: float
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    optimization_status: OptimizationStatus | None = None
 
 
 def _detached(value: Any) -> Any:
@@ -258,6 +260,7 @@ class _WatchTracker:
             update.timestamp,
             var.id,
             dict(update.metadata),
+            var.optimization_status,
         )
 
     def on_listing(self, variables: Iterable[Variable]) -> list[WatchEvent]:
@@ -285,6 +288,7 @@ class _WatchTracker:
                         var.updated_at,
                         var.id,
                         {},
+                        var.optimization_status,
                     )
                 )
         now = time.time()

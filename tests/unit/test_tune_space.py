@@ -16,7 +16,9 @@ pytestmark = pytest.mark.unit
 
 
 def var(name: str, type_: str, value: Any, constraints: dict[str, Any] | None = None, **meta: str) -> Variable:
-    return Variable(id=f"var_{name}_1", name=name, type=type_, value=value, constraints=constraints or {}, metadata=meta)
+    return Variable(
+        id=f"var_{name}_1", name=name, type=type_, value=value, constraints=constraints or {}, metadata=meta
+    )
 
 
 def test_each_searchable_constraint_becomes_a_distribution() -> None:
@@ -54,7 +56,9 @@ def test_each_searchable_constraint_becomes_a_distribution() -> None:
 
 def test_a_log_scale_needs_a_positive_minimum() -> None:
     with pytest.raises(ValidationError, match="temperature: a log-scale search needs a positive minimum"):
-        build_space({"temperature": var("temperature", "float", 0.5, {"min": 0.0, "max": 1.0}, search_scale="log")}, None)
+        build_space(
+            {"temperature": var("temperature", "float", 0.5, {"min": 0.0, "max": 1.0}, search_scale="log")}, None
+        )
 
 
 def test_the_space_narrows_and_overrides_within_the_constraints() -> None:
@@ -64,7 +68,8 @@ def test_the_space_narrows_and_overrides_within_the_constraints() -> None:
         "model": var("model", "string", "a", {"enum": ["a", "b", "c"]}),
     }
     searched, skipped = build_space(
-        variables, {"temperature": {"low": 0.1, "high": 0.5}, "model": ["a", "c"], "max_tokens": IntDistribution(16, 32)}
+        variables,
+        {"temperature": {"low": 0.1, "high": 0.5}, "model": ["a", "c"], "max_tokens": IntDistribution(16, 32)},
     )
     assert searched == {
         "temperature": FloatDistribution(0.1, 0.5),
