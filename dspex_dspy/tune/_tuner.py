@@ -172,7 +172,8 @@ class _Heartbeat:
         lease = self.lease
         while not self._stop.wait(lease.ttl / 3):
             try:
-                self.session.start(list(lease.variables), lease.optimizer_id, lease.ttl)
+                # A renewal may hand back a new lease id (after the context switched to a bridge).
+                self.lease = self.session.start(list(lease.variables), lease.optimizer_id, lease.ttl)
             except DSPexError as exc:
                 self.error = exc
                 logger.warning("could not renew the lease of %s: %s", lease.optimizer_id, exc)
@@ -316,6 +317,7 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+                lease = heartbeat.lease
             if lease is not None:
                 try:
                     session.stop(lease)
