@@ -15,6 +15,7 @@ Several processes can run trials of one search: give each the same Optuna ``stor
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import secrets
@@ -131,6 +132,13 @@ class _Session:
     """Leases, records and publication on the tuned program's session (a Context or a worker client)."""
 
     def __init__(self, target: Any) -> None:
+        if not isinstance(target, Context) and (
+            not callable(getattr(target, "start_optimization", None))
+            or inspect.iscoroutinefunction(getattr(target, "get_variable_record", None))
+        ):
+            raise DSPexError(
+                f"VariableTuner tunes programs bound to a Context or a SessionContext, not {type(target).__name__}"
+            )
         self.target = target
 
     def records(self, names: Sequence[str]) -> dict[str, Variable]:
