@@ -346,14 +346,14 @@ def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> N
         assert ctx.bridge_address is not None
         tuner = Proc(
             "tune", "--address", ctx.bridge_address, "--session", ctx.id, "--optimizer-id", "tuner-proc",
-            "--lease-ttl", "1.0", "--hang",
+            "--lease-ttl", "3.0", "--hang",
         )  # fmt: skip
         procs.append(tuner)
         tuner.wait_ready()  # searching: the metric of the first trial is blocked
         status = Variables.get_variable(ctx, "max_tokens").optimization_status
         assert status is not None and status.optimizer_id == "tuner-proc"
         # Longer than the ttl: the heartbeat keeps the lease alive while the tuner lives.
-        time.sleep(1.5)
+        time.sleep(4.0)
         with pytest.raises(VariableLockedError, match="held by optimizer tuner-proc"):
             Variables.set(ctx, "max_tokens", 128)
         rival = VariableTuner(metric, num_trials=2, seed=0, optimizer_id="tuner-rival", progress=False)
