@@ -362,7 +362,7 @@ def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> N
         assert Variables.set(ctx, "max_tokens", 128, force=True) == 2
         forced = Variables.get_variable(ctx, "max_tokens")
         assert forced.metadata["forced_over"] == "tuner-proc"
-        assert [e.metadata.get("forced_over") for e in ctx._provider.store.get_history(ctx.id, "max_tokens")][:1] == [
+        assert [e.metadata.get("forced_over") for e in ctx.provider.store.get_history(ctx.id, "max_tokens")][:1] == [
             "tuner-proc"
         ]
         assert _versions(ctx) == {"temperature": 1, "max_tokens": 2, "model": 1}
