@@ -415,3 +415,21 @@ def test_two_processes_run_trials_of_one_study_and_one_publishes(procs: list[Pro
     assert [p.trial for p in result.published] == [result.best.number]
     model = Variables.get_variable(ctx, "model")
     assert model.version == 2 and model.metadata["optimizer_id"] == "tuner-main"
+
+
+def test_a_worker_process_tunes_the_session_and_publishes(procs: list[Proc]) -> None:
+    with Context() as ctx:
+        define_task(ctx)
+        ctx.ensure_bridged()
+        assert ctx.bridge_address is not None
+        tuner = Proc(
+            "tune", "--address", ctx.bridge_address, "--session", ctx.id, "--optimizer-id", "worker-tuner",
+        )  # fmt: skip
+        procs.append(tuner)
+        assert json.loads(tuner.line()) == {"done": True}
+        tuner.finish()
+        for var in Variables.list(ctx):
+            assert var.version == 2, var
+            assert var.source == "worker"
+            assert var.metadata["optimizer_id"] == "worker-tuner"
+            assert var.optimization_status is None
