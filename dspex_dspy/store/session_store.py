@@ -12,6 +12,8 @@ Rules kept here, for every caller:
   ``expected_version`` makes a write a compare-and-swap;
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
+- an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
+  its optimizer stops it or it expires;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered before their initial snapshot is taken, under the same lock as writes,
   so no write can fall between the snapshot and the stream.
