@@ -282,9 +282,11 @@ def test_the_space_narrows_and_overrides_and_the_tuner_says_what_it_searched() -
     assert tuner.result is not None
     assert tuner.result.skipped == {"notes": "a string needs an enum of candidates to be searched"}
 
-    narrowed = VariableTuner(metric, num_trials=4, seed=0, publish=None, progress=False)
+    sampler = optuna.samplers.RandomSampler(seed=1)
+    narrowed = VariableTuner(metric, num_trials=4, sampler=sampler, publish=None, progress=False)
     narrowed.compile(program, trainset=trainset(), space={"model": ["offline/large"], "temperature": None})
     assert narrowed.result is not None
+    assert narrowed.result.study.sampler is sampler
     assert narrowed.result.searched == {"model": "one of ['offline/large']", "temperature": "float [0.0, 1.5]"}
     assert {t.values["model"] for t in narrowed.result.trials} == {"offline/large"}
     assert all(set(t.values) == {"model", "temperature"} for t in narrowed.result.trials)
