@@ -19,6 +19,7 @@ import inspect
 import logging
 import math
 import secrets
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,12 +294,12 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
             skipped,
         )
         self.result = result
-        logger.info(
-            "%s searches %s%s",
-            self.optimizer_id,
-            ", ".join(f"{n} ({d})" for n, d in result.searched.items()),
-            f"; left alone: {', '.join(f'{n} ({r})' for n, r in skipped.items())}" if skipped else "",
-        )
+        said = f"{self.optimizer_id} searches " + ", ".join(f"{n} ({d})" for n, d in result.searched.items())
+        if skipped:
+            said += "; left alone: " + ", ".join(f"{n} ({r})" for n, r in skipped.items())
+        logger.info("%s", said)
+        if self.progress:
+            tqdm.write(said, file=sys.stderr)
         study = optuna.create_study(
             direction="maximize",
             sampler=self.sampler or optuna.samplers.TPESampler(seed=self.seed),

@@ -272,15 +272,21 @@ def test_a_second_tuner_on_an_overlapping_set_is_refused() -> None:
 
 
 @pytest.mark.usefixtures("lm")
-def test_the_space_narrows_and_overrides_and_the_tuner_says_what_it_searched() -> None:
+def test_the_space_narrows_and_overrides_and_the_tuner_says_what_it_searched(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     ctx = _ctx()
     Variables.defvariable(ctx, "notes", "string", "free text")
     program = program_for(ctx)
     program.bind_to_variable("instructions", "notes")
-    tuner = VariableTuner(metric, num_trials=4, seed=0, publish=None, progress=False)
+    tuner = VariableTuner(metric, num_trials=4, seed=0, publish=None, optimizer_id="tuner-s")
     tuner.compile(program, trainset=trainset())
     assert tuner.result is not None
     assert tuner.result.skipped == {"notes": "a string needs an enum of candidates to be searched"}
+    said = capsys.readouterr().err
+    assert "tuner-s searches temperature (float [0.0, 1.5]), max_tokens (int [16, 4096]), model (one of" in said
+    assert "left alone: notes (a string needs an enum of candidates to be searched)" in said
+    assert "VariableTuner: 100%" in said  # the progress bar
 
     sampler = optuna.samplers.RandomSampler(seed=1)
     narrowed = VariableTuner(metric, num_trials=4, sampler=sampler, publish=None, progress=False)
