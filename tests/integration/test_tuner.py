@@ -7,8 +7,10 @@ The task is deterministic: the offline LM states the settings it was called with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -27,9 +29,7 @@ from dspex_dspy.offline import offline_lm
 from dspex_dspy.tune import VariableTuner
 
 sys.path.insert(0, str(Path(__file__).with_name("workers")))
-import contextlib
-
-from tuning import MODELS, define_task, metric, program_for, trainset
+from tuning import MODELS, define_task, journal_storage, metric, program_for, trainset
 
 pytestmark = pytest.mark.integration
 
@@ -381,15 +381,47 @@ def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> N
         Variables.start_optimization(ctx, ["max_tokens"], "tuner-next", ttl=60)
 
 
-def test_two_processes_run_trials_of_one_study_and_one_publishes(procs: list[Proc], tmp_path: Path) -> None:
-    journal = str(tmp_path / "study.log")
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for Optuna's Redis journal."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_for(answers, "redis-server to answer")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.kill()
+        server.wait(timeout=DEADLINE_S)
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_two_processes_run_trials_of_one_study_and_one_publishes(
+    procs: list[Proc], tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    journal = str(tmp_path / "study.log") if backend == "file" else request.getfixturevalue("redis_url")
     helper = Proc(
         "helper", "--journal", journal, "--study", "shared", "--trials", "16", "--optimizer-id", "tuner-helper",
         "--delay", "0.05",
     )  # fmt: skip
     procs.append(helper)
     helper.wait_ready()
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(journal))
+    storage = journal_storage(journal)
 
     def helper_trials() -> int:
         try:

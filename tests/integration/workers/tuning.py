@@ -6,9 +6,9 @@
     python tuning.py tune   --address A --session S --optimizer-id ID --lease-ttl T [--hang]
         tune the session's variables as a worker; with --hang the metric blocks after the first
         trial's first example is scored (the process holds its lease until killed).
-    python tuning.py helper --journal PATH --study NAME --trials N --optimizer-id ID
-        run trials of a shared study (Optuna journal file) on a local copy of the task; no lease,
-        no publication.
+    python tuning.py helper --journal PATH_OR_REDIS_URL --study NAME --trials N --optimizer-id ID
+        run trials of a shared study (Optuna journal storage on a file or Redis) on a local copy
+        of the task; no lease, no publication.
 
 Each prints ``ready`` when in position.
 """
@@ -20,6 +20,7 @@ import json
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
@@ -58,6 +59,19 @@ def trainset() -> list[dspy.Example]:
 
 def metric(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
     return settings_quality(prediction.answer)
+
+
+def journal_storage(where: str) -> object:
+    """Optuna's journal storage on a file, or on Redis for a ``redis://`` URL."""
+    import optuna
+
+    journal = optuna.storages.journal
+    if not where.startswith("redis://"):
+        return optuna.storages.JournalStorage(journal.JournalFileBackend(where))
+    with warnings.catch_warnings():
+        # Optuna marks its Redis journal experimental; the test shows it works for a shared study.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.JournalStorage(journal.JournalRedisBackend(where))
 
 
 def serve(opts: argparse.Namespace) -> None:
@@ -103,9 +117,8 @@ def tune(opts: argparse.Namespace) -> None:
 
 
 def helper(opts: argparse.Namespace) -> None:
-    import optuna
 
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(opts.journal))
+    storage = journal_storage(opts.journal)
     ctx = Context()
     define_task(ctx)
 
