@@ -7,6 +7,7 @@ import pytest
 from dspex_dspy import errors
 from dspex_dspy.errors import (
     BatchUpdateError,
+    BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
@@ -32,6 +33,7 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (LimitExceededError("sessions", 11, 10), RuntimeError),
     (VariableLockedError("temperature", "tuner-1"), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
+    (BridgeError("UNIMPLEMENTED: ExecuteTool is not implemented", code="UNIMPLEMENTED"), RuntimeError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]
 

@@ -33,6 +33,7 @@ PUBLIC = {
 
 ERRORS = {
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -57,13 +58,14 @@ ALLOWED = {
     "state": {"errors", "types", "limits", "leases", "store", "state"},
     "context": {"errors", "types", "state"},
     "variables": {"errors", "types", "leases", "context"},
-    "wire": {"errors", "types", "store", "_proto"},
-    "server": {"errors", "types", "leases", "store", "wire", "_proto"},
-    "remote": {"errors", "types", "leases", "store", "wire", "_proto"},
-    "client": {"errors", "types", "leases", "store", "wire", "remote", "_proto"},
+    "wire_errors": {"errors"},
+    "wire": {"errors", "types", "store", "wire_errors", "_proto"},
+    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "_proto"},
+    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "_proto"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
     "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
-    "cli": {"errors", "types", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
