@@ -290,6 +290,7 @@ def test_a_failure_flag_with_a_message_keeps_the_peers_text() -> None:
         (grpc.StatusCode.ABORTED, "version mismatch", VersionConflictError, ("expected", -1)),
         (grpc.StatusCode.ALREADY_EXISTS, "duplicate", VariableExistsError, ("name", "temperature")),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max", LimitExceededError, ("maximum", -1)),
+        (grpc.StatusCode.FAILED_PRECONDITION, "optimizing", VariableLockedError, ("name", "temperature")),
     ],
 )
 def test_a_peer_without_details_gets_the_class_of_its_code(
