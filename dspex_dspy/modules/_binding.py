@@ -45,7 +45,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from typing import Any, ClassVar, NamedTuple
 
@@ -981,8 +981,7 @@ def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[
     ``update_many`` is seen whole or not at all (and an uncached worker makes one round trip).
     """
     source = _source_of(module, d, bindings)
-    trial = _trial()
-    wanted = bindings.values() if trial is None else [v for v in bindings.values() if v not in trial]
+    trial, wanted = _unread(bindings)
     snapshot: dict[str, tuple[Any, int]] = {}
     if wanted:
         try:
@@ -992,15 +991,12 @@ def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[
                 if variable in wanted and not source.has(variable):
                     raise module._dspex_not_found(attr, variable, source, bound=True) from None
             raise exc from None
-    if trial is None:
-        return [snapshot[variable] for variable in bindings.values()]
-    return [(trial[v], 0) if v in trial else snapshot[v] for v in bindings.values()]
+    return _readings(bindings, trial, snapshot)
 
 
 async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     source = _source_of(module, d, bindings)
-    trial = _trial()
-    wanted = bindings.values() if trial is None else [v for v in bindings.values() if v not in trial]
+    trial, wanted = _unread(bindings)
     snapshot: dict[str, tuple[Any, int]] = {}
     if wanted:
         try:
@@ -1010,6 +1006,21 @@ async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -
                 if variable in wanted and not await source.ahas(variable):
                     raise module._dspex_not_found(attr, variable, source, bound=True) from None
             raise exc from None
+    return _readings(bindings, trial, snapshot)
+
+
+def _unread(bindings: dict[str, str]) -> tuple[Mapping[str, Any] | None, Collection[str]]:
+    """The open trial's values (if any) and the bound variables still to read from the session."""
+    trial = _trial()
+    if trial is None:
+        return None, bindings.values()
+    return trial, [variable for variable in bindings.values() if variable not in trial]
+
+
+def _readings(
+    bindings: dict[str, str], trial: Mapping[str, Any] | None, snapshot: Mapping[str, tuple[Any, int]]
+) -> list[tuple[Any, int]]:
+    """``(value, version)`` per binding: the trial's value (version 0) or the session's."""
     if trial is None:
         return [snapshot[variable] for variable in bindings.values()]
     return [(trial[v], 0) if v in trial else snapshot[v] for v in bindings.values()]

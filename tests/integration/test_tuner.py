@@ -473,3 +473,37 @@ def test_a_worker_process_tunes_the_session_and_publishes(procs: list[Proc]) -> 
             assert var.source == "worker"
             assert var.metadata["optimizer_id"] == "worker-tuner"
             assert var.optimization_status is None
+
+
+@pytest.mark.usefixtures("lm")
+def test_trial_values_apply_per_call_in_threads_and_async_and_nowhere_else() -> None:
+    import asyncio
+
+    from dspex_dspy.modules import get_provenance, trial_values
+
+    ctx = _ctx()
+    program = program_for(ctx)
+    trial = {"temperature": 0.25, "model": "offline/large"}
+
+    def used(prediction: dspy.Prediction) -> dict[str, tuple[Any, int]]:
+        return {attr: (b.value, b.version) for attr, b in get_provenance(prediction).items()}
+
+    expected = {"temperature": (0.25, 0), "model": ("offline/large", 0), "max_tokens": (64, 1)}
+    outside: list[dict[str, tuple[Any, int]]] = []
+    with trial_values(trial):
+        assert used(program(question="q")) == expected
+        assert program.get_bound_value("temperature") == 0.25
+        parallel = dspy.Parallel(num_threads=3)([(program, {"question": f"q{i}"}) for i in range(6)])
+        assert all(used(p) == expected for p in parallel)
+        assert used(asyncio.run(program.acall(question="q"))) == expected
+        # Another thread that did not enter the block reads the session.
+        def elsewhere() -> None:
+            with dspy.context(lm=offline_lm(MODELS[0])):
+                outside.append(used(program(question="q")))
+
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+    assert outside == [{"temperature": (1.2, 1), "model": ("offline/small", 1), "max_tokens": (64, 1)}]
+    assert used(program(question="q")) == outside[0]
+    assert _versions(ctx) == {"temperature": 1, "max_tokens": 1, "model": 1}
