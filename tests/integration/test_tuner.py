@@ -496,6 +496,7 @@ def test_trial_values_apply_per_call_in_threads_and_async_and_nowhere_else() -> 
         parallel = dspy.Parallel(num_threads=3)([(program, {"question": f"q{i}"}) for i in range(6)])
         assert all(used(p) == expected for p in parallel)
         assert used(asyncio.run(program.acall(question="q"))) == expected
+
         # Another thread that did not enter the block reads the session.
         def elsewhere() -> None:
             with dspy.context(lm=offline_lm(MODELS[0])):
