@@ -52,9 +52,11 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return notebook
 
 
-def test_the_notebook_runs_without_errors(executed: Any) -> None:
+def test_the_notebook_runs_without_errors_or_warnings(executed: Any) -> None:
     errors = [o for c in executed.cells for o in c.get("outputs", []) if o["output_type"] == "error"]
     assert not errors, errors
+    streams = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "Warning" not in streams, streams
 
 
 def test_the_notebook_finds_the_optimum_and_plots_the_history(executed: Any) -> None:
