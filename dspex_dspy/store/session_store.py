@@ -12,6 +12,8 @@ Rules kept here, for every caller:
   ``expected_version`` makes a write a compare-and-swap;
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
+- an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
+  its optimizer stops it or it expires;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered before their initial snapshot is taken, under the same lock as writes,
   so no write can fall between the snapshot and the stream.
@@ -41,6 +43,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
 from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_size
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
@@ -156,6 +159,7 @@ class SessionStore:
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
+        self._leases = LeaseTable()
 
     # ------------------------------------------------------------------ sessions
 
@@ -392,14 +396,19 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
         """Write a variable; return it at its new version.
+
+        ``force`` writes through another optimizer's lease (see :mod:`dspex_dspy.leases`).
 
         Raises:
             ValidationError: the value breaks the variable's type or constraints.
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
+            VariableLockedError: an optimization lease holds the variable and the write is not forced.
         """
         meta = normalize_metadata(identifier, metadata) if metadata else None
+        force = pop_force(meta) or force
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
@@ -407,6 +416,10 @@ class SessionStore:
             self._check_size(record.name, record.spec.type, normalised)
             if expected_version and expected_version != record.version:
                 raise VersionConflictError(record.name, expected_version, record.version)
+            if self._leases:
+                forced = self._leases.admit(record.id, record.name, meta, force=force)
+                if forced:
+                    meta = {**(meta or {}), **forced}
             return self._apply(session, record, normalised, meta, source)
 
     def set_variables(
@@ -417,9 +430,16 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
-        """Write several variables. ``atomic``: validate all, then apply all or none."""
+        """Write several variables. ``atomic``: validate all, then apply all or none.
+
+        A variable held by another optimizer's lease is rejected with ``VariableLockedError``
+        unless ``force``.
+        """
         meta = normalize_metadata("", metadata) if metadata else None
+        force = pop_force(meta) or force
+        forced_meta: dict[str, dict[str, str]] = {}
         with self._lock:
             session = self._session(session_id)
             checked: list[tuple[str, VariableRecord, Any]] = []
@@ -429,6 +449,10 @@ class SessionStore:
                     record = self._lookup(session, ident)
                     normalised = record.spec.validate(value)
                     self._check_size(record.name, record.spec.type, normalised)
+                    if self._leases:
+                        forced = self._leases.admit(record.id, record.name, meta, force=force)
+                        if forced:
+                            forced_meta[ident] = {**(meta or {}), **forced}
                 except DSPexError as exc:
                     errors[ident] = exc
                     continue
@@ -438,15 +462,23 @@ class SessionStore:
             versions: dict[str, int] = {}
             if atomic:
                 try:
-                    self._charge(session, sum(self._plan(r, v, meta).delta for _, r, v in checked))
+                    self._charge(
+                        session,
+                        sum(self._plan(r, v, forced_meta.get(ident, meta)).delta for ident, r, v in checked),
+                    )
                 except DSPexError as exc:
                     return BatchResult({}, {ident: exc for ident, _, _ in checked})
                 for ident, record, normalised in checked:
-                    versions[ident] = self._apply(session, record, normalised, meta, source, charge=False).version
+                    written = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False
+                    )
+                    versions[ident] = written.version
                 return BatchResult(versions, errors)
             for ident, record, normalised in checked:
                 try:
-                    versions[ident] = self._apply(session, record, normalised, meta, source).version
+                    versions[ident] = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source
+                    ).version
                 except DSPexError as exc:
                     errors[ident] = exc
             return BatchResult(versions, errors)
@@ -470,6 +502,9 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "deleting it")
+                self._leases.forget([record.id])
             del session.variables[record.id]
             del session.names[record.name]
             freed = record.fixed_bytes + record.history_bytes
@@ -491,6 +526,8 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "rolling it back")
             entry = next((e for e in record.history if e.version == target_version), None)
             if entry is None:
                 known = ", ".join(str(e.version) for e in record.history)
@@ -503,6 +540,48 @@ class SessionStore:
             value = record.spec.validate(entry.value)
             meta = {"rolled_back_to": str(target_version)}
             return self._apply(session, record, value, meta, source)
+
+    # ------------------------------------------------------------------ optimization leases
+
+    def start_optimization(
+        self,
+        session_id: str,
+        identifiers: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float,
+    ) -> OptimizationLease:
+        """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
+
+        Raises:
+            VariableNotFoundError: a variable does not exist.
+            VariableLockedError: another optimizer holds one of them (nothing changes).
+            ValidationError: a bad optimizer id, ttl or variable list.
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        with self._lock:
+            session = self._session(session_id)
+            records = [self._lookup(session, ident) for ident in identifiers]
+            return self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease, named by its id (the holder) or by a variable it holds (``force`` needed).
+
+        Stopping a lease that already ended (stopped or expired) does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+            VariableNotFoundError: neither a lease id nor a variable of the session.
+        """
+        with self._lock:
+            session = self._session(session_id)
+            if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+                lease = self._leases.lease_by_id(identifier, session_id)
+                if lease is not None:
+                    self._leases.stop(lease)
+                return
+            record = self._lookup(session, identifier)
+            self._leases.stop_variable(record.id, record.name, force=force)
 
     # ------------------------------------------------------------------ watching
 
@@ -577,6 +656,8 @@ class SessionStore:
     def _drop_session(self, record: SessionRecord) -> int:
         self._storage.delete_session(record.id)
         self._bytes_total -= record.bytes_used
+        if self._leases:
+            self._leases.forget(list(record.variables))
         for watch in self._watchers.pop(record.id, []):
             watch.close()
             self._watcher_count -= 1
@@ -776,8 +857,7 @@ class SessionStore:
             if watch.wants(variable_id):
                 watch.offer(update)
 
-    @staticmethod
-    def _snapshot(record: VariableRecord) -> Variable:
+    def _snapshot(self, record: VariableRecord) -> Variable:
         value = record.value
         if isinstance(value, list):
             value = list(value)
@@ -795,4 +875,5 @@ class SessionStore:
             created_at=record.created_at,
             updated_at=record.updated_at,
             source=record.source,
+            optimization_status=self._leases.status(record.id) if self._leases else None,
         )
