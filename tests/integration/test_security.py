@@ -228,8 +228,16 @@ RPCS = [
         "watch",
         True,
     ),
-    Rpc("StartOptimization", lambda: pb.StartOptimizationRequest(session_id=SID, variable_identifier="x"), "optimize"),
-    Rpc("StopOptimization", lambda: pb.StopOptimizationRequest(session_id=SID, variable_identifier="x"), "optimize"),
+    Rpc(
+        "StartOptimization",
+        lambda: pb.StartOptimizationRequest(session_id=SID, variable_identifier="x", optimizer_id="tuner-1"),
+        "optimize",
+    ),
+    Rpc(
+        "StopOptimization",
+        lambda: pb.StopOptimizationRequest(session_id=SID, variable_identifier="x", force=True),
+        "optimize",
+    ),
 ]
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED

@@ -8,6 +8,7 @@ from dspex_dspy import errors
 from dspex_dspy.errors import (
     AuthenticationError,
     BatchUpdateError,
+    BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
@@ -17,6 +18,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -32,10 +34,12 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (SessionNotFoundError("s1"), KeyError),
     (SessionExistsError("s1"), ValueError),
     (LimitExceededError("sessions", 11, 10), RuntimeError),
+    (VariableLockedError("temperature", "tuner-1"), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
     (RateLimitError("worker-1", 0.25), RuntimeError),
     (AuthenticationError("the token has expired"), PermissionError),
     (PermissionDeniedError("SetVariable needs the 'write' permission"), PermissionError),
+    (BridgeError("UNIMPLEMENTED: ExecuteTool is not implemented", code="UNIMPLEMENTED"), RuntimeError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]
 

@@ -34,6 +34,7 @@ PUBLIC = {
 ERRORS = {
     "AuthenticationError",
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -43,6 +44,7 @@ ERRORS = {
     "SessionNotFoundError",
     "ValidationError",
     "VariableExistsError",
+    "VariableLockedError",
     "VariableNotFoundError",
     "VersionConflictError",
 }
@@ -52,25 +54,33 @@ ERRORS = {
 ALLOWED = {
     "errors": set(),
     "types": {"errors"},
-    "store": {"errors", "types", "store"},
-    "state": {"errors", "types", "store", "state"},
+    "limits": {"errors"},
+    "reader": set(),
+    "leases": {"errors", "types"},
+    "store": {"errors", "types", "limits", "leases", "store"},
+    "state": {"errors", "types", "limits", "leases", "store", "state"},
     "context": {"errors", "types", "state"},
-    "variables": {"errors", "types", "context"},
-    "wire": {"errors", "types", "store", "_proto"},
+    "variables": {"errors", "types", "leases", "context"},
+    "wire_errors": {"errors"},
+    "wire": {"errors", "types", "store", "wire_errors", "_proto"},
+    "guard": {"errors", "types", "store", "wire_errors", "_proto"},
     "tokens": {"errors"},
     "tls": {"errors"},
     "auth": {"errors", "tls", "tokens", "_proto"},
-    "server": {"errors", "types", "store", "wire", "auth", "tls", "_proto"},
-    "remote": {"errors", "types", "store", "wire", "tls", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "tls", "_proto"},
-    "modules": {"errors", "types", "modules", "context", "variables"},
-    "cli": {"errors", "types", "store", "server", "wire", "auth", "tls", "tokens", "_proto"},
+    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "guard", "auth", "tls", "_proto"},
+    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "modules": {"errors", "types", "reader", "modules", "context", "variables"},
+    "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
+    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "auth", "tls", "tokens", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("context", "tokens")} | {("demo", n) for n in ("client", "modules", "offline")}
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("context", "tokens")} | {
+    ("demo", n) for n in ("client", "modules", "offline")
+}
 
 
 def _layer(path: Path) -> str:
