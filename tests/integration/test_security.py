@@ -623,3 +623,16 @@ def test_binding_beyond_loopback_needs_tls_and_tokens(material: TlsMaterial, cap
         host="0.0.0.0", tls=ServerTLS(material.server.cert, material.server.key), auth_secret=SECRET
     )
     secured.stop(0)
+
+
+def test_a_pickled_worker_keeps_its_tls_and_token(tls_bridge: BridgeServer, material: TlsMaterial) -> None:
+    import pickle
+
+    token = _token("read,watch", sub="pickled")
+    with SessionContext.connect(tls_bridge.address, SID, root_certificates=material.ca.cert, token=token) as worker:
+        copy = pickle.loads(pickle.dumps(worker))
+        try:
+            assert copy.get_variable("x") == 1.0
+            assert token not in repr(copy.security)
+        finally:
+            copy.close()
