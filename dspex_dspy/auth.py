@@ -184,9 +184,14 @@ class _Call:
     """What the guard knows about one call while serving it."""
 
     rpc: str
-    peer: str
+    context: Any
     session: str
     principal: str
+
+    @property
+    def peer(self) -> str:
+        # Asked only for an audit line or a limit without tokens: most calls never pay for it.
+        return str(self.context.peer())
 
 
 def _peer_host(peer: str) -> str:
@@ -312,8 +317,7 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> tuple[_Call, Claims | None]:
         """Check the call; on refusal audit it and end it with its status (raises)."""
         session = getattr(request, "session_id", "") if request is not None else ""
-        peer = context.peer()
-        call = _Call(rpc, peer, session, "anonymous")
+        call = _Call(rpc, context, session, "anonymous")
         claims: Claims | None = None
         try:
             if self.secret is not None:
@@ -326,10 +330,10 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
                     claims = self._verify(token)
                 except AuthenticationError as exc:
                     raise AuthenticationError(f"{rpc} refused: {exc}") from None
-                call = _Call(rpc, peer, session, claims.sub)
+                call = _Call(rpc, context, session, claims.sub)
                 self._check(rpc, perm, session, claims)
             if self.limiter is not None:
-                key = claims.sub if claims is not None else _peer_host(peer)
+                key = claims.sub if claims is not None else _peer_host(call.peer)
                 wait = self.limiter.acquire(key)
                 if wait > 0:
                     raise RateLimitError(key, wait)
@@ -361,7 +365,7 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
     def _refuse_streaming(self, rpc: str) -> Callable[[Any, Any], Any]:
         def refuse(request: Any, context: Any) -> Any:
-            call = _Call(rpc, context.peer(), "", "anonymous")
+            call = _Call(rpc, context, "", "anonymous")
             self._refuse(context, call, grpc.StatusCode.PERMISSION_DENIED, f"{rpc} is not served to token holders")
 
         return refuse
