@@ -29,20 +29,22 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as aio_health
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy.auth import BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
+from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
+from dspex_dspy.auth import AsyncBridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
     AuthenticationError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
     SessionNotFoundError,
-    ValidationError,
 )
-from dspex_dspy.guard import WatchSlots, clip, clipped, guarded_handler, peer_principal
+from dspex_dspy.guard import Abort, WatchSlots, failure_status, guarded_async_handler, peer_principal
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.tls import ServerTLS
@@ -63,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = "snakepit.bridge.BridgeService"
 DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+_DEFAULT_WORKERS: Final = 16
 _ORCHESTRATOR_SOURCES: Final = frozenset({"orchestrator", "elixir"})
 _SHUTTING_DOWN: Final = "the bridge server is shutting down"
 
@@ -75,19 +78,21 @@ class ServerLimits:
         max_message_bytes: largest gRPC message received or sent.
         max_value_bytes: largest encoded value (``Any.value`` plus any binary part) accepted in a
             write; a larger one is ``RESOURCE_EXHAUSTED``.
-        max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``.
+        max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``. An
+            open stream holds no thread (the server runs on ``grpc.aio``), only its coalescing
+            queue (at most one pending update per watched variable), so thousands are fine.
         max_watchers_per_session: concurrent streams on one session (None = half of
             ``max_watchers``, at least 1).
-        max_watchers_per_principal: concurrent streams of one client, a peer address (None = a
-            quarter of ``max_watchers``, at least 1). With these shares no single client or session
-            can take every stream.
-        max_workers: threads serving RPCs (None = ``max_watchers + 32``). Each open watch stream
-            holds a thread, so this must exceed ``max_watchers`` or watches could starve unary calls.
+        max_watchers_per_principal: concurrent streams of one client: the token's subject, else
+            a peer address (None = a quarter of ``max_watchers``, at least 1). With these shares
+            no single client or session can take every stream.
+        max_workers: threads running store calls for unary RPCs (None = 16). Watch streams do not
+            use them while they wait, so they can never starve unary calls.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
     max_value_bytes: int = 8 * 1024 * 1024
-    max_watchers: int = 64
+    max_watchers: int = 2048
     max_workers: int | None = None
     max_watchers_per_session: int | None = None
     max_watchers_per_principal: int | None = None
@@ -99,11 +104,8 @@ class ServerLimits:
         for name in ("max_watchers_per_session", "max_watchers_per_principal"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_workers is not None and self.max_workers <= self.max_watchers:
-            raise ValueError(
-                f"max_workers ({self.max_workers}) must exceed max_watchers ({self.max_watchers}), "
-                "or open watch streams could leave no thread for unary calls"
-            )
+        if self.max_workers is not None and self.max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {self.max_workers}")
 
     @property
     def watchers_per_session(self) -> int:
@@ -122,16 +124,10 @@ class ServerLimits:
     @property
     def workers(self) -> int:
         """The thread-pool size actually used."""
-        return self.max_workers if self.max_workers is not None else self.max_watchers + 32
+        return self.max_workers if self.max_workers is not None else _DEFAULT_WORKERS
 
 
-class _Abort(Exception):
-    """Raised inside a handler to end the call with a given status (caught by the handler wrapper)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+_Abort = Abort
 
 
 _Unary = Callable[["BridgeServicer", Any, grpc.ServicerContext], Any]
@@ -140,20 +136,8 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """End the call with the status that reports ``exc``, its fields in the rich error details."""
-    if isinstance(exc, _Abort):
-        context.abort_with_status(rpc_status_for(code=exc.code, message=clip(exc.message)))
-    if isinstance(exc, RecursionError):
-        # A value nested thousands of levels deep is bad input, not a bug.
-        exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
-    if isinstance(exc, DSPexError):
-        context.abort_with_status(rpc_status_for(clipped(exc)))
-    logger.exception("%s failed unexpectedly", rpc)
-    context.abort_with_status(
-        rpc_status_for(
-            code=grpc.StatusCode.INTERNAL,
-            message=clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}"),
-        )
-    )
+    context.abort_with_status(failure_status(rpc, exc))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def _unary(method: _Unary) -> _Unary:
@@ -285,11 +269,8 @@ class BridgeServicer:
             )
         return any_to_value(any_msg, name=name, binary=binary)
 
-    @contextmanager
-    def _watch_slot(
-        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
-    ) -> Iterator[Watch]:
-        """Open a watch within ``max_watchers`` and the fair shares; close and forget it on the way out."""
+    def open_watch(self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = "") -> Watch:
+        """Open a watch within ``max_watchers`` and the fair shares; give it back with :meth:`close_watch`."""
         with self._lock:
             if len(self._watches) >= self.limits.max_watchers:
                 raise LimitExceededError("watch streams", len(self._watches) + 1, self.limits.max_watchers)
@@ -300,13 +281,26 @@ class BridgeServicer:
                 self._slots.release(session_id, principal)
                 raise
             self._watches.add(watch)
+        return watch
+
+    def close_watch(self, watch: Watch, session_id: str = "", principal: str = "") -> None:
+        """Close a watch from :meth:`open_watch` and free its slot."""
+        with self._lock:
+            if watch not in self._watches:
+                return
+            self._watches.discard(watch)
+            self._slots.release(session_id, principal)
+        self.store.unwatch(watch)
+
+    @contextmanager
+    def _watch_slot(
+        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
+    ) -> Iterator[Watch]:
+        watch = self.open_watch(watch_factory, session_id, principal)
         try:
             yield watch
         finally:
-            with self._lock:
-                self._watches.discard(watch)
-                self._slots.release(session_id, principal)
-            self.store.unwatch(watch)
+            self.close_watch(watch, session_id, principal)
 
     # ------------------------------------------------------------------ sessions
 
@@ -632,11 +626,25 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class BridgeServer:
-    """A running (or ready to run) bridge: the gRPC server, its servicer, health service and store.
+_LOOP_LOCK: Final = threading.Lock()
+_LOOP: EventLoopThread | None = None
 
-    Build one with :func:`create_server`. Usable as a context manager (starts on enter, stops on
-    exit).
+
+def _serving_loop() -> EventLoopThread:
+    """The event loop every bridge server of this process runs on (started on first use)."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or not _LOOP.alive:
+            _LOOP = EventLoopThread("dspex-bridge-loop")
+        return _LOOP
+
+
+class BridgeServer:
+    """A running (or ready to run) bridge: the ``grpc.aio`` server, its servicer, health service and store.
+
+    Build one with :func:`create_server`. The server runs on an event loop thread of its own, so
+    every method here is a plain blocking call. Usable as a context manager (starts on enter,
+    stops on exit).
 
     Attributes:
         store: the served :class:`SessionStore`.
@@ -647,13 +655,15 @@ class BridgeServer:
 
     def __init__(
         self,
-        server: grpc.Server,
+        server: grpc.aio.Server,
         servicer: BridgeServicer,
         health_servicer: Any,
         *,
         host: str,
         port: int,
         owns_store: bool,
+        loop: EventLoopThread,
+        executor: futures.ThreadPoolExecutor,
     ) -> None:
         self._server = server
         self.servicer = servicer
@@ -662,9 +672,12 @@ class BridgeServer:
         self.host = host
         self.port = port
         self._owns_store = owns_store
+        self._loop = loop
+        self._executor = executor
         self._lock = threading.Lock()
         self._started = False
         self._stopped = threading.Event()
+        self._terminated = threading.Event()
 
     @property
     def address(self) -> str:
@@ -683,14 +696,17 @@ class BridgeServer:
                 raise BridgeUnavailableError(f"the bridge server at {self.address} was stopped; create a new one")
             if self._started:
                 return self
-            self._server.start()
+            self._loop.run(self._start())
             self._started = True
             if self._owns_store:
                 self.store.start_sweeper()
-            for service in ("", SERVICE_NAME):
-                self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("bridge server listening on %s", self.address)
         return self
+
+    async def _start(self) -> None:
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop gracefully (idempotent).
@@ -704,17 +720,23 @@ class BridgeServer:
                 return
             self._stopped.set()
         self.servicer.begin_shutdown()
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        if self._owns_store:
-            self.store.close()
+        try:
+            if self._loop.alive:
+                self._loop.run(self._stop(grace))
+        finally:
+            self._executor.shutdown(wait=False)
+            if self._owns_store:
+                self.store.close()
+            self._terminated.set()
         logger.info("bridge server at %s stopped", self.address)
+
+    async def _stop(self, grace: float | None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True if it stopped."""
-        # grpc's own return value is the opposite: True when the timeout was reached.
-        timed_out = self._server.wait_for_termination(timeout)
-        return not timed_out
+        return self._terminated.wait(timeout)
 
     def __enter__(self) -> BridgeServer:
         return self.start()
@@ -784,26 +806,42 @@ def create_server(
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
-        options=options,
-        interceptors=[BridgeGuard(auth_secret, rate_limit)],
-    )
-    # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
-    # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
-    server.add_generic_rpc_handlers((guarded_handler(servicer),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    loop = _serving_loop()
+    executor = futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge")
     target = _format_address(host, port)
+
+    async def build() -> tuple[grpc.aio.Server, Any, int]:
+        server = grpc.aio.server(options=options, interceptors=[AsyncBridgeGuard(auth_secret, rate_limit)])
+        # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
+        # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
+        server.add_generic_rpc_handlers((guarded_async_handler(AsyncBridgeServicer(servicer, executor)),))
+        health_servicer = aio_health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
+        except RuntimeError as exc:
+            raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
+        if not bound:
+            raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
+        return server, health_servicer, bound
+
     try:
-        bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
-    except RuntimeError as exc:
-        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
-    if not bound:
-        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
-    bridge = BridgeServer(server, servicer, health_servicer, host=host, port=bound, owns_store=owns_store)
+        server, health_servicer, bound = loop.run(build())
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    bridge = BridgeServer(
+        server,
+        servicer,
+        health_servicer,
+        host=host,
+        port=bound,
+        owns_store=owns_store,
+        loop=loop,
+        executor=executor,
+    )
     return bridge, bound
 
 

@@ -10,7 +10,7 @@ delivers strictly increase.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from dspex_dspy.types import Variable
@@ -56,7 +56,9 @@ class VariableUpdate:
 class Watch:
     """A registered watcher: a coalescing queue of :class:`VariableUpdate` filled by the store.
 
-    Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed.
+    Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed. A
+    reader that must not block (an event loop) sets a waker with :meth:`set_waker` and takes
+    updates with ``next_update(timeout=0)`` when woken.
     """
 
     def __init__(self, session_id: str, variable_ids: frozenset[str] | None) -> None:
@@ -66,6 +68,19 @@ class Watch:
         self._pending: dict[str, VariableUpdate] = {}
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._waker: Callable[[], None] | None = None
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Call ``waker`` (it must not block) whenever an update arrives on an empty queue or the watch closes.
+
+        It is called at once if an update is already pending or the watch is already closed, so a
+        reader that sets it, then drains the queue whenever woken, misses nothing.
+        """
+        with self._cond:
+            self._waker = waker
+            due = bool(self._pending) or self._closed
+        if waker is not None and due:
+            waker()
 
     def wants(self, variable_id: str) -> bool:
         """Whether this watcher follows that variable."""
@@ -78,8 +93,11 @@ class Watch:
                 return
             if update.variable_id in self._pending:
                 self.coalesced += 1
+            waker = self._waker if not self._pending else None
             self._pending[update.variable_id] = update
             self._cond.notify()
+        if waker is not None:
+            waker()
 
     def next_update(self, timeout: float | None = None) -> VariableUpdate | None:
         """Return the oldest pending update; wait up to ``timeout`` seconds (None = forever).
@@ -108,8 +126,11 @@ class Watch:
     def close(self) -> None:
         """Stop receiving updates and wake any waiting reader. Idempotent."""
         with self._cond:
+            waker = self._waker if not self._closed else None
             self._closed = True
             self._cond.notify_all()
+        if waker is not None:
+            waker()
 
     def __iter__(self) -> Iterator[VariableUpdate]:
         while True:
