@@ -22,8 +22,7 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy.auth import seconds_left
-from dspex_dspy.errors import AuthenticationError, BridgeUnavailableError, SessionNotFoundError
+from dspex_dspy.errors import BridgeUnavailableError, SessionNotFoundError
 from dspex_dspy.guard import abort_with, failure_status
 from dspex_dspy.store import Watch
 from dspex_dspy.wire import timestamp, update_to_proto
@@ -113,8 +112,9 @@ class AsyncBridgeServicer:
             try:
                 return await self._in_pool(handler, self.servicer, request, context)
             except Exception as exc:
-                failure = exc
-            await abort_with(context, failure_status(rpc, failure))
+                # The status only: the exception's frames (and the request in them) are let go.
+                status = failure_status(rpc, exc)
+            await abort_with(context, status)
 
         return call
 
@@ -129,14 +129,12 @@ class AsyncBridgeServicer:
                     yield item
                 return
             except Exception as exc:
-                failure = exc
-            await abort_with(context, failure_status(rpc, failure))
+                status = failure_status(rpc, exc)
+            await abort_with(context, status)
 
         return call
 
-    async def WatchVariables(
-        self, request: pb.WatchVariablesRequest, context: Any
-    ) -> AsyncIterator[pb.VariableUpdate]:
+    async def WatchVariables(self, request: pb.WatchVariablesRequest, context: Any) -> AsyncIterator[pb.VariableUpdate]:
         """Stream variable updates as the blocking servicer does, with no thread held while idle."""
         await self._refuse_if_stopping(context)
         try:
@@ -144,8 +142,8 @@ class AsyncBridgeServicer:
                 yield update
             return
         except Exception as exc:
-            failure = exc
-        await abort_with(context, failure_status("WatchVariables", failure))
+            status = failure_status("WatchVariables", exc)
+        await abort_with(context, status)
 
     async def _watch(self, request: pb.WatchVariablesRequest, context: Any) -> AsyncIterator[pb.VariableUpdate]:
         """The snapshot (if asked), then changes, deletions and heartbeats, until the stream ends.
@@ -174,7 +172,6 @@ class AsyncBridgeServicer:
                     loop.call_soon_threadsafe(woken.set)
 
             watch.set_waker(wake)
-            interval = servicer.heartbeat_interval
             last_sent = time.monotonic()
             while not servicer.shutting_down:
                 woken.clear()
@@ -185,12 +182,7 @@ class AsyncBridgeServicer:
                     continue
                 if watch.closed:
                     break
-                wait = last_sent + interval - time.monotonic()
-                left = seconds_left()
-                if left is not None:
-                    if left <= 0:
-                        raise AuthenticationError("WatchVariables: the token of this watch has expired")
-                    wait = min(wait, left)
+                wait = servicer.watch_wait(last_sent)
                 if wait <= 0:
                     # An open watch is a session in use: keep it from expiring under its watchers.
                     await self._in_pool(store.heartbeat, session_id)

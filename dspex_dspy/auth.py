@@ -275,6 +275,45 @@ class _GuardCore:
             return None  # nothing to check or record
         return rpc, (RPC_PERMISSIONS.get(rpc, "admin") if service == _SERVICE else "admin")
 
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any] | None, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """``handler`` behind the guard's ``_guard_unary`` / ``_guard_stream`` (health calls pass untouched)."""
+        route = self._route(handler_call_details)
+        if handler is None or route is None:
+            return handler
+        rpc, perm = route
+        metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._guard_unary(handler.unary_unary, rpc, perm, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(handler.unary_stream, rpc, perm, metadata),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if self.secret is not None:
+            # Request-streaming RPCs are not part of the bridge; with tokens, nothing unchecked passes.
+            return grpc.unary_unary_rpc_method_handler(self._refuse_streaming(rpc))
+        return handler
+
+    def _guard_unary(
+        self, behavior: Callable[..., Any], rpc: str, perm: str | None, metadata: Sequence[tuple[str, Any]]
+    ) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _guard_stream(
+        self, behavior: Callable[..., Any], rpc: str, perm: str | None, metadata: Sequence[tuple[str, Any]]
+    ) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _refuse_streaming(self, rpc: str) -> Callable[..., Any]:
+        raise NotImplementedError
+
     def _bearer(self, metadata: Sequence[tuple[str, Any]]) -> str | None:
         for key, value in metadata:
             if key == "authorization" and isinstance(value, str):
@@ -348,23 +387,36 @@ class _GuardCore:
         raise PermissionDeniedError(f"{rpc}: the token of {claims.sub} does not open session {session!r}")
 
     def _streaming_refusal(self, rpc: str, context: Any) -> _Refusal:
-        # Request-streaming RPCs are not part of the bridge; with tokens, nothing unchecked passes.
         refusal = _Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{rpc} is not served to token holders")
         _audit(_Call(rpc, context, "", "anonymous"), refusal.code.name, reason=refusal.message)
         return refusal
 
 
-def _audit_answer(call: _Call, request: Any, response: Any) -> None:
-    """Audit a write that answered."""
-    outcome = "OK" if getattr(response, "success", True) else "REJECTED"
-    _audit(
-        call, outcome, variable=_write_target(call.rpc, request), version=_write_version(call.rpc, request, response)
-    )
+@contextlib.contextmanager
+def _serving(
+    claims: Claims | None, audited: _Call | None = None, request: Any = None, context: Any = None
+) -> Iterator[Callable[[Any], Any]]:
+    """Serve a call as ``claims``' principal; with ``audited``, audit its answer (passed to the
+    yielded function, which returns it) or its failure."""
 
+    def answered(response: Any) -> Any:
+        if audited is not None:
+            outcome = "OK" if getattr(response, "success", True) else "REJECTED"
+            target = _write_target(audited.rpc, request)
+            _audit(audited, outcome, variable=target, version=_write_version(audited.rpc, request, response))
+        return response
 
-def _audit_failure(call: _Call, request: Any, code: Any) -> None:
-    """Audit a write that failed with ``code``."""
-    _audit(call, code.name if isinstance(code, grpc.StatusCode) else "FAILED", variable=_write_target(call.rpc, request))
+    reset = _principal.set(claims)
+    try:
+        yield answered
+    except Exception:
+        if audited is not None:
+            code = context.code()
+            failed = code.name if isinstance(code, grpc.StatusCode) else "FAILED"
+            _audit(audited, failed, variable=_write_target(audited.rpc, request))
+        raise
+    finally:
+        _reset(reset)
 
 
 class BridgeGuard(_GuardCore, grpc.ServerInterceptor):  # type: ignore[type-arg]
@@ -381,27 +433,7 @@ class BridgeGuard(_GuardCore, grpc.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         """Wrap the handler of every guarded call (health calls pass untouched)."""
-        handler = continuation(handler_call_details)
-        route = self._route(handler_call_details)
-        if handler is None or route is None:
-            return handler
-        rpc, perm = route
-        metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard_unary(handler.unary_unary, rpc, perm, metadata),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard_stream(handler.unary_stream, rpc, perm, metadata),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if self.secret is not None:
-            return grpc.unary_unary_rpc_method_handler(self._refuse_streaming(rpc))
-        return handler
+        return self._wrap(continuation(handler_call_details), handler_call_details)
 
     def _authorize(
         self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
@@ -428,19 +460,8 @@ class BridgeGuard(_GuardCore, grpc.ServerInterceptor):  # type: ignore[type-arg]
 
         def guarded(request: Any, context: Any) -> Any:
             call, claims = self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
-                if not audited:
-                    return behavior(request, context)
-                try:
-                    response = behavior(request, context)
-                except Exception:
-                    _audit_failure(call, request, context.code())
-                    raise
-                _audit_answer(call, request, response)
-                return response
-            finally:
-                _reset(reset)
+            with _serving(claims, call if audited else None, request, context) as answered:
+                return answered(behavior(request, context))
 
         return guarded
 
@@ -453,16 +474,13 @@ class BridgeGuard(_GuardCore, grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Callable[[Any, Any], Iterator[Any]]:
         def guarded(request: Any, context: Any) -> Iterator[Any]:
             _, claims = self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
+            with _serving(claims):
                 yield from behavior(request, context)
-            finally:
-                _reset(reset)
 
         return guarded
 
 
-class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):
+class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """:class:`BridgeGuard` for a ``grpc.aio`` server: the same decisions, awaited handlers.
 
     Args:
@@ -476,27 +494,7 @@ class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         """Wrap the handler of every guarded call (health calls pass untouched)."""
-        handler = await continuation(handler_call_details)
-        route = self._route(handler_call_details)
-        if handler is None or route is None:
-            return handler
-        rpc, perm = route
-        metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard_unary(handler.unary_unary, rpc, perm, metadata),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard_stream(handler.unary_stream, rpc, perm, metadata),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if self.secret is not None:
-            return grpc.unary_unary_rpc_method_handler(self._refuse_streaming(rpc))
-        return handler
+        return self._wrap(await continuation(handler_call_details), handler_call_details)  # type: ignore[return-value]
 
     async def _authorize(
         self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
@@ -524,19 +522,8 @@ class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):
 
         async def guarded(request: Any, context: Any) -> Any:
             call, claims = await self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
-                if not audited:
-                    return await behavior(request, context)
-                try:
-                    response = await behavior(request, context)
-                except Exception:
-                    _audit_failure(call, request, context.code())
-                    raise
-                _audit_answer(call, request, response)
-                return response
-            finally:
-                _reset(reset)
+            with _serving(claims, call if audited else None, request, context) as answered:
+                return answered(await behavior(request, context))
 
         return guarded
 
@@ -549,11 +536,8 @@ class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, Any], AsyncIterator[Any]]:
         async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
             _, claims = await self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
+            with _serving(claims):
                 async for item in behavior(request, context):
                     yield item
-            finally:
-                _reset(reset)
 
         return guarded

@@ -31,7 +31,8 @@ from dspex_dspy.store.glob import MAX_GLOB_LENGTH
 from dspex_dspy.wire_errors import rpc_status_for
 
 __all__ = [
-    "Abort",    "INT32_MAX",
+    "Abort",
+    "INT32_MAX",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_STATUS_MESSAGE",
     "TIMESTAMP_MAX_SECONDS",

@@ -32,7 +32,7 @@ import grpc
 import grpc.aio
 from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as aio_health
+from grpc_health.v1.health import aio as aio_health  # type: ignore[attr-defined]
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
@@ -292,6 +292,20 @@ class BridgeServicer:
             self._slots.release(session_id, principal)
         self.store.unwatch(watch)
 
+    def watch_wait(self, last_sent: float) -> float:
+        """Seconds a watch stream may wait for an update: until its next heartbeat or its token's expiry.
+
+        Raises:
+            AuthenticationError: the token of the call has expired (the stream ends ``UNAUTHENTICATED``).
+        """
+        wait = last_sent + self.heartbeat_interval - time.monotonic()
+        left = seconds_left()
+        if left is not None:
+            if left <= 0:
+                raise AuthenticationError("WatchVariables: the token of this watch has expired")
+            wait = min(wait, left)
+        return wait
+
     @contextmanager
     def _watch_slot(
         self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
@@ -521,13 +535,7 @@ class BridgeServicer:
             interval = self.heartbeat_interval
             last_sent = time.monotonic()
             while context.is_active() and not self._stopping.is_set():
-                wait = last_sent + interval - time.monotonic()
-                left = seconds_left()
-                if left is not None:
-                    if left <= 0:
-                        raise AuthenticationError("WatchVariables: the token of this watch has expired")
-                    wait = min(wait, left)
-                update = watch.next_update(timeout=max(0.0, wait))
+                update = watch.next_update(timeout=max(0.0, self.watch_wait(last_sent)))
                 if update is not None:
                     yield update_to_proto(update)
                     last_sent = time.monotonic()
