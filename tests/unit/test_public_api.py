@@ -56,7 +56,7 @@ ALLOWED = {
     "wire": {"errors", "types", "store", "_proto"},
     "server": {"errors", "types", "store", "wire", "_proto"},
     "remote": {"errors", "types", "store", "wire", "_proto"},
-    "client": {"errors", "types", "store", "wire", "remote", "_proto"},
+    "client": {"errors", "types", "store", "wire", "remote", "_proto", "client"},
     "modules": {"errors", "types", "modules", "context", "variables"},
     "cli": {"errors", "types", "store", "server", "wire", "_proto"},
     "offline": set(),
