@@ -63,12 +63,13 @@ CLIENT_CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
 )
-"""Channel options of the worker clients: a ping every 10 s that must be answered within 5 s (a
-bridge permits one every 5 s, see :func:`dspex_dspy.server.create_server`), so a connection whose
-peer vanished without a reset is closed within about 15 s; messages up to 64 MiB."""
+"""Channel options of the worker clients: while a call is open (the cache's watch always is) a
+ping every 10 s that must be answered within 5 s (a bridge permits one every 5 s, see
+:func:`dspex_dspy.server.create_server`), so a connection whose peer vanished without a reset is
+closed within about 15 s; messages up to 64 MiB (a bridge sends up to 16 MiB by default)."""
 
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound="ClientCore")
