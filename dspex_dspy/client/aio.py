@@ -92,6 +92,7 @@ class AsyncSessionContext(ClientCore):
         self.stub = stub
         self._given_stub = stub is not None
         self._channel: grpc.aio.Channel | None = None
+        self._retired: list[grpc.aio.Channel] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._feed: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -141,8 +142,9 @@ class AsyncSessionContext(ClientCore):
                     "parent's: create a context in the child, or start workers with 'spawn' or 'forkserver'"
                 )
             # A forked child: leave the parent's channel and task untouched, bind afresh.
-            _INHERITED.append((self._channel, self._feed))
+            _INHERITED.append((self._channel, self._feed, self._retired))
             self._loop, self._channel, self._feed, self._pid = None, None, None, os.getpid()
+            self._retired = []
         if self._loop is not None and not self._loop.is_closed():
             raise DSPexError(
                 "this AsyncSessionContext belongs to another event loop (grpc.aio objects cannot move "
@@ -181,9 +183,10 @@ class AsyncSessionContext(ClientCore):
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close(None)
+        channels, self._channel, self._retired = [self._channel, *self._retired], None, []
+        for channel in channels:
+            if channel is not None:
+                await channel.close(None)
 
     def _close_at_exit(self) -> None:
         """Close in the context's loop if it still runs (another thread) or can run; else just stop streaming."""
@@ -235,9 +238,12 @@ class AsyncSessionContext(ClientCore):
                 stream.cancel()
             delay = feed.on_end(failure, closed=self.closed)
             if cache.silence.dead() and not self.closed and not self._given_stub and self._channel is not None:
-                old, self._channel = self._channel, None
-                self._open_channel()  # the connection is dead: do not wait for keepalive to notice
-                await old.close(None)
+                # The connection is dead: do not wait for keepalive to notice. Calls in flight on
+                # the old channel end by their own deadline; it is closed at the next reopen.
+                for retired in self._retired:
+                    await retired.close(None)
+                self._retired = [self._channel]
+                self._open_channel()
             if not self.closed:
                 await asyncio.sleep(delay)
 

@@ -75,6 +75,7 @@ class _Link:
         self.address = address
         self.call_timeout = call_timeout
         self.owned = channel is not None and address is not None
+        self.retired: list[RemoteStore] = []
         self._set(stub, channel)
 
     def _set(self, stub: Any, channel: grpc.Channel | None) -> None:
@@ -82,7 +83,11 @@ class _Link:
         self.remote = RemoteStore(stub, channel=channel, address=self.address, call_timeout=self.call_timeout)
 
     def reopen(self, *, inherited: bool) -> bool:
-        """A new channel to the same address (the old one is closed, or kept untouched if ``inherited``)."""
+        """A new channel to the same address; False if this link cannot open one.
+
+        The old channel is kept untouched if ``inherited`` (a forked child), else retired: calls
+        in flight on it end by their own deadline, and it is closed at the next reopen or close.
+        """
         if not self.owned or self.address is None:
             return False
         old = self.remote
@@ -90,9 +95,20 @@ class _Link:
         self._set(pb_grpc.BridgeServiceStub(channel), channel)
         if inherited:
             _INHERITED.append(old)
+            self.retired = []
         else:
-            old.close()
+            self.close_retired()
+            self.retired = [old]
         return True
+
+    def close_retired(self) -> None:
+        retired, self.retired = self.retired, []
+        for remote in retired:
+            remote.close()
+
+    def close(self) -> None:
+        self.close_retired()
+        self.remote.close()
 
 
 class _Watchdog:
@@ -293,7 +309,7 @@ class SessionContext(ClientCore):
             self._cache.mark_down()
         if self._feed is not None and self._feed is not threading.current_thread():
             self._feed.join(timeout=self.call_timeout)
-        self._link.remote.close()
+        self._link.close()
 
     def _close_at_exit(self) -> None:
         self.close()

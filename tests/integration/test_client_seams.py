@@ -136,7 +136,9 @@ def recorded(request: pytest.FixtureRequest) -> Iterator[Callable[..., tuple[Any
         loop, thread = AsyncClient.start_loop()
 
         async def build() -> tuple[AsyncSessionContext, Any]:
-            aio_channel = grpc.aio.insecure_channel(address, interceptors=[AioUnaryRecorder(calls), AioStreamRecorder(calls)])
+            aio_channel = grpc.aio.insecure_channel(
+                address, interceptors=[AioUnaryRecorder(calls), AioStreamRecorder(calls)]
+            )
             return AsyncSessionContext(pb_grpc.BridgeServiceStub(aio_channel), session_id, **options), aio_channel
 
         actx, aio_channel = asyncio.run_coroutine_threadsafe(build(), loop).result(QUICK_S)
