@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,8 +40,6 @@ from dspex_dspy.types import Variable
 __all__ = ["AsyncSessionContext", "AsyncVariableWatch"]
 
 _T = TypeVar("_T")
-# What a forked child inherited and must never touch.
-_INHERITED: list[Any] = []
 _Meta = Mapping[str, Any] | None
 
 
@@ -136,15 +133,13 @@ class AsyncSessionContext(ClientCore):
         if self.closed:
             raise BridgeUnavailableError("this AsyncSessionContext is closed")
         if self._forked():
-            if self._given_stub:
-                raise DSPexError(
-                    "this AsyncSessionContext was inherited by a forked process with a grpc.aio stub of the "
-                    "parent's: create a context in the child, or start workers with 'spawn' or 'forkserver'"
-                )
-            # A forked child: leave the parent's channel and task untouched, bind afresh.
-            _INHERITED.append((self._channel, self._feed, self._retired))
-            self._loop, self._channel, self._feed, self._pid = None, None, None, os.getpid()
-            self._retired = []
+            # grpc.aio does not support fork: a child must not touch what it inherited, nor start
+            # grpc.aio again from the parent's state.
+            raise DSPexError(
+                f"this AsyncSessionContext (session {self.session_id}) was inherited by a forked process, "
+                "and grpc.aio cannot be used after fork: start workers with the 'spawn' or 'forkserver' "
+                "method, or use a SessionContext (it reconnects in a forked child)"
+            )
         if self._loop is not None and not self._loop.is_closed():
             raise DSPexError(
                 "this AsyncSessionContext belongs to another event loop (grpc.aio objects cannot move "
