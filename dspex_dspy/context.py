@@ -3,8 +3,14 @@
 A :class:`Context` begins on :class:`~dspex_dspy.state.LocalState`. :meth:`Context.ensure_bridged`
 (or registering a program that needs Python) moves it to :class:`~dspex_dspy.state.BridgedState`:
 every variable is exported, imported into a session of a SessionStore under the context's id, and
-only then is the local copy dropped. Writers are held off while that happens, so no write is lost;
-a failure at any step leaves the context local with every value intact.
+only then is the local copy dropped. Readers and writers are not held while the import runs; a
+write that lands meanwhile is detected by the local state's write counter and the import is redone
+(the last try holds writers, never readers), so no write is lost. A failure at any step leaves the
+context local with every value intact.
+
+A context reads like a worker's ``SessionContext`` (``get_variable``, ``get_versioned``,
+``get_versioned_many``, ``has_variable`` ...): both satisfy :class:`~dspex_dspy.reader.VariableReader`,
+which is what variable-aware modules read through.
 
 The bridge is the embedded one by default (started lazily in this process on an ephemeral
 loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``.
@@ -13,23 +19,29 @@ loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, ValidationError
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, SessionNotFoundError, ValidationError
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
+from dspex_dspy.types import Variable
 
 __all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
 
 logger = logging.getLogger(__name__)
 
+#: Imports tried while writers keep going before the last try, which holds writers (never readers).
+_OPTIMISTIC_SWITCH_TRIES = 3
+
 _PYTHON_TYPES = frozenset({"dspy", "python"})
+_CLEANUP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,11 @@ class Context:
         'local'
     """
 
+    #: Seconds a switch to a remote bridge may take in all (session, every import, and the
+    #: clean-up of a failed attempt get a few seconds more); past it the switch fails with
+    #: :class:`BridgeUnavailableError` and the context stays local.
+    switch_timeout: float = 15.0
+
     def __init__(self, session_id: str | None = None, *, backend: str = "local", bridge: str | None = None) -> None:
         if backend not in ("local", "bridged"):
             raise ValidationError("", "backend", backend, f"backend must be 'local' or 'bridged', got {backend!r}")
@@ -142,6 +159,10 @@ class Context:
         self._programs: dict[str, dict[str, Any]] = {}
         self._owns_session = False
         self._remote: Any = None
+        # Marks the variables this context imports, so a retry can remove what a failed switch left.
+        self._migration = secrets.token_hex(8)
+        # What a failed switch may have left on the bridge: (session made by us, variable names).
+        self._leftover: tuple[bool, frozenset[str]] | None = None
         if backend == "bridged":
             self._switch("requested at creation", count=False)
 
@@ -172,10 +193,25 @@ class Context:
     def ensure_bridged(self) -> None:
         """Move the context to a bridge session, keeping every variable. Idempotent.
 
+        On a context that is already bridged it checks that the bridge still has the session. A
+        remote bridge that lost it (restarted with memory storage, or the session expired) gets
+        it back: the session is re-created from the last value this context saw of each variable
+        (with its version), and the switch is recorded in :meth:`get_backend` history. Writes that
+        this context never saw (made by workers after its last read) cannot be recovered.
+
+        A switch that fails (the bridge stops answering midway) fails within
+        :attr:`switch_timeout` plus a few seconds of clean-up, and a retry works: what the failed
+        attempt left on the bridge is removed first.
+
         Raises:
             BridgeUnavailableError: the bridge or its store cannot be reached; the context is
-                still local with every value intact.
+                still local with every value intact (or, bridged, the embedded bridge lost the
+                session: stop this context and start a new one).
         """
+        provider = self._provider
+        if isinstance(provider, BridgedState):
+            self._recover(provider)
+            return
         self._switch("ensure_bridged")
 
     def register_program(self, program_id: str, spec: Mapping[str, Any]) -> None:
@@ -197,6 +233,49 @@ class Context:
         """The registered programs (a copy)."""
         return {k: dict(v) for k, v in self._programs.items()}
 
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def provider(self) -> StateProvider:
+        """The backend serving this context now (it changes once, when the context is bridged)."""
+        return self._provider
+
+    def get_variable(self, name: str) -> Any:
+        """The current value of a variable (as ``SessionContext.get_variable``).
+
+        Raises:
+            VariableNotFoundError: no such variable.
+        """
+        return self._provider.get(name)
+
+    def get_variable_record(self, name: str) -> Variable:
+        """The whole :class:`~dspex_dspy.types.Variable` record of a variable."""
+        return self._provider.get_variable(name)
+
+    def get_versioned(self, name: str) -> tuple[Any, int]:
+        """``(value, version)`` of a variable, read together."""
+        return self._provider.get_versioned(name)
+
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables from one snapshot: no write falls between them.
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        return self._provider.get_versioned_many(names)
+
+    def get_variables(self, names: Iterable[str]) -> dict[str, Any]:
+        """The values of several variables, by name (one snapshot).
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        return self._provider.get_many(names)
+
+    def has_variable(self, name: str) -> bool:
+        """Whether the context has a variable of that name (or id)."""
+        return self._provider.exists(name)
+
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
@@ -215,6 +294,23 @@ class Context:
             if self._remote is not None:
                 self._remote.close()
                 self._remote = None
+            if self._leftover is not None and self._bridge is not None:
+                self._clear_leftover_quietly()
+
+    def _clear_leftover_quietly(self) -> None:
+        """On stop, try once (briefly) to remove what a failed switch left on the bridge."""
+        try:
+            store, _ = self._open_bridge()
+        except Exception as exc:
+            logger.debug("could not reach the bridge to clean up after context %s: %s", self.id, exc)
+            return
+        try:
+            with self._deadline(store, _CLEANUP_TIMEOUT):
+                self._clear_leftover(store)
+        except Exception as exc:
+            logger.debug("could not clean up what a failed switch of context %s left: %s", self.id, exc)
+        finally:
+            store.close()
 
     def __enter__(self) -> Context:
         return self
@@ -256,20 +352,16 @@ class Context:
                 raise BridgeUnavailableError(f"cannot reach the bridge for context {self.id}: {exc}") from exc
             created = False
             try:
-                if not store.has_session(self.id):
-                    store.create_session(self.id, {"context": self.id})
-                    created = True
-                bridged = BridgedState(store, self.id, address)
-                with local.frozen() as exported:
-                    stamp = datetime.now(timezone.utc).isoformat()
-                    moved = [
-                        replace(v, metadata={**v.metadata, "migrated_from": "local", "migrated_at": stamp})
-                        for v in exported
-                    ]
-                    if moved:
-                        bridged.import_state(moved)
-                    self._provider = bridged
-                    local.retire_locked(bridged)
+                with self._deadline(store, self.switch_timeout):
+                    self._clear_leftover(store)
+                    if not store.has_session(self.id):
+                        # Marked first: a create whose answer is lost may still have made the session.
+                        self._leftover = (True, frozenset())
+                        store.create_session(self.id, {"context": self.id})
+                        created = True
+                    bridged = BridgedState(store, self.id, address)
+                    moved = self._migrate(local, bridged, store, created)
+                    self._leftover = None
             except BaseException as exc:
                 self._abandon(store, created)
                 if isinstance(exc, DSPexError) or not isinstance(exc, Exception):
@@ -284,11 +376,112 @@ class Context:
                 "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
             )
 
+    @staticmethod
+    def _deadline(store: Any, seconds: float) -> contextlib.AbstractContextManager[Any]:
+        """One deadline for every call to a remote store inside the block (none for an embedded one)."""
+        deadline = getattr(store, "deadline", None)
+        return deadline(seconds) if deadline is not None else contextlib.nullcontext()
+
+    def _clear_leftover(self, store: Any) -> None:
+        """Remove what an earlier failed switch of this context left on the bridge."""
+        if self._leftover is None:
+            return
+        made_session, names = self._leftover
+        if made_session:
+            with contextlib.suppress(SessionNotFoundError):
+                store.cleanup_session(self.id)
+        elif names and store.has_session(self.id):
+            found, _ = store.get_variables(self.id, sorted(names))
+            for name, var in found.items():
+                if var.metadata.get("migration") == self._migration:
+                    store.delete_variable(self.id, name)
+        self._leftover = None
+
+    def _migrate(self, local: LocalState, bridged: BridgedState, store: Any, created: bool) -> list[Variable]:
+        """Copy ``local`` into ``bridged`` and retire it; return what was moved.
+
+        The export is taken under the local lock, the import runs outside it. A write accepted
+        meanwhile makes the export stale: the import is undone and tried again; the last try
+        fences writers (readers never wait).
+        """
+        for _ in range(_OPTIMISTIC_SWITCH_TRIES):
+            exported, writes = local.export_versioned()
+            moved = self._stamped(exported)
+            self._note_imports(moved, created)
+            if moved:
+                bridged.import_state(moved)
+            if local.retire_if_unchanged(bridged, writes):
+                self._provider = bridged
+                return moved
+            logger.debug("context %s: writes landed during the switch, importing again", self.id)
+            self._undo_import(store, moved, created)
+        with local.fenced():
+            exported, writes = local.export_versioned()
+            moved = self._stamped(exported)
+            self._note_imports(moved, created)
+            if moved:
+                bridged.import_state(moved)
+            if not local.retire_if_unchanged(bridged, writes):  # pragma: no cover - writers are fenced
+                raise DSPexError(f"context {self.id} changed while its writers were fenced")
+            self._provider = bridged
+            return moved
+
+    def _stamped(self, exported: Sequence[Variable]) -> list[Variable]:
+        stamp = datetime.now(timezone.utc).isoformat()
+        marks = {"migrated_from": "local", "migrated_at": stamp, "migration": self._migration}
+        return [replace(v, metadata={**v.metadata, **marks}) for v in exported]
+
+    def _note_imports(self, moved: Sequence[Variable], created: bool) -> None:
+        """Remember what an import into a session this switch did not create may leave behind."""
+        if not created:
+            self._leftover = (False, frozenset(v.name for v in moved))
+
+    def _undo_import(self, store: Any, moved: Sequence[Variable], created: bool) -> None:
+        """Remove a stale import from the session, leaving it as it was before."""
+        if created:
+            store.cleanup_session(self.id)
+            store.create_session(self.id, {"context": self.id})
+            return
+        for var in moved:
+            store.delete_variable(self.id, var.name)
+
     def _abandon(self, store: Any, created: bool) -> None:
         if created:
             try:
-                store.cleanup_session(self.id)
+                with self._deadline(store, _CLEANUP_TIMEOUT):
+                    store.cleanup_session(self.id)
+                self._leftover = None
             except Exception as exc:
                 logger.debug("could not remove half-made session %s: %s", self.id, exc)
         if self._bridge is not None:
             store.close()
+
+    def _recover(self, provider: BridgedState) -> None:
+        """Re-create the session a remote bridge lost, from the last values this context saw."""
+        with self._switch_lock:
+            store: Any = provider.store
+            if store.has_session(self.id):
+                return
+            known = getattr(store, "known_variables", None)
+            if known is None:
+                raise BridgeUnavailableError(
+                    f"the bridge lost session {self.id} and this context keeps no copy of its values; "
+                    "stop this context and start a new one"
+                )
+            started = time.perf_counter()
+            stamp = datetime.now(timezone.utc).isoformat()
+            values = [replace(v, metadata={**v.metadata, "restored_at": stamp}) for v in known(self.id)]
+            with self._deadline(store, self.switch_timeout):
+                store.create_session(self.id, {"context": self.id})
+                try:
+                    if values:
+                        store.import_variables(self.id, values)
+                except BaseException:
+                    with contextlib.suppress(Exception), self._deadline(store, _CLEANUP_TIMEOUT):
+                        store.cleanup_session(self.id)
+                    raise
+            self._owns_session = True
+            duration = time.perf_counter() - started
+            reason = "the bridge lost the session; re-created from the last known values"
+            self._history.append(SwitchEvent("bridged", "bridged", time.time(), len(values), duration, reason))
+            logger.warning("context %s: %s (%d variables)", self.id, reason, len(values))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -28,19 +28,18 @@ from dspex_dspy.client.core import (
     connect_options,
     resolve_address,
 )
-
-if TYPE_CHECKING:
-    from dspex_dspy.client.core import DefineOptions, Unpack
 from dspex_dspy.client.events import WatchEvent
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.remote import BridgeCall, BridgeCalls
 from dspex_dspy.types import Variable
 
 __all__ = ["AsyncSessionContext", "AsyncVariableWatch"]
 
 _T = TypeVar("_T")
-_Meta = Mapping[str, Any] | None
+if TYPE_CHECKING:
+    from dspex_dspy.client.core import DefineOptions, Meta, Unpack
 
 
 async def _read(stream: Any, within: float | None = None) -> Any:
@@ -331,19 +330,19 @@ class AsyncSessionContext(ClientCore):
         return await self._run(self._register_op(name, type, value, options))
 
     async def set_variable(
-        self, name: str, value: Any, *, metadata: _Meta = None, expected_version: int | None = None
+        self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None
     ) -> int:
         """Write a variable and return its new version (see ``SessionContext.set_variable``)."""
         return await self._run(self._set_op(name, value, metadata, expected_version))
 
     async def update_variable(
-        self, name: str, value: Any, *, metadata: _Meta = None, expected_version: int | None = None
+        self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None
     ) -> int:
         """Alias of :meth:`set_variable` (the snakepit name)."""
         return await self._run(self._set_op(name, value, metadata, expected_version))
 
     async def update_variables(
-        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: _Meta = None
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
     ) -> dict[str, int]:
         """Write several variables; ``{name: new version}`` or :class:`BatchUpdateError`."""
         return await self._run(self._batch_op(updates, atomic, metadata))
@@ -351,6 +350,16 @@ class AsyncSessionContext(ClientCore):
     async def delete_variable(self, name: str) -> None:
         """Delete a variable (watchers see ``deleted``)."""
         await self._run(self._delete_op(name))
+
+    async def start_optimization(
+        self, names: Sequence[str], optimizer_id: str, *, ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> OptimizationLease:
+        """Take (or renew) an optimization lease (see ``SessionContext.start_optimization``)."""
+        return await self._run(self._start_optimization_op(names, optimizer_id, ttl))
+
+    async def stop_optimization(self, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease (see ``SessionContext.stop_optimization``)."""
+        await self._run(self._stop_optimization_op(lease, force))
 
     def watch_variables(self, names: Iterable[str] | None = None, include_initial: bool = True) -> AsyncVariableWatch:
         """An async iterator over changes of some variables (None: all); see ``SessionContext.watch_variables``.

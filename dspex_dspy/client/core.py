@@ -29,6 +29,7 @@ from dspex_dspy.client.events import detached
 from dspex_dspy.client.feed import CachedWatch, StreamWatch
 from dspex_dspy.client.policy import DEFAULT_RECONNECT_TIMEOUT, DEFAULT_SILENCE_TIMEOUT
 from dspex_dspy.errors import BatchUpdateError, BridgeUnavailableError, ValidationError, VariableNotFoundError
+from dspex_dspy.leases import OptimizationLease
 from dspex_dspy.remote import CHANNEL_OPTIONS, DEFAULT_CALL_TIMEOUT, BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.store import BatchResult
 from dspex_dspy.types import Variable, normalize_metadata
@@ -74,6 +75,8 @@ closed within about 15 s; messages up to 64 MiB (a bridge sends up to 16 MiB by 
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound="ClientCore")
 _Meta = Mapping[str, Any] | None
+Meta = _Meta
+"""Metadata or constraints as callers give them: ``str -> value`` (None: none)."""
 
 
 def resolve_address(address: str | None) -> str:
@@ -190,6 +193,10 @@ class Op(Generic[_T]):
 
     call: BridgeCall[Any] | None
     finish: Callable[[Any], _T]
+
+
+def _same(result: _T) -> _T:
+    return result
 
 
 def _record(var: Variable) -> Variable:
@@ -419,6 +426,13 @@ class ClientCore:
             return dict(result.new_versions)
 
         return Op(call, finish)
+
+    def _start_optimization_op(self, names: Sequence[str], optimizer_id: str, ttl: float) -> Op[OptimizationLease]:
+        return Op(BridgeCalls.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl), _same)
+
+    def _stop_optimization_op(self, lease: OptimizationLease | str, force: bool) -> Op[None]:
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        return Op(BridgeCalls.stop_optimization(self.session_id, target, force=force), _same)
 
     def _delete_op(self, name: str) -> Op[None]:
         def finish(_: None) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from dspex_dspy.store import UpdateType, VariableUpdate
-from dspex_dspy.types import Variable
+from dspex_dspy.types import OptimizationStatus, Variable
 
 __all__ = ["StreamOrder", "WatchEvent", "WatchTracker", "detached"]
 
@@ -35,6 +35,7 @@ class WatchEvent:
         timestamp: wall-clock seconds since the epoch.
         variable_id: the variable's id on the server.
         metadata: the metadata given with the write.
+        optimization_status: the optimization lease holding the variable at that version, or None.
     """
 
     name: str
@@ -45,6 +46,7 @@ class WatchEvent:
     timestamp: float
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    optimization_status: OptimizationStatus | None = None
 
 
 def detached(value: Any) -> Any:
@@ -124,6 +126,7 @@ class WatchTracker:
             update.timestamp,
             var.id,
             dict(update.metadata),
+            var.optimization_status,
         )
 
     def on_listing(self, variables: Iterable[Variable]) -> list[WatchEvent]:
@@ -151,6 +154,7 @@ class WatchTracker:
                         var.updated_at,
                         var.id,
                         {},
+                        var.optimization_status,
                     )
                 )
         now = time.time()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -29,19 +29,18 @@ from dspex_dspy.client.core import (
     finalizing,
     resolve_address,
 )
-
-if TYPE_CHECKING:
-    from dspex_dspy.client.core import DefineOptions, Unpack
 from dspex_dspy.client.events import WatchEvent
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore
 from dspex_dspy.types import Variable
 
 __all__ = ["SessionContext", "VariableWatch"]
 
 _T = TypeVar("_T")
-_Meta = Mapping[str, Any] | None
+if TYPE_CHECKING:
+    from dspex_dspy.client.core import DefineOptions, Meta, Unpack
 
 # What a forked child inherited and must never touch (closing it could wait on the parent's threads).
 _INHERITED: list[Any] = []
@@ -453,9 +452,7 @@ class SessionContext(ClientCore):
         """
         return self._run(self._register_op(name, type, value, options))
 
-    def set_variable(
-        self, name: str, value: Any, *, metadata: _Meta = None, expected_version: int | None = None
-    ) -> int:
+    def set_variable(self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None) -> int:
         """Write a variable and return its new version; the cache shows the write at once.
 
         Args:
@@ -472,13 +469,13 @@ class SessionContext(ClientCore):
         return self._run(self._set_op(name, value, metadata, expected_version))
 
     def update_variable(
-        self, name: str, value: Any, *, metadata: _Meta = None, expected_version: int | None = None
+        self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None
     ) -> int:
         """Alias of :meth:`set_variable` (the snakepit name)."""
         return self._run(self._set_op(name, value, metadata, expected_version))
 
     def update_variables(
-        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: _Meta = None
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
     ) -> dict[str, int]:
         """Write several variables; return ``{name: new version}``.
 
@@ -500,6 +497,20 @@ class SessionContext(ClientCore):
             VariableNotFoundError: no such variable.
         """
         self._run(self._delete_op(name))
+
+    def start_optimization(
+        self, names: Sequence[str], optimizer_id: str, *, ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> OptimizationLease:
+        """Take (or renew) an optimization lease on ``names``; see ``Variables.start_optimization``.
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+        """
+        return self._run(self._start_optimization_op(names, optimizer_id, ttl))
+
+    def stop_optimization(self, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease (the lease or its id), or with ``force=True`` the lease holding a variable."""
+        self._run(self._stop_optimization_op(lease, force))
 
     # ------------------------------------------------------------------ watching
 
