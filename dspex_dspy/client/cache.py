@@ -145,7 +145,7 @@ class VariableCache:
     """
 
     def __init__(self, silence_timeout: float | None = None) -> None:
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = threading.Condition(threading.Lock())
         self.silence = Silence(silence_timeout)
         self._vars: dict[str, Variable] = {}
         self._specs: dict[str, VariableSpec] = {}
@@ -158,6 +158,7 @@ class VariableCache:
         self._failure: DSPexError | None = None
         self._synced = False
         self._seq = 0
+        self._changes = 0
         self.on_change: Callable[[], None] | None = None
 
     @property
@@ -180,12 +181,13 @@ class VariableCache:
 
     def after_fork(self) -> None:
         """In a forked child: new locks (a parent thread may have held these), nothing served or fed."""
-        self._cond = threading.Condition(threading.RLock())
+        self._cond = threading.Condition(threading.Lock())
         self._subs = []
         self._synced = False
         self._failure = None
 
     def _changed(self) -> None:
+        self._changes += 1
         self._cond.notify_all()
         if self.on_change is not None:
             self.on_change()
@@ -195,7 +197,7 @@ class VariableCache:
             return self._lookup(name)
 
     def _lookup(self, name: str) -> Variable | None:
-        if not self._synced or self.silence.dead():
+        if not self._synced:  # (a silent stream is marked down by its driver at the deadline)
             return None
         var = self._vars.get(name)
         if var is None:
@@ -224,8 +226,18 @@ class VariableCache:
         return var.type if var is not None else None
 
     def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(predicate, timeout)
+        """Block until ``predicate()`` holds (checked without the lock, so it may read the cache)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            seen = self._changes
+            if predicate():
+                return True
+            with self._cond:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return predicate()
+                if self._changes == seen:
+                    self._cond.wait(left)
 
     # ------------------------------------------------------------------ watch subscriptions
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, Generic, TypedDict, TypeVar, cast
 
 from dspex_dspy.client.cache import WORKER, CacheState, VariableCache
@@ -182,7 +182,6 @@ def connect_options(options: ConnectOptions) -> tuple[float, ClientOptions]:
     return float(options.get("timeout", 5.0)), cast(ClientOptions, rest)
 
 
-@dataclass(frozen=True)
 class Op(Generic[_T]):
     """One client operation: a unary call to make (None: answered from the cache) and its finish.
 
@@ -191,8 +190,11 @@ class Op(Generic[_T]):
         finish: turns the call's result (None without a call) into the operation's result.
     """
 
-    call: BridgeCall[Any] | None
-    finish: Callable[[Any], _T]
+    __slots__ = ("call", "finish")
+
+    def __init__(self, call: BridgeCall[Any] | None, finish: Callable[[Any], _T]) -> None:
+        self.call = call
+        self.finish = finish
 
 
 def _same(result: _T) -> _T:
@@ -225,7 +227,7 @@ class ClientCore:
         self.silence_timeout = silence_timeout
         self._cache = VariableCache(silence_timeout) if cache else None
         self._streams = Streams()
-        self._pid = os.getpid()
+        self._generation = _FORKS[0]
         _LIVE.add(self)
 
     @property
@@ -314,7 +316,11 @@ class ClientCore:
 
     def _forked(self) -> bool:
         """Whether this client was inherited by a forked child (its transport is the parent's)."""
-        return self._pid != os.getpid()
+        return self._generation != _FORKS[0]
+
+    def _adopted(self) -> None:
+        """This client now belongs to the current process."""
+        self._generation = _FORKS[0]
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's streams and cache state (never touch them)."""
@@ -330,6 +336,14 @@ class ClientCore:
 
     def _lookup(self, name: str) -> Variable | None:
         return self._cache.lookup(name) if self._cache is not None else None
+
+    def _hit(self, name: str) -> tuple[Any, int] | None:
+        """``(value, version)`` when the cache serves ``name`` in this process (the fast path of reads)."""
+        cache = self._cache
+        if cache is None or self._generation != _FORKS[0]:
+            return None
+        var = cache.lookup(name)
+        return None if var is None else (detached(var.value), var.version)
 
     def _record_op(self, name: str) -> Op[Variable]:
         var = self._lookup(name)
@@ -447,6 +461,7 @@ class ClientCore:
 # --------------------------------------------------------------------------------------------
 
 _LIVE: weakref.WeakSet[ClientCore] = weakref.WeakSet()
+_FORKS = [0]  # how many forks lie between the first process and this one (cheaper than getpid)
 
 
 def live_clients() -> list[ClientCore]:
@@ -467,6 +482,7 @@ def _close_all_at_exit() -> None:
 
 
 def _after_fork_in_child() -> None:
+    _FORKS[0] += 1
     for client in live_clients():
         client._after_fork()
 

@@ -161,7 +161,6 @@ class Silence:
             return None
         return self._heard + self.limit - (time.monotonic() if now is None else now)
 
-    def dead(self, now: float | None = None) -> bool:
-        """Whether the stream has been silent longer than the limit."""
-        left = self.left(now)
-        return left is not None and left <= 0
+    def dead(self) -> bool:
+        """Whether the stream has been silent longer than the limit (on every cached read: kept cheap)."""
+        return self.limit is not None and time.monotonic() - self._heard >= self.limit

@@ -319,7 +319,7 @@ class SessionContext(ClientCore):
             if not self._forked():
                 return
             if self.closed:
-                self._pid = os.getpid()
+                self._adopted()
                 return
             if not self._link.reopen(inherited=True):
                 raise DSPexError(
@@ -327,7 +327,7 @@ class SessionContext(ClientCore):
                     "from a stub it did not open, so it cannot reconnect: call SessionContext.connect(...) "
                     "in the child, or start workers with the 'spawn' or 'forkserver' method"
                 )
-            self._pid = os.getpid()
+            self._adopted()
             self._start_feed()
 
     def __enter__(self) -> SessionContext:
@@ -392,7 +392,7 @@ class SessionContext(ClientCore):
         Raises:
             VariableNotFoundError: no such variable.
         """
-        return self._run(self._versioned_op(name))
+        return self._hit(name) or self._run(self._versioned_op(name))
 
     def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
         """``{name: (value, version)}`` of several variables, all from one state of the session.
@@ -411,10 +411,10 @@ class SessionContext(ClientCore):
         Raises:
             VariableNotFoundError: no such variable.
         """
-        return self._run(self._versioned_op(name))[0]
+        return (self._hit(name) or self._run(self._versioned_op(name)))[0]
 
     def __getitem__(self, name: str) -> Any:
-        return self._run(self._versioned_op(name))[0]
+        return (self._hit(name) or self._run(self._versioned_op(name)))[0]
 
     def has_variable(self, name: str) -> bool:
         """Whether the session has a variable of that name (or id)."""
