@@ -398,7 +398,10 @@ class SessionContext(ClientCore):
         """``{name: (value, version)}`` of several variables, all from one state of the session.
 
         Served from one snapshot of the cache when it is synced and fresh for every name, else by
-        one ``GetVariables`` call (the server answers it under one lock).
+        one ``GetVariables`` call (the server answers it under one lock). The stream carries the
+        writes of one atomic batch as one update per variable, and the cache applies them one by
+        one: a cached snapshot is a state of the cache, which may fall between two variables of
+        one batch for the instant between their two messages.
 
         Raises:
             VariableNotFoundError: naming every variable that does not exist.
