@@ -33,7 +33,7 @@ from dspex_dspy.client.events import WatchEvent
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
-from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore
+from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore, open_channel
 from dspex_dspy.types import Variable
 
 __all__ = ["SessionContext", "VariableWatch"]
@@ -44,23 +44,6 @@ if TYPE_CHECKING:
 
 # What a forked child inherited and must never touch (closing it could wait on the parent's threads).
 _INHERITED: list[Any] = []
-
-
-def open_client_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:
-    """A worker's channel to ``address`` (keepalive, message sizes), ready within ``timeout`` seconds.
-
-    Raises:
-        BridgeUnavailableError: the address is malformed or nothing answered in time.
-    """
-    if not isinstance(address, str) or ":" not in address:
-        raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
-    channel = grpc.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        channel.close()
-        raise BridgeUnavailableError(f"no bridge server answered at {address} within {timeout:g} s") from None
-    return channel
 
 
 class _Link:
@@ -285,7 +268,7 @@ class SessionContext(ClientCore):
         sid = check_session_id(session_id)
         resolved = resolve_address(address)
         timeout, rest = connect_options(options)
-        channel = open_client_channel(resolved, timeout=timeout)
+        channel = open_channel(resolved, timeout=timeout, options=CLIENT_CHANNEL_OPTIONS)
         ctx = cls(pb_grpc.BridgeServiceStub(channel), sid, address=resolved, channel=channel, **rest)
         try:
             ctx._call(BridgeCalls.get_session(sid))

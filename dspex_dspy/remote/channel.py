@@ -25,15 +25,19 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
 connection within 2 s (gRPC's defaults start at 1 s and grow to 2 minutes)."""
 
 
-def open_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:
+def open_channel(
+    address: str, *, timeout: float = 5.0, options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS
+) -> grpc.Channel:
     """Open an insecure channel to ``address`` and wait up to ``timeout`` seconds for it to be ready.
+
+    ``options`` are the channel's options (the worker clients add keepalive and message sizes).
 
     Raises:
         BridgeUnavailableError: the address is malformed or nothing answered in time.
     """
     if not isinstance(address, str) or ":" not in address:
         raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(address, options=options)
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout)
     except grpc.FutureTimeoutError:

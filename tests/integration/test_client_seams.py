@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import pytest
+import test_client
 from workers.adapters import CLIENTS, AsyncClient, SyncClient, wait_for
 
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
@@ -26,27 +26,13 @@ from dspex_dspy.server import BridgeServer, create_server
 
 pytestmark = pytest.mark.integration
 
-HEARTBEAT_S = 0.2
 QUICK_S = 10.0
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[BridgeServer]:
-    bridge, _ = create_server(heartbeat_interval=HEARTBEAT_S)
-    bridge.start()
-    yield bridge
-    bridge.stop()
-
-
-@pytest.fixture
-def session(server: BridgeServer) -> str:
-    session_id = "s_" + secrets.token_hex(6)
-    store = server.store
-    store.create_session(session_id)
-    store.register_variable(session_id, "temperature", "float", 0.7)
-    store.register_variable(session_id, "max_tokens", "integer", 256)
-    store.register_variable(session_id, "model_name", "string", "gpt-4")
-    return session_id
+# Shared with the client tests: the bridge, the seeded session (temperature, max_tokens,
+# model_name) and the client factory of the parametrized kind.
+HEARTBEAT_S = test_client.HEARTBEAT_S
+server = test_client.server
+session = test_client.session
+make_client = test_client.make_client
 
 
 class Calls:
@@ -155,20 +141,6 @@ def recorded(request: pytest.FixtureRequest) -> Iterator[Callable[..., tuple[Any
     yield make
     for close in closers:
         close()
-
-
-@pytest.fixture(params=sorted(CLIENTS))
-def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
-    made: list[Any] = []
-
-    def make(address: str, session_id: str, **options: Any) -> Any:
-        client = CLIENTS[request.param].connect(address, session_id, **options)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.close()
 
 
 # --------------------------------------------------------------------------------------------
