@@ -27,8 +27,8 @@ from dspex_dspy.client.events import StreamOrder, WatchEvent, WatchTracker
 from dspex_dspy.client.policy import Reconnect, unlisted, watch_error
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, VariableNotFoundError
 from dspex_dspy.remote import BridgeCall, BridgeCalls
-from dspex_dspy.store import VariableUpdate
-from dspex_dspy.types import Variable
+from dspex_dspy.store import UpdateType, VariableUpdate
+from dspex_dspy.types import Variable, batch_marker
 from dspex_dspy.wire import proto_to_update
 
 __all__ = ["CacheFeed", "CachedWatch", "Listing", "StreamWatch", "WatchStep"]
@@ -58,6 +58,36 @@ def watch_request(session_id: str) -> pb.WatchVariablesRequest:
     return pb.WatchVariablesRequest(session_id=session_id, include_initial_values=True)
 
 
+class BatchAssembly:
+    """Holds the updates of one atomic batch until all of them arrived, so the cache applies them together.
+
+    A batch's updates carry :data:`~dspex_dspy.types.BATCH_METADATA_KEY` (``"<id>/<count>"``) and
+    reach a watcher one after another. Should the stream move on before a batch is complete (a
+    watcher that fell behind gets coalesced updates), what arrived is released with the next message.
+    """
+
+    def __init__(self) -> None:
+        self._id = ""
+        self._pending: list[tuple[VariableUpdate, bool]] = []
+        self._size = 0
+
+    def add(self, update: VariableUpdate, in_order: bool) -> list[tuple[VariableUpdate, bool]]:
+        """Take one streamed update; return the updates to apply now (in stream order), maybe none."""
+        marker = batch_marker(update.metadata) if update.update_type == UpdateType.VALUE_CHANGE else None
+        if marker is None:
+            released, self._pending = [*self._pending, (update, in_order)], []
+            return released
+        batch_id, size = marker
+        released = []
+        if self._pending and batch_id != self._id:
+            released, self._pending = self._pending, []
+        self._id, self._size = batch_id, size
+        self._pending.append((update, in_order))
+        if len(self._pending) >= self._size:
+            released, self._pending = [*released, *self._pending], []
+        return released
+
+
 class CacheFeed:
     """The cache's feed across connections: resync after each (re)connect, catch up on reordering.
 
@@ -80,12 +110,14 @@ class CacheFeed:
         self._order = StreamOrder()
         self._first = True
         self._seq = 0
-        self._trigger: VariableUpdate | None = None
+        self._trigger: list[VariableUpdate] | None = None
+        self._batch = BatchAssembly()
         self._outage = False
 
     def opened(self) -> None:
         """A new stream was opened."""
         self._order = StreamOrder()
+        self._batch = BatchAssembly()
         self._first = True
         self.cache.heard()
 
@@ -100,10 +132,11 @@ class CacheFeed:
         in_order = self._order.in_order(update)
         if self._first:
             self._first, self._trigger = False, None
-        elif self.cache.apply(update, in_order):
-            self._trigger = update
         else:
-            return None
+            ready = self._batch.add(update, in_order)
+            if not ready or not self.cache.apply_all(ready):
+                return None
+            self._trigger = [held for held, _ in ready]
         self._seq = self.cache.resync_started()
         return _listing_call(self.session_id, ())
 
