@@ -175,9 +175,12 @@ class AsyncBridgeServicer:
             last_sent = time.monotonic()
             while not servicer.shutting_down:
                 woken.clear()
-                update = watch.next_update(timeout=0)
-                if update is not None:
-                    yield update_to_proto(update)
+                # Everything pending at once: the updates of an atomic batch are offered together,
+                # so they are sent together, never split by a later write coalescing into them.
+                updates = watch.take_all()
+                if updates:
+                    for update in updates:
+                        yield update_to_proto(update)
                     last_sent = time.monotonic()
                     continue
                 if watch.closed:

@@ -471,11 +471,22 @@ class SessionStore:
                     return BatchResult({}, {ident: exc for ident, _, _ in checked})
                 # Watchers learn which updates are one batch, so a worker's cache applies them together.
                 batch = f"{uuid.uuid4().hex[:16]}/{len(checked)}" if len(checked) > 1 else ""
+                announced: list[VariableUpdate] = []
                 for ident, record, normalised in checked:
                     written = self._apply(
-                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False, batch=batch
+                        session,
+                        record,
+                        normalised,
+                        forced_meta.get(ident, meta),
+                        source,
+                        charge=False,
+                        batch=batch,
+                        announced=announced,
                     )
                     versions[ident] = written.version
+                # Offered together: a watcher takes a batch whole or not at all.
+                for watch in self._watchers.get(session.id, ()):
+                    watch.offer_all([update for update in announced if watch.wants(update.variable_id)])
                 return BatchResult(versions, errors)
             for ident, record, normalised in checked:
                 try:
@@ -821,6 +832,7 @@ class SessionStore:
         *,
         charge: bool = True,
         batch: str = "",
+        announced: list[VariableUpdate] | None = None,
     ) -> Variable:
         plan = self._plan(record, value, metadata)
         if charge:
@@ -840,8 +852,11 @@ class SessionStore:
         session.bytes_used += plan.delta
         self._bytes_total += plan.delta
         snapshot = self._snapshot(record)
-        announced = {**(metadata or {}), BATCH_METADATA_KEY: batch} if batch else (metadata or {})
-        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, announced, now)
+        marked = {**(metadata or {}), BATCH_METADATA_KEY: batch} if batch else (metadata or {})
+        if announced is not None:  # the caller offers it with the rest of its batch
+            announced.append(VariableUpdate(record.id, snapshot, UpdateType.VALUE_CHANGE, source, dict(marked), now))
+        else:
+            self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, marked, now)
         return snapshot
 
     def _notify(

@@ -10,7 +10,7 @@ delivers strictly increase.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from dspex_dspy.types import Variable
@@ -58,7 +58,7 @@ class Watch:
 
     Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed. A
     reader that must not block (an event loop) sets a waker with :meth:`set_waker` and takes
-    updates with ``next_update(timeout=0)`` when woken.
+    updates with :meth:`take_all` when woken.
     """
 
     def __init__(self, session_id: str, variable_ids: frozenset[str] | None) -> None:
@@ -88,16 +88,30 @@ class Watch:
 
     def offer(self, update: VariableUpdate) -> None:
         """Queue an update, replacing a pending one of the same variable (called by the store)."""
+        self.offer_all((update,))
+
+    def offer_all(self, updates: Sequence[VariableUpdate]) -> None:
+        """Queue several updates at once (one atomic batch): :meth:`take_all` sees all of them or none."""
+        if not updates:
+            return
         with self._cond:
             if self._closed:
                 return
-            if update.variable_id in self._pending:
-                self.coalesced += 1
             waker = self._waker if not self._pending else None
-            self._pending[update.variable_id] = update
+            for update in updates:
+                if update.variable_id in self._pending:
+                    self.coalesced += 1
+                self._pending[update.variable_id] = update
             self._cond.notify()
         if waker is not None:
             waker()
+
+    def take_all(self) -> list[VariableUpdate]:
+        """Take every pending update, oldest first, without waiting (an empty list when none)."""
+        with self._cond:
+            taken = list(self._pending.values())
+            self._pending.clear()
+        return taken
 
     def next_update(self, timeout: float | None = None) -> VariableUpdate | None:
         """Return the oldest pending update; wait up to ``timeout`` seconds (None = forever).
