@@ -59,32 +59,33 @@ def watch_request(session_id: str) -> pb.WatchVariablesRequest:
 
 
 class BatchAssembly:
-    """Holds the updates of one atomic batch until all of them arrived, so the cache applies them together.
+    """Holds the updates of an atomic batch until all of them arrived, so the cache applies them together.
 
     A batch's updates carry :data:`~dspex_dspy.types.BATCH_METADATA_KEY` (``"<id>/<count>"``) and
-    reach a watcher one after another. Should the stream move on before a batch is complete (a
-    watcher that fell behind gets coalesced updates), what arrived is released with the next message.
+    reach a watcher one after another. A watcher that fell behind gets coalesced updates, so a
+    batch may arrive incomplete (a later write replaced one of its updates): what was held is then
+    released together with the next complete batch, the next plain update or the next heartbeat,
+    whichever comes first, so the cache only ever moves between states the server was in.
     """
 
     def __init__(self) -> None:
         self._id = ""
-        self._pending: list[tuple[VariableUpdate, bool]] = []
-        self._size = 0
+        self._count = 0
+        self._held: list[tuple[VariableUpdate, bool]] = []
 
     def add(self, update: VariableUpdate, in_order: bool) -> list[tuple[VariableUpdate, bool]]:
         """Take one streamed update; return the updates to apply now (in stream order), maybe none."""
         marker = batch_marker(update.metadata) if update.update_type == UpdateType.VALUE_CHANGE else None
-        if marker is None:
-            released, self._pending = [*self._pending, (update, in_order)], []
-            return released
-        batch_id, size = marker
-        released = []
-        if self._pending and batch_id != self._id:
-            released, self._pending = self._pending, []
-        self._id, self._size = batch_id, size
-        self._pending.append((update, in_order))
-        if len(self._pending) >= self._size:
-            released, self._pending = [*released, *self._pending], []
+        self._held.append((update, in_order))
+        if marker is not None:
+            batch_id, size = marker
+            if batch_id != self._id:
+                self._id, self._count = batch_id, 0
+            self._count += 1
+            if self._count < size:
+                return []
+        released, self._held = self._held, []
+        self._id, self._count = "", 0
         return released
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dspex_dspy.client.feed import BatchAssembly
-from dspex_dspy.store import UpdateType, VariableUpdate
+from dspex_dspy.store import UpdateType, VariableUpdate, Watch
 from dspex_dspy.types import BATCH_METADATA_KEY, Variable, batch_marker
 
 pytestmark = pytest.mark.integration
@@ -58,11 +58,27 @@ def test_the_assembly_releases_a_batch_only_when_complete() -> None:
     assert assembly.add(single, False) == [(single, False)]
 
 
-def test_an_incomplete_batch_is_released_when_the_stream_moves_on() -> None:
+def test_an_incomplete_batch_waits_for_the_next_boundary_of_the_stream() -> None:
     assembly = BatchAssembly()
     part = _update("a", 2, "b1/3")
     assert assembly.add(part, True) == []
     other = _update("c", 7, "b2/2")
-    assert assembly.add(other, True) == [(part, True)]
-    plain = _update("d", 1)
-    assert assembly.add(plain, True) == [(other, True), (plain, True)]
+    assert assembly.add(other, True) == []
+    closing = _update("d", 3, "b2/2")
+    assert assembly.add(closing, True) == [(part, True), (other, True), (closing, True)]
+    held = _update("e", 4, "b3/2")
+    assert assembly.add(held, False) == []
+    plain = _update("f", 1)
+    assert assembly.add(plain, True) == [(held, False), (plain, True)]
+
+
+def test_a_coalescing_watch_keeps_a_batch_together_after_earlier_writes() -> None:
+    watch = Watch("s", None)
+    for update in (_update("a", 2, "b1/2"), _update("b", 2, "b1/2"), _update("a", 3, "b2/2"), _update("b", 3, "b2/2")):
+        watch.offer(update)
+    taken = [watch.next_update(0), watch.next_update(0)]
+    assert [(u.name, u.variable.version) for u in taken if u is not None and u.variable is not None] == [
+        ("a", 3),
+        ("b", 3),
+    ]
+    assert watch.coalesced == 2
