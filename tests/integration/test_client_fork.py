@@ -2,7 +2,8 @@
 
 The parent uses a client, then a ``multiprocessing`` pool of 4 forked children each uses that same
 client object (inherited, not pickled): it must reconnect in the child, on a channel of its own,
-and never hang. 20 pools in a row. (An inherited asyncio
+and never hang. 20 pools in a row. The bridge runs in a process of its own: a process serving a
+bridge in process runs grpc.aio, which does not support fork. (An inherited asyncio
 client refuses use in a child with a clear error: grpc.aio does not support fork at all, see
 ``docs/multiprocessing.md``.)
 """
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 
 from dspex_dspy.client import SessionContext
-from dspex_dspy.server import BridgeServer, create_server
+from dspex_dspy.remote import RemoteStore
+from tests.conftest import BridgeProcess
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +31,19 @@ POOL_DEADLINE_S = 60.0
 INHERITED: dict[str, Any] = {}
 
 
+class Bridge:
+    """A bridge process, and a store client of it."""
+
+    def __init__(self, process: BridgeProcess) -> None:
+        self.address = process.address or ""
+        self.store = RemoteStore.connect(self.address)
+
+
 @pytest.fixture(scope="module")
-def bridge() -> Iterator[BridgeServer]:
-    server, _ = create_server(heartbeat_interval=0.5)
-    server.start()
-    yield server
-    server.stop(0)
+def bridge(remote_bridge: BridgeProcess) -> Iterator[Bridge]:
+    served = Bridge(remote_bridge)
+    yield served
+    served.store.close()
 
 
 def use_sync(i: int) -> tuple[int, Any, bool]:
@@ -44,7 +53,7 @@ def use_sync(i: int) -> tuple[int, Any, bool]:
     return version, ctx.get_versioned_many(["y"])["y"][0], record.version >= version
 
 
-def new_session(bridge: BridgeServer) -> str:
+def new_session(bridge: Bridge) -> str:
     session = "fork_" + secrets.token_hex(4)
     bridge.store.create_session(session)
     bridge.store.register_variable(session, "x", "integer", 0)
@@ -52,7 +61,7 @@ def new_session(bridge: BridgeServer) -> str:
     return session
 
 
-def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: BridgeServer) -> None:
+def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) -> None:
     session = new_session(bridge)
     fork = multiprocessing.get_context("fork")
     client = SessionContext.connect(bridge.address, session)
