@@ -40,7 +40,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableExistsError,
 )
-from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,

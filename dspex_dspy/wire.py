@@ -35,7 +35,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
-from dspex_dspy.store.watch import VariableUpdate
+from dspex_dspy.records import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
-from dspex_dspy.store import BatchResult
+from dspex_dspy.records import BatchResult
 from dspex_dspy.types import Variable
 
 __all__ = ["BridgedState", "SessionAccess"]

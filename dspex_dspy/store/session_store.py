@@ -13,20 +13,22 @@ Rules kept here, for every caller:
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
-- watchers are registered before their initial snapshot is taken, under the same lock as writes,
-  so no write can fall between the snapshot and the stream.
+- watchers are registered (and, on a shared engine, the session's change log followed) before
+  their initial snapshot is read, so no write can fall between the snapshot and the stream.
+
+Records live in a storage engine (:mod:`dspex_dspy.store.storage`): in process by default, or in
+Redis, where several bridge nodes serve the same sessions. The store holds no lock while it
+validates or copies values; engines lock per session (or run a script atomically).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dspex_dspy.errors import (
@@ -40,9 +42,10 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
-from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
-from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
-from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
+from dspex_dspy.store.storage import MemoryStorage, NewVariable, Storage, Write
+from dspex_dspy.store.watch import Watch
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -71,37 +74,6 @@ class StoreLimits:
     history_limit: int = 100
 
 
-@dataclass(frozen=True)
-class SessionInfo:
-    """What :meth:`SessionStore.get_session` reports about a session."""
-
-    id: str
-    metadata: Mapping[str, str]
-    created_at: float
-    ttl: float
-    variable_count: int
-    expires_in: float
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """The outcome of :meth:`SessionStore.set_variables`.
-
-    Attributes:
-        new_versions: identifier -> new version, for each write applied.
-        errors: identifier -> the error that rejected it. With ``atomic=True`` any error means
-            nothing was applied and ``new_versions`` is empty.
-    """
-
-    new_versions: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, DSPexError] = field(default_factory=dict)
-
-    @property
-    def success(self) -> bool:
-        """True when every write was applied."""
-        return not self.errors
-
-
 def _value_size(type_: str, value: Any) -> int:
     """A cheap estimate of a value's encoded size, for the value-size limit."""
     if isinstance(value, str):
@@ -113,13 +85,33 @@ def _value_size(type_: str, value: Any) -> int:
     return 8
 
 
+def _monotonic() -> float:
+    # Looked up at call time, so tests can stand in for this module's ``time``.
+    return time.monotonic()
+
+
+def _detached(var: Variable) -> Variable:
+    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps) the caller may change."""
+    value = var.value
+    if isinstance(value, list):
+        value = list(value)
+    elif isinstance(value, dict):
+        value = {"shape": list(value["shape"]), "data": list(value["data"])}
+    return replace(var, value=value, constraints=dict(var.constraints), metadata=dict(var.metadata))
+
+
+_ROLLBACK_ATTEMPTS = 16
+_FOLLOW_WAIT_S = 1.0
+
+
 class SessionStore:
     """Sessions and their variables, shared by the orchestrator, the bridge server and workers.
 
     Args:
         default_ttl: seconds a session lives without being used (sliding).
         limits: the limits to enforce.
-        storage: where records live (:class:`MemoryStorage` by default).
+        storage: where records live (:class:`MemoryStorage` by default; a
+            :class:`~dspex_dspy.store.redis_storage.RedisStorage` for several nodes and durability).
         clock: wall clock used for timestamps (seconds since the epoch).
 
     Example:
@@ -143,15 +135,22 @@ class SessionStore:
             raise ValueError(f"default_ttl must be positive, got {default_ttl}")
         self.default_ttl = float(default_ttl)
         self.limits = limits or StoreLimits()
-        self._storage: Storage = storage if storage is not None else MemoryStorage()
+        self._storage: Storage = storage if storage is not None else MemoryStorage(monotonic=_monotonic)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards the watcher table (never held while calling storage)
         self._watchers: dict[str, list[Watch]] = {}
         self._watcher_count = 0
+        self._followers: dict[str, threading.Thread] = {}
+        self._specs: dict[tuple[str, str, float], VariableSpec] = {}
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
+        self._storage.add_listener(self)
+
+    @property
+    def storage(self) -> Storage:
+        """The storage engine under this store."""
+        return self._storage
 
     # ------------------------------------------------------------------ sessions
 
@@ -169,68 +168,55 @@ class SessionStore:
         meta = normalize_metadata("", metadata)
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
-        with self._lock:
-            self._check_open()
-            existing = self._storage.get_session(session_id)
-            if existing is not None and not self._expired(existing):
-                raise SessionExistsError(session_id)
-            if existing is not None:
-                self._drop_session(existing)
-            if self._storage.session_count() >= self.limits.max_sessions:
-                raise LimitExceededError("sessions", self._storage.session_count() + 1, self.limits.max_sessions)
-            now = self._clock()
-            record = SessionRecord(
-                id=session_id,
-                metadata=meta,
-                created_at=now,
-                ttl=float(ttl) if ttl is not None else self.default_ttl,
-                last_access=time.monotonic(),
-            )
-            self._storage.put_session(record)
-            return self._info(record)
+        self._check_open()
+        return self._storage.create_session(
+            session_id,
+            meta,
+            float(ttl) if ttl is not None else self.default_ttl,
+            self._clock(),
+            self.limits.max_sessions,
+        )
 
     def get_session(self, session_id: str) -> SessionInfo:
         """Describe a session (and refresh its TTL)."""
-        with self._lock:
-            return self._info(self._session(session_id))
+        self._check_open()
+        info = self._storage.get_session(session_id)
+        if info is None:
+            raise SessionNotFoundError(session_id)
+        return info
 
     def has_session(self, session_id: str) -> bool:
         """Whether the session exists and has not expired (does not refresh its TTL)."""
-        with self._lock:
-            record = self._storage.get_session(session_id)
-            return record is not None and not self._expired(record)
+        self._check_open()
+        return self._storage.get_session(session_id, touch=False) is not None
 
     def heartbeat(self, session_id: str) -> bool:
         """Refresh a session's TTL; return False if it does not exist (or expired)."""
-        with self._lock:
-            try:
-                self._session(session_id)
-            except SessionNotFoundError:
-                return False
-            return True
+        self._check_open()
+        return self._storage.touch_session(session_id)
 
     def cleanup_session(self, session_id: str) -> int:
         """Remove a session, close its watchers, and return how many variables it held."""
-        with self._lock:
-            record = self._storage.get_session(session_id)
-            if record is None:
-                raise SessionNotFoundError(session_id)
-            return self._drop_session(record)
+        self._check_open()
+        count = self._storage.delete_session(session_id)
+        if count is None:
+            raise SessionNotFoundError(session_id)
+        self.ended(session_id)
+        return count
 
     def session_ids(self) -> list[str]:
         """The ids of the live sessions."""
-        with self._lock:
-            return [s.id for s in self._storage.sessions() if not self._expired(s)]
+        self._check_open()
+        return self._storage.session_ids()
 
     def sweep(self) -> list[str]:
         """Remove every expired session now; return their ids."""
-        with self._lock:
-            expired = [s for s in self._storage.sessions() if self._expired(s)]
-            for record in expired:
-                self._drop_session(record)
+        expired = self._storage.sweep()
+        for session_id in expired:
+            self.ended(session_id)
         if expired:
-            logger.info("expired %d session(s): %s", len(expired), ", ".join(s.id for s in expired))
-        return [s.id for s in expired]
+            logger.info("expired %d session(s): %s", len(expired), ", ".join(expired))
+        return expired
 
     def start_sweeper(self, interval: float = 60.0) -> None:
         """Sweep expired sessions every ``interval`` seconds in a daemon thread until :meth:`close`."""
@@ -239,7 +225,10 @@ class SessionStore:
 
         def run() -> None:
             while not self._stop_sweeper.wait(interval):
-                self.sweep()
+                try:
+                    self.sweep()
+                except DSPexError as exc:
+                    logger.warning("session sweep failed: %s", exc)
 
         self._sweeper = threading.Thread(target=run, name="dspex-session-sweeper", daemon=True)
         self._sweeper.start()
@@ -275,17 +264,16 @@ class SessionStore:
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
-        with self._lock:
-            session = self._session(session_id)
-            if name in session.names:
-                raise VariableExistsError(name, session_id)
-            self._check_count(session, 1)
-            now = self._creation_time(session)
-            record = self._new_record(spec, normalised, description, meta, 1, now, now, source)
-            self._insert(session, record)
-            snapshot = self._snapshot(record)
-            self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, meta, now)
-            return snapshot
+        self._check_open()
+        new = NewVariable(name, spec.type, normalised, dict(spec.constraints), description or "", meta, 1, 0.0, 0.0, source)
+        (var,) = self._storage.insert_variables(
+            session_id,
+            [new],
+            now=self._clock(),
+            max_variables=self.limits.max_variables_per_session,
+            history_limit=self.limits.history_limit,
+        )
+        return _detached(var)
 
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
         """Import whole variables (value, version, timestamps, metadata), all or nothing.
@@ -293,8 +281,9 @@ class SessionStore:
         Used to migrate a context's state into a session: every variable is validated first and
         a single failure imports none of them.
         """
-        prepared: list[tuple[Any, Any, Variable, dict[str, str]]] = []
+        prepared: list[NewVariable] = []
         seen: set[str] = set()
+        now = self._clock()
         for var in variables:
             validate_name(var.name)
             if var.name in seen:
@@ -305,54 +294,41 @@ class SessionStore:
             self._check_size(var.name, var.type, normalised)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
                 raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
-            prepared.append((spec, normalised, var, normalize_metadata(var.name, var.metadata)))
-        with self._lock:
-            session = self._session(session_id)
-            for _, _, var, _ in prepared:
-                if var.name in session.names:
-                    raise VariableExistsError(var.name, session_id)
-            self._check_count(session, len(prepared))
-            now = self._clock()
-            out = []
-            for spec, normalised, var, meta in prepared:
-                record = self._new_record(
-                    spec,
+            prepared.append(
+                NewVariable(
+                    var.name,
+                    spec.type,
                     normalised,
-                    var.description,
-                    meta,
+                    dict(spec.constraints),
+                    var.description or "",
+                    normalize_metadata(var.name, var.metadata),
                     var.version,
                     var.created_at or now,
                     var.updated_at or now,
                     var.source,
                 )
-                last = next(reversed(session.variables.values()), None)
-                if last is not None and last.created_at > record.created_at:
-                    session.unordered = True
-                self._insert(session, record)
-                snapshot = self._snapshot(record)
-                self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, var.source, meta, now)
-                out.append(snapshot)
-            return out
+            )
+        self._check_open()
+        made = self._storage.insert_variables(
+            session_id,
+            prepared,
+            now=now,
+            max_variables=self.limits.max_variables_per_session,
+            history_limit=self.limits.history_limit,
+        )
+        return [_detached(v) for v in made]
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""
-        with self._lock:
-            session = self._session(session_id)
-            return self._snapshot(self._lookup(session, identifier))
+        return _detached(self._lookup(session_id, identifier))
 
     def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]:
         """Return ``(found keyed by identifier as given, missing identifiers)``."""
-        found: dict[str, Variable] = {}
-        missing: list[str] = []
-        with self._lock:
-            session = self._session(session_id)
-            for ident in identifiers:
-                record = self._find(session, ident)
-                if record is None:
-                    missing.append(ident)
-                else:
-                    found[ident] = self._snapshot(record)
-        return found, missing
+        idents = list(identifiers)
+        self._check_open()
+        found = self._storage.read_variables(session_id, idents)
+        missing = [i for i in idents if i not in found]
+        return {i: _detached(v) for i, v in found.items()}, missing
 
     def set_variable(
         self,
@@ -370,15 +346,15 @@ class SessionStore:
             ValidationError: the value breaks the variable's type or constraints.
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
         """
-        meta = normalize_metadata(identifier, metadata) if metadata else None
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            normalised = record.spec.validate(value)
-            self._check_size(record.name, record.spec.type, normalised)
-            if expected_version and expected_version != record.version:
-                raise VersionConflictError(record.name, expected_version, record.version)
-            return self._apply(session_id, record, normalised, meta, source)
+        meta = normalize_metadata(identifier, metadata) if metadata else {}
+        var = self._lookup(session_id, identifier)
+        normalised = self._spec(session_id, var).validate(value)
+        self._check_size(var.name, var.type, normalised)
+        if expected_version and expected_version != var.version:
+            raise VersionConflictError(var.name, expected_version, var.version)
+        write = Write(var.id, normalised, expected_version or None, meta, source, self._clock())
+        (written,) = self._write(session_id, [write], {var.id: var.name})
+        return _detached(written)
 
     def set_variables(
         self,
@@ -390,76 +366,92 @@ class SessionStore:
         source: str = "orchestrator",
     ) -> BatchResult:
         """Write several variables. ``atomic``: validate all, then apply all or none."""
-        meta = normalize_metadata("", metadata) if metadata else None
-        with self._lock:
-            session = self._session(session_id)
-            checked: list[tuple[str, VariableRecord, Any]] = []
-            errors: dict[str, DSPexError] = {}
-            for ident, value in updates.items():
-                try:
-                    record = self._lookup(session, ident)
-                    normalised = record.spec.validate(value)
-                    self._check_size(record.name, record.spec.type, normalised)
-                except DSPexError as exc:
-                    errors[ident] = exc
-                    continue
-                checked.append((ident, record, normalised))
-            if atomic and errors:
-                return BatchResult({}, errors)
-            versions = {
-                ident: self._apply(session_id, record, normalised, meta, source).version
-                for ident, record, normalised in checked
-            }
-            return BatchResult(versions, errors)
+        meta = normalize_metadata("", metadata) if metadata else {}
+        self._check_open()
+        idents = list(updates)
+        bad = [i for i in idents if not isinstance(i, str) or not i]
+        found = self._storage.read_variables(session_id, [i for i in idents if i not in bad])
+        checked: list[tuple[str, Variable, Any]] = []
+        errors: dict[str, DSPexError] = {}
+        for ident, value in updates.items():
+            try:
+                var = found.get(ident)
+                if var is None:
+                    if ident in bad:
+                        raise ValidationError(
+                            "", "identifier", ident, "a variable identifier must be a non-empty string"
+                        )
+                    raise VariableNotFoundError(ident, session_id)
+                normalised = self._spec(session_id, var).validate(value)
+                self._check_size(var.name, var.type, normalised)
+            except DSPexError as exc:
+                errors[ident] = exc
+                continue
+            checked.append((ident, var, normalised))
+        if atomic and errors:
+            return BatchResult({}, errors)
+        now = self._clock()
+        names = {var.id: var.name for _, var, _ in checked}
+        if atomic:
+            writes = [Write(var.id, value, None, meta, source, now) for _, var, value in checked]
+            written = self._write(session_id, writes, names) if writes else []
+            return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
+        versions: dict[str, int] = {}
+        for ident, var, value in checked:
+            try:
+                (w,) = self._write(session_id, [Write(var.id, value, None, meta, source, now)], names)
+            except (VariableNotFoundError, VersionConflictError) as exc:
+                errors[ident] = exc
+                continue
+            versions[ident] = w.version
+        return BatchResult(versions, errors)
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
-        with self._lock:
-            session = self._session(session_id)
-            if session.unordered:
-                # Imports sent concurrently (a pipelined migration) may arrive out of order.
-                session.variables = dict(sorted(session.variables.items(), key=lambda item: item[1].created_at))
-                session.unordered = False
-            records = list(session.variables.values())
+        self._check_open()
+        records = self._storage.list_variables(session_id)
         if pattern and pattern != "*":
             records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
-        return [self._snapshot(r) for r in records]
+        return [_detached(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
         """Delete a variable; watchers receive a ``deleted`` update."""
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            del session.variables[record.id]
-            del session.names[record.name]
-            self._notify(session_id, record.id, self._snapshot(record), UpdateType.DELETED, source, {}, self._clock())
+        var = self._lookup(session_id, identifier)
+        try:
+            self._storage.delete_variable(session_id, var.id, source=source, timestamp=self._clock())
+        except VariableNotFoundError:
+            raise VariableNotFoundError(identifier, session_id) from None
 
     def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
         """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
-        with self._lock:
-            record = self._lookup(self._session(session_id), identifier)
-            entries = list(reversed(record.history))
+        var = self._lookup(session_id, identifier)
+        entries = list(reversed(self._storage.history(session_id, var.id)))
         return entries[:limit] if limit > 0 else entries
 
     def rollback_variable(
         self, session_id: str, identifier: str, target_version: int, *, source: str = "orchestrator"
     ) -> Variable:
-        """Write the value the variable had at ``target_version`` as a new version."""
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            entry = next((e for e in record.history if e.version == target_version), None)
+        """Write the value the variable had at ``target_version`` as a new version (a compare-and-swap)."""
+        for _ in range(_ROLLBACK_ATTEMPTS):
+            var = self._lookup(session_id, identifier)
+            history = self._storage.history(session_id, var.id)
+            entry = next((e for e in history if e.version == target_version), None)
             if entry is None:
-                known = ", ".join(str(e.version) for e in record.history)
+                known = ", ".join(str(e.version) for e in history)
                 raise ValidationError(
-                    record.name,
+                    var.name,
                     "target_version",
                     target_version,
                     f"version {target_version} is not in the remembered history (versions {known})",
                 )
-            value = record.spec.validate(entry.value)
-            meta = {"rolled_back_to": str(target_version)}
-            return self._apply(session_id, record, value, meta, source)
+            value = self._spec(session_id, var).validate(entry.value)
+            write = Write(var.id, value, var.version, {"rolled_back_to": str(target_version)}, source, self._clock())
+            try:
+                (written,) = self._write(session_id, [write], {var.id: var.name})
+            except VersionConflictError:
+                continue  # written meanwhile: read again and roll back over the newer state
+            return _detached(written)
+        raise VersionConflictError(identifier, 0, 0)
 
     # ------------------------------------------------------------------ watching
 
@@ -468,30 +460,55 @@ class SessionStore:
     ) -> Watch:
         """Register a watcher for some variables (None or empty = every variable, now and later).
 
-        The watcher is registered before the initial snapshot is queued, under the write lock, so
-        it misses no write. Close it with :meth:`unwatch` (or ``watch.close()``).
+        The watcher is registered (and, on a shared engine, the session's change log followed from
+        its current position) before the initial snapshot is read, so it misses no write; a write
+        seen both ways is delivered once (a watch drops versions it already took in). Close it with
+        :meth:`unwatch` (or ``watch.close()``).
         """
         idents = list(identifiers or [])
+        self._check_open()
+        if idents:
+            found = self._storage.read_variables(session_id, idents)
+            for ident in idents:
+                if not isinstance(ident, str) or not ident:
+                    raise ValidationError("", "identifier", ident, "a variable identifier must be a non-empty string")
+                if ident not in found:
+                    raise VariableNotFoundError(ident, session_id)
+            ids: frozenset[str] | None = frozenset(v.id for v in found.values())
+        else:
+            ids = None
+        position = self._storage.position(session_id) if self._storage.shared else 0
         with self._lock:
-            session = self._session(session_id)
+            self._check_open()
             if self._watcher_count >= self.limits.max_watchers:
                 self._prune_watchers()
                 if self._watcher_count >= self.limits.max_watchers:
                     raise LimitExceededError("watchers", self._watcher_count + 1, self.limits.max_watchers)
-            records = [self._lookup(session, i) for i in idents] if idents else None
-            ids = frozenset(r.id for r in records) if records is not None else None
             watch = Watch(session_id, ids)
             self._watchers.setdefault(session_id, []).append(watch)
             self._watcher_count += 1
+            if self._storage.shared and session_id not in self._followers:
+                follower = threading.Thread(
+                    target=self._follow, args=(session_id, position), name=f"dspex-follow-{session_id[:24]}", daemon=True
+                )
+                self._followers[session_id] = follower
+                follower.start()
+        try:
             if include_initial:
+                if idents:
+                    snapshot = list(self._storage.read_variables(session_id, idents).values())
+                else:
+                    snapshot = self._storage.list_variables(session_id)
                 now = self._clock()
-                for record in records if records is not None else list(session.variables.values()):
-                    watch.offer(
-                        VariableUpdate(
-                            record.id, self._snapshot(record), UpdateType.INITIAL_VALUE, record.source, {}, now
-                        )
-                    )
-            return watch
+                for var in snapshot:
+                    if watch.wants(var.id):
+                        watch.offer(VariableUpdate(var.id, var, UpdateType.INITIAL_VALUE, var.source, {}, now))
+            elif not self._storage.touch_session(session_id):
+                raise SessionNotFoundError(session_id)
+        except BaseException:
+            self.unwatch(watch)
+            raise
+        return watch
 
     def unwatch(self, watch: Watch) -> None:
         """Close a watcher and forget it."""
@@ -501,6 +518,8 @@ class SessionStore:
             if watchers and watch in watchers:
                 watchers.remove(watch)
                 self._watcher_count -= 1
+                if not watchers:
+                    del self._watchers[watch.session_id]
 
     @property
     def watcher_count(self) -> int:
@@ -509,34 +528,87 @@ class SessionStore:
             self._prune_watchers()
             return self._watcher_count
 
-    # ------------------------------------------------------------------ internals (lock held)
+    # ------------------------------------------------------------------ storage listener
+
+    def changed(self, session_id: str, updates: Sequence[VariableUpdate]) -> None:
+        """Fan changes out to the session's watchers (called by the engine, in the order applied)."""
+        watchers = self._watchers.get(session_id)
+        if not watchers:
+            return
+        for watch in list(watchers):
+            for update in updates:
+                if watch.wants(update.variable_id):
+                    watch.offer(update)
+
+    def ended(self, session_id: str) -> None:
+        """Close the watchers of a session that ended."""
+        with self._lock:
+            watchers = self._watchers.pop(session_id, [])
+            self._watcher_count -= len(watchers)
+        for watch in watchers:
+            watch.close()
+
+    def _follow(self, session_id: str, position: int) -> None:
+        """Follow a session's change log for this node's watchers (shared engines), until none is left."""
+        while True:
+            with self._lock:
+                alive = [w for w in self._watchers.get(session_id, []) if not w.closed]
+                if self._closed or not alive:
+                    self._followers.pop(session_id, None)
+                    return
+            try:
+                batch = self._storage.read_changes(session_id, position, _FOLLOW_WAIT_S)
+                if batch.resync:
+                    now = self._clock()
+                    listing = self._storage.list_variables(session_id)
+                    updates: Sequence[VariableUpdate] = [
+                        VariableUpdate(v.id, v, UpdateType.VALUE_CHANGE, v.source, {}, now) for v in listing
+                    ]
+                else:
+                    updates = batch.updates
+                    if not updates and self._storage.get_session(session_id, touch=False) is None:
+                        raise SessionNotFoundError(session_id)
+                position = batch.position
+                self.changed(session_id, updates)
+            except SessionNotFoundError:
+                self.ended(session_id)
+            except DSPexError as exc:
+                logger.warning("following the changes of session %s failed (retrying): %s", session_id, exc)
+                self._stop_sweeper.wait(_FOLLOW_WAIT_S)
+
+    # ------------------------------------------------------------------ internals
 
     def _check_open(self) -> None:
         if self._closed:
             raise BridgeUnavailableError("the session store is closed")
 
-    def _expired(self, record: SessionRecord) -> bool:
-        return time.monotonic() - record.last_access > record.ttl
+    def _lookup(self, session_id: str, identifier: str) -> Variable:
+        if not isinstance(identifier, str) or not identifier:
+            raise ValidationError("", "identifier", identifier, "a variable identifier must be a non-empty string")
+        self._check_open()
+        var = self._storage.read_variables(session_id, [identifier]).get(identifier)
+        if var is None:
+            raise VariableNotFoundError(identifier, session_id)
+        return var
 
-    def _session(self, session_id: str) -> SessionRecord:
-        if self._closed:
-            raise BridgeUnavailableError("the session store is closed")
-        record = self._storage.get_session(session_id)
-        if record is None:
-            raise SessionNotFoundError(session_id)
-        now = time.monotonic()
-        if now - record.last_access > record.ttl:
-            self._drop_session(record)
-            raise SessionNotFoundError(session_id)
-        record.last_access = now
-        return record
+    def _spec(self, session_id: str, var: Variable) -> VariableSpec:
+        """The compiled spec of a variable (cached per incarnation: a spec never changes)."""
+        key = (session_id, var.id, var.created_at)
+        spec = self._specs.get(key)
+        if spec is None or spec.name != var.name:
+            spec = compile_spec(var.name, var.type, var.constraints)
+            if len(self._specs) >= 100_000:
+                self._specs.clear()
+            self._specs[key] = spec
+        return spec
 
-    def _drop_session(self, record: SessionRecord) -> int:
-        self._storage.delete_session(record.id)
-        for watch in self._watchers.pop(record.id, []):
-            watch.close()
-            self._watcher_count -= 1
-        return len(record.variables)
+    def _write(self, session_id: str, writes: Sequence[Write], names: Mapping[str, str]) -> list[Variable]:
+        """Apply writes; a variable gone meanwhile is reported under its name."""
+        self._check_open()
+        try:
+            return self._storage.apply_writes(session_id, writes, history_limit=self.limits.history_limit)
+        except VariableNotFoundError as exc:
+            raise VariableNotFoundError(names.get(exc.identifier, exc.identifier), session_id) from None
 
     def _prune_watchers(self) -> None:
         for session_id, watchers in list(self._watchers.items()):
@@ -547,128 +619,7 @@ class SessionStore:
             else:
                 del self._watchers[session_id]
 
-    def _info(self, record: SessionRecord) -> SessionInfo:
-        remaining = record.ttl - (time.monotonic() - record.last_access)
-        return SessionInfo(
-            record.id, dict(record.metadata), record.created_at, record.ttl, len(record.variables), remaining
-        )
-
-    @staticmethod
-    def _find(session: SessionRecord, identifier: str) -> VariableRecord | None:
-        record = session.variables.get(identifier)
-        if record is None:
-            var_id = session.names.get(identifier)
-            record = session.variables.get(var_id) if var_id is not None else None
-        return record
-
-    def _lookup(self, session: SessionRecord, identifier: str) -> VariableRecord:
-        if not isinstance(identifier, str) or not identifier:
-            raise ValidationError("", "identifier", identifier, "a variable identifier must be a non-empty string")
-        record = self._find(session, identifier)
-        if record is None:
-            raise VariableNotFoundError(identifier, session.id)
-        return record
-
-    def _check_count(self, session: SessionRecord, adding: int) -> None:
-        total = len(session.variables) + adding
-        if total > self.limits.max_variables_per_session:
-            raise LimitExceededError("variables per session", total, self.limits.max_variables_per_session)
-
     def _check_size(self, name: str, type_: str, value: Any) -> None:
         size = _value_size(type_, value)
         if size > self.limits.max_value_bytes:
             raise LimitExceededError(f"{name}: value size in bytes", size, self.limits.max_value_bytes)
-
-    def _new_record(
-        self,
-        spec: Any,
-        value: Any,
-        description: str,
-        metadata: dict[str, str],
-        version: int,
-        created_at: float,
-        updated_at: float,
-        source: str,
-    ) -> VariableRecord:
-        record = VariableRecord(
-            id=f"var_{spec.name}_{next(self._ids)}",
-            name=spec.name,
-            spec=spec,
-            value=value,
-            description=description or "",
-            metadata=metadata,
-            version=version,
-            created_at=created_at,
-            updated_at=updated_at,
-            source=source,
-            history=deque(maxlen=self.limits.history_limit),
-        )
-        record.history.append(HistoryEntry(version, value, updated_at, source, dict(metadata)))
-        return record
-
-    def _creation_time(self, session: SessionRecord) -> float:
-        """Now, but strictly after the session's newest variable, so creation times order creation."""
-        now = self._clock()
-        last = next(reversed(session.variables.values()), None)
-        if last is not None and now <= last.created_at:
-            now = last.created_at + 1e-6
-        return float(now)
-
-    @staticmethod
-    def _insert(session: SessionRecord, record: VariableRecord) -> None:
-        session.variables[record.id] = record
-        session.names[record.name] = record.id
-
-    def _apply(
-        self, session_id: str, record: VariableRecord, value: Any, metadata: dict[str, str] | None, source: str
-    ) -> Variable:
-        now = self._clock()
-        record.value = value
-        record.version += 1
-        record.updated_at = now
-        record.source = source
-        if metadata:
-            record.metadata = {**record.metadata, **metadata}
-        record.history.append(HistoryEntry(record.version, value, now, source, dict(metadata or {})))
-        snapshot = self._snapshot(record)
-        self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
-        return snapshot
-
-    def _notify(
-        self,
-        session_id: str,
-        variable_id: str,
-        snapshot: Variable,
-        update_type: str,
-        source: str,
-        metadata: Mapping[str, str],
-        now: float,
-    ) -> None:
-        watchers = self._watchers.get(session_id)
-        if not watchers:
-            return
-        update = VariableUpdate(variable_id, snapshot, update_type, source, dict(metadata), now)
-        for watch in watchers:
-            if watch.wants(variable_id):
-                watch.offer(update)
-
-    @staticmethod
-    def _snapshot(record: VariableRecord) -> Variable:
-        value = record.value
-        if isinstance(value, list):
-            value = list(value)
-        elif isinstance(value, dict):
-            value = {"shape": list(value["shape"]), "data": list(value["data"])}
-        return Variable(
-            id=record.id,
-            name=record.name,
-            type=record.spec.type,
-            value=value,
-            constraints=dict(record.spec.constraints),
-            description=record.description,
-            metadata=dict(record.metadata),
-            version=record.version,
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-            source=record.source,
-        )
