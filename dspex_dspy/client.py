@@ -86,6 +86,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
+from dspex_dspy.records import BatchResult, UpdateType, VariableUpdate
 from dspex_dspy.remote import (
     CHANNEL_OPTIONS,
     DEFAULT_CALL_TIMEOUT,
@@ -95,7 +96,6 @@ from dspex_dspy.remote import (
     open_channel,
     registered_variable,
 )
-from dspex_dspy.records import BatchResult, UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 

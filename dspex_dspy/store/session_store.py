@@ -35,7 +35,6 @@ from dspex_dspy.errors import (
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
-    SessionExistsError,
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
@@ -265,7 +264,9 @@ class SessionStore:
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
         self._check_open()
-        new = NewVariable(name, spec.type, normalised, dict(spec.constraints), description or "", meta, 1, 0.0, 0.0, source)
+        new = NewVariable(
+            name, spec.type, normalised, dict(spec.constraints), description or "", meta, 1, 0.0, 0.0, source
+        )
         (var,) = self._storage.insert_variables(
             session_id,
             [new],
@@ -352,7 +353,7 @@ class SessionStore:
         self._check_size(var.name, var.type, normalised)
         if expected_version and expected_version != var.version:
             raise VersionConflictError(var.name, expected_version, var.version)
-        write = Write(var.id, normalised, expected_version or None, meta, source, self._clock())
+        write = Write(var.id, normalised, expected_version or None, meta, source, self._clock(), var)
         (written,) = self._write(session_id, [write], {var.id: var.name})
         return _detached(written)
 
@@ -393,13 +394,13 @@ class SessionStore:
         now = self._clock()
         names = {var.id: var.name for _, var, _ in checked}
         if atomic:
-            writes = [Write(var.id, value, None, meta, source, now) for _, var, value in checked]
+            writes = [Write(var.id, value, None, meta, source, now, var) for _, var, value in checked]
             written = self._write(session_id, writes, names) if writes else []
             return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
         versions: dict[str, int] = {}
         for ident, var, value in checked:
             try:
-                (w,) = self._write(session_id, [Write(var.id, value, None, meta, source, now)], names)
+                (w,) = self._write(session_id, [Write(var.id, value, None, meta, source, now, var)], names)
             except (VariableNotFoundError, VersionConflictError) as exc:
                 errors[ident] = exc
                 continue
@@ -445,7 +446,9 @@ class SessionStore:
                     f"version {target_version} is not in the remembered history (versions {known})",
                 )
             value = self._spec(session_id, var).validate(entry.value)
-            write = Write(var.id, value, var.version, {"rolled_back_to": str(target_version)}, source, self._clock())
+            write = Write(
+                var.id, value, var.version, {"rolled_back_to": str(target_version)}, source, self._clock(), var
+            )
             try:
                 (written,) = self._write(session_id, [write], {var.id: var.name})
             except VersionConflictError:
@@ -489,7 +492,10 @@ class SessionStore:
             self._watcher_count += 1
             if self._storage.shared and session_id not in self._followers:
                 follower = threading.Thread(
-                    target=self._follow, args=(session_id, position), name=f"dspex-follow-{session_id[:24]}", daemon=True
+                    target=self._follow,
+                    args=(session_id, position),
+                    name=f"dspex-follow-{session_id[:24]}",
+                    daemon=True,
                 )
                 self._followers[session_id] = follower
                 follower.start()
@@ -550,6 +556,8 @@ class SessionStore:
 
     def _follow(self, session_id: str, position: int) -> None:
         """Follow a session's change log for this node's watchers (shared engines), until none is left."""
+        first = self._storage.get_session(session_id, touch=False)
+        incarnation = first.created_at if first is not None else None
         while True:
             with self._lock:
                 alive = [w for w in self._watchers.get(session_id, []) if not w.closed]
@@ -566,8 +574,10 @@ class SessionStore:
                     ]
                 else:
                     updates = batch.updates
-                    if not updates and self._storage.get_session(session_id, touch=False) is None:
-                        raise SessionNotFoundError(session_id)
+                    if not updates:
+                        info = self._storage.get_session(session_id, touch=False)
+                        if info is None or info.created_at != incarnation:
+                            raise SessionNotFoundError(session_id)  # gone, or deleted and made anew
                 position = batch.position
                 self.changed(session_id, updates)
             except SessionNotFoundError:

@@ -80,6 +80,8 @@ class Write:
         metadata: metadata merged into the variable's and recorded with the write.
         source: who writes.
         timestamp: wall-clock seconds of the write.
+        variable: the variable as the store read it before the write, if it did (an engine may
+            use its definition rather than read it again; the version check stays the engine's).
     """
 
     variable_id: str
@@ -88,6 +90,7 @@ class Write:
     metadata: Mapping[str, str] = field(default_factory=dict)
     source: str = "orchestrator"
     timestamp: float = 0.0
+    variable: Variable | None = None
 
 
 @dataclass(frozen=True)
@@ -255,8 +258,9 @@ class MemoryStorage:
             raise SessionNotFoundError(session_id)
         now = self._monotonic()
         if now - session.last_access > session.ttl:
-            with self._lock:
-                self._end(session)
+            if touch:  # a use finds it expired: it ends now (a mere look leaves it to the sweep)
+                with self._lock:
+                    self._end(session)
             raise SessionNotFoundError(session_id)
         if touch:
             session.last_access = now
@@ -478,4 +482,3 @@ class MemoryStorage:
 
     def close(self) -> None:
         """Nothing to release."""
-
