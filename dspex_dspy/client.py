@@ -88,11 +88,11 @@ from dspex_dspy.errors import (
 )
 from dspex_dspy.records import BatchResult, UpdateType, VariableUpdate
 from dspex_dspy.remote import (
-    CHANNEL_OPTIONS,
     DEFAULT_CALL_TIMEOUT,
     BridgeCall,
     BridgeCalls,
     RemoteStore,
+    channel_args,
     open_channel,
     registered_variable,
 )
@@ -1613,7 +1613,8 @@ class AsyncSessionContext(_ClientCore):
             raise DSPexError("the grpc.aio stub of this AsyncSessionContext belongs to an event loop that has closed")
         if not self._given_stub:
             assert self.address is not None
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            target, options = channel_args(self.address)
+            self._channel = grpc.aio.insecure_channel(target, options=options)
             self.stub = pb_grpc.BridgeServiceStub(self._channel)
         self._loop = loop
         self._changed = asyncio.Event()
