@@ -1,0 +1,183 @@
+"""Bridge nodes on one Redis: ``dspex-bridge serve --storage redis://...`` processes serving the same
+sessions, clients failing over between them, and nothing acknowledged lost when nodes or Redis die.
+
+Every node and every Redis is a real process (``tests/support/redis_server.py`` starts redis-server
+on an ephemeral loopback port); workers are real subprocesses. Waits end on conditions, with
+generous deadlines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from test_workers import Worker
+from workers.adapters import DEADLINE_S
+
+from dspex_dspy import Context, Variables
+from dspex_dspy.client import SessionContext
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError
+from dspex_dspy.remote import RemoteStore
+
+pytestmark = pytest.mark.integration
+
+
+def node(spawn_bridge: Callable[..., Any], url: str, *args: str) -> Any:
+    return spawn_bridge("--storage", url, *args)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_context_made_through_one_node_is_read_written_and_watched_through_another(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    with Context(bridge=a.address) as ctx:
+        Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"max": 2.0})
+        ctx.ensure_bridged()
+        with SessionContext.connect(b.address, ctx.id) as worker, SessionContext.connect(b.address, ctx.id) as watcher:
+            assert worker.get_variable("temperature") == 0.7
+            assert worker.set_variable("temperature", 0.9) == 2
+            assert Variables.get(ctx, "temperature") == 0.9
+            with watcher.watch_variables(["temperature"]) as watch:
+                first = next(watch)
+                assert first.value == 0.9
+                for value in (1.0, 1.1, 1.2):
+                    Variables.set(ctx, "temperature", value)  # through node A
+                seen = [first.version]
+                while seen[-1] < 5:
+                    seen.append(next(watch).version)
+            assert seen == sorted(set(seen)) and seen[-1] == 5
+            assert watcher.get_variable("temperature") == 1.2
+
+
+def test_a_worker_on_two_nodes_keeps_serving_when_one_is_killed(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    orchestrator = RemoteStore.connect(b.address)
+    orchestrator.create_session("s")
+    orchestrator.register_variable("s", "counter", "integer", 0)
+    with SessionContext.connect(f"{a.address},{b.address}", "s") as worker:
+        assert worker.wait_synced(DEADLINE_S)
+        events: list[tuple[int, Any]] = []
+        done = threading.Event()
+
+        def follow() -> None:
+            with worker.watch_variables(["counter"]) as watch:
+                for event in watch:
+                    events.append((event.version, event.value))
+                    if event.value == 200:
+                        done.set()
+                        return
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        for i in range(1, 101):
+            orchestrator.set_variable("s", "counter", i)
+        wait_for(lambda: bool(events) and events[-1][1] == 100, "the watch to see 100")
+        a.kill()  # SIGKILL the node the worker is connected to (the first address)
+        for i in range(101, 201):
+            orchestrator.set_variable("s", "counter", i)
+        assert done.wait(DEADLINE_S), events[-5:]
+        follower.join(DEADLINE_S)
+        versions = [v for v, _ in events]
+        assert versions == sorted(set(versions))  # strictly increasing: no duplicate, never back
+        assert events[-1] == (201, 200)
+        assert worker.get_variable("counter") == 200
+        assert worker.set_variable("counter", 201) == 202  # writes go to the live node
+        assert orchestrator.get_variable("s", "counter").value == 201
+    orchestrator.close()
+
+
+def test_cas_increments_from_four_processes_through_two_nodes_are_exact(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    orchestrator = RemoteStore.connect(a.address)
+    orchestrator.create_session("s")
+    orchestrator.register_variable("s", "counter", "integer", 0)
+    workers = [
+        Worker("cas", types.SimpleNamespace(bridge_address=addr, id="s"), "counter", "--times", "1000")
+        for addr in (a.address, b.address, a.address, b.address)
+    ]
+    try:
+        results = [w.result() for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    assert [r["done"] for r in results] == [1000] * 4
+    final = orchestrator.get_variable("s", "counter")
+    assert (final.value, final.version) == (4000, 4001)
+    orchestrator.close()
+
+
+def _write_until_killed(store: RemoteStore, acknowledged: dict[str, int], stop: threading.Event) -> None:
+    """Register ``v<i>`` and bump ``counter`` in turn, recording each acknowledged result."""
+    i = 0
+    while not stop.is_set():
+        try:
+            store.register_variable("s", f"v{i}", "integer", i)
+            acknowledged[f"v{i}"] = i
+            acknowledged["counter"] = store.set_variable("s", "counter", i).version
+        except DSPexError:
+            return  # the node died: nothing more is acknowledged
+        i += 1
+
+
+def _check_acknowledged(store: RemoteStore, acknowledged: dict[str, int]) -> None:
+    listed = {v.name: v for v in store.list_variables("s")}
+    lost = [name for name in acknowledged if name != "counter" and listed.get(name) is None]
+    assert not lost, f"{len(lost)} acknowledged registrations lost"
+    assert all(listed[name].value == value for name, value in acknowledged.items() if name != "counter")
+    counter = listed["counter"]
+    assert counter.version >= acknowledged["counter"]
+    history = store.get_history("s", "counter")
+    assert [e.version for e in history] == list(range(counter.version, counter.version - len(history), -1))
+
+
+def test_every_acknowledged_write_survives_kill_9_of_every_node_and_of_redis(
+    spawn_bridge: Callable[..., Any], durable_redis: Callable[..., Any]
+) -> None:
+    redis = durable_redis("always")
+    first = node(spawn_bridge, redis.url)
+    store = RemoteStore.connect(first.address)
+    store.create_session("s")
+    store.register_variable("s", "counter", "integer", 0)
+    acknowledged: dict[str, int] = {}
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_until_killed, args=(store, acknowledged, stop), daemon=True)
+    writer.start()
+    wait_for(lambda: len(acknowledged) > 200, "some acknowledged writes")
+    first.kill()
+    writer.join(DEADLINE_S)
+    stop.set()
+    store.close()
+    assert len(acknowledged) > 200
+
+    second = node(spawn_bridge, redis.url)
+    with RemoteStore.connect(second.address) as again:
+        _check_acknowledged(again, acknowledged)
+        redis.kill()  # SIGKILL Redis itself; it restarts from its append-only file
+        redis.start()
+        wait_for(lambda: _answers(again), "the node to reach the restarted Redis")
+        _check_acknowledged(again, acknowledged)
+
+
+def _answers(store: RemoteStore) -> bool:
+    try:
+        store.get_session("s")
+    except BridgeUnavailableError:
+        return False
+    return True
