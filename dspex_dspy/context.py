@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import logging
+import math
 import secrets
 import threading
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, ValidationError
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, SessionExistsError, ValidationError
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
 
 __all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
@@ -96,6 +97,26 @@ def program_requires_python(spec: Mapping[str, Any]) -> bool:
     return False
 
 
+KEEPALIVE_MAX_INTERVAL = 30.0
+"""Longest pause between two heartbeats of an open bridged context (a third of the TTL if shorter)."""
+
+
+def _keep_alive(store: Any, session_id: str, interval: float, stop: threading.Event) -> None:
+    """Heartbeat ``session_id`` every ``interval`` seconds until ``stop`` is set (no reference to the context)."""
+    warned = False
+    while not stop.wait(interval):
+        try:
+            alive = store.heartbeat(session_id)
+        except DSPexError as exc:
+            logger.debug("heartbeat of session %s failed: %s", session_id, exc)
+            continue
+        if not alive and not warned:
+            logger.warning(
+                "session %s is gone from the bridge (deleted by its owner, or the bridge lost it)", session_id
+            )
+            warned = True
+
+
 class _Stopped:
     """Stands in for the provider of a stopped context: every use raises a clear error."""
 
@@ -142,8 +163,35 @@ class Context:
         self._programs: dict[str, dict[str, Any]] = {}
         self._owns_session = False
         self._remote: Any = None
+        self._keepalive_stop = threading.Event()
         if backend == "bridged":
             self._switch("requested at creation", count=False)
+
+    @classmethod
+    def attach(cls, session_id: str, *, bridge: str | None = None) -> Context:
+        """Join an existing bridge session (made by another context) without owning it.
+
+        The attached context reads and writes the session's variables and keeps the session
+        alive while open; its :meth:`stop` leaves the session to its owner.
+
+        Args:
+            session_id: the session to join (the owner's ``ctx.id``).
+            bridge: None for the embedded bridge, or the address(es) of a running bridge.
+
+        Raises:
+            SessionNotFoundError: the bridge has no such session.
+            BridgeUnavailableError: the bridge cannot be reached.
+        """
+        if not isinstance(session_id, str) or not session_id:
+            raise ValidationError("", "session_id", session_id, "session_id must be a non-empty string")
+        ctx = cls(session_id, bridge=bridge)
+        ctx._switch("attached to an existing session", count=False, join=True)
+        return ctx
+
+    @property
+    def owns_session(self) -> bool:
+        """Whether this context created its bridge session (and so deletes it on :meth:`stop`)."""
+        return self._owns_session
 
     # ------------------------------------------------------------------ backend
 
@@ -200,12 +248,14 @@ class Context:
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
-        """Release the context: its bridge session (if it created one) is cleaned up. Idempotent."""
+        """Release the context: its bridge session is cleaned up if it created it (an attached
+        context leaves the session to its owner). Idempotent."""
         with self._switch_lock:
             provider = self._provider
             if isinstance(provider, _Stopped):
                 return
             self._provider = _Stopped(self.id)
+            self._keepalive_stop.set()
             if isinstance(provider, BridgedState) and self._owns_session:
                 try:
                     provider.store.cleanup_session(self.id)  # type: ignore[attr-defined]
@@ -240,7 +290,7 @@ class Context:
         remote = RemoteStore.connect(self._bridge)
         return remote, self._bridge
 
-    def _switch(self, reason: str, *, count: bool = True) -> None:
+    def _switch(self, reason: str, *, count: bool = True, join: bool = False) -> None:
         with self._switch_lock:
             local = self._provider
             if not isinstance(local, LocalState):
@@ -256,8 +306,18 @@ class Context:
                 raise BridgeUnavailableError(f"cannot reach the bridge for context {self.id}: {exc}") from exc
             created = False
             try:
-                if not store.has_session(self.id):
-                    store.create_session(self.id, {"context": self.id})
+                if join:
+                    store.get_session(self.id)
+                else:
+                    try:
+                        store.create_session(self.id, {"context": self.id})
+                    except SessionExistsError as exc:
+                        exc.message = (
+                            f"{exc.message}: another context owns it; join it with "
+                            f"Context.attach({self.id!r}, bridge=...) or pick another id"
+                        )
+                        exc.args = (exc.message,)
+                        raise
                     created = True
                 bridged = BridgedState(store, self.id, address)
                 with local.frozen() as exported:
@@ -277,12 +337,28 @@ class Context:
                 raise BridgeUnavailableError(f"switching context {self.id} to the bridge failed: {exc}") from exc
             self._owns_session = created
             self._remote = store if self._bridge is not None else None
+            self._start_keepalive(store)
             duration = time.perf_counter() - started
             if count:
                 self._history.append(SwitchEvent("local", "bridged", time.time(), len(moved), duration, reason))
             logger.info(
                 "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
             )
+
+    def _start_keepalive(self, store: Any) -> None:
+        """Heartbeat the session while the context is open, so an idle context never loses it."""
+        try:
+            ttl = float(store.get_session(self.id).ttl)
+        except DSPexError:
+            ttl = math.nan
+        interval = min(KEEPALIVE_MAX_INTERVAL, ttl / 3) if math.isfinite(ttl) else KEEPALIVE_MAX_INTERVAL
+        thread = threading.Thread(
+            target=_keep_alive,
+            args=(store, self.id, max(interval, 0.01), self._keepalive_stop),
+            name=f"dspex-keepalive-{self.id[:24]}",
+            daemon=True,
+        )
+        thread.start()
 
     def _abandon(self, store: Any, created: bool) -> None:
         if created:

@@ -71,6 +71,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_CALL_TIMEOUT: Final = 10.0
 """Seconds a unary call may take before it fails with :class:`BridgeUnavailableError`."""
 
+_BATCH_IMPORT_BYTES: Final = 8 * 1024 * 1024
+"""Largest import sent as one ``ImportVariables`` call (bigger ones register one by one)."""
+
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
 
@@ -230,14 +233,15 @@ def _checked(response: Any, call_identifier: str, session_id: str) -> Any:
 
 
 def _session_info(response: Any) -> SessionInfo:
-    # The wire contract does not report a session's TTL, so it is NaN (unknown) on this side.
+    # The contract does not report a session's TTL; this bridge's extension fields do (0 = a peer
+    # that does not), else it is NaN (unknown) on this side.
     return SessionInfo(
         id=response.session_id,
         metadata=dict(response.metadata),
         created_at=from_timestamp(response.created_at),
-        ttl=math.nan,
+        ttl=response.ttl_seconds or math.nan,
         variable_count=response.variable_count,
-        expires_in=math.nan,
+        expires_in=response.expires_in_seconds if response.ttl_seconds else math.nan,
     )
 
 
@@ -557,6 +561,7 @@ class RemoteStore:
         # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
+        self._batch_import: bool | None = None  # False once the bridge said it has no ImportVariables
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
@@ -698,8 +703,10 @@ class RemoteStore:
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
         """Import whole variables (value, version, created_at, description, metadata), all or nothing.
 
-        Every variable is checked here first; then the ``RegisterVariable`` calls are pipelined,
-        :data:`IMPORT_WINDOW` in flight at a time. If any of them fails, the variables already made
+        Every variable is checked here first; then they travel in one ``ImportVariables`` call
+        (an extension RPC, applied all or none by the bridge). A bridge without it answers
+        ``UNIMPLEMENTED``, and the ``RegisterVariable`` calls are pipelined instead,
+        :data:`IMPORT_WINDOW` in flight at a time; if any of them fails, the variables already made
         are deleted again and the first failure (in input order) is raised.
 
         The wire contract carries no ``updated_at`` for a registration, so an imported variable's
@@ -729,6 +736,48 @@ class RemoteStore:
             )
         if self._closed:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+        ids = self._import_batch(session_id, calls) if calls else []
+        made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
+        now = time.time()
+        out = []
+        for (_, var_id), var in zip(sorted(made), variables, strict=True):
+            spec = compile_spec(var.name, var.type, var.constraints)
+            imported = replace(
+                var,
+                id=var_id,
+                value=spec.validate(var.value),
+                constraints=dict(spec.constraints),
+                metadata=normalize_metadata(var.name, var.metadata),
+                created_at=var.created_at or now,
+                updated_at=now,
+            )
+            out.append(self._learn(session_id, imported))
+        return out
+
+    def _import_batch(self, session_id: str, calls: list[BridgeCall[str]]) -> list[str] | None:
+        """One ``ImportVariables`` call; None when the bridge does not have that extension RPC."""
+        if self._batch_import is False or sum(c.request.ByteSize() for c in calls) > _BATCH_IMPORT_BYTES:
+            return None
+        request = pb.ImportVariablesRequest(session_id=session_id, variables=[c.request for c in calls])
+        try:
+            response = self.stub.ImportVariables(request, timeout=self.call_timeout, metadata=calls[0].metadata)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._batch_import = False  # an older bridge: register one by one from now on
+                return None
+            raise error_from_rpc(
+                err, identifier=calls[0].identifier if len(calls) == 1 else "", session_id=session_id
+            ) from err
+        except ValueError as err:  # grpc raises this for a call on a closed channel
+            raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
+        if len(response.variable_ids) != len(calls):
+            raise BridgeUnavailableError(
+                f"the bridge answered {len(response.variable_ids)} ids for an import of {len(calls)} variables"
+            )
+        return list(response.variable_ids)
+
+    def _import_one_by_one(self, session_id: str, calls: list[BridgeCall[str]]) -> list[tuple[int, str]]:
+        """Pipelined ``RegisterVariable`` calls (bridges without ``ImportVariables``); undone on failure."""
         made: list[tuple[int, str]] = []
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
@@ -751,21 +800,7 @@ class RemoteStore:
         if failure is not None:
             self._undo_import(session_id, [var_id for _, var_id in made])
             raise failure[1]
-        now = time.time()
-        out = []
-        for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints)
-            imported = replace(
-                var,
-                id=var_id,
-                value=spec.validate(var.value),
-                constraints=dict(spec.constraints),
-                metadata=normalize_metadata(var.name, var.metadata),
-                created_at=var.created_at or now,
-                updated_at=now,
-            )
-            out.append(self._learn(session_id, imported))
-        return out
+        return made
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
         """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
@@ -909,7 +944,9 @@ def _split_address(part: str, whole: str) -> tuple[str, int]:
     host, sep, port = part.strip().rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BridgeUnavailableError(f"a bridge address must be 'host:port' (or several, comma-separated), got {whole!r}")
+        raise BridgeUnavailableError(
+            f"a bridge address must be 'host:port' (or several, comma-separated), got {whole!r}"
+        )
     return host, int(port)
 
 

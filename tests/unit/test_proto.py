@@ -118,7 +118,16 @@ EXTENSION_FIELDS = (
     FieldRow("RegisterVariableRequest", 8, "description", "string"),
     FieldRow("RegisterVariableRequest", 9, "initial_version", "int32"),
     FieldRow("RegisterVariableRequest", 10, "created_at", "google.protobuf.Timestamp"),
+    FieldRow("GetSessionResponse", 20, "ttl_seconds", "double"),
+    FieldRow("GetSessionResponse", 21, "expires_in_seconds", "double"),
+    FieldRow("ImportVariablesRequest", 1, "session_id", "string"),
+    FieldRow("ImportVariablesRequest", 2, "variables", "repeated RegisterVariableRequest"),
+    FieldRow("ImportVariablesResponse", 1, "variable_ids", "repeated string"),
 )
+
+# RPCs (and their messages) we add beyond the contract; peers without them answer UNIMPLEMENTED.
+EXTENSION_RPCS = (RpcRow("ImportVariables", "ImportVariablesRequest", "ImportVariablesResponse", False),)
+EXTENSION_MESSAGES = frozenset({"ImportVariablesRequest", "ImportVariablesResponse"})
 
 _TABLE_ROW = re.compile(r"^\|(.+)\|\s*$")
 
@@ -246,7 +255,7 @@ def test_embedded_rpc_table_agrees_with_the_contract() -> None:
     assert sorted(CONTRACT_RPCS) == sorted(EMBEDDED_RPCS)
 
 
-@pytest.mark.parametrize("rpc", EMBEDDED_RPCS, ids=lambda rpc: rpc.name)
+@pytest.mark.parametrize("rpc", [*EMBEDDED_RPCS, *EXTENSION_RPCS], ids=lambda rpc: rpc.name)
 def test_rpc_signature(rpc: RpcRow) -> None:
     assert rpc.name in SERVICE.methods_by_name, f"RPC {rpc.name} is missing from BridgeService"
     method = SERVICE.methods_by_name[rpc.name]
@@ -257,7 +266,7 @@ def test_rpc_signature(rpc: RpcRow) -> None:
 
 
 def test_service_has_no_rpcs_beyond_the_contract() -> None:
-    assert sorted(SERVICE.methods_by_name) == sorted(rpc.name for rpc in EMBEDDED_RPCS)
+    assert sorted(SERVICE.methods_by_name) == sorted(rpc.name for rpc in [*EMBEDDED_RPCS, *EXTENSION_RPCS])
 
 
 @pytest.mark.parametrize(
@@ -282,7 +291,7 @@ def test_enum_matches_the_contract(enum_name: str) -> None:
 def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
     allowed = {(row.message, row.number) for row in [*CONTRACT_FIELDS, *EXTENSION_FIELDS]}
     contract_messages = {row.message for row in CONTRACT_FIELDS}
-    assert set(snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name) == contract_messages
+    assert set(snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name) == contract_messages | EXTENSION_MESSAGES
     actual = {
         (message.name, field.number)
         for message in snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name.values()
