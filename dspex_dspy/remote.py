@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -53,6 +54,7 @@ from dspex_dspy.types import (
 from dspex_dspy.wire import any_to_value, error_from_rpc, from_timestamp, proto_to_variable, timestamp, value_to_any
 
 __all__ = [
+    "BALANCE_ENV",
     "CHANNEL_OPTIONS",
     "DEFAULT_CALL_TIMEOUT",
     "IMPORT_WINDOW",
@@ -921,23 +923,29 @@ class RemoteStore:
         return self._learn(session_id, self.call(call))
 
 
-_FAILOVER_CONFIG: Final = json.dumps(
-    {
-        "loadBalancingConfig": [{"pick_first": {}}],
-        "methodConfig": [
-            {
-                "name": [{"service": "snakepit.bridge.BridgeService"}],
-                "retryPolicy": {
-                    "maxAttempts": 5,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ],
-    }
-)
+BALANCE_ENV: Final = "DSPEX_BRIDGE_BALANCE"
+"""How a client spreads calls over several bridge nodes: ``failover`` (default: one node at a time,
+the next when it becomes unavailable) or ``round_robin`` (calls alternate over the live nodes)."""
+
+
+def _service_config(policy: str) -> str:
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{policy: {}}],
+            "methodConfig": [
+                {
+                    "name": [{"service": "snakepit.bridge.BridgeService"}],
+                    "retryPolicy": {
+                        "maxAttempts": 5,
+                        "initialBackoff": "0.05s",
+                        "maxBackoff": "1s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ],
+        }
+    )
 
 
 def _split_address(part: str, whole: str) -> tuple[str, int]:
@@ -956,7 +964,8 @@ def channel_args(address: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     ``address`` is ``"host:port"``, or several bridge nodes ``"h1:p1,h2:p2"``: the channel then
     connects to the first node that answers and, when that node becomes unavailable, moves on to
     the next (gRPC ``pick_first`` over the resolved addresses), retrying calls that failed with
-    ``UNAVAILABLE`` (up to 5 attempts, backoff 0.05 s to 1 s). A write whose node died after
+    ``UNAVAILABLE`` (up to 5 attempts, backoff 0.05 s to 1 s). With ``DSPEX_BRIDGE_BALANCE=round_robin``
+    calls alternate over the live nodes instead. A write whose node died after
     applying it but before answering may so be applied twice (see the durability docs).
 
     Raises:
@@ -990,7 +999,11 @@ def channel_args(address: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     if v4 and v6:
         raise BridgeUnavailableError(f"bridge nodes must all be IPv4 or all IPv6, got {address!r}")
     target = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
-    options = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", _FAILOVER_CONFIG))
+    balance = os.environ.get(BALANCE_ENV, "failover") or "failover"
+    if balance not in ("failover", "round_robin"):
+        raise BridgeUnavailableError(f"{BALANCE_ENV} must be 'failover' or 'round_robin', got {balance!r}")
+    policy = "pick_first" if balance == "failover" else "round_robin"
+    options = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", _service_config(policy)))
     return target, options
 
 

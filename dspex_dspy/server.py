@@ -731,6 +731,19 @@ class EmbeddedBridge:
     _lock: Final = threading.Lock()
     _server: BridgeServer | None = None
     _atexit_registered = False
+    _storage_url = "memory"
+
+    @classmethod
+    def configure(cls, storage: str = "memory") -> None:
+        """Choose where the embedded bridge keeps sessions: ``"memory"`` or ``"redis://HOST:PORT/DB"``.
+
+        A running embedded bridge is shut down; the next :meth:`get` starts one on that storage.
+        """
+        if storage != "memory" and not storage.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"storage must be 'memory' or a redis:// URL, got {storage!r}")
+        cls.shutdown()
+        with cls._lock:
+            cls._storage_url = storage
 
     @classmethod
     def get(cls) -> BridgeServer:
@@ -738,7 +751,12 @@ class EmbeddedBridge:
         with cls._lock:
             if cls._server is not None and cls._server.running:
                 return cls._server
-            store = SessionStore()
+            if cls._storage_url == "memory":
+                store = SessionStore()
+            else:
+                from dspex_dspy.store.redis_storage import RedisStorage  # only Redis users need redis-py
+
+                store = SessionStore(storage=RedisStorage(cls._storage_url))
             store.start_sweeper()
             try:
                 server, _ = create_server(store, "127.0.0.1", 0)
@@ -766,3 +784,4 @@ class EmbeddedBridge:
         if server is not None:
             server.stop(grace)
             server.store.close()
+            server.store.storage.close()
