@@ -152,9 +152,9 @@ def _ping_baseline(address: str) -> tuple[Any, Callable[[], Any]]:
     return channel, lambda: stub.Ping(request, timeout=10)
 
 
-def _start_remote_server() -> tuple[subprocess.Popen[str], str]:
+def _start_remote_server(*args: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING", *args],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -386,12 +386,151 @@ def bench_modules(rows: list[Row], quick: bool) -> None:
     ctx.stop()
 
 
+def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away redis-server on a free loopback port (no persistence)."""
+    import socket
+
+    import redis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", directory, "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def bench_redis(rows: list[Row], quick: bool) -> None:
+    """Bridge nodes on Redis: a get through a node, and a write via node A seen by a watcher via B."""
+    import tempfile
+
+    import redis
+
+    from dspex_dspy import Context, Variables
+    from dspex_dspy.client import SessionContext
+    from dspex_dspy.remote import RemoteStore
+
+    rounds, batch = (8, 200) if quick else (20, 500)
+    with tempfile.TemporaryDirectory() as directory:
+        redis_proc, url = _start_redis(directory)
+        node_a, address_a = _start_remote_server("--storage", url)
+        node_b, address_b = _start_remote_server("--storage", url)
+        try:
+            channel, ping = _ping_baseline(address_a)
+            raw = redis.Redis.from_url(url)
+            raw.set("bench:key", "0.7")
+            ctx = Context(bridge=address_a, backend="bridged")
+            Variables.defvariable(ctx, "temperature", "float", 0.7)
+            Variables.defvariable(ctx, "signal", "integer", 0)
+            compare(
+                rows,
+                "Redis-backed bridged get (remote node)",
+                lambda: Variables.get(ctx, "temperature"),
+                "raw gRPC Ping",
+                ping,
+                target=1.3,
+                batch=batch,
+                rounds=rounds,
+            )
+            compare(
+                rows,
+                "Redis-backed bridged get (remote node)",
+                lambda: Variables.get(ctx, "temperature"),
+                "raw redis-py GET",
+                lambda: raw.get("bench:key"),
+                target=None,
+                batch=batch,
+                rounds=rounds,
+            )
+            compare(
+                rows,
+                "Redis-backed bridged set (remote node)",
+                lambda: Variables.set(ctx, "temperature", 0.5),
+                "raw gRPC Ping",
+                ping,
+                target=None,
+                batch=batch,
+                rounds=rounds,
+            )
+            writer = RemoteStore.connect(address_a)
+            watcher = SessionContext.connect(address_b, session_id=ctx.id)
+            watcher.wait_synced(30)
+            latencies, pings = [], []
+            for i in range(50 if quick else 300):
+                start = time.perf_counter()
+                version = writer.set_variable(ctx.id, "signal", i + 1).version
+                watcher.wait_cached("signal", version, timeout=30)
+                latencies.append((time.perf_counter() - start) * 1e6)
+                start = time.perf_counter()
+                ping()
+                pings.append((time.perf_counter() - start) * 1e6)
+            med, bmed = statistics.median(latencies), statistics.median(pings)
+            rows.append(
+                Row(
+                    "write via node A -> seen by a watcher via node B",
+                    med,
+                    p99(latencies),
+                    baseline="raw gRPC Ping",
+                    baseline_us=bmed,
+                    ratio=med / bmed,
+                    best_ratio=min(latencies) / min(pings),
+                    target="<= 2.5x",
+                    met=med / bmed <= 2.5,
+                )
+            )
+            print(f"  cross-node watch: {med:.1f} us vs Ping {bmed:.1f} us -> {med / bmed:.2f}x", flush=True)
+            watcher.close()
+            writer.close()
+            ctx.stop()
+
+            times = []
+            for _ in range(2 if quick else 3):
+                big = Context(bridge=address_b)
+                for i in range(10_000):
+                    Variables.defvariable(big, f"var_{i}", "integer", i, metadata={"index": str(i)})
+                start = time.perf_counter()
+                big.ensure_bridged()
+                times.append((time.perf_counter() - start) * 1e6)
+                big.stop()
+            med = statistics.median(times)
+            rows.append(
+                Row(
+                    "switch of 10,000 variables to a remote Redis node",
+                    med,
+                    max(times),
+                    target="<= 1000 ms",
+                    met=med <= 1e6,
+                )
+            )
+            print(f"  switch of 10,000 variables to a remote Redis node: {med / 1000:.1f} ms", flush=True)
+            raw.close()
+            channel.close()
+        finally:
+            for proc in (node_a, node_b):
+                proc.terminate()
+                proc.wait(10)
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
 SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "local": bench_local,
     "bridged": bench_bridged,
     "switch": bench_switch,
     "workers": bench_workers,
     "modules": bench_modules,
+    "redis": bench_redis,
 }
 
 
