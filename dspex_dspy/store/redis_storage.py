@@ -13,7 +13,8 @@ uses a session refreshes the expiry of all its keys. Values are stored as the sa
 contract uses (NaN and infinities as strings).
 
 Watchers on any node follow the stream with ``XREAD BLOCK`` from their last position (see
-:meth:`RedisStorage.read_changes`); a reader behind the trimmed part is told to resync.
+:meth:`RedisStorage.read_changes`); a reader behind the trimmed part is told to resync, and so is
+a reader that meets a bulk import (logged as one entry rather than one per variable).
 """
 
 from __future__ import annotations
@@ -147,8 +148,10 @@ for i = 0, n - 1 do
   redis.call('HSET', KEYS[4], id, ARGV[b + 4])
   redis.call('HSET', KEYS[5], id, ARGV[b + 5])
   redis.call('HSET', KEYS[7], id .. ':' .. ARGV[b + 4], ARGV[b + 6])
-  append('c', id, ARGV[b + 4], ARGV[b + 2], ARGV[b + 3], ARGV[b + 5], ARGV[b + 5], '')
+  if n == 1 then append('c', id, ARGV[b + 4], ARGV[b + 2], ARGV[b + 3], ARGV[b + 5], ARGV[b + 5], '') end
 end
+-- A bulk import is one change: readers of the log re-read the variables (a resync).
+if n > 1 then append('i', '', 0, '', '', '', '', n) end
 touch()
 return {'ok'}
 """
@@ -240,8 +243,11 @@ def _keys(session_id: str) -> list[str]:
     return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in _KEY_SUFFIXES]
 
 
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def _value_json(type_: str, value: Any) -> str:
@@ -253,11 +259,13 @@ def _definition(var: NewVariable | Variable, created_at: float) -> str:
 
 
 def _state(type_: str, value: Any, updated_at: float, source: str) -> str:
+    """``[value JSON, updated_at, source]``."""
     return _dumps([_value_json(type_, value), updated_at, source])
 
 
-def _history_entry(type_: str, value: Any, timestamp: float, source: str, metadata: Mapping[str, str]) -> str:
-    return _dumps([_value_json(type_, value), timestamp, source, dict(metadata)])
+def _history_entry(state: str, metadata: str) -> str:
+    """``[value JSON, timestamp, source, metadata]``: a write's state plus the metadata it came with."""
+    return f"{state[:-1]},{metadata}]"
 
 
 def _variable(var_id: str, definition: str, state: str, version: Any, meta: str) -> Variable:
@@ -435,15 +443,8 @@ class RedisStorage:
             updated = new.updated_at or created
             stamped.append((new, created, updated))
             meta = _dumps(dict(new.metadata))
-            args += [
-                new.name,
-                var_id,
-                _definition(new, created),
-                _state(new.type, new.value, updated, new.source),
-                new.version,
-                meta,
-                _history_entry(new.type, new.value, updated, new.source, new.metadata),
-            ]
+            state = _state(new.type, new.value, updated, new.source)
+            args += [new.name, var_id, _definition(new, created), state, new.version, meta, _history_entry(state, meta)]
         got = self._call(self._insert, keys=_keys(session_id), args=args)
         status = got[0]
         if status == "nosession":
@@ -484,13 +485,15 @@ class RedisStorage:
             var = found.get(write.variable_id)
             if var is None:
                 raise VariableNotFoundError(write.variable_id, session_id)
+            state = _state(var.type, write.value, write.timestamp, write.source)
+            meta = _dumps(dict(write.metadata))
             args += [
                 write.variable_id,
                 write.expected_version or 0,
                 _definition(var, var.created_at),
-                _state(var.type, write.value, write.timestamp, write.source),
-                _dumps(dict(write.metadata)),
-                _history_entry(var.type, write.value, write.timestamp, write.source, write.metadata),
+                state,
+                meta,
+                _history_entry(state, meta),
             ]
         got = self._call(self._write, keys=_keys(session_id), args=args)
         status = got[0]
@@ -578,6 +581,8 @@ class RedisStorage:
         first = int(entries[0][0].split("-")[0])
         if first != after + 1:
             return ChangeBatch(self.position(session_id), resync=True)
+        if any(fields["k"] == "i" for _, fields in entries):
+            return ChangeBatch(int(entries[-1][0].split("-")[0]), resync=True)  # a bulk import: re-read all
         updates = []
         for _, fields in entries:
             definition, state = fields["d"], fields["x"]

@@ -141,6 +141,7 @@ class SessionStore:
         self._watcher_count = 0
         self._followers: dict[str, threading.Thread] = {}
         self._specs: dict[tuple[str, str, float], VariableSpec] = {}
+        self._known: dict[tuple[str, str], Variable] = {}  # (session, identifier) -> a read of it
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
@@ -348,6 +349,20 @@ class SessionStore:
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
         """
         meta = normalize_metadata(identifier, metadata) if metadata else {}
+        # The definition known from an earlier read saves a round trip to a remote engine: ids are
+        # never reused, so a write to a known id is a write to that very variable, and the engine
+        # checks the version and that the id still exists. A stale entry is read afresh once.
+        known = self._known.get((session_id, identifier))
+        for var in ((known,) if known is not None else ()):
+            try:
+                normalised = self._spec(session_id, var).validate(value)
+                self._check_size(var.name, var.type, normalised)
+                write = Write(var.id, normalised, expected_version or None, meta, source, self._clock(), var)
+                (written,) = self._write(session_id, [write], {var.id: var.name})
+            except (ValidationError, VariableNotFoundError, LimitExceededError):
+                self._known.pop((session_id, identifier), None)
+                break
+            return _detached(written)
         var = self._lookup(session_id, identifier)
         normalised = self._spec(session_id, var).validate(value)
         self._check_size(var.name, var.type, normalised)
@@ -355,6 +370,7 @@ class SessionStore:
             raise VersionConflictError(var.name, expected_version, var.version)
         write = Write(var.id, normalised, expected_version or None, meta, source, self._clock(), var)
         (written,) = self._write(session_id, [write], {var.id: var.name})
+        self._remember(session_id, identifier, var)
         return _detached(written)
 
     def set_variables(
@@ -611,6 +627,11 @@ class SessionStore:
                 self._specs.clear()
             self._specs[key] = spec
         return spec
+
+    def _remember(self, session_id: str, identifier: str, var: Variable) -> None:
+        if len(self._known) >= 100_000:
+            self._known.clear()
+        self._known[(session_id, identifier)] = var
 
     def _write(self, session_id: str, writes: Sequence[Write], names: Mapping[str, str]) -> list[Variable]:
         """Apply writes; a variable gone meanwhile is reported under its name."""
