@@ -7,16 +7,37 @@ the same on a local and on a bridged context, and keep working across a switch.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Iterable, Mapping
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from dspex_dspy.context import Context
-from dspex_dspy.errors import VariableNotFoundError, VersionConflictError
+from dspex_dspy.errors import ValidationError, VariableNotFoundError, VersionConflictError
 from dspex_dspy.types import Variable
 
-__all__ = ["Variables"]
+__all__ = ["UPDATE_BACKOFF_BASE", "UPDATE_BACKOFF_CAP", "Variables", "backoff_delays"]
 
 _MISSING: Any = object()
+
+#: First and largest pause between two attempts of :meth:`Variables.update` (seconds).
+UPDATE_BACKOFF_BASE = 0.001
+UPDATE_BACKOFF_CAP = 0.1
+
+
+def backoff_delays(
+    attempts: int, base: float = UPDATE_BACKOFF_BASE, cap: float = UPDATE_BACKOFF_CAP
+) -> Iterator[float]:
+    """The upper bounds of the pauses between ``attempts`` tries: doubling from ``base``, at most ``cap``.
+
+    Example:
+        >>> [round(d, 3) for d in backoff_delays(5, 0.01, 0.05)]
+        [0.01, 0.02, 0.04, 0.05]
+    """
+    delay = base
+    for _ in builtins.range(attempts - 1):
+        yield min(delay, cap)
+        delay *= 2
 
 
 class Variables:
@@ -72,7 +93,7 @@ class Variables:
             VariableNotFoundError: no such variable and no default given.
         """
         try:
-            return ctx._provider.get(name)
+            return ctx.get_variable(name)
         except VariableNotFoundError:
             if default is _MISSING:
                 raise
@@ -81,7 +102,7 @@ class Variables:
     @staticmethod
     def get_variable(ctx: Context, name: str) -> Variable:
         """The whole :class:`~dspex_dspy.types.Variable` record (value, version, metadata ...)."""
-        return ctx._provider.get_variable(name)
+        return ctx.get_variable_record(name)
 
     @staticmethod
     def set(
@@ -105,19 +126,41 @@ class Variables:
         return ctx._provider.set(name, value, metadata=metadata, expected_version=expected_version)
 
     @staticmethod
-    def update(ctx: Context, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 10_000) -> int:
+    def update(ctx: Context, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
         """Atomically replace the value with ``fn(value)``; return the new version.
 
-        A compare-and-swap loop: concurrent writers never lose an update. ``fn`` may run more
-        than once, so it must not have side effects.
+        A compare-and-swap loop: concurrent writers never lose an update. After a conflict it
+        pauses a random time up to a bound that doubles from 1 ms to at most 100 ms
+        (:func:`backoff_delays`), so contending writers spread out. ``fn`` may run more than once,
+        so it must not have side effects.
+
+        Raises:
+            VersionConflictError: every one of ``max_attempts`` tries lost to another writer;
+                ``expected``/``actual`` are the versions of the last try.
+            ValidationError: ``max_attempts`` is not a positive integer, or ``fn``'s result is rejected.
         """
-        for _ in builtins.range(max_attempts):
-            value, version = ctx._provider.get_versioned(name)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValidationError(name, "max_attempts", max_attempts, "max_attempts must be a positive integer")
+        pauses = backoff_delays(max_attempts)
+        provider = ctx.provider
+        while True:
+            value, version = ctx.get_versioned(name)
             try:
-                return ctx._provider.set(name, fn(value), expected_version=version)
-            except VersionConflictError:
-                continue
-        raise VersionConflictError(name, -1, -1)
+                return provider.set(name, fn(value), expected_version=version)
+            except VersionConflictError as exc:
+                conflict = exc
+            pause = next(pauses, None)
+            if pause is None:
+                break
+            time.sleep(random.uniform(0, pause))
+            provider = ctx.provider
+        error = VersionConflictError(name, conflict.expected, conflict.actual)
+        error.message = (
+            f"{name}: update gave up after {max_attempts} attempts, each lost to a concurrent write "
+            f"(last: expected version {conflict.expected} but the current version was {conflict.actual})"
+        )
+        error.args = (error.message,)
+        raise error
 
     @staticmethod
     def get_many(ctx: Context, names: Iterable[str]) -> dict[str, Any]:
@@ -126,7 +169,7 @@ class Variables:
         Raises:
             VariableNotFoundError: naming every missing variable.
         """
-        return ctx._provider.get_many(names)
+        return ctx.get_variables(names)
 
     @staticmethod
     def update_many(ctx: Context, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
@@ -154,4 +197,4 @@ class Variables:
     @staticmethod
     def exists(ctx: Context, name: str) -> bool:
         """Whether the context has a variable of that name."""
-        return ctx._provider.exists(name)
+        return ctx.has_variable(name)

@@ -18,6 +18,7 @@ Example:
 
 from dspex_dspy.modules._binding import (
     BINDABLE_ATTRIBUTES,
+    OWNER_STATE_KEY,
     STATE_KEY,
     BoundValue,
     RoutedPredict,
@@ -38,6 +39,7 @@ from dspex_dspy.modules._source import AwaitRequiredError, VariableSource
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
+    "OWNER_STATE_KEY",
     "STATE_KEY",
     "AwaitRequiredError",
     "BoundValue",
