@@ -8,10 +8,12 @@ generous deadlines.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from workers.adapters import DEADLINE_S
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.client import SessionContext
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, VersionConflictError
 from dspex_dspy.remote import RemoteStore
 
 pytestmark = pytest.mark.integration
@@ -181,3 +183,116 @@ def _answers(store: RemoteStore) -> bool:
     except BridgeUnavailableError:
         return False
     return True
+
+
+# ------------------------------------------------------------------ linearizability
+
+
+@dataclass(frozen=True)
+class Op:
+    """One completed operation on the register: what it was, when, and what it returned."""
+
+    client: int
+    kind: str  # "get", "set", "cas" (successful) or "cas-failed"
+    start: float
+    end: float
+    version: int  # read or written (for a failed CAS: the version it expected)
+    value: int
+
+
+def linearizability_violations(initial: tuple[int, int], ops: list[Op]) -> list[str]:
+    """Check a history of one versioned register for linearizability; return what is wrong.
+
+    Every accepted write makes the next version, so the versions order the writes, and a history is
+    linearizable when: the written versions are exactly the ones after the initial one, without gap
+    or repeat; a read returns the value written at the version it reports; real time is respected
+    (an operation that starts after another ended never reports an older version, nor the same one
+    if it writes); and a compare-and-swap fails only if its expected version was not current for
+    the whole time it ran.
+    """
+    problems: list[str] = []
+    writes = sorted((op for op in ops if op.kind in ("set", "cas")), key=lambda op: op.version)
+    expected_versions = list(range(initial[0] + 1, initial[0] + 1 + len(writes)))
+    if [op.version for op in writes] != expected_versions:
+        problems.append(f"written versions {[op.version for op in writes]} are not {expected_versions}")
+    value_at = {initial[0]: initial[1], **{op.version: op.value for op in writes}}
+    by_version = {op.version: op for op in writes}
+    for op in ops:
+        if op.kind == "get" and value_at.get(op.version) != op.value:
+            problems.append(f"{op} read a value never written at version {op.version}")
+    ordered = sorted(ops, key=lambda op: op.end)
+    for a in ordered:
+        for b in ops:
+            if b.start <= a.end or a.kind == "cas-failed" or b.kind == "cas-failed":
+                continue
+            strict = b.kind in ("set", "cas")
+            if b.version < a.version or (strict and b.version == a.version):
+                problems.append(f"{b} started after {a} ended but reports an older version")
+    for op in ops:
+        if op.kind != "cas-failed":
+            continue
+        made = by_version.get(op.version)
+        replaced = by_version.get(op.version + 1)
+        current_before = op.version == initial[0] or (made is not None and made.end < op.start)
+        if current_before and (replaced is None or replaced.start > op.end):
+            problems.append(f"{op} failed although version {op.version} was current all along")
+    return problems
+
+
+def test_the_history_checker_rejects_what_is_not_linearizable() -> None:
+    fine = [Op(0, "set", 0.0, 1.0, 2, 10), Op(1, "get", 2.0, 3.0, 2, 10), Op(2, "cas-failed", 2.0, 3.0, 1, 0)]
+    assert linearizability_violations((1, 0), fine) == []
+    stale_read = [Op(0, "set", 0.0, 1.0, 2, 10), Op(1, "get", 2.0, 3.0, 1, 0)]
+    assert linearizability_violations((1, 0), stale_read)
+    wrong_value = [Op(0, "set", 0.0, 1.0, 2, 10), Op(1, "get", 2.0, 3.0, 2, 11)]
+    assert linearizability_violations((1, 0), wrong_value)
+    lost_cas = [Op(0, "set", 0.0, 1.0, 2, 10), Op(1, "cas-failed", 2.0, 3.0, 2, 0)]
+    assert linearizability_violations((1, 0), lost_cas)
+    gap = [Op(0, "set", 0.0, 1.0, 3, 10)]
+    assert linearizability_violations((1, 0), gap)
+
+
+def test_get_set_cas_from_eight_clients_on_two_nodes_is_linearizable(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    with RemoteStore.connect(a.address) as setup:
+        setup.create_session("s")
+        setup.register_variable("s", "x", "integer", 0)
+    ops: list[Op] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def client(n: int) -> None:
+        rng = random.Random(n)
+        with RemoteStore.connect(a.address if n % 2 else b.address) as store:
+            seen = 1
+            barrier.wait(DEADLINE_S)
+            for i in range(40):
+                kind = rng.choice(("get", "set", "cas"))
+                value = n * 1000 + i + 1  # every written value is unique
+                start = time.monotonic()
+                if kind == "get":
+                    var = store.get_variable("s", "x")
+                    op = Op(n, "get", start, time.monotonic(), var.version, var.value)
+                    seen = var.version
+                elif kind == "set":
+                    var = store.set_variable("s", "x", value)
+                    op = Op(n, "set", start, time.monotonic(), var.version, value)
+                else:
+                    try:
+                        var = store.set_variable("s", "x", value, expected_version=seen)
+                        op = Op(n, "cas", start, time.monotonic(), var.version, value)
+                    except VersionConflictError:
+                        op = Op(n, "cas-failed", start, time.monotonic(), seen, value)
+                with lock:
+                    ops.append(op)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S * 4)
+    assert len(ops) == 320
+    assert {op.kind for op in ops} == {"get", "set", "cas", "cas-failed"}
+    assert linearizability_violations((1, 0), ops) == []
