@@ -411,6 +411,58 @@ def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+_LOAD = """
+import sys, time
+import grpc
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.client import SessionContext
+kind, address, session, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+if kind == "ping":
+    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
+    request = pb.PingRequest(message="ping")
+    call = lambda i: stub.Ping(request, timeout=10)
+else:
+    ctx = SessionContext.connect(address, session_id=session, cache=False)
+    call = lambda i: ctx.set_variable(name, i)
+for i in range(50):
+    call(i)
+print("ready", flush=True)
+sys.stdin.readline()
+count, end = 0, time.perf_counter() + seconds
+while time.perf_counter() < end:
+    call(count)
+    count += 1
+print(count, flush=True)
+"""
+
+
+def _sustained(kind: str, addresses: list[str], session: str, seconds: float) -> float:
+    """Calls per second from 4 processes, each on one of ``addresses`` in turn, started together."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD, kind, addresses[i % len(addresses)], session, f"load_{i}", str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    total = 0
+    for proc in procs:
+        assert proc.stdout is not None
+        total += int(proc.stdout.readline())
+        proc.wait(30)
+    return total / seconds
+
+
 def bench_redis(rows: list[Row], quick: bool) -> None:
     """Bridge nodes on Redis: a get through a node, and a write via node A seen by a watcher via B."""
     import tempfile
@@ -492,6 +544,26 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
             print(f"  cross-node watch: {med:.1f} us vs Ping {bmed:.1f} us -> {med / bmed:.2f}x", flush=True)
             watcher.close()
             writer.close()
+            for i in range(4):
+                Variables.defvariable(ctx, f"load_{i}", "integer", 0)
+            seconds = 2.0 if quick else 5.0
+            for label, addresses in (("1 node", [address_a]), ("2 nodes", [address_a, address_b])):
+                pings = _sustained("ping", addresses, ctx.id, seconds)
+                writes = _sustained("set", addresses, ctx.id, seconds)
+                ratio = writes / pings
+                rows.append(
+                    Row(
+                        f"sustained writes, 4 processes, {label}",
+                        1e6 / writes,
+                        0.0,
+                        baseline=f"raw Ping calls/s, 4 processes, {label}",
+                        baseline_us=1e6 / pings,
+                        ratio=pings / writes,
+                        target="writes >= 0.7x Ping/s",
+                        met=ratio >= 0.7,
+                    )
+                )
+                print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
             ctx.stop()
 
             times = []
