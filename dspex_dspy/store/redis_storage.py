@@ -20,7 +20,6 @@ a reader that meets a bulk import (logged as one entry rather than one per varia
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -44,6 +43,7 @@ __all__ = ["RedisStorage"]
 PREFIX: Final = "dspex"
 _SESSIONS_INDEX: Final = f"{PREFIX}:sessions"
 _ID_COUNTER: Final = f"{PREFIX}:ids"
+_ALL_HISTORY: Final = 1 << 30  # "every entry there is": the history of a version is at most that version long
 _KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l")
 
 # Shared by every script: refresh the expiry of all of a session's keys (KEYS[1..8]).
@@ -326,7 +326,7 @@ class RedisStorage:
         )
         self._changelog_limit = changelog_limit
         self._listeners: list[StorageListener] = []
-        self._lock = threading.Lock()
+        self._closed = False
         register = self._redis.register_script
         self._create = register(_CREATE)
         self._session = register(_SESSION)
@@ -347,6 +347,10 @@ class RedisStorage:
             return fn(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
+        except Exception as exc:
+            if self._closed:  # a call still running when the pool was closed under it
+                raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
+            raise
 
     def add_listener(self, listener: StorageListener) -> None:
         self._listeners.append(listener)
@@ -532,11 +536,13 @@ class RedisStorage:
         self._changed(session_id, updates)
         return out
 
-    def delete_variable(self, session_id: str, variable_id: str, *, source: str, timestamp: float) -> Variable:
+    def delete_variable(
+        self, session_id: str, variable_id: str, *, source: str, timestamp: float, history_limit: int = 0
+    ) -> Variable:
         got = self._call(
             self._delete,
             keys=_keys(session_id),
-            args=[self._changelog_limit, 1_000_000, variable_id, _dumps([source, timestamp])],
+            args=[self._changelog_limit, history_limit or _ALL_HISTORY, variable_id, _dumps([source, timestamp])],
         )
         if got[0] == "nosession":
             raise SessionNotFoundError(session_id)
@@ -547,8 +553,8 @@ class RedisStorage:
             listener.changed(session_id, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])
         return var
 
-    def history(self, session_id: str, variable_id: str) -> list[HistoryEntry]:
-        got = self._call(self._history, keys=_keys(session_id), args=[variable_id, 1_000_000])
+    def history(self, session_id: str, variable_id: str, *, limit: int = 0) -> list[HistoryEntry]:
+        got = self._call(self._history, keys=_keys(session_id), args=[variable_id, limit or _ALL_HISTORY])
         if got[0] == "nosession":
             raise SessionNotFoundError(session_id)
         if got[0] == "novar":
@@ -600,4 +606,5 @@ class RedisStorage:
 
     def close(self) -> None:
         """Close the connection pool."""
+        self._closed = True
         self._redis.close()

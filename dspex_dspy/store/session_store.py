@@ -406,14 +406,16 @@ class SessionStore:
         """Delete a variable; watchers receive a ``deleted`` update."""
         var = self._lookup(session_id, identifier)
         try:
-            self._storage.delete_variable(session_id, var.id, source=source, timestamp=self._clock())
+            self._storage.delete_variable(
+                session_id, var.id, source=source, timestamp=self._clock(), history_limit=self.limits.history_limit
+            )
         except VariableNotFoundError:
             raise VariableNotFoundError(identifier, session_id) from None
 
     def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
         """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
         var = self._lookup(session_id, identifier)
-        entries = list(reversed(self._storage.history(session_id, var.id)))
+        entries = list(reversed(self._storage.history(session_id, var.id, limit=self.limits.history_limit)))
         return entries[:limit] if limit > 0 else entries
 
     def rollback_variable(
@@ -422,7 +424,7 @@ class SessionStore:
         """Write the value the variable had at ``target_version`` as a new version (a compare-and-swap)."""
         for _ in range(_ROLLBACK_ATTEMPTS):
             var = self._lookup(session_id, identifier)
-            history = self._storage.history(session_id, var.id)
+            history = self._storage.history(session_id, var.id, limit=self.limits.history_limit)
             entry = next((e for e in history if e.version == target_version), None)
             if entry is None:
                 known = ", ".join(str(e.version) for e in history)
@@ -570,7 +572,15 @@ class SessionStore:
             except SessionNotFoundError:
                 self.ended(session_id)
             except DSPexError as exc:
+                if self._closed:
+                    return
+                # The engine is unreachable: keep the position and resume from it when it is back.
                 logger.warning("following the changes of session %s failed (retrying): %s", session_id, exc)
+                self._stop_sweeper.wait(_FOLLOW_WAIT_S)
+            except Exception:
+                if self._closed:
+                    return
+                logger.exception("following the changes of session %s failed unexpectedly (retrying)", session_id)
                 self._stop_sweeper.wait(_FOLLOW_WAIT_S)
 
     # ------------------------------------------------------------------ internals

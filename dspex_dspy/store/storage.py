@@ -167,11 +167,13 @@ class Storage(Protocol):
     def apply_writes(self, session_id: str, writes: Sequence[Write], *, history_limit: int) -> list[Variable]:
         """Check every version, then apply every write, atomically; return the variables written, in order."""
 
-    def delete_variable(self, session_id: str, variable_id: str, *, source: str, timestamp: float) -> Variable:
-        """Delete a variable; return its last state."""
+    def delete_variable(
+        self, session_id: str, variable_id: str, *, source: str, timestamp: float, history_limit: int = 0
+    ) -> Variable:
+        """Delete a variable (and its history, kept to ``history_limit`` entries); return its last state."""
 
-    def history(self, session_id: str, variable_id: str) -> list[HistoryEntry]:
-        """The variable's remembered writes, oldest first."""
+    def history(self, session_id: str, variable_id: str, *, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, oldest first (the newest ``limit`` when > 0)."""
 
     def position(self, session_id: str) -> int:
         """The position of the session's latest change (0 before any)."""
@@ -439,7 +441,9 @@ class MemoryStorage:
             self._publish(session, updates)
             return out
 
-    def delete_variable(self, session_id: str, variable_id: str, *, source: str, timestamp: float) -> Variable:
+    def delete_variable(
+        self, session_id: str, variable_id: str, *, source: str, timestamp: float, history_limit: int = 0
+    ) -> Variable:
         session = self._live(session_id)
         with session.lock:
             var = session.variables.pop(variable_id, None)
@@ -450,13 +454,14 @@ class MemoryStorage:
             self._publish(session, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])
             return var
 
-    def history(self, session_id: str, variable_id: str) -> list[HistoryEntry]:
+    def history(self, session_id: str, variable_id: str, *, limit: int = 0) -> list[HistoryEntry]:
         session = self._live(session_id)
         with session.lock:
             history = session.histories.get(variable_id)
             if history is None:
                 raise VariableNotFoundError(variable_id, session_id)
-            return list(history)
+            entries = list(history)
+        return entries[-limit:] if limit > 0 else entries
 
     # ------------------------------------------------------------------ change log
 

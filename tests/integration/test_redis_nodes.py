@@ -296,3 +296,21 @@ def test_get_set_cas_from_eight_clients_on_two_nodes_is_linearizable(
     assert len(ops) == 320
     assert {op.kind for op in ops} == {"get", "set", "cas", "cas-failed"}
     assert linearizability_violations((1, 0), ops) == []
+
+
+def test_serve_refuses_an_unknown_storage_or_an_unreachable_redis() -> None:
+    import subprocess
+    import sys
+
+    for storage, message in (
+        ("bogus", "--storage must be 'memory' or a redis://"),
+        ("redis://127.0.0.1:1/0", "cannot be reached"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--storage", storage],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 1
+        assert message in proc.stderr

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dspex_dspy.errors import SessionNotFoundError, VariableNotFoundError, VersionConflictError
+from dspex_dspy.errors import BridgeUnavailableError, SessionNotFoundError, VariableNotFoundError, VersionConflictError
 from dspex_dspy.records import UpdateType
 from dspex_dspy.store import MemoryStorage, SessionStore, StoreLimits
 from dspex_dspy.store.redis_storage import RedisStorage
@@ -198,3 +198,34 @@ def test_session_ttl_is_redis_expiry(redis_url: str) -> None:
     finally:
         store.close()
         store.storage.close()
+
+
+def test_watchers_resume_from_their_position_when_redis_comes_back(durable_redis) -> None:  # type: ignore[no-untyped-def]
+    redis_server = durable_redis("always")
+    a = SessionStore(storage=RedisStorage(redis_server.url))
+    b = SessionStore(storage=RedisStorage(redis_server.url))
+    try:
+        a.create_session("s1")
+        a.register_variable("s1", "x", "integer", 0)
+        watch = b.watch("s1")
+        assert watch.next_update(timeout=DEADLINE_S) is not None  # the initial value
+        a.set_variable("s1", "x", 1)
+        redis_server.kill()
+        redis_server.start()  # from its append-only file, on the same port
+        end = time.monotonic() + DEADLINE_S
+        while time.monotonic() < end:
+            try:
+                a.set_variable("s1", "x", 2)
+                break
+            except BridgeUnavailableError:
+                time.sleep(0.05)
+        versions = []
+        while not versions or versions[-1] < 3:
+            update = watch.next_update(timeout=DEADLINE_S)
+            assert update is not None and update.variable is not None
+            versions.append(update.variable.version)
+        assert versions == [2, 3]  # nothing missed across the outage, nothing repeated
+    finally:
+        for store in (a, b):
+            store.close()
+            store.storage.close()
