@@ -24,6 +24,7 @@ import math
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -111,10 +112,18 @@ KEEPALIVE_MAX_INTERVAL = 30.0
 """Longest pause between two heartbeats of an open bridged context (a third of the TTL if shorter)."""
 
 
-def _keep_alive(store: Any, session_id: str, interval: float, stop: threading.Event) -> None:
-    """Heartbeat ``session_id`` every ``interval`` seconds until ``stop`` is set (no reference to the context)."""
+def _keep_alive(
+    store: Any, session_id: str, interval: float, stop: threading.Event, owner: weakref.ref[Context]
+) -> None:
+    """Heartbeat ``session_id`` every ``interval`` s until ``stop`` is set or the context is collected.
+
+    It holds only a weak reference to its context: a context dropped without ``stop()`` stops
+    keeping its session alive, which then expires as any idle session.
+    """
     warned = False
     while not stop.wait(interval):
+        if owner() is None:
+            return
         try:
             alive = store.heartbeat(session_id)
         except DSPexError as exc:
@@ -398,7 +407,7 @@ class Context:
         interval = min(KEEPALIVE_MAX_INTERVAL, ttl / 3) if math.isfinite(ttl) else KEEPALIVE_MAX_INTERVAL
         thread = threading.Thread(
             target=_keep_alive,
-            args=(store, self.id, max(interval, 0.01), self._keepalive_stop),
+            args=(store, self.id, max(interval, 0.01), self._keepalive_stop, weakref.ref(self)),
             name=f"dspex-keepalive-{self.id[:24]}",
             daemon=True,
         )

@@ -8,6 +8,7 @@ memory and on Redis storage.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -132,3 +133,14 @@ def _import_through(port: int, store: SessionStore) -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.ImportVariables(pb.ImportVariablesRequest(session_id="s"), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_context_dropped_without_stop_stops_keeping_its_session_alive(short_ttl_bridge: Any) -> None:
+    ctx = Context(bridge=short_ttl_bridge.address, backend="bridged")
+    session_id = ctx.id
+    with RemoteStore.connect(short_ttl_bridge.address) as probe:
+        assert probe.get_session(session_id).ttl == TTL_S
+        del ctx
+        gc.collect()
+        time.sleep(4 * TTL_S)  # idle: no look at the session until the end
+        assert not probe.has_session(session_id)
