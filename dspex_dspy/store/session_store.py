@@ -324,16 +324,15 @@ class SessionStore:
         # never reused, so a write to a known id is a write to that very variable, and the engine
         # checks the version and that the id still exists. A stale entry is read afresh once.
         known = self._known.get((session_id, identifier))
-        for var in ((known,) if known is not None else ()):
+        if known is not None:
             try:
-                normalised = self._spec(session_id, var).validate(value)
-                self._check_size(var.name, var.type, normalised)
-                write = Write(var.id, normalised, expected_version or None, meta, source, self._clock(), var)
-                (written,) = self._write(session_id, [write], {var.id: var.name})
+                normalised = self._spec(session_id, known).validate(value)
+                self._check_size(known.name, known.type, normalised)
+                write = Write(known.id, normalised, expected_version or None, meta, source, self._clock(), known)
+                (written,) = self._write(session_id, [write], {known.id: known.name})
+                return _detached(written)
             except (ValidationError, VariableNotFoundError, LimitExceededError):
                 self._known.pop((session_id, identifier), None)
-                break
-            return _detached(written)
         var = self._lookup(session_id, identifier)
         normalised = self._spec(session_id, var).validate(value)
         self._check_size(var.name, var.type, normalised)

@@ -1,10 +1,11 @@
-"""The generated stubs match the .proto, and the .proto matches the shared wire contract.
+"""The generated stubs match the .proto, and the .proto matches the wire contract.
 
 Workers written for the Elixir snakepit bridge only interoperate with us if every package, service, RPC,
-field name, number and type is exactly the one in PROTOCOL.md. When that file is present (it lives in
-``shared/`` beside the repository root) every row of its tables is checked against the compiled
-descriptor; when it is absent an embedded subset of key fields is checked instead, and the 23 RPC
-signatures are always checked from an embedded table.
+field name, number and type is exactly the one in the contract, ``bridge/PROTOCOL.md`` (vendored in
+the repository). Every row of its tables, and of its *Extension fields* table (the only fields we may
+add), is checked against the compiled descriptor; the 23 RPC signatures are also checked from an
+embedded table. When the product's shared copy of the contract sits beside the checkout, the vendored
+copy must repeat it verbatim.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ PACKAGE = "snakepit.bridge"
 SERVICE = snakepit_bridge_pb2.DESCRIPTOR.services_by_name["BridgeService"]
 
 
-def _find_protocol() -> Path | None:
-    for shared in (Path(__file__).resolve().parents[3] / "shared", REPO_ROOT / "shared"):
+PROTOCOL_MD = REPO_ROOT / "bridge" / "PROTOCOL.md"
+EXTENSIONS_HEADING = "## Extension fields"
+
+
+def _find_shared_protocol() -> Path | None:
+    for shared in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared"):
         if (shared / "PROTOCOL.md").is_file():
             return shared / "PROTOCOL.md"
     return None
-
-
-PROTOCOL_MD = _find_protocol()
 
 
 class FieldRow(NamedTuple):
@@ -80,55 +82,6 @@ EMBEDDED_RPCS = (
     RpcRow("RollbackVariable", "RollbackVariableRequest", "RollbackVariableResponse", False),
 )
 
-# Fallback when PROTOCOL.md is not beside the checkout: the fields the server and workers lean on most.
-EMBEDDED_FIELDS = (
-    FieldRow("PingResponse", 2, "server_time", "google.protobuf.Timestamp"),
-    FieldRow("InitializeSessionRequest", 2, "metadata", "map<string, string>"),
-    FieldRow("InitializeSessionResponse", 4, "initial_variables", "map<string, Variable>"),
-    FieldRow("Variable", 1, "id", "string"),
-    FieldRow("Variable", 2, "name", "string"),
-    FieldRow("Variable", 3, "type", "string"),
-    FieldRow("Variable", 4, "value", "google.protobuf.Any"),
-    FieldRow("Variable", 5, "constraints_json", "string"),
-    FieldRow("Variable", 6, "metadata", "map<string, string>"),
-    FieldRow("Variable", 7, "source", "Source"),
-    FieldRow("Variable", 8, "last_updated_at", "google.protobuf.Timestamp"),
-    FieldRow("Variable", 9, "version", "int32"),
-    FieldRow("Variable", 12, "binary_value", "bytes"),
-    FieldRow("RegisterVariableRequest", 4, "initial_value", "google.protobuf.Any"),
-    FieldRow("SetVariableRequest", 5, "expected_version", "int32"),
-    FieldRow("SetVariableResponse", 3, "new_version", "int32"),
-    FieldRow("BatchGetVariablesRequest", 2, "variable_identifiers", "repeated string"),
-    FieldRow("BatchSetVariablesRequest", 2, "updates", "map<string, google.protobuf.Any>"),
-    FieldRow("BatchSetVariablesResponse", 3, "new_versions", "map<string, int32>"),
-    FieldRow("ListVariablesResponse", 1, "variables", "repeated Variable"),
-    FieldRow("ExecuteToolResponse", 5, "execution_time_ms", "int64"),
-    FieldRow("WatchVariablesRequest", 3, "include_initial_values", "bool"),
-    FieldRow("VariableUpdate", 2, "variable", "Variable"),
-    FieldRow("VariableUpdate", 6, "update_type", "string"),
-    FieldRow("GetVariableHistoryResponse", 1, "entries", "repeated VariableHistoryEntry"),
-    FieldRow("RollbackVariableRequest", 3, "target_version", "int32"),
-    FieldRow("GetSessionResponse", 3, "created_at", "google.protobuf.Timestamp"),
-)
-
-# Fields we add beyond the contract (allowed: new numbers only). Anything else in the .proto is a mistake.
-EXTENSION_FIELDS = (
-    FieldRow("Variable", 13, "description", "string"),
-    FieldRow("Variable", 14, "created_at", "google.protobuf.Timestamp"),
-    FieldRow("RegisterVariableRequest", 8, "description", "string"),
-    FieldRow("RegisterVariableRequest", 9, "initial_version", "int32"),
-    FieldRow("RegisterVariableRequest", 10, "created_at", "google.protobuf.Timestamp"),
-    FieldRow("GetSessionResponse", 20, "ttl_seconds", "double"),
-    FieldRow("GetSessionResponse", 21, "expires_in_seconds", "double"),
-    FieldRow("ImportVariablesRequest", 1, "session_id", "string"),
-    FieldRow("ImportVariablesRequest", 2, "variables", "repeated RegisterVariableRequest"),
-    FieldRow("ImportVariablesResponse", 1, "variable_ids", "repeated string"),
-)
-
-# RPCs (and their messages) we add beyond the contract; peers without them answer UNIMPLEMENTED.
-EXTENSION_RPCS = (RpcRow("ImportVariables", "ImportVariablesRequest", "ImportVariablesResponse", False),)
-EXTENSION_MESSAGES = frozenset({"ImportVariablesRequest", "ImportVariablesResponse"})
-
 _TABLE_ROW = re.compile(r"^\|(.+)\|\s*$")
 
 
@@ -144,10 +97,10 @@ def _table_rows(markdown: str, section: str) -> list[list[str]]:
     return [row for row in rows[1:] if not set("".join(row)) <= set("-: ")]
 
 
-def _contract_fields(markdown: str) -> tuple[list[FieldRow], dict[str, dict[str, int]]]:
+def _contract_fields(markdown: str, section: str = "Messages") -> tuple[list[FieldRow], dict[str, dict[str, int]]]:
     fields: list[FieldRow] = []
     enums: dict[str, dict[str, int]] = {}
-    for message, number, name, type_ in _table_rows(markdown, "Messages"):
+    for message, number, name, type_ in _table_rows(markdown, section):
         if name.startswith("enum "):
             values = dict(item.split("=") for item in type_.replace(" ", "").split(","))
             enums[f"{message}.{name.removeprefix('enum ')}"] = {key: int(value) for key, value in values.items()}
@@ -164,13 +117,16 @@ def _contract_rpcs(markdown: str) -> list[RpcRow]:
     return rpcs
 
 
-if PROTOCOL_MD is not None:
-    _MARKDOWN = PROTOCOL_MD.read_text(encoding="utf-8")
-    CONTRACT_FIELDS, CONTRACT_ENUMS = _contract_fields(_MARKDOWN)
-    CONTRACT_RPCS = _contract_rpcs(_MARKDOWN)
-else:
-    CONTRACT_FIELDS, CONTRACT_ENUMS = list(EMBEDDED_FIELDS), {"Variable.Source": {"ELIXIR": 0, "PYTHON": 1}}
-    CONTRACT_RPCS = list(EMBEDDED_RPCS)
+_MARKDOWN = PROTOCOL_MD.read_text(encoding="utf-8")
+CONTRACT_FIELDS, CONTRACT_ENUMS = _contract_fields(_MARKDOWN)
+CONTRACT_RPCS = _contract_rpcs(_MARKDOWN)
+# Fields we add beyond the contract (new numbers only), as documented in the vendored contract.
+EXTENSION_FIELDS, _ = _contract_fields(_MARKDOWN, EXTENSIONS_HEADING.removeprefix("## "))
+# RPCs we add beyond the contract (peers without them answer UNIMPLEMENTED), and their messages.
+EXTENSION_RPCS = [
+    RpcRow(name, request, response, False) for name, request, response in _table_rows(_MARKDOWN, "Extension RPCs")
+]
+EXTENSION_MESSAGES = {row.message for row in EXTENSION_FIELDS} - {row.message for row in CONTRACT_FIELDS}
 
 _SCALAR_NAMES = {
     FieldDescriptor.TYPE_DOUBLE: "double",
@@ -247,15 +203,16 @@ def test_package_and_service_names() -> None:
 def test_contract_tables_were_read() -> None:
     # Guards against a parser that silently finds nothing and lets every parametrized case vanish.
     assert len(CONTRACT_RPCS) == 23
-    assert len(CONTRACT_FIELDS) >= (150 if PROTOCOL_MD is not None else len(EMBEDDED_FIELDS))
+    assert len(CONTRACT_FIELDS) >= 150
     assert "Variable.Source" in CONTRACT_ENUMS
+    assert len(EXTENSION_FIELDS) >= 6
 
 
 def test_embedded_rpc_table_agrees_with_the_contract() -> None:
     assert sorted(CONTRACT_RPCS) == sorted(EMBEDDED_RPCS)
 
 
-@pytest.mark.parametrize("rpc", [*EMBEDDED_RPCS, *EXTENSION_RPCS], ids=lambda rpc: rpc.name)
+@pytest.mark.parametrize("rpc", EMBEDDED_RPCS, ids=lambda rpc: rpc.name)
 def test_rpc_signature(rpc: RpcRow) -> None:
     assert rpc.name in SERVICE.methods_by_name, f"RPC {rpc.name} is missing from BridgeService"
     method = SERVICE.methods_by_name[rpc.name]
@@ -265,8 +222,18 @@ def test_rpc_signature(rpc: RpcRow) -> None:
     assert method.client_streaming is False
 
 
-def test_service_has_no_rpcs_beyond_the_contract() -> None:
-    assert sorted(SERVICE.methods_by_name) == sorted(rpc.name for rpc in [*EMBEDDED_RPCS, *EXTENSION_RPCS])
+@pytest.mark.parametrize("rpc", EXTENSION_RPCS, ids=lambda rpc: rpc.name)
+def test_extension_rpc_signature(rpc: RpcRow) -> None:
+    method = SERVICE.methods_by_name[rpc.name]
+    assert method.input_type.full_name == f"{PACKAGE}.{rpc.request}"
+    assert method.output_type.full_name == f"{PACKAGE}.{rpc.response}"
+    assert not method.server_streaming and not method.client_streaming
+
+
+def test_service_has_no_rpcs_beyond_the_contract_and_documented_extensions() -> None:
+    assert EXTENSION_RPCS, "the 'Extension RPCs' table of bridge/PROTOCOL.md was not read"
+    expected = [rpc.name for rpc in EMBEDDED_RPCS] + [rpc.name for rpc in EXTENSION_RPCS]
+    assert sorted(SERVICE.methods_by_name) == sorted(expected)
 
 
 @pytest.mark.parametrize(
@@ -287,7 +254,6 @@ def test_enum_matches_the_contract(enum_name: str) -> None:
     assert {name: value.number for name, value in values.items()} == CONTRACT_ENUMS[enum_name]
 
 
-@pytest.mark.skipif(PROTOCOL_MD is None, reason="needs the full message table of PROTOCOL.md")
 def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
     allowed = {(row.message, row.number) for row in [*CONTRACT_FIELDS, *EXTENSION_FIELDS]}
     contract_messages = {row.message for row in CONTRACT_FIELDS}
@@ -297,4 +263,17 @@ def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
         for message in snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name.values()
         for field in message.fields
     }
-    assert actual - allowed == set(), "undocumented fields; add them to EXTENSION_FIELDS and bridge/README.md"
+    assert actual - allowed == set(), "undocumented fields; add them to 'Extension fields' in bridge/PROTOCOL.md"
+
+
+def test_extensions_use_new_numbers_only() -> None:
+    contract = {(row.message, row.number) for row in CONTRACT_FIELDS}
+    assert not contract & {(row.message, row.number) for row in EXTENSION_FIELDS}
+
+
+def test_the_vendored_contract_repeats_the_shared_one_verbatim() -> None:
+    shared = _find_shared_protocol()
+    if shared is None:
+        pytest.skip("no shared copy of the contract beside this checkout: the vendored copy is the contract")
+    contract_part = _MARKDOWN.split(f"\n{EXTENSIONS_HEADING}\n", 1)[0]
+    assert contract_part.rstrip("\n") == shared.read_text(encoding="utf-8").rstrip("\n")

@@ -33,6 +33,7 @@ PUBLIC = {
 
 ERRORS = {
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -56,12 +57,13 @@ ALLOWED = {
     "state": {"errors", "types", "records", "limits", "store", "state"},
     "context": {"errors", "types", "state"},
     "variables": {"errors", "types", "context"},
-    "wire": {"errors", "types", "records", "_proto"},
-    "server": {"errors", "types", "records", "store", "wire", "_proto"},
-    "remote": {"errors", "types", "records", "wire", "_proto"},
-    "client": {"errors", "types", "records", "wire", "remote", "_proto"},
+    "wire_errors": {"errors"},
+    "wire": {"errors", "types", "records", "wire_errors", "_proto"},
+    "server": {"errors", "types", "records", "store", "wire", "wire_errors", "_proto"},
+    "remote": {"errors", "types", "records", "wire", "wire_errors", "remote", "_proto"},
+    "client": {"errors", "types", "records", "wire", "wire_errors", "remote", "_proto"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
-    "cli": {"errors", "types", "records", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "records", "store", "server", "wire", "wire_errors", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
