@@ -40,6 +40,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
 )
+from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
@@ -574,15 +575,31 @@ class BridgeServicer:
     def StartOptimization(
         self, request: pb.StartOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StartOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StartOptimization", "server-side optimization is not supported")
+        """Take (or renew) an optimization lease; ``optimization_id`` is the lease's id.
+
+        ``optimizer_config`` may carry ``variables`` (a JSON list: the lease covers all of them,
+        else just ``variable_identifier``) and ``lease_seconds`` (its ttl). Another optimizer's
+        lease on any of them is ``FAILED_PRECONDITION``.
+        """
+        variables, ttl = lease_request_config(request.variable_identifier, dict(request.optimizer_config))
+        lease = self.store.start_optimization(request.session_id, variables, request.optimizer_id, ttl=ttl)
+        return pb.StartOptimizationResponse(success=True, optimization_id=lease.id)
 
     @_unary
     def StopOptimization(
         self, request: pb.StopOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StopOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StopOptimization", "server-side optimization is not supported")
+        """End a lease named by its id, or (``force``) the lease holding the named variable.
+
+        ``final_value`` is the named variable's value (unset when a lease id is named).
+        """
+        ident = request.variable_identifier
+        self.store.stop_optimization(request.session_id, ident, force=request.force)
+        response = pb.StopOptimizationResponse(success=True)
+        if not ident.startswith(LEASE_ID_PREFIX):
+            variable = self.store.get_variable(request.session_id, ident)
+            response.final_value.CopyFrom(value_to_any(variable.type, variable.value))
+        return response
 
 
 # --------------------------------------------------------------------------------------------

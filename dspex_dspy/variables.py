@@ -9,11 +9,12 @@ from __future__ import annotations
 import builtins
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from dspex_dspy.context import Context
 from dspex_dspy.errors import ValidationError, VariableNotFoundError, VersionConflictError
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.types import Variable
 
 __all__ = ["UPDATE_BACKOFF_BASE", "UPDATE_BACKOFF_CAP", "Variables", "backoff_delays"]
@@ -112,18 +113,22 @@ class Variables:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         """Write a value and return the new version.
 
         Args:
             expected_version: when non-zero, write only if this is the current version
                 (compare-and-swap); otherwise raise :class:`VersionConflictError`.
+            force: write even though an optimizer's lease holds the variable; the write records
+                ``forced_over: <optimizer id>`` in the variable's metadata.
 
         Raises:
             ValidationError: the value breaks the type or a constraint (nothing changes).
             VersionConflictError: ``expected_version`` is stale (nothing changes).
+            VariableLockedError: another optimizer's lease holds the variable (nothing changes).
         """
-        return ctx._provider.set(name, value, metadata=metadata, expected_version=expected_version)
+        return ctx._provider.set(name, value, metadata=metadata, expected_version=expected_version, force=force)
 
     @staticmethod
     def update(ctx: Context, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
@@ -172,17 +177,70 @@ class Variables:
         return ctx.get_variables(names)
 
     @staticmethod
-    def update_many(ctx: Context, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+    def update_many(
+        ctx: Context,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
         """Write several variables; return their new versions.
 
         ``atomic=True`` (default) validates every value first and applies all or none.
-        ``atomic=False`` applies what it can.
+        ``atomic=False`` applies what it can. ``metadata`` is merged into every variable written
+        (an optimizer names itself with ``optimizer_id`` to write through its own lease);
+        ``force`` writes through other optimizers' leases.
 
         Raises:
             BatchUpdateError: some writes were rejected; ``.errors`` says which and why and
                 ``.new_versions`` lists the writes applied (none when atomic).
         """
-        return ctx._provider.update_many(updates, atomic=atomic)
+        return ctx._provider.update_many(updates, atomic=atomic, metadata=metadata, force=force)
+
+    @staticmethod
+    def start_optimization(
+        ctx: Context,
+        names: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+    ) -> OptimizationLease:
+        """Take an optimization lease on ``names`` for ``optimizer_id``; call again to renew it.
+
+        While the lease holds (``ttl`` seconds after its last start or renewal), writes to those
+        variables are refused with :class:`~dspex_dspy.errors.VariableLockedError` unless they
+        carry ``metadata={"optimizer_id": optimizer_id}`` or are forced, and no other optimizer
+        can take any of them. Reads and watches are not affected; ``Variable.optimization_status``
+        shows the lease.
+
+        Example:
+            >>> lease = Variables.start_optimization(ctx, ["temperature"], "tuner-1", ttl=30)  # doctest: +SKIP
+            >>> Variables.stop_optimization(ctx, lease)                                        # doctest: +SKIP
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+            VariableNotFoundError: a variable does not exist.
+            ValidationError: a bad optimizer id, ttl or list of names.
+        """
+        return ctx._provider.start_optimization(list(names), optimizer_id, ttl=ttl)
+
+    @staticmethod
+    def renew_optimization(ctx: Context, lease: OptimizationLease) -> OptimizationLease:
+        """Extend a lease by its ttl (a heartbeat); the same as starting it again."""
+        return ctx._provider.start_optimization(list(lease.variables), lease.optimizer_id, ttl=lease.ttl)
+
+    @staticmethod
+    def stop_optimization(ctx: Context, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease: pass the lease (or its id), or a variable name with ``force=True``.
+
+        Stopping a lease that already ended does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+        """
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        ctx._provider.stop_optimization(target, force=force)
 
     @staticmethod
     def list(ctx: Context) -> builtins.list[Variable]:

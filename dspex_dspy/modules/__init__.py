@@ -25,6 +25,7 @@ from dspex_dspy.modules._binding import (
     VariableBindingMixin,
     get_provenance,
     route_predictors,
+    trial_values,
 )
 from dspex_dspy.modules._programs import (
     ModuleVariableResolver,
@@ -55,4 +56,5 @@ __all__ = [
     "default_resolver",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]

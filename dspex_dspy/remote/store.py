@@ -33,6 +33,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableExistsError,
 )
+from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
@@ -367,8 +368,9 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
-        """Write a variable; return it at its new version.
+        """Write a variable; return it at its new version (``force``: through a lease).
 
         The record returned is built from what this client knows of the variable plus the write
         (value normalised by the variable's spec, the server's new version); ``updated_at`` is this
@@ -384,7 +386,7 @@ class RemoteStore:
             identifier,
             value,
             type_hint=known.type if known is not None else None,
-            metadata=metadata,
+            metadata=_forcing(metadata) if force else metadata,
             expected_version=expected_version,
             source=source,
         )
@@ -417,13 +419,25 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
         """Write several variables. ``atomic``: validate all, then apply all or none."""
         hints = {ident: t for ident in updates if (t := self._known_type(session_id, ident)) is not None}
+        meta = _forcing(metadata) if force else metadata
         call = BridgeCalls.set_variables(
-            session_id, updates, type_hints=hints, metadata=metadata, atomic=atomic, source=source
+            session_id, updates, type_hints=hints, metadata=meta, atomic=atomic, source=source
         )
         return self.call(call)
+
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables; see :mod:`dspex_dspy.leases`."""
+        return self.call(BridgeCalls.start_optimization(session_id, identifiers, optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease by its id, or by force the lease holding a variable (an ended lease: no-op)."""
+        self.call(BridgeCalls.stop_optimization(session_id, identifier, force=force))
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
@@ -447,3 +461,8 @@ class RemoteStore:
         """Write the value the variable had at ``target_version`` as a new version."""
         call = BridgeCalls.rollback_variable(session_id, identifier, target_version, source=source)
         return self._learn(session_id, self.call(call))
+
+
+def _forcing(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write metadata that asks the server to write through a lease."""
+    return {**(metadata or {}), FORCE_METADATA_KEY: "true"}

@@ -12,6 +12,8 @@ Rules kept here, for every caller:
   ``expected_version`` makes a write a compare-and-swap;
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
+- an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
+  its optimizer stops it or it expires (leases are held by the node that granted them);
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered (and, on a shared engine, the session's change log followed) before
   their initial snapshot is read, so no write can fall between the snapshot and the stream.
@@ -41,11 +43,12 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
 from dspex_dspy.limits import StoreLimits, check_value_size
 from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.store.storage import MemoryStorage, NewVariable, Storage, Write
 from dspex_dspy.store.watch import Watch
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -60,14 +63,20 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
-def _detached(var: Variable) -> Variable:
-    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps) the caller may change."""
+def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variable:
+    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps) the caller may
+    change, reporting the optimization lease that holds it (if any)."""
     value = var.value
     if isinstance(value, list):
         value = list(value)
     elif isinstance(value, dict):
         value = {"shape": list(value["shape"]), "data": list(value["data"])}
-    return replace(var, value=value, constraints=dict(var.constraints), metadata=dict(var.metadata))
+    return replace(
+        var, value=value, constraints=dict(var.constraints), metadata=dict(var.metadata), optimization_status=status
+    )
+
+
+_lease_clock = time.monotonic  # the real clock, whatever tests do to this module's ``time``
 
 
 _ROLLBACK_ATTEMPTS = 16
@@ -113,6 +122,12 @@ class SessionStore:
         self._followers: dict[str, threading.Thread] = {}
         self._specs: dict[tuple[str, str, float], VariableSpec] = {}
         self._known: dict[tuple[str, str], Variable] = {}  # (session, identifier) -> a read of it
+        # Leases: the table is changed under _lease_lock, which a write holds from its admission to
+        # its application while any lease exists; readers use the lock-free copy in _lease_view
+        # (variable id -> (status, deadline)), replaced whole after every change of the table.
+        self._leases = LeaseTable()
+        self._lease_lock = threading.Lock()
+        self._lease_view: dict[str, tuple[OptimizationStatus, float]] = {}
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
@@ -246,7 +261,7 @@ class SessionStore:
             max_variables=self.limits.max_variables_per_session,
             history_limit=self.limits.history_limit,
         )
-        return _detached(var)
+        return self._view(var)
 
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
         """Import whole variables (value, version, timestamps, metadata), all or nothing.
@@ -289,11 +304,11 @@ class SessionStore:
             max_variables=self.limits.max_variables_per_session,
             history_limit=self.limits.history_limit,
         )
-        return [_detached(v) for v in made]
+        return [self._view(v) for v in made]
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""
-        return _detached(self._lookup(session_id, identifier))
+        return self._view(self._lookup(session_id, identifier))
 
     def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]:
         """Return ``(found keyed by identifier as given, missing identifiers)``."""
@@ -301,7 +316,7 @@ class SessionStore:
         self._check_open()
         found = self._storage.read_variables(session_id, idents)
         missing = [i for i in idents if i not in found]
-        return {i: _detached(v) for i, v in found.items()}, missing
+        return {i: self._view(v) for i, v in found.items()}, missing
 
     def set_variable(
         self,
@@ -312,14 +327,19 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
         """Write a variable; return it at its new version.
+
+        ``force`` writes through another optimizer's lease (see :mod:`dspex_dspy.leases`).
 
         Raises:
             ValidationError: the value breaks the variable's type or constraints.
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
+            VariableLockedError: an optimization lease holds the variable and the write is not forced.
         """
         meta = normalize_metadata(identifier, metadata) if metadata else {}
+        force = pop_force(meta) or force
         # The definition known from an earlier read saves a round trip to a remote engine: ids are
         # never reused, so a write to a known id is a write to that very variable, and the engine
         # checks the version and that the id still exists. A stale entry is read afresh once.
@@ -328,9 +348,7 @@ class SessionStore:
             try:
                 normalised = self._spec(session_id, known).validate(value)
                 self._check_size(known.name, known.type, normalised)
-                write = Write(known.id, normalised, expected_version or None, meta, source, self._clock(), known)
-                (written,) = self._write(session_id, [write], {known.id: known.name})
-                return _detached(written)
+                return self._view(self._write_one(session_id, known, normalised, expected_version, meta, source, force))
             except (ValidationError, VariableNotFoundError, LimitExceededError):
                 self._known.pop((session_id, identifier), None)
         var = self._lookup(session_id, identifier)
@@ -338,10 +356,32 @@ class SessionStore:
         self._check_size(var.name, var.type, normalised)
         if expected_version and expected_version != var.version:
             raise VersionConflictError(var.name, expected_version, var.version)
-        write = Write(var.id, normalised, expected_version or None, meta, source, self._clock(), var)
-        (written,) = self._write(session_id, [write], {var.id: var.name})
+        written = self._write_one(session_id, var, normalised, expected_version, meta, source, force)
         self._remember(session_id, identifier, var)
-        return _detached(written)
+        return self._view(written)
+
+    def _write_one(
+        self,
+        session_id: str,
+        var: Variable,
+        value: Any,
+        expected_version: int | None,
+        meta: dict[str, str],
+        source: str,
+        force: bool,
+    ) -> Variable:
+        """One write, admitted by the leases first (the admission and the write are one step)."""
+        if not self._lease_view:
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            return self._write(session_id, [write], {var.id: var.name})[0]
+        with self._lease_lock:
+            if all(_lease_clock() >= deadline for _, deadline in self._lease_view.values()):
+                self._refresh_lease_view()  # every lease expired: later writes take the fast path
+            forced = self._leases.admit(var.id, var.name, meta, force=force)
+            if forced:
+                meta = {**meta, **forced}
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            return self._write(session_id, [write], {var.id: var.name})[0]
 
     def set_variables(
         self,
@@ -351,9 +391,15 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
-        """Write several variables. ``atomic``: validate all, then apply all or none."""
+        """Write several variables. ``atomic``: validate all, then apply all or none.
+
+        A variable held by another optimizer's lease is rejected with ``VariableLockedError``
+        unless ``force``.
+        """
         meta = normalize_metadata("", metadata) if metadata else {}
+        force = pop_force(meta) or force
         self._check_open()
         idents = list(updates)
         bad = [i for i in idents if not isinstance(i, str) or not i]
@@ -377,16 +423,47 @@ class SessionStore:
             checked.append((ident, var, normalised))
         if atomic and errors:
             return BatchResult({}, errors)
+        if not self._lease_view:
+            return self._apply_batch(session_id, checked, errors, meta, {}, atomic, source)
+        with self._lease_lock:
+            metas: dict[str, dict[str, str]] = {}
+            admitted = []
+            for ident, var, normalised in checked:
+                try:
+                    forced = self._leases.admit(var.id, var.name, meta, force=force)
+                except DSPexError as exc:
+                    errors[ident] = exc
+                    continue
+                if forced:
+                    metas[ident] = {**meta, **forced}
+                admitted.append((ident, var, normalised))
+            if atomic and errors:
+                return BatchResult({}, errors)
+            return self._apply_batch(session_id, admitted, errors, meta, metas, atomic, source)
+
+    def _apply_batch(
+        self,
+        session_id: str,
+        checked: list[tuple[str, Variable, Any]],
+        errors: dict[str, DSPexError],
+        meta: dict[str, str],
+        metas: Mapping[str, dict[str, str]],
+        atomic: bool,
+        source: str,
+    ) -> BatchResult:
         now = self._clock()
         names = {var.id: var.name for _, var, _ in checked}
         if atomic:
-            writes = [Write(var.id, value, None, meta, source, now, var) for _, var, value in checked]
+            writes = [
+                Write(var.id, value, None, metas.get(ident, meta), source, now, var) for ident, var, value in checked
+            ]
             written = self._write(session_id, writes, names) if writes else []
             return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
         versions: dict[str, int] = {}
         for ident, var, value in checked:
+            write = Write(var.id, value, None, metas.get(ident, meta), source, now, var)
             try:
-                (w,) = self._write(session_id, [Write(var.id, value, None, meta, source, now, var)], names)
+                (w,) = self._write(session_id, [write], names)
             except (VariableNotFoundError, VersionConflictError) as exc:
                 errors[ident] = exc
                 continue
@@ -399,11 +476,16 @@ class SessionStore:
         records = self._storage.list_variables(session_id)
         if pattern and pattern != "*":
             records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
-        return [_detached(r) for r in records]
+        return [self._view(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
         """Delete a variable; watchers receive a ``deleted`` update."""
         var = self._lookup(session_id, identifier)
+        if self._lease_view:
+            with self._lease_lock:
+                self._leases.refuse_if_held(var.id, var.name, "deleting it")
+                self._leases.forget([var.id])
+                self._refresh_lease_view()
         try:
             self._storage.delete_variable(
                 session_id, var.id, source=source, timestamp=self._clock(), history_limit=self.limits.history_limit
@@ -423,6 +505,9 @@ class SessionStore:
         """Write the value the variable had at ``target_version`` as a new version (a compare-and-swap)."""
         for _ in range(_ROLLBACK_ATTEMPTS):
             var = self._lookup(session_id, identifier)
+            if self._lease_view:
+                with self._lease_lock:
+                    self._leases.refuse_if_held(var.id, var.name, "rolling it back")
             history = self._storage.history(session_id, var.id, limit=self.limits.history_limit)
             entry = next((e for e in history if e.version == target_version), None)
             if entry is None:
@@ -441,8 +526,72 @@ class SessionStore:
                 (written,) = self._write(session_id, [write], {var.id: var.name})
             except VersionConflictError:
                 continue  # written meanwhile: read again and roll back over the newer state
-            return _detached(written)
+            return self._view(written)
         raise VersionConflictError(identifier, 0, 0)
+
+    # ------------------------------------------------------------------ optimization leases
+
+    def start_optimization(
+        self,
+        session_id: str,
+        identifiers: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float,
+    ) -> OptimizationLease:
+        """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
+
+        Leases are held by this store (this bridge node); they are not shared through a storage
+        engine with other nodes.
+
+        Raises:
+            VariableNotFoundError: a variable does not exist.
+            VariableLockedError: another optimizer holds one of them (nothing changes).
+            ValidationError: a bad optimizer id, ttl or variable list.
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        records = [self._lookup(session_id, ident) for ident in identifiers]
+        with self._lease_lock:
+            lease = self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+            self._refresh_lease_view()
+            return lease
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease, named by its id (the holder) or by a variable it holds (``force`` needed).
+
+        Stopping a lease that already ended (stopped or expired) does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+            VariableNotFoundError: neither a lease id nor a variable of the session.
+        """
+        if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+            if self._storage.get_session(session_id) is None:
+                raise SessionNotFoundError(session_id)
+            with self._lease_lock:
+                lease = self._leases.lease_by_id(identifier, session_id)
+                if lease is not None:
+                    self._leases.stop(lease)
+                self._refresh_lease_view()
+            return
+        record = self._lookup(session_id, identifier)
+        with self._lease_lock:
+            self._leases.stop_variable(record.id, record.name, force=force)
+            self._refresh_lease_view()
+
+    def _refresh_lease_view(self) -> None:
+        """Rebuild the lock-free copy of the leases (lease lock held)."""
+        self._lease_view = self._leases.held()
+
+    def _status(self, variable_id: str) -> OptimizationStatus | None:
+        entry = self._lease_view.get(variable_id)
+        if entry is None or _lease_clock() >= entry[1]:
+            return None
+        return entry[0]
+
+    def _view(self, var: Variable) -> Variable:
+        """What callers get: a detached copy with the lease status of the moment."""
+        return _detached(var, self._status(var.id) if self._lease_view else None)
 
     # ------------------------------------------------------------------ watching
 
@@ -529,6 +678,13 @@ class SessionStore:
         watchers = self._watchers.get(session_id)
         if not watchers:
             return
+        if self._lease_view:
+            updates = [
+                replace(u, variable=replace(u.variable, optimization_status=self._status(u.variable_id)))
+                if u.variable is not None
+                else u
+                for u in updates
+            ]
         for watch in list(watchers):
             for update in updates:
                 if watch.wants(update.variable_id):
