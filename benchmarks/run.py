@@ -386,7 +386,6 @@ def bench_modules(rows: list[Row], quick: bool) -> None:
     ctx.stop()
 
 
-<<<<<<< HEAD
 def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     """A throw-away redis-server on a free loopback port (no persistence)."""
     import socket
@@ -595,7 +594,8 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
                 proc.wait(10)
             redis_proc.terminate()
             redis_proc.wait(10)
-=======
+
+
 def bench_tuner(rows: list[Row], quick: bool) -> None:
     """VariableTuner per trial against ``dspy.Evaluate`` run directly on the same values.
 
@@ -660,7 +660,6 @@ def bench_tuner(rows: list[Row], quick: bool) -> None:
                 rounds=3 if quick else 8,
             )
     ctx.stop()
->>>>>>> main
 
 
 SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
@@ -669,11 +668,8 @@ SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "switch": bench_switch,
     "workers": bench_workers,
     "modules": bench_modules,
-<<<<<<< HEAD
     "redis": bench_redis,
-=======
     "tuner": bench_tuner,
->>>>>>> main
 }
 
 
