@@ -15,10 +15,11 @@ request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, TypeVar, cast
 
@@ -40,7 +41,7 @@ from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.types import Variable, compile_spec, normalize_metadata
 from dspex_dspy.wire_errors import error_from_rpc
 
-__all__ = ["IMPORT_WINDOW", "RemoteStore"]
+__all__ = ["IMPORT_WINDOW", "UNDO_TIMEOUT", "RemoteStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ _BATCH_IMPORT_BYTES: Final = 8 * 1024 * 1024
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
+
+UNDO_TIMEOUT: Final = 2.0
+"""Seconds the clean-up of a failed import may take (the connection is often what failed)."""
 
 _T = TypeVar("_T")
 
@@ -92,6 +96,7 @@ class RemoteStore:
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
         self._batch_import: bool | None = None  # False once the bridge said it has no ImportVariables
+        self._deadlines = threading.local()
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
@@ -110,15 +115,72 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ running calls
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound every call this thread makes inside the block by one deadline ``seconds`` from now.
+
+        A call's timeout becomes the smaller of :attr:`call_timeout` and the time left; once the
+        deadline has passed, calls fail at once with :class:`BridgeUnavailableError`. Used to give
+        a whole migration one bounded time, however many calls it makes.
+        """
+        previous = getattr(self._deadlines, "at", None)
+        at = time.monotonic() + seconds
+        self._deadlines.at = at if previous is None else min(previous, at)
+        try:
+            yield
+        finally:
+            self._deadlines.at = previous
+
+    def _timeout(self) -> float:
+        """The timeout of the next call: :attr:`call_timeout`, cut to the thread's deadline."""
+        timeout = self.call_timeout
+        at = getattr(self._deadlines, "at", None)
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise BridgeUnavailableError(
+                    f"the bridge at {self.address or '?'} did not answer within the operation's deadline"
+                )
+            timeout = min(timeout, left)
+        return timeout
+
+    def _lost_session(self, exc: DSPexError, session_id: str) -> DSPexError:
+        """Say how to recover when the bridge no longer has a session this client used."""
+        if isinstance(exc, SessionNotFoundError) and self._knows_session(session_id):
+            hint = (
+                f" (the bridge at {self.address or '?'} no longer has this session: it was restarted or the "
+                "session expired; call ensure_bridged() on the context to re-create it from the values "
+                "this client last saw)"
+            )
+            if hint not in exc.message:
+                exc.message += hint
+                exc.args = (exc.message,)
+        return exc
+
+    def _knows_session(self, session_id: str) -> bool:
+        with self._known_lock:
+            return any(key[0] == session_id for key in self._known)
+
+    def known_variables(self, session_id: str) -> list[Variable]:
+        """The last state this client saw of each variable of a session, in creation order.
+
+        What a context re-creates its session from when the bridge lost it (see
+        :meth:`dspex_dspy.Context.ensure_bridged`).
+        """
+        with self._known_lock:
+            seen = {var.name: var for (sid, _), var in self._known.items() if sid == session_id}
+        return sorted(seen.values(), key=lambda var: (var.created_at, var.name))
+
     def call(self, bridge_call: BridgeCall[_T]) -> _T:
         """Run one described call with this store's deadline; raise the server's error on failure."""
         if self._closed:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
         method = getattr(self.stub, bridge_call.rpc)
         try:
-            response = method(bridge_call.request, timeout=self.call_timeout, metadata=bridge_call.metadata)
+            response = method(bridge_call.request, timeout=self._timeout(), metadata=bridge_call.metadata)
         except grpc.RpcError as err:
-            raise bridge_call.error(err) from err
+            session_id = getattr(bridge_call.request, "session_id", "")
+            raise self._lost_session(bridge_call.error(err), session_id) from err
         except ValueError as err:  # grpc raises this for a call on a closed channel
             raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
         return bridge_call.parse(response)
@@ -291,7 +353,7 @@ class RemoteStore:
         entries = [cast(pb.RegisterVariableRequest, c.request) for c in calls]
         request = pb.ImportVariablesRequest(session_id=session_id, variables=entries)
         try:
-            response = self.stub.ImportVariables(request, timeout=self.call_timeout, metadata=calls[0].metadata)
+            response = self.stub.ImportVariables(request, timeout=self._timeout(), metadata=calls[0].metadata)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self._batch_import = False  # an older bridge: register one by one from now on
@@ -311,8 +373,13 @@ class RemoteStore:
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
             window = list(enumerate(calls[start : start + IMPORT_WINDOW], start))
+            try:
+                timeout = self._timeout()
+            except BridgeUnavailableError as exc:
+                failure = (start, exc)
+                break
             pending = [
-                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=self.call_timeout, metadata=c.metadata))
+                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=timeout, metadata=c.metadata))
                 for i, c in window
             ]
             for i, c, future in pending:
@@ -332,21 +399,41 @@ class RemoteStore:
         return made
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
-        """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
+        """Delete the variables a failed import made (pipelined); failures are logged, not raised.
+
+        The clean-up gets its own short deadline (:data:`UNDO_TIMEOUT`): when the connection is what
+        failed it cannot succeed, and the caller must learn of the failure in bounded time.
+        """
+        undo_by = time.monotonic() + UNDO_TIMEOUT
         for start in range(0, len(variable_ids), IMPORT_WINDOW):
+            left = undo_by - time.monotonic()
+            if left <= 0:
+                logger.warning("could not undo the import of %d variable(s) in time", len(variable_ids) - start)
+                return
             calls = [
                 BridgeCalls.delete_variable(session_id, var_id, source="orchestrator")
                 for var_id in variable_ids[start : start + IMPORT_WINDOW]
             ]
             futures = [
-                self.stub.DeleteVariable.future(c.request, timeout=self.call_timeout, metadata=c.metadata)
+                self.stub.DeleteVariable.future(c.request, timeout=min(left, self.call_timeout), metadata=c.metadata)
                 for c in calls
             ]
+            failed: list[str] = []
+            last_error: DSPexError | None = None
             for c, future in zip(calls, futures, strict=True):
                 try:
                     future.result()
                 except grpc.RpcError as err:
-                    logger.warning("could not undo the import of %s: %s", c.identifier, c.error(err))
+                    failed.append(c.identifier)
+                    last_error = c.error(err)
+            if failed:
+                logger.warning(
+                    "could not undo the import of %d variable(s) (%s%s): %s",
+                    len(failed),
+                    ", ".join(failed[:5]),
+                    ", ..." if len(failed) > 5 else "",
+                    last_error,
+                )
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""

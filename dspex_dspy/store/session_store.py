@@ -25,8 +25,8 @@ validates or copies values; engines lock per session (or run a script atomically
 
 from __future__ import annotations
 
-import fnmatch
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +46,17 @@ from dspex_dspy.errors import (
 from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
 from dspex_dspy.limits import StoreLimits, check_value_size
 from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
-from dspex_dspy.store.storage import MemoryStorage, NewVariable, Storage, Write
+from dspex_dspy.store.glob import compile_glob
+from dspex_dspy.store.storage import (
+    MAX_VERSION,
+    MemoryStorage,
+    NewVariable,
+    Storage,
+    Write,
+    constraints_bytes,
+    map_bytes,
+    text_bytes,
+)
 from dspex_dspy.store.watch import Watch
 from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
 
@@ -56,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
+MIN_TIME = -62_135_596_800.0
+MAX_TIME = 253_402_300_799.0
+"""Timestamps a store keeps lie in years 1..9999 (what ``google.protobuf.Timestamp`` can carry)."""
 
 
 def _monotonic() -> float:
@@ -114,7 +127,9 @@ class SessionStore:
             raise ValueError(f"default_ttl must be positive, got {default_ttl}")
         self.default_ttl = float(default_ttl)
         self.limits = limits or StoreLimits()
-        self._storage: Storage = storage if storage is not None else MemoryStorage(monotonic=_monotonic)
+        self._storage: Storage = (
+            storage if storage is not None else MemoryStorage(monotonic=_monotonic, limits=self.limits)
+        )
         self._clock = clock
         self._lock = threading.Lock()  # guards the watcher table (never held while calling storage)
         self._watchers: dict[str, list[Watch]] = {}
@@ -152,6 +167,9 @@ class SessionStore:
                 f"a session id must be a non-empty string of at most {MAX_SESSION_ID_LENGTH} characters",
             )
         meta = normalize_metadata("", metadata)
+        meta_bytes = map_bytes(meta)
+        if meta_bytes > self.limits.max_session_metadata_bytes:
+            raise LimitExceededError("session metadata bytes", meta_bytes, self.limits.max_session_metadata_bytes)
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
         self._check_open()
@@ -250,6 +268,7 @@ class SessionStore:
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
+        self._check_fields(name, description, meta, spec.constraints)
         self._check_open()
         new = NewVariable(
             name, spec.type, normalised, dict(spec.constraints), description or "", meta, 1, 0.0, 0.0, source
@@ -280,8 +299,18 @@ class SessionStore:
             spec = compile_spec(var.name, var.type, var.constraints)
             normalised = spec.validate(var.value)
             self._check_size(var.name, var.type, normalised)
-            if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
-                raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
+            if isinstance(var.version, bool) or not isinstance(var.version, int) or not 1 <= var.version <= MAX_VERSION:
+                raise ValidationError(
+                    var.name, "version", var.version, f"a version must be an integer from 1 to {MAX_VERSION}"
+                )
+            for field_name in ("created_at", "updated_at"):
+                when = getattr(var, field_name)
+                if not isinstance(when, (int, float)) or not math.isfinite(when) or not MIN_TIME <= when <= MAX_TIME:
+                    raise ValidationError(
+                        var.name, field_name, when, f"{field_name} must be a time between years 1 and 9999"
+                    )
+            meta = normalize_metadata(var.name, var.metadata)
+            self._check_fields(var.name, var.description, meta, spec.constraints)
             prepared.append(
                 NewVariable(
                     var.name,
@@ -289,7 +318,7 @@ class SessionStore:
                     normalised,
                     dict(spec.constraints),
                     var.description or "",
-                    normalize_metadata(var.name, var.metadata),
+                    meta,
                     var.version,
                     var.created_at or now,
                     var.updated_at or now,
@@ -371,6 +400,12 @@ class SessionStore:
         force: bool,
     ) -> Variable:
         """One write, admitted by the leases first (the admission and the write are one step)."""
+        if var.version >= MAX_VERSION:
+            raise LimitExceededError(f"{var.name}: version", var.version + 1, MAX_VERSION)
+        if meta:
+            merged = map_bytes({**var.metadata, **meta})
+            if merged > self.limits.max_variable_metadata_bytes:
+                raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
         if not self._lease_view:
             write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
             return self._write(session_id, [write], {var.id: var.name})[0]
@@ -457,14 +492,21 @@ class SessionStore:
             writes = [
                 Write(var.id, value, None, metas.get(ident, meta), source, now, var) for ident, var, value in checked
             ]
-            written = self._write(session_id, writes, names) if writes else []
+            try:
+                written = self._write(session_id, writes, names) if writes else []
+            except (SessionNotFoundError, BridgeUnavailableError):
+                raise
+            except DSPexError as exc:  # e.g. the batch as a whole passes a byte limit: nothing applied
+                return BatchResult({}, {ident: exc for ident, _, _ in checked})
             return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
         versions: dict[str, int] = {}
         for ident, var, value in checked:
             write = Write(var.id, value, None, metas.get(ident, meta), source, now, var)
             try:
                 (w,) = self._write(session_id, [write], names)
-            except (VariableNotFoundError, VersionConflictError) as exc:
+            except (SessionNotFoundError, BridgeUnavailableError):
+                raise
+            except DSPexError as exc:
                 errors[ident] = exc
                 continue
             versions[ident] = w.version
@@ -475,7 +517,8 @@ class SessionStore:
         self._check_open()
         records = self._storage.list_variables(session_id)
         if pattern and pattern != "*":
-            records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
+            matcher = compile_glob(pattern)
+            records = [r for r in records if matcher.match(r.name) is not None]
         return [self._view(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
@@ -785,6 +828,19 @@ class SessionStore:
                 self._watchers[session_id] = alive
             else:
                 del self._watchers[session_id]
+
+    def _check_fields(
+        self, name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]
+    ) -> None:
+        """Refuse a description, metadata or constraints larger than their limits."""
+        limits = self.limits
+        for what, size, maximum in (
+            ("description bytes", text_bytes(description or ""), limits.max_description_bytes),
+            ("metadata bytes", map_bytes(metadata), limits.max_variable_metadata_bytes),
+            ("constraints bytes", constraints_bytes(constraints), limits.max_constraints_bytes),
+        ):
+            if size > maximum:
+                raise LimitExceededError(f"{name}: {what}", size, maximum)
 
     def _check_size(self, name: str, type_: str, value: Any) -> None:
         check_value_size(self.limits, name, type_, value)

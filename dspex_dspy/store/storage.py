@@ -16,6 +16,7 @@ or record, so a remote engine (:mod:`dspex_dspy.store.redis_storage`) can implem
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections import deque
@@ -31,6 +32,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.limits import StoreLimits, value_size
 from dspex_dspy.records import HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.types import Variable
 
@@ -47,6 +49,38 @@ __all__ = [
 
 DEFAULT_CHANGELOG_LIMIT = 10_000
 """Changes a session's change log keeps; a reader further behind is told to resync."""
+
+MAX_VERSION = 2**31 - 1
+"""The highest version a variable can reach: versions travel as ``int32`` on the wire."""
+
+
+def text_bytes(text: str) -> int:
+    """UTF-8 size of ``text`` (its length when that is all ASCII, which is the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def map_bytes(mapping: Mapping[str, str]) -> int:
+    """Bytes of a ``str -> str`` map (keys and values)."""
+    return sum(text_bytes(k) + text_bytes(v) for k, v in mapping.items())
+
+
+def constraints_bytes(constraints: Mapping[str, Any]) -> int:
+    """Bytes of constraints, as their JSON."""
+    if not constraints:
+        return 0
+    return text_bytes(json.dumps(dict(constraints), default=str, separators=(",", ":")))
+
+
+def fixed_bytes(name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]) -> int:
+    """Bytes a variable holds besides its history (the name is kept twice; the id is var_<name>_<n>)."""
+    return (
+        3 * text_bytes(name) + 32 + text_bytes(description or "") + map_bytes(metadata) + constraints_bytes(constraints)
+    )
+
+
+def entry_bytes(type_: str, entry: HistoryEntry) -> int:
+    """Bytes of one remembered write: its value and its metadata."""
+    return value_size(type_, entry.value) + map_bytes(entry.metadata)
 
 
 @dataclass(frozen=True)
@@ -207,7 +241,13 @@ class _Session:
         self.unordered = False
         self.position = 0
         self.ended = False
-        self.log: deque[tuple[int, VariableUpdate]] = deque()
+        self.log: deque[tuple[int, VariableUpdate, int]] = deque()  # (position, update, value bytes)
+        self.log_bytes = 0
+        # Bytes counted against the limits: the session's total, and per variable its fixed part
+        # and its remembered writes.
+        self.bytes_used = 0
+        self.fixed: dict[str, int] = {}
+        self.history_bytes: dict[str, int] = {}
 
 
 def _entry(var: Variable, metadata: Mapping[str, str]) -> HistoryEntry:
@@ -217,18 +257,31 @@ def _entry(var: Variable, metadata: Mapping[str, str]) -> HistoryEntry:
 class MemoryStorage:
     """In-process storage: one lock per session, plain dicts in creation order.
 
+    It also counts the bytes each session holds (metadata, names, descriptions, constraints,
+    values and remembered writes) against the byte limits of ``limits``: a session or the whole
+    storage past its maximum refuses the operation, and history is trimmed to
+    ``max_history_bytes`` per variable.
+
     Args:
         monotonic: the clock TTLs are measured on.
         changelog_limit: changes each session's change log keeps.
+        limits: the byte limits to keep (defaults of :class:`~dspex_dspy.limits.StoreLimits`).
     """
 
     shared = False
 
     def __init__(
-        self, *, monotonic: Callable[[], float] = time.monotonic, changelog_limit: int = DEFAULT_CHANGELOG_LIMIT
+        self,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        changelog_limit: int = DEFAULT_CHANGELOG_LIMIT,
+        limits: StoreLimits | None = None,
     ) -> None:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be at least 1, got {changelog_limit}")
+        self._limits = limits or StoreLimits()
+        self._bytes_total = 0
+        self._bytes_lock = threading.Lock()
         self._monotonic = monotonic
         self._changelog_limit = changelog_limit
         self._sessions: dict[str, _Session] = {}
@@ -244,11 +297,29 @@ class MemoryStorage:
     def _expired(self, session: _Session) -> bool:
         return self._monotonic() - session.last_access > session.ttl
 
+    def _reserve(self, session: _Session, delta: int) -> None:
+        """Count ``delta`` bytes for a session, refusing to pass its or the storage's limit."""
+        with self._bytes_lock:
+            if delta > 0:
+                if session.bytes_used + delta > self._limits.max_session_bytes:
+                    raise LimitExceededError(
+                        "bytes held by the session", session.bytes_used + delta, self._limits.max_session_bytes
+                    )
+                if self._bytes_total + delta > self._limits.max_total_bytes:
+                    raise LimitExceededError(
+                        "bytes held by the store", self._bytes_total + delta, self._limits.max_total_bytes
+                    )
+            session.bytes_used += delta
+            self._bytes_total += delta
+
     def _end(self, session: _Session) -> None:
         """Forget a session (table lock held) and tell the listeners."""
         if self._sessions.get(session.id) is session:
             del self._sessions[session.id]
         with session.lock:
+            if not session.ended:
+                with self._bytes_lock:
+                    self._bytes_total -= session.bytes_used
             session.ended = True
             session.changed.notify_all()
         for listener in self._listeners:
@@ -286,6 +357,7 @@ class MemoryStorage:
             if len(self._sessions) >= max_sessions:
                 raise LimitExceededError("sessions", len(self._sessions) + 1, max_sessions)
             session = _Session(session_id, dict(metadata), ttl, created_at, self._monotonic())
+            self._reserve(session, text_bytes(session_id) + map_bytes(metadata))
             self._sessions[session_id] = session
             return self._info(session)
 
@@ -353,9 +425,14 @@ class MemoryStorage:
         """Append to the change log and tell the listeners (session lock held)."""
         for update in updates:
             session.position += 1
-            session.log.append((session.position, update))
-        while len(session.log) > self._changelog_limit:
-            session.log.popleft()
+            size = value_size(update.variable.type, update.variable.value) if update.variable is not None else 0
+            session.log.append((session.position, update, size))
+            session.log_bytes += size
+        # Bounded in entries and in the bytes of the values they hold; a reader behind is told to resync.
+        while session.log and (
+            len(session.log) > self._changelog_limit or session.log_bytes > self._limits.max_history_bytes
+        ):
+            session.log_bytes -= session.log.popleft()[2]
         session.changed.notify_all()
         for listener in self._listeners:
             listener.changed(session.id, updates)
@@ -371,9 +448,17 @@ class MemoryStorage:
             total = len(session.variables) + len(variables)
             if total > max_variables:
                 raise LimitExceededError("variables per session", total, max_variables)
+            sizes = [
+                (
+                    fixed_bytes(new.name, new.description, new.metadata, new.constraints),
+                    value_size(new.type, new.value) + map_bytes(new.metadata),
+                )
+                for new in variables
+            ]
+            self._reserve(session, sum(f + h for f, h in sizes))
             out: list[Variable] = []
             updates: list[VariableUpdate] = []
-            for new in variables:
+            for new, (fixed, first_entry) in zip(variables, sizes, strict=True):
                 last = next(reversed(session.variables.values()), None)
                 created = new.created_at
                 if not created:
@@ -396,6 +481,8 @@ class MemoryStorage:
                 session.variables[var.id] = var
                 session.names[var.name] = var.id
                 session.histories[var.id] = deque([_entry(var, var.metadata)], maxlen=history_limit)
+                session.fixed[var.id] = fixed
+                session.history_bytes[var.id] = first_entry
                 out.append(var)
                 updates.append(
                     VariableUpdate(var.id, var, UpdateType.VALUE_CHANGE, var.source, dict(var.metadata), now)
@@ -407,6 +494,11 @@ class MemoryStorage:
         session = self._live(session_id)
         with session.lock:
             versions: dict[str, int] = {}
+            metas: dict[str, Mapping[str, str]] = {}
+            histories: dict[str, list[HistoryEntry]] = {}
+            plans: list[tuple[int, int, int]] = []  # per write: (fixed bytes after, history bytes after, drop)
+            fixed_now = dict(session.fixed)
+            history_now = dict(session.history_bytes)
             for write in writes:
                 var = session.variables.get(write.variable_id)
                 if var is None:
@@ -414,7 +506,36 @@ class MemoryStorage:
                 current = versions.get(var.id, var.version)
                 if write.expected_version and write.expected_version != current:
                     raise VersionConflictError(var.name, write.expected_version, current)
+                if current >= MAX_VERSION:
+                    raise LimitExceededError(f"{var.name}: version", current + 1, MAX_VERSION)
                 versions[var.id] = current + 1
+                meta = metas.get(var.id, var.metadata)
+                if write.metadata:
+                    merged = {**meta, **write.metadata}
+                    merged_bytes = map_bytes(merged)
+                    if merged_bytes > self._limits.max_variable_metadata_bytes:
+                        raise LimitExceededError(
+                            f"{var.name}: metadata bytes", merged_bytes, self._limits.max_variable_metadata_bytes
+                        )
+                    fixed_now[var.id] += merged_bytes - map_bytes(meta)
+                    meta = merged
+                metas[var.id] = meta
+                history = histories.setdefault(var.id, list(session.histories[var.id]))
+                history.append(
+                    HistoryEntry(current + 1, write.value, write.timestamp, write.source, dict(write.metadata))
+                )
+                kept = history_now[var.id] + entry_bytes(var.type, history[-1])
+                drop = 0
+                while len(history) - drop > 1 and (
+                    len(history) - drop > history_limit or kept > self._limits.max_history_bytes
+                ):
+                    kept -= entry_bytes(var.type, history[drop])
+                    drop += 1
+                del history[:drop]
+                history_now[var.id] = kept
+                plans.append((fixed_now[var.id], kept, drop))
+            delta = sum(fixed_now[i] - session.fixed[i] + history_now[i] - session.history_bytes[i] for i in metas)
+            self._reserve(session, delta)
             out: list[Variable] = []
             updates: list[VariableUpdate] = []
             for write in writes:
@@ -428,16 +549,16 @@ class MemoryStorage:
                     metadata={**old.metadata, **write.metadata} if write.metadata else old.metadata,
                 )
                 session.variables[var.id] = var
-                history = session.histories[var.id]
-                if history.maxlen != history_limit:
-                    history = session.histories[var.id] = deque(history, maxlen=history_limit)
-                history.append(_entry(var, write.metadata))
                 out.append(var)
                 updates.append(
                     VariableUpdate(
                         var.id, var, UpdateType.VALUE_CHANGE, write.source, dict(write.metadata), write.timestamp
                     )
                 )
+            for var_id, history in histories.items():
+                session.histories[var_id] = deque(history, maxlen=history_limit)
+                session.fixed[var_id] = fixed_now[var_id]
+                session.history_bytes[var_id] = history_now[var_id]
             self._publish(session, updates)
             return out
 
@@ -451,6 +572,8 @@ class MemoryStorage:
                 raise VariableNotFoundError(variable_id, session_id)
             del session.names[var.name]
             del session.histories[var.id]
+            freed = session.fixed.pop(var.id, 0) + session.history_bytes.pop(var.id, 0)
+            self._reserve(session, -freed)
             self._publish(session, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])
             return var
 
@@ -482,7 +605,7 @@ class MemoryStorage:
             oldest = session.log[0][0] if session.log else session.position + 1
             if after + 1 < oldest:
                 return ChangeBatch(session.position, resync=True)
-            updates = tuple(update for pos, update in session.log if pos > after)
+            updates = tuple(update for pos, update, _ in session.log if pos > after)
             return ChangeBatch(session.position, updates)
 
     def close(self) -> None:
