@@ -58,7 +58,15 @@ from dspex_dspy.store.storage import (
     text_bytes,
 )
 from dspex_dspy.store.watch import Watch
-from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import (
+    OptimizationStatus,
+    Variable,
+    VariableSpec,
+    compile_spec,
+    is_secret,
+    normalize_metadata,
+    validate_name,
+)
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -264,7 +272,7 @@ class SessionStore:
     ) -> Variable:
         """Define a variable. Raises :class:`VariableExistsError` for a duplicate name."""
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
@@ -296,7 +304,7 @@ class SessionStore:
             if var.name in seen:
                 raise VariableExistsError(var.name, session_id)
             seen.add(var.name)
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             normalised = spec.validate(var.value)
             self._check_size(var.name, var.type, normalised)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or not 1 <= var.version <= MAX_VERSION:
@@ -743,7 +751,10 @@ class SessionStore:
 
     def _follow(self, session_id: str, position: int) -> None:
         """Follow a session's change log for this node's watchers (shared engines), until none is left."""
-        first = self._storage.get_session(session_id, touch=False)
+        try:
+            first = self._storage.get_session(session_id, touch=False)
+        except DSPexError:
+            first = None  # the engine is unreachable (or closing): the loop below retries or ends
         incarnation = first.created_at if first is not None else None
         while True:
             with self._lock:
@@ -763,6 +774,8 @@ class SessionStore:
                     updates = batch.updates
                     if not updates:
                         info = self._storage.get_session(session_id, touch=False)
+                        if info is not None and incarnation is None:
+                            incarnation = info.created_at
                         if info is None or info.created_at != incarnation:
                             raise SessionNotFoundError(session_id)  # gone, or deleted and made anew
                 position = batch.position
@@ -801,7 +814,7 @@ class SessionStore:
         key = (session_id, var.id, var.created_at)
         spec = self._specs.get(key)
         if spec is None or spec.name != var.name:
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             if len(self._specs) >= 100_000:
                 self._specs.clear()
             self._specs[key] = spec
