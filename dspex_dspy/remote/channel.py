@@ -67,8 +67,10 @@ def _split_address(part: str, whole: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def channel_args(address: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
-    """The gRPC target and channel options for a bridge address.
+def channel_args(
+    address: str, options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS
+) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """The gRPC target and channel options (``options`` plus what several nodes need) for an address.
 
     ``address`` is ``"host:port"``, or several bridge nodes ``"h1:p1,h2:p2"``: the channel then
     connects to the first node that answers and, when that node becomes unavailable, moves on to
@@ -90,7 +92,7 @@ def channel_args(address: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
         raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
     parts = [p for p in address.split(",") if p.strip()]
     if len(parts) == 1:
-        return parts[0].strip(), CHANNEL_OPTIONS
+        return parts[0].strip(), options
     v4: list[str] = []
     v6: list[str] = []
     for part in parts:
@@ -112,14 +114,14 @@ def channel_args(address: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     if balance not in ("failover", "round_robin"):
         raise BridgeUnavailableError(f"{BALANCE_ENV} must be 'failover' or 'round_robin', got {balance!r}")
     policy = "pick_first" if balance == "failover" else "round_robin"
-    options = (*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", _service_config(policy)))
-    return target, options
+    return target, (*options, ("grpc.enable_retries", 1), ("grpc.service_config", _service_config(policy)))
 
 
 def open_channel(
     address: str,
     *,
     timeout: float = 5.0,
+    options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS,
     root_certificates: Pem | None = None,
     token: str | None = None,
     certificate_chain: Pem | None = None,
@@ -132,14 +134,15 @@ def open_channel(
     :func:`~dspex_dspy.tls.resolve_security`.
 
     ``address`` may name several bridge nodes, ``"h1:p1,h2:p2"`` (see :func:`channel_args`).
+    ``options`` are the channel's options (the worker clients add keepalive and message sizes).
 
     Raises:
         BridgeUnavailableError: the address is malformed or nothing answered in time (the message
             carries gRPC's last connection error, e.g. a failed TLS handshake).
     """
-    target, options = channel_args(address)
+    target, channel_options = channel_args(address, options)
     security = resolve_security(root_certificates, token, certificate_chain=certificate_chain, private_key=private_key)
-    transport, channel = secure_channel(target, security, options)
+    transport, channel = secure_channel(target, security, channel_options)
     try:
         grpc.channel_ready_future(transport).result(timeout=timeout)
     except grpc.FutureTimeoutError:

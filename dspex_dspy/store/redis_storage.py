@@ -530,7 +530,12 @@ class RedisStorage:
             out.append(var)
             updates.append(
                 VariableUpdate(
-                    var.id, var, UpdateType.VALUE_CHANGE, write.source, dict(write.metadata), write.timestamp
+                    var.id,
+                    var,
+                    UpdateType.VALUE_CHANGE,
+                    write.source,
+                    {**write.metadata, **write.announce},
+                    write.timestamp,
                 )
             )
         self._changed(session_id, updates)

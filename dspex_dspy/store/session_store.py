@@ -29,6 +29,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -59,6 +60,7 @@ from dspex_dspy.store.storage import (
 )
 from dspex_dspy.store.watch import Watch
 from dspex_dspy.types import (
+    BATCH_METADATA_KEY,
     OptimizationStatus,
     Variable,
     VariableSpec,
@@ -497,8 +499,11 @@ class SessionStore:
         now = self._clock()
         names = {var.id: var.name for _, var, _ in checked}
         if atomic:
+            # Watchers learn which updates are one batch, so a worker's cache applies them together.
+            announce = {BATCH_METADATA_KEY: f"{uuid.uuid4().hex[:16]}/{len(checked)}"} if len(checked) > 1 else {}
             writes = [
-                Write(var.id, value, None, metas.get(ident, meta), source, now, var) for ident, var, value in checked
+                Write(var.id, value, None, metas.get(ident, meta), source, now, var, announce)
+                for ident, var, value in checked
             ]
             try:
                 written = self._write(session_id, writes, names) if writes else []

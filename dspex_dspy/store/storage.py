@@ -116,6 +116,8 @@ class Write:
         timestamp: wall-clock seconds of the write.
         variable: the variable as the store read it before the write, if it did (an engine may
             use its definition rather than read it again; the version check stays the engine's).
+        announce: metadata told to watchers with the update but not stored (an atomic batch's
+            marker, so a worker's cache applies the batch together).
     """
 
     variable_id: str
@@ -125,6 +127,7 @@ class Write:
     source: str = "orchestrator"
     timestamp: float = 0.0
     variable: Variable | None = None
+    announce: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -552,7 +555,12 @@ class MemoryStorage:
                 out.append(var)
                 updates.append(
                     VariableUpdate(
-                        var.id, var, UpdateType.VALUE_CHANGE, write.source, dict(write.metadata), write.timestamp
+                        var.id,
+                        var,
+                        UpdateType.VALUE_CHANGE,
+                        write.source,
+                        {**write.metadata, **write.announce},
+                        write.timestamp,
                     )
                 )
             for var_id, history in histories.items():

@@ -39,7 +39,12 @@ class Watch:
         return self.variable_ids is None or variable_id in self.variable_ids
 
     def offer(self, update: VariableUpdate) -> None:
-        """Queue an update, replacing a pending one of the same variable (called by the store)."""
+        """Queue an update, replacing a pending one of the same variable (called by the store).
+
+        A replacing update takes the place of the newest write, not of the one it replaces, so
+        the queue stays in the order of the writes it holds: the updates of one atomic batch stay
+        together, after every write that came before them.
+        """
         with self._cond:
             if self._closed:
                 return
@@ -50,7 +55,7 @@ class Watch:
                 if last is not None and (version < last[0] or (version == last[0] and (last[1] or not deleted))):
                     return
                 self._offered[update.variable_id] = (version, deleted)
-            if update.variable_id in self._pending:
+            if self._pending.pop(update.variable_id, None) is not None:
                 self.coalesced += 1
             self._pending[update.variable_id] = update
             self._cond.notify()

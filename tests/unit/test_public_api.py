@@ -82,7 +82,7 @@ ALLOWED = {
         "_proto",
     },
     "remote": {"errors", "types", "records", "leases", "wire", "wire_errors", "remote", "tls", "_proto"},
-    "client": {"errors", "types", "records", "leases", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "client": {"errors", "types", "records", "leases", "wire", "wire_errors", "remote", "tls", "_proto", "client"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
     "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
     "cli": {"errors", "types", "records", "store", "server", "wire", "wire_errors", "auth", "tls", "tokens", "_proto"},
