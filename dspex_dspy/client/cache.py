@@ -18,7 +18,7 @@ from typing import Any, Final
 from dspex_dspy.client.events import WatchEvent, WatchTracker
 from dspex_dspy.client.policy import Silence, watch_is_over
 from dspex_dspy.errors import DSPexError, ValidationError
-from dspex_dspy.store import UpdateType, VariableUpdate
+from dspex_dspy.records import UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, VariableSpec, compile_spec
 
 __all__ = ["WORKER", "Batch", "CacheState", "Subscription", "VariableCache"]

@@ -26,8 +26,8 @@ from dspex_dspy.client.cache import Subscription, VariableCache
 from dspex_dspy.client.events import StreamOrder, WatchEvent, WatchTracker
 from dspex_dspy.client.policy import Reconnect, unlisted, watch_error
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, VariableNotFoundError
+from dspex_dspy.records import UpdateType, VariableUpdate
 from dspex_dspy.remote import BridgeCall, BridgeCalls
-from dspex_dspy.store import UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, batch_marker
 from dspex_dspy.wire import proto_to_update
 

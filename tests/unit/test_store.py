@@ -24,6 +24,7 @@ from dspex_dspy.errors import (
 )
 from dspex_dspy.store import SessionStore, StoreLimits, UpdateType, VariableUpdate, Watch
 from dspex_dspy.store import session_store as session_store_module
+from dspex_dspy.store.redis_storage import RedisStorage
 from dspex_dspy.types import Variable
 
 pytestmark = pytest.mark.unit
@@ -57,11 +58,23 @@ class FakeClock:
         self.now += seconds
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # The store's contract runs on every storage engine; tests that fake the clock run in memory
+    # (Redis measures TTLs on its own clock: its expiry is tested against a real short TTL).
+    if "storage_kind" in metafunc.fixturenames:
+        kinds = ["memory"] if "clock" in metafunc.fixturenames else ["memory", "redis"]
+        metafunc.parametrize("storage_kind", kinds)
+
+
 @pytest.fixture
-def store() -> Iterator[SessionStore]:
-    s = SessionStore()
+def store(storage_kind: str, request: pytest.FixtureRequest) -> Iterator[SessionStore]:
+    if storage_kind == "redis":
+        s = SessionStore(storage=RedisStorage(request.getfixturevalue("redis_url")))
+    else:
+        s = SessionStore()
     yield s
     s.close()
+    s.storage.close()
 
 
 @pytest.fixture
