@@ -71,7 +71,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -86,6 +86,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
+from dspex_dspy.ops import AsyncCallbackWatch, CallbackWatch, WatchEvent, acas_update, cas_update
 from dspex_dspy.remote import (
     CHANNEL_OPTIONS,
     DEFAULT_CALL_TIMEOUT,
@@ -95,7 +96,7 @@ from dspex_dspy.remote import (
     open_channel,
     registered_variable,
 )
-from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
+from dspex_dspy.store import BatchResult, HistoryEntry, UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
@@ -127,31 +128,6 @@ _T = TypeVar("_T")
 # --------------------------------------------------------------------------------------------
 # Records and pure helpers
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WatchEvent:
-    """One change of one variable, as :meth:`SessionContext.watch_variables` yields it.
-
-    Attributes:
-        name: the variable's name.
-        value: its value after the change (for ``deleted``: its last value).
-        version: its version after the change (for ``deleted``: its last version).
-        update_type: ``initial_value``, ``value_change`` or ``deleted``.
-        source: who made the change (``orchestrator`` / ``worker``).
-        timestamp: wall-clock seconds since the epoch.
-        variable_id: the variable's id on the server.
-        metadata: the metadata given with the write.
-    """
-
-    name: str
-    value: Any
-    version: int
-    update_type: str
-    source: str
-    timestamp: float
-    variable_id: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 def _detached(value: Any) -> Any:
@@ -694,7 +670,6 @@ class _VariableCache:
                         version=version,
                         updated_at=time.time(),
                         source=WORKER,
-                        metadata={**entry.metadata, **metadata},
                     )
                     self._provisional.add(name)
                     self._floors.pop(name, None)
@@ -1243,7 +1218,8 @@ class SessionContext(_ClientCore):
         Args:
             name: the variable's name (or id).
             value: the new value (checked by the server against the type and constraints).
-            metadata: ``str -> str`` merged into the variable's metadata.
+            metadata: ``str -> str`` describing this write: kept in its history entry and sent
+                to watchers; it does not change the variable's own metadata.
             expected_version: a non-zero version makes the write a compare-and-swap.
 
         Raises:
@@ -1262,10 +1238,21 @@ class SessionContext(_ClientCore):
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
     ) -> int:
-        """Alias of :meth:`set_variable` (the snakepit name)."""
+        """Deprecated alias of :meth:`set_variable` (it *sets*; :meth:`update` is read-modify-write).
+
+        Kept for one release; it warns with a :class:`DeprecationWarning`.
+        """
+        _deprecated("update_variable", "set_variable")
         return self.set_variable(name, value, metadata=metadata, expected_version=expected_version)
 
     def update_variables(
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, int]:
+        """Deprecated alias of :meth:`set_variables` (kept for one release; it warns)."""
+        _deprecated("update_variables", "set_variables")
+        return self.set_variables(updates, atomic=atomic, metadata=metadata)
+
+    def set_variables(
         self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Mapping[str, Any] | None = None
     ) -> dict[str, int]:
         """Write several variables; return ``{name: new version}``.
@@ -1273,7 +1260,7 @@ class SessionContext(_ClientCore):
         Args:
             updates: name -> new value.
             atomic: all or nothing (default); False applies every write that is valid.
-            metadata: merged into each written variable's metadata.
+            metadata: the metadata of these writes (kept in each history entry, not on the variables).
 
         Raises:
             BatchUpdateError: some writes were rejected; ``.errors`` maps each to its error and
@@ -1314,6 +1301,75 @@ class SessionContext(_ClientCore):
             ...         print(event.name, event.value, event.version)
         """
         return VariableWatch(self, list(names or ()), include_initial)
+
+    # ------------------------------------------------------------------ history, rollback, update, watch
+
+    def history(self, name: str, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, newest first (``limit`` > 0 keeps that many).
+
+        Each entry has the version, value, timestamp, writer and the metadata of that write.
+        """
+        return self._call(BridgeCalls.get_history(self.session_id, name, limit))
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value the variable had at a remembered ``version`` as a new version; return it.
+
+        Raises:
+            ValidationError: ``version`` is not in the remembered history (nothing changes).
+        """
+        var = self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
+        return self._written(name, var.version, var.value, None)
+
+    def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200) -> int:
+        """Atomically replace the value with ``fn(value)``; return the new version.
+
+        A compare-and-swap loop with jittered backoff: concurrent writers (in any process) never
+        lose an update. ``fn`` may run more than once, so it must have no side effects.
+
+        Raises:
+            VersionConflictError: ``max_attempts`` attempts all lost the race.
+        """
+
+        def read(attempt: int) -> tuple[Any, int]:
+            if attempt == 0:
+                return self.get_versioned(name)
+            var = self._call(BridgeCalls.get_variable(self.session_id, name))
+            return _detached(var.value), var.version
+
+        return cas_update(
+            name,
+            read,
+            lambda value, version: self.set_variable(name, value, expected_version=version),
+            fn,
+            max_attempts=max_attempts,
+        )
+
+    def watch(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        callback: Callable[[WatchEvent], Any] | None = None,
+        include_initial: bool = True,
+    ) -> VariableWatch | CallbackWatch:
+        """Watch some variables (None: all): an iterator, or with ``callback`` a running thread.
+
+        Watches coalesce (a slow reader gets the latest value of each variable, not every write);
+        the change log is :meth:`history`. See :meth:`watch_variables`.
+        """
+        events = self.watch_variables(names, include_initial)
+        if callback is None:
+            return events
+        return CallbackWatch(events, callback, name=f"dspex-watch-{self.session_id[:24]}")
+
+
+def _deprecated(old: str, new: str) -> None:
+    import warnings
+
+    warnings.warn(
+        f"{old}() is deprecated and will be removed in the next release; use {new}()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def _reconnect(address: str, session_id: str, options: dict[str, Any]) -> SessionContext:
@@ -1833,10 +1889,18 @@ class AsyncSessionContext(_ClientCore):
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
     ) -> int:
-        """Alias of :meth:`set_variable` (the snakepit name)."""
+        """Deprecated alias of :meth:`set_variable` (it *sets*; :meth:`update` is read-modify-write)."""
+        _deprecated("update_variable", "set_variable")
         return await self.set_variable(name, value, metadata=metadata, expected_version=expected_version)
 
     async def update_variables(
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, int]:
+        """Deprecated alias of :meth:`set_variables` (kept for one release; it warns)."""
+        _deprecated("update_variables", "set_variables")
+        return await self.set_variables(updates, atomic=atomic, metadata=metadata)
+
+    async def set_variables(
         self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Mapping[str, Any] | None = None
     ) -> dict[str, int]:
         """Write several variables; ``{name: new version}`` or :class:`BatchUpdateError`."""
@@ -1856,6 +1920,48 @@ class AsyncSessionContext(_ClientCore):
             ...     print(event.value)
         """
         return AsyncVariableWatch(self, list(names or ()), include_initial)
+
+    # ------------------------------------------------------------------ history, rollback, update, watch
+
+    async def history(self, name: str, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, newest first (see :meth:`SessionContext.history`)."""
+        return await self._call(BridgeCalls.get_history(self.session_id, name, limit))
+
+    async def rollback(self, name: str, version: int) -> int:
+        """Write a remembered version's value as a new version (see :meth:`SessionContext.rollback`)."""
+        var = await self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
+        return self._written(name, var.version, var.value, None)
+
+    async def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200) -> int:
+        """Atomically replace the value with ``fn(value)`` (see :meth:`SessionContext.update`)."""
+
+        async def read(attempt: int) -> tuple[Any, int]:
+            if attempt == 0:
+                return await self.get_versioned(name)
+            var = await self._call(BridgeCalls.get_variable(self.session_id, name))
+            return _detached(var.value), var.version
+
+        async def write(value: Any, version: int) -> int:
+            return await self.set_variable(name, value, expected_version=version)
+
+        return await acas_update(name, read, write, fn, max_attempts=max_attempts)
+
+    def watch(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        callback: Callable[[WatchEvent], Any] | None = None,
+        include_initial: bool = True,
+    ) -> AsyncVariableWatch | AsyncCallbackWatch:
+        """An async iterator over changes, or with ``callback`` (plain or async) a running task.
+
+        The callback form must be called inside the running event loop. Watches coalesce; the
+        change log is :meth:`history`.
+        """
+        events = self.watch_variables(names, include_initial)
+        if callback is None:
+            return events
+        return AsyncCallbackWatch(events, callback)
 
 
 def _reconnect_async(address: str, session_id: str, options: dict[str, Any]) -> AsyncSessionContext:

@@ -39,8 +39,9 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableNotFoundError,
 )
-from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo, UpdateType, Watch
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,
@@ -49,7 +50,15 @@ from dspex_dspy.types import (
     normalize_metadata,
     validate_name,
 )
-from dspex_dspy.wire import any_to_value, error_from_rpc, from_timestamp, proto_to_variable, timestamp, value_to_any
+from dspex_dspy.wire import (
+    any_to_value,
+    error_from_rpc,
+    from_timestamp,
+    proto_to_update,
+    proto_to_variable,
+    timestamp,
+    value_to_any,
+)
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -840,7 +849,6 @@ class RemoteStore:
             version=version,
             updated_at=time.time(),
             source=source,
-            metadata={**known.metadata, **normalize_metadata(identifier, metadata)},
         )
         return self._learn(session_id, written)
 
@@ -882,6 +890,55 @@ class RemoteStore:
         """Write the value the variable had at ``target_version`` as a new version."""
         call = BridgeCalls.rollback_variable(session_id, identifier, target_version, source=source)
         return self._learn(session_id, self.call(call))
+
+    def watch(
+        self, session_id: str, identifiers: Iterable[str] | None = None, *, include_initial: bool = True
+    ) -> Watch:
+        """Open a ``WatchVariables`` stream; its updates fill a coalescing :class:`Watch`.
+
+        Like :meth:`SessionStore.watch`: an unknown variable raises
+        :class:`~dspex_dspy.errors.VariableNotFoundError` at once. A reader thread feeds the watch
+        until it is closed or the stream ends; then the watch closes and its ``error`` attribute
+        holds the error that ended the stream, if any (heartbeats are not passed on).
+        """
+        idents = list(identifiers or ())
+        if idents:
+            _, missing = self.get_variables(session_id, idents)
+            if missing:
+                raise VariableNotFoundError(", ".join(missing), session_id)
+        request = pb.WatchVariablesRequest(
+            session_id=session_id, variable_identifiers=idents, include_initial_values=include_initial
+        )
+        stream = self.stub.WatchVariables(request, metadata=(("source", "orchestrator"),))
+        return _RemoteWatch(session_id, stream)
+
+
+class _RemoteWatch(Watch):
+    """A :class:`Watch` fed by a ``WatchVariables`` stream in a daemon thread."""
+
+    def __init__(self, session_id: str, stream: Any) -> None:
+        super().__init__(session_id, None)
+        self.error: DSPexError | None = None
+        self._stream = stream
+        self._reader = threading.Thread(target=self._read, name=f"dspex-watch-{session_id[:24]}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._stream:
+                update = proto_to_update(message)
+                if update.update_type != UpdateType.HEARTBEAT:
+                    self.offer(update)
+        except grpc.RpcError as err:
+            if not self.closed and err.code() != grpc.StatusCode.CANCELLED:
+                self.error = error_from_rpc(err, session_id=self.session_id)
+        finally:
+            super().close()
+
+    def close(self) -> None:
+        """Cancel the stream and end the watch. Idempotent."""
+        super().close()
+        self._stream.cancel()
 
 
 def open_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:

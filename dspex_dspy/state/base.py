@@ -11,6 +11,8 @@ import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from dspex_dspy.store.storage import HistoryEntry
+from dspex_dspy.store.watch import Watch
 from dspex_dspy.types import Variable
 
 __all__ = ["StateProvider"]
@@ -88,6 +90,18 @@ class StateProvider(Protocol):
 
     def exists(self, name: str) -> bool:
         """Whether a variable of that name exists."""
+        ...
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        """The variable's remembered writes, newest first (``limit`` > 0 keeps that many)."""
+        ...
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value of a remembered ``version`` as a new version; return it."""
+        ...
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        """Register a coalescing watcher of some variables (None: all); close it when done."""
         ...
 
     def export_state(self) -> builtins.list[Variable]:

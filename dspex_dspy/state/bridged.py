@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
-from dspex_dspy.store import BatchResult
+from dspex_dspy.store import BatchResult, HistoryEntry, Watch
 from dspex_dspy.types import Variable
 
 __all__ = ["BridgedState", "SessionAccess"]
@@ -65,6 +65,16 @@ class SessionAccess(Protocol):
     def list_variables(self, session_id: str, pattern: str | None = ...) -> builtins.list[Variable]: ...
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = ...) -> None: ...
+
+    def get_history(self, session_id: str, identifier: str, limit: int = ...) -> builtins.list[HistoryEntry]: ...
+
+    def rollback_variable(
+        self, session_id: str, identifier: str, target_version: int, *, source: str = ...
+    ) -> Variable: ...
+
+    def watch(
+        self, session_id: str, identifiers: Iterable[str] | None = ..., *, include_initial: bool = ...
+    ) -> Watch: ...
 
 
 class BridgedState:
@@ -149,6 +159,15 @@ class BridgedState:
     def exists(self, name: str) -> bool:
         found, _ = self.store.get_variables(self.session_id, [name])
         return bool(found)
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        return self.store.get_history(self.session_id, name, limit)
+
+    def rollback(self, name: str, version: int) -> int:
+        return self.store.rollback_variable(self.session_id, name, version).version
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        return self.store.watch(self.session_id, list(names or ()), include_initial=include_initial)
 
     def export_state(self) -> builtins.list[Variable]:
         return self.list()

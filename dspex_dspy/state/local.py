@@ -1,8 +1,10 @@
 """LocalState: the in-process backend a Context starts on.
 
 A dict of small records behind one lock. Reads take the lock, look the record up and return the
-value; writes validate through the variable's compiled spec. No I/O, no history, no watchers:
-that is what makes it sub-microsecond.
+value; writes validate through the variable's compiled spec. No I/O: that is what makes it
+sub-microsecond. Like a bridge session it keeps a bounded history of each variable's writes (so
+``rollback`` works), and it tells watchers about changes; with no watcher registered a write pays
+one attribute check for that.
 
 When the context switches to a bridge, the migration holds this state's lock while it exports
 and imports, then *retires* the state: its records are dropped and every later call — from a
@@ -16,6 +18,7 @@ import builtins
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,17 +32,23 @@ from dspex_dspy.errors import (
     VersionConflictError,
 )
 from dspex_dspy.state.base import StateProvider
+from dspex_dspy.store.storage import HistoryEntry
+from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
 
 __all__ = ["LocalState"]
 
 _MUTABLE_TYPES = frozenset({"embedding", "tensor"})
+#: Writes remembered per variable, as a bridge session does by default.
+DEFAULT_HISTORY_LIMIT = 100
+_ORCHESTRATOR = "orchestrator"
 
 
 class _Record:
     __slots__ = (
         "created_at",
         "description",
+        "history",
         "id",
         "metadata",
         "mutable",
@@ -61,6 +70,7 @@ class _Record:
         created_at: float,
         updated_at: float,
         source: str,
+        history_limit: int,
     ) -> None:
         self.id = id_
         self.spec = spec
@@ -72,9 +82,15 @@ class _Record:
         self.updated_at = updated_at
         self.source = source
         self.mutable = spec.type in _MUTABLE_TYPES
+        # (version, value, timestamp, metadata of that write); HistoryEntry records are built on read.
+        self.history: deque[tuple[int, Any, float, dict[str, str] | None]] = deque(
+            [(version, value, updated_at, dict(metadata))], maxlen=history_limit
+        )
 
 
 def _copy_value(value: Any) -> Any:
+    if not isinstance(value, (list, dict)):
+        return value
     if isinstance(value, list):
         return list(value)
     return {"shape": list(value["shape"]), "data": list(value["data"])}
@@ -85,6 +101,7 @@ class LocalState:
 
     Args:
         owner: the owning context's id (used in error messages only).
+        history_limit: writes remembered per variable (older ones are dropped).
 
     Example:
         >>> state = LocalState()
@@ -98,8 +115,12 @@ class LocalState:
     kind = "local"
     requires_bridge = False
 
-    def __init__(self, owner: str | None = None) -> None:
+    def __init__(self, owner: str | None = None, *, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+        if history_limit < 1:
+            raise ValueError(f"history_limit must be at least 1, got {history_limit}")
         self.owner = owner
+        self.history_limit = history_limit
+        self._watchers: list[Watch] = []
         self._lock = threading.Lock()
         self._vars: dict[str, _Record] = {}
         self._ids = itertools.count(1)
@@ -109,7 +130,7 @@ class LocalState:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset({"cas", "atomic_batch", "in_process"})
+        return frozenset({"cas", "atomic_batch", "in_process", "history", "rollback", "watch"})
 
     # ---------------------------------------------------------------- reads
 
@@ -209,11 +230,15 @@ class LocalState:
                     1,
                     now,
                     now,
-                    "orchestrator",
+                    _ORCHESTRATOR,
+                    self.history_limit,
                 )
                 self._vars[name] = rec
                 self._by_id[rec.id] = name
-                return self._snapshot(name, rec)
+                snapshot = self._snapshot(name, rec)
+                if self._watchers:
+                    self._notify(snapshot, UpdateType.VALUE_CHANGE, None, now)
+                return snapshot
         return forward.register(name, type_, value, constraints=constraints, description=description, metadata=metadata)
 
     def set(
@@ -233,9 +258,10 @@ class LocalState:
                     raise VersionConflictError(name, expected_version, rec.version)
                 rec.value = normalised
                 rec.version += 1
-                rec.updated_at = time.time()
-                if meta:
-                    rec.metadata = {**rec.metadata, **meta}
+                now = rec.updated_at = time.time()
+                rec.history.append((rec.version, normalised, now, meta))
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.VALUE_CHANGE, meta, now)
                 return rec.version
         target, key = self._miss(name)
         return target.set(key, value, metadata=metadata, expected_version=expected_version)
@@ -263,7 +289,10 @@ class LocalState:
                     rec.value = normalised
                     rec.version += 1
                     rec.updated_at = now
+                    rec.history.append((rec.version, normalised, now, None))
                     versions[name] = rec.version
+                    if self._watchers:
+                        self._notify(self._snapshot(self._by_id[rec.id], rec), UpdateType.VALUE_CHANGE, None, now)
                 if errors:
                     raise BatchUpdateError(errors, versions)
                 return versions
@@ -274,6 +303,8 @@ class LocalState:
             rec = self._vars.pop(name, None)
             if rec is not None:
                 del self._by_id[rec.id]
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.DELETED, None, time.time())
                 return
         target, key = self._miss(name)
         target.delete(key)
@@ -302,6 +333,7 @@ class LocalState:
                         var.created_at,
                         var.updated_at,
                         var.source,
+                        self.history_limit,
                     )
                     self._by_id[rec.id] = var.name
                     self._last_created = max(self._last_created, var.created_at)
@@ -312,6 +344,107 @@ class LocalState:
         with self._lock:
             self._vars.clear()
             self._by_id.clear()
+            self._close_watchers()
+
+    # ---------------------------------------------------------------- history, rollback, watch
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
+        with self._lock:
+            rec = self._vars.get(name)
+            entries = list(rec.history) if rec is not None else None
+        if rec is None or entries is None:
+            target, key = self._miss(name)
+            return target.history(key, limit)
+        entries.reverse()
+        if limit > 0:
+            entries = entries[:limit]
+        return [
+            HistoryEntry(version, _copy_value(value), at, _ORCHESTRATOR, dict(meta or {}))
+            for version, value, at, meta in entries
+        ]
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value the variable had at ``version`` as a new version; return that version.
+
+        Raises:
+            ValidationError: ``version`` is not in the remembered history (nothing changes).
+        """
+        with self._lock:
+            rec = self._vars.get(name)
+            if rec is not None:
+                entry = next((e for e in rec.history if e[0] == version), None)
+                if entry is None:
+                    known = ", ".join(str(e[0]) for e in rec.history)
+                    raise ValidationError(
+                        name,
+                        "target_version",
+                        version,
+                        f"version {version} is not in the remembered history (versions {known})",
+                    )
+                value = rec.spec.validate(entry[1])
+                meta = {"rolled_back_to": str(version)}
+                rec.value = value
+                rec.version += 1
+                now = rec.updated_at = time.time()
+                rec.history.append((rec.version, value, now, meta))
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.VALUE_CHANGE, meta, now)
+                return rec.version
+        target, key = self._miss(name)
+        return target.rollback(key, version)
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        """Register a watcher of some variables (None or empty: every variable, now and later).
+
+        Returns a store :class:`~dspex_dspy.store.Watch` (coalescing). It is registered under the
+        write lock before its initial values are queued, so no write is missed. It closes when
+        this state is retired by a switch (a context's watch then reopens on the new backend).
+        """
+        idents = list(names or [])
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                records = []
+                for ident in idents:
+                    rec = self._find(ident)
+                    if rec is None:
+                        raise VariableNotFoundError(ident, self.owner)
+                    records.append(rec)
+                watch = Watch(self.owner or "", frozenset(r.id for r in records) if idents else None)
+                self._watchers = [*(w for w in self._watchers if not w.closed), watch]
+                if include_initial:
+                    now = time.time()
+                    for rec in records if idents else list(self._vars.values()):
+                        watch.offer(
+                            VariableUpdate(
+                                rec.id,
+                                self._snapshot(self._by_id[rec.id], rec),
+                                UpdateType.INITIAL_VALUE,
+                                rec.source,
+                                {},
+                                now,
+                            )
+                        )
+                return watch
+        return forward.watch(idents, include_initial=include_initial)
+
+    def _notify(self, snapshot: Variable, update_type: str, meta: Mapping[str, str] | None, now: float) -> None:
+        """Offer a change to the watchers that follow it (lock held)."""
+        update = VariableUpdate(snapshot.id, snapshot, update_type, _ORCHESTRATOR, dict(meta or {}), now)
+        closed = False
+        for watch in self._watchers:
+            if watch.closed:
+                closed = True
+            elif watch.wants(snapshot.id):
+                watch.offer(update)
+        if closed:
+            self._watchers = [w for w in self._watchers if not w.closed]
+
+    def _close_watchers(self) -> None:
+        for watch in self._watchers:
+            watch.close()
+        self._watchers = []
 
     # ---------------------------------------------------------------- migration support
 
@@ -329,6 +462,8 @@ class LocalState:
         self._retired = successor
         self._vars.clear()
         self._by_id.clear()
+        # Watchers of this state end here; a context's watch reopens on the successor.
+        self._close_watchers()
 
     # ---------------------------------------------------------------- internals
 

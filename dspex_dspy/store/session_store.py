@@ -10,8 +10,11 @@ Rules kept here, for every caller:
   as an id first, then as a name;
 - versions start at 1 and grow by 1 per accepted write (a rollback is a write); a non-zero
   ``expected_version`` makes a write a compare-and-swap;
-- a write merges metadata and records who wrote (``source``) and when;
-- each variable keeps a bounded history of its writes;
+- a variable's own metadata is set when it is defined (or imported); the metadata given with one
+  write belongs to that write only: it is kept in the write's history entry and sent to watchers,
+  and never sticks to the variable for later writes;
+- each write records who wrote (``source``) and when, and each variable keeps a bounded history
+  of its writes;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered before their initial snapshot is taken, under the same lock as writes,
   so no write can fall between the snapshot and the stream.
@@ -187,7 +190,14 @@ class SessionStore:
                 last_access=time.monotonic(),
             )
             self._storage.put_session(record)
-            return self._info(record)
+            info = self._info(record)
+        logger.info(
+            "session %s created (ttl %gs)",
+            session_id,
+            record.ttl,
+            extra={"event": "session_created", "session_id": session_id, "ttl": record.ttl},
+        )
+        return info
 
     def get_session(self, session_id: str) -> SessionInfo:
         """Describe a session (and refresh its TTL)."""
@@ -215,7 +225,14 @@ class SessionStore:
             record = self._storage.get_session(session_id)
             if record is None:
                 raise SessionNotFoundError(session_id)
-            return self._drop_session(record)
+            count = self._drop_session(record)
+        logger.info(
+            "session %s cleaned up (%d variables)",
+            session_id,
+            count,
+            extra={"event": "session_cleanup", "session_id": session_id, "variables": count},
+        )
+        return count
 
     def session_ids(self) -> list[str]:
         """The ids of the live sessions."""
@@ -228,8 +245,13 @@ class SessionStore:
             expired = [s for s in self._storage.sessions() if self._expired(s)]
             for record in expired:
                 self._drop_session(record)
-        if expired:
-            logger.info("expired %d session(s): %s", len(expired), ", ".join(s.id for s in expired))
+        for record in expired:
+            logger.info(
+                "session %s expired (idle longer than its ttl %gs)",
+                record.id,
+                record.ttl,
+                extra={"event": "session_expired", "session_id": record.id, "ttl": record.ttl},
+            )
         return [s.id for s in expired]
 
     def start_sweeper(self, interval: float = 60.0) -> None:
@@ -527,6 +549,12 @@ class SessionStore:
         now = time.monotonic()
         if now - record.last_access > record.ttl:
             self._drop_session(record)
+            logger.info(
+                "session %s expired (idle longer than its ttl %gs)",
+                session_id,
+                record.ttl,
+                extra={"event": "session_expired", "session_id": session_id, "ttl": record.ttl},
+            )
             raise SessionNotFoundError(session_id)
         record.last_access = now
         return record
@@ -627,11 +655,24 @@ class SessionStore:
         record.version += 1
         record.updated_at = now
         record.source = source
-        if metadata:
-            record.metadata = {**record.metadata, **metadata}
         record.history.append(HistoryEntry(record.version, value, now, source, dict(metadata or {})))
         snapshot = self._snapshot(record)
         self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "write %s/%s v%d by %s",
+                session_id,
+                record.name,
+                record.version,
+                source,
+                extra={
+                    "event": "variable_write",
+                    "session_id": session_id,
+                    "variable": record.name,
+                    "version": record.version,
+                    "source": source,
+                },
+            )
         return snapshot
 
     def _notify(
