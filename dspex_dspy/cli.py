@@ -1,11 +1,13 @@
-"""The ``dspex-bridge`` command: run a standalone bridge server, or ping one.
+"""The ``dspex-bridge`` command: run a standalone bridge server, ping one, or operate one.
 
 ``dspex-bridge serve`` starts a :class:`~dspex_dspy.server.BridgeServer` over a fresh
 :class:`~dspex_dspy.store.SessionStore` (swept periodically), prints exactly one line
 ``dspex-bridge listening on HOST:PORT`` once it accepts calls (with ``--port 0`` the port is the one
 the OS chose, so scripts and tests can read it), and stops gracefully on SIGTERM or SIGINT, exiting
-0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. Also runnable as
-``python -m dspex_dspy.cli``.
+0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. The operator commands
+``sessions``, ``list``, ``get``, ``set``, ``history``, ``rollback`` and ``watch`` (with ``--json``
+for scripts, and exit codes that say what went wrong) are in :mod:`dspex_dspy.commands`. Also
+runnable as ``python -m dspex_dspy`` or ``python -m dspex_dspy.cli``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.commands import COMMANDS, add_commands, run
 from dspex_dspy.errors import DSPexError
+from dspex_dspy.logs import configure_logging
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, StoreLimits
 from dspex_dspy.wire import error_from_rpc, from_timestamp
@@ -57,9 +61,10 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dspex-bridge`` argument parser (``serve`` and ``ping`` subcommands)."""
+    """The ``dspex-bridge`` argument parser (``serve``, ``ping`` and the operator subcommands)."""
     parser = argparse.ArgumentParser(
-        prog="dspex-bridge", description="Serve or ping a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC)."
+        prog="dspex-bridge",
+        description="Serve, ping or operate a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -97,16 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds calls in flight get to finish on stop (default: %(default)s)"
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    serve.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="log lines as text or one JSON object each"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)",
+    )
 
     ping = commands.add_parser("ping", help="send a Ping to a bridge and print the reply")
     ping.add_argument("address", help="HOST:PORT of the bridge")
     ping.add_argument("--message", default="ping", help="text to send (default: %(default)s)")
     ping.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait (default: %(default)s)")
+
+    add_commands(commands)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
     store = SessionStore(
         default_ttl=args.ttl,
         limits=StoreLimits(
@@ -129,22 +145,41 @@ def _serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        metrics = None
         try:
+            interceptors = []
+            if args.metrics_port is not None:
+                from dspex_dspy.metrics import BridgeMetrics
+
+                metrics = BridgeMetrics()
+                interceptors.append(metrics.interceptor())
             server, _ = create_server(
-                store, args.host, args.port, limits=limits, heartbeat_interval=args.heartbeat_interval
+                store,
+                args.host,
+                args.port,
+                limits=limits,
+                heartbeat_interval=args.heartbeat_interval,
+                interceptors=interceptors,
             )
-        except DSPexError as exc:
+            if metrics is not None:
+                metrics.watch_server(server)
+                metrics.serve(args.host, args.metrics_port)
+        except (DSPexError, OSError) as exc:
             print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
             store.close()
             return 1
         store.start_sweeper(args.sweep_interval)
         server.start()
         print(f"dspex-bridge listening on {server.address}", flush=True)
+        if metrics is not None:
+            print(f"dspex-bridge metrics on {metrics.url}", flush=True)
         # Wait in short slices so the signal handler runs promptly on the main thread.
         while not stop_requested.wait(0.5):
             pass
         server.stop(args.grace)
         store.close()
+        if metrics is not None:
+            metrics.close()
         logger.info("stopped")
         return 0
     finally:
@@ -176,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command in COMMANDS:
+        return run(args)
     return _ping(args)
 
 

@@ -518,6 +518,12 @@ class _VariableCache:
     def mark_down(self, error: DSPexError | None = None) -> None:
         """The stream broke (``error``) or the client closes (None): stop serving reads."""
         with self._cond:
+            if error is not None and self._synced:
+                logger.warning(
+                    "worker cache stopped serving reads (reads go to the bridge until it resyncs): %s",
+                    error,
+                    extra={"event": "cache_degraded"},
+                )
             self._synced = False
             if error is not None:
                 self._failure = error

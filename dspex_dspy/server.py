@@ -20,7 +20,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.admin import add_admin_service
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, LimitExceededError, SessionNotFoundError
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
@@ -639,6 +640,7 @@ def create_server(
     *,
     limits: ServerLimits | None = None,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -649,6 +651,7 @@ def create_server(
         port: port to bind; 0 picks a free one.
         limits: server-side limits.
         heartbeat_interval: seconds of silence after which a watch stream sends a heartbeat.
+        interceptors: gRPC server interceptors (e.g. :class:`dspex_dspy.metrics.MetricsInterceptor`).
 
     Returns:
         ``(server, port)`` with the real bound port.
@@ -674,8 +677,10 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
         options=options,
+        interceptors=list(interceptors),
     )
     pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
+    add_admin_service(server, served)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):

@@ -239,6 +239,17 @@ class SessionStore:
         with self._lock:
             return [s.id for s in self._storage.sessions() if not self._expired(s)]
 
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, oldest first (does not refresh any TTL)."""
+        with self._lock:
+            live = [s for s in self._storage.sessions() if not self._expired(s)]
+            return sorted((self._info(s) for s in live), key=lambda info: info.created_at)
+
+    def variable_total(self) -> int:
+        """Variables over every live session (for metrics)."""
+        with self._lock:
+            return sum(len(s.variables) for s in self._storage.sessions() if not self._expired(s))
+
     def sweep(self) -> list[str]:
         """Remove every expired session now; return their ids."""
         with self._lock:

@@ -55,17 +55,23 @@ ALLOWED = {
     "variables": {"errors", "types", "context", "ops", "store"},
     "ops": {"errors", "types", "store"},
     "wire": {"errors", "types", "store", "_proto"},
-    "server": {"errors", "types", "store", "wire", "_proto"},
+    "server": {"errors", "types", "store", "wire", "admin", "_proto"},
+    "admin": {"errors", "types", "store", "wire"},
     "remote": {"errors", "types", "store", "wire", "_proto"},
     "client": {"errors", "types", "store", "wire", "remote", "ops", "_proto"},
     "modules": {"errors", "types", "modules", "context", "variables"},
-    "cli": {"errors", "types", "store", "server", "wire", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "commands", "logs", "_proto"},
+    "commands": {"errors", "types", "store", "wire", "remote", "admin", "display", "ops", "_proto"},
+    "metrics": {"errors", "types", "store", "server", "wire"},
+    "logs": set(),
+    "display": {"errors", "types", "store"},
+    "__main__": {"cli"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote")} | {("demo", n) for n in ("client", "modules", "offline")}
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics")} | {("demo", n) for n in ("client", "modules", "offline")}
 
 
 def _layer(path: Path) -> str:
