@@ -300,9 +300,11 @@ def test_metrics_move_with_operations(bridge: Any) -> None:
     )
     assert ok == 3
     assert value(during, "dspex_rpc_duration_seconds_count", method="SetVariable", code="INVALID_ARGUMENT") >= 1
-    assert value(during, "dspex_writes_total", method="SetVariable") - value(
-        before, "dspex_writes_total", method="SetVariable"
-    ) == 3
+    assert (
+        value(during, "dspex_writes_total", method="SetVariable")
+        - value(before, "dspex_writes_total", method="SetVariable")
+        == 3
+    )
     assert value(during, "dspex_writes_total", method="RegisterVariable") >= 1
     assert value(during, "dspex_sessions") >= 1
     assert value(during, "dspex_variables") >= 1

@@ -71,7 +71,9 @@ ALLOWED = {
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics")} | {("demo", n) for n in ("client", "modules", "offline")}
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics")} | {
+    ("demo", n) for n in ("client", "modules", "offline")
+}
 
 
 def _layer(path: Path) -> str:
