@@ -1,35 +1,55 @@
 # Each target creates .venv and installs what it needs, so one command works on a fresh machine.
+# The demo installs only the package and DSPy; test/lint/bench install the whole dev toolchain.
+# Installs are editable in strict mode, so type checkers see the package like an installed one.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install --quiet
+EDITABLE := -e . --config-settings editable_mode=strict
+DEV_STAMP := $(VENV)/.installed-dev
+DEMO_STAMP := $(VENV)/.installed-demo
+PYTHONS ?= 3.10 3.11 3.12 3.13
 
-.PHONY: demo test bench lint proto clean
+.PHONY: demo test test-pythons bench lint proto clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+$(BIN)/python:
+	@echo "==> creating the virtual environment $(VENV) with $(PY)"
+	$(PY) -m venv $(VENV)
+	@$(PIP) --upgrade pip
 
-demo: $(STAMP)
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing dspex-dspy (editable) with the dev tools: DSPy, pytest, ruff, mypy, nbclient ... (a minute or two the first time)"
+	$(PIP) -e '.[dev]' --config-settings editable_mode=strict
+	touch $(DEV_STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing what the demo needs: dspex-dspy (editable) and DSPy, nothing else"
+	$(PIP) -e '.[dspy]' --config-settings editable_mode=strict
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	@echo "==> running the demo on the embedded bridge with an offline LM (no network, no API key)"
 	$(BIN)/python -m dspex_dspy.demo $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest --cov=dspex_dspy --cov-report=term $(PYTEST_ARGS) || exit $$?
 	$(BIN)/ruff check dspex_dspy tests benchmarks examples
 	$(BIN)/mypy
 
-bench: $(STAMP)
+# The suite on every Python of $(PYTHONS) found (pyenv versions or python3.X on PATH), one venv each.
+test-pythons:
+	PYTHONS="$(PYTHONS)" PYTEST_ARGS="$(PYTEST_ARGS)" ./.ci/test-pythons
+
+bench: $(DEV_STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check dspex_dspy tests benchmarks examples
 	$(BIN)/ruff format --check dspex_dspy tests benchmarks examples
 	$(BIN)/mypy
 
-proto: $(STAMP)
+proto: $(DEV_STAMP)
 	$(BIN)/python -m bridge.generate
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) .venv-py* .pytest_cache .mypy_cache .ruff_cache .coverage build dist

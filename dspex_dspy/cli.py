@@ -149,8 +149,17 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             interceptors = []
             if args.metrics_port is not None:
-                from dspex_dspy.metrics import BridgeMetrics
-
+                try:
+                    from dspex_dspy.metrics import BridgeMetrics
+                except ImportError as exc:
+                    print(
+                        f"dspex-bridge: --metrics-port needs prometheus-client ({exc}); "
+                        'install it with: pip install "dspex-dspy[metrics]"',
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    store.close()
+                    return 1
                 metrics = BridgeMetrics()
                 interceptors.append(metrics.interceptor())
             server, _ = create_server(
