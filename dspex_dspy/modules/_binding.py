@@ -45,6 +45,7 @@ from dspy.primitives.base_module import BaseModule
 
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError
 from dspex_dspy.modules._source import VariableSource
+from dspex_dspy.telemetry import active_tracer, atraced, traced
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
@@ -765,6 +766,18 @@ class VariableBindingMixin:
     # module runs DSPy's Python-level ``__getattribute__``, and this path runs on every call.
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tracer = active_tracer()
+        if tracer is not None:
+            return traced(tracer, self, lambda: self._dspex_call(*args, **kwargs), lambda: self.last_provenance)
+        return self._dspex_call(*args, **kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        tracer = active_tracer()
+        if tracer is not None:
+            return await atraced(tracer, self, lambda: self._dspex_acall(*args, **kwargs), lambda: self.last_provenance)
+        return await self._dspex_acall(*args, **kwargs)
+
+    def _dspex_call(self, *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         if d.get("_dspex_pending"):
             self._dspex_apply_defaults(skip={})
@@ -788,7 +801,7 @@ class VariableBindingMixin:
                 thread_local_overrides.reset(token)
         return _finish(d, result, provenance)
 
-    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+    async def _dspex_acall(self, *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         if d.get("_dspex_pending"):
             await self._dspex_aresolve_pending()
