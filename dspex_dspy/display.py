@@ -22,6 +22,7 @@ from dspex_dspy.types import Variable
 
 __all__ = [
     "History",
+    "Provenance",
     "VariableList",
     "event_record",
     "format_time",
@@ -273,3 +274,91 @@ def variable_html(var: Variable) -> str:
         ["id", var.id],
     ]
     return html_table(rows, ("field", "value"), f"variable {var.name}")
+
+
+_PROVENANCE_HEADERS = ("attribute", "variable", "value", "version", "applied")
+
+
+class Provenance(dict[str, Any]):
+    """Which variable values produced one module call: attribute -> ``BoundValue``.
+
+    A ``dict`` (as :func:`dspex_dspy.modules.get_provenance` always returned) that shows itself as
+    a table.
+    """
+
+    def _rows(self) -> list[list[str]]:
+        return [
+            [attr, str(b.variable), format_value(b.value), str(b.version), "yes" if b.applied else "no (overridden)"]
+            for attr, b in self.items()
+        ]
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Provenance({})"
+        return "Provenance\n" + text_table(self._rows(), _PROVENANCE_HEADERS)
+
+    def _repr_html_(self) -> str:
+        return html_table(self._rows(), _PROVENANCE_HEADERS, "provenance of one call")
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One plain dict per bound attribute."""
+        return [
+            {
+                "attribute": attr,
+                "variable": b.variable,
+                "value": _plain(b.value),
+                "version": b.version,
+                "applied": b.applied,
+            }
+            for attr, b in self.items()
+        ]
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame, one row per bound attribute (needs pandas)."""
+        return records_to_dataframe(self.to_records())
+
+
+_BINDING_HEADERS = ("attribute", "variable", "current value", "version")
+
+
+def bindings_rows(records: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """Table rows for binding records (see :func:`bindings_text`)."""
+    return [
+        [
+            str(r["attribute"]),
+            str(r["variable"]),
+            format_value(r["value"]) if r.get("error") is None else f"<{r['error']}>",
+            "" if r.get("version") is None else str(r["version"]),
+        ]
+        for r in records
+    ]
+
+
+def bindings_text(title: str, records: Sequence[Mapping[str, Any]]) -> str:
+    """A module's bindings as text: attribute, variable, current value, version."""
+    if not records:
+        return f"{title}\n  (no bound variables)"
+    table = text_table(bindings_rows(records), _BINDING_HEADERS)
+    return title + "\n" + "\n".join("  " + line for line in table.splitlines())
+
+
+def bindings_html(title: str, records: Sequence[Mapping[str, Any]]) -> str:
+    """A module's bindings as an HTML table."""
+    return html_table(bindings_rows(records), _BINDING_HEADERS, title)
+
+
+def context_text(ctx_id: str, backend: str, address: str | None, variables: Sequence[Variable]) -> str:
+    """A context's summary line and its variables as text."""
+    where = f" at {address}" if address else ""
+    head = f"Context {ctx_id} ({backend}{where}, {len(variables)} variable(s))"
+    if not variables:
+        return head
+    table = text_table([_variable_row(v) for v in variables], _VAR_HEADERS)
+    return head + "\n" + "\n".join("  " + line for line in table.splitlines())
+
+
+def context_html(ctx_id: str, backend: str, address: str | None, variables: Sequence[Variable]) -> str:
+    """A context's summary and its variables as HTML."""
+    where = f" at {address}" if address else ""
+    caption = f"context {ctx_id} ({backend}{where}, {len(variables)} variable(s))"
+    return html_table([_variable_row(v) for v in variables], _VAR_HEADERS, caption)

@@ -95,6 +95,22 @@ class Variable:
     updated_at: float = 0.0
     source: str = "orchestrator"
 
+    def __repr__(self) -> str:
+        from dspex_dspy.display import variable_repr
+
+        return variable_repr(self)
+
+    def _repr_html_(self) -> str:
+        from dspex_dspy.display import variable_html
+
+        return variable_html(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """The variable as a plain dict (JSON-ready; times as ISO-8601 UTC)."""
+        from dspex_dspy.display import variable_record
+
+        return variable_record(self)
+
 
 def validate_name(name: object) -> str:
     """Return ``name`` if it is a valid variable name, else raise :class:`ValidationError`.

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from dspex_dspy.context import Context
+from dspex_dspy.display import History, VariableList
 from dspex_dspy.errors import DSPexError, VariableNotFoundError
 from dspex_dspy.ops import CallbackWatch, ContextWatch, WatchEvent, cas_update
 from dspex_dspy.store import HistoryEntry
@@ -285,9 +286,9 @@ class Variables:
         return _target(ctx).update_many(updates, atomic=atomic)
 
     @staticmethod
-    def list(ctx: AnyContext) -> builtins.list[Variable]:
-        """Every variable, in creation order."""
-        return _target(ctx).list()
+    def list(ctx: AnyContext) -> VariableList:
+        """Every variable, in creation order (a list that shows itself as a table in Jupyter)."""
+        return VariableList(_target(ctx).list())
 
     @staticmethod
     def delete(ctx: AnyContext, name: str) -> None:
@@ -302,7 +303,7 @@ class Variables:
     # ------------------------------------------------------------------ history, rollback, watch
 
     @staticmethod
-    def history(ctx: AnyContext, name: str, *, limit: int = 0) -> builtins.list[HistoryEntry]:
+    def history(ctx: AnyContext, name: str, *, limit: int = 0) -> History:
         """The variable's remembered writes, newest first: the change log of a variable.
 
         Each :class:`~dspex_dspy.store.HistoryEntry` has ``version``, ``value``, ``timestamp``,
@@ -317,7 +318,7 @@ class Variables:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
-        return _target(ctx).history(name, limit)
+        return History(_target(ctx).history(name, limit), name)
 
     @staticmethod
     def rollback(ctx: AnyContext, name: str, version: int) -> int:
@@ -467,13 +468,12 @@ class Variables:
         return versions
 
     @staticmethod
-    async def alist(ctx: AnyContext | AsyncSessionContext) -> builtins.list[Variable]:
+    async def alist(ctx: AnyContext | AsyncSessionContext) -> VariableList:
         """:meth:`list` for an AsyncSessionContext."""
         if not _is_async_worker(ctx):
             return Variables.list(ctx)  # type: ignore[arg-type]
         worker: Any = ctx
-        variables: builtins.list[Variable] = await worker.list_variables()
-        return variables
+        return VariableList(await worker.list_variables())
 
     @staticmethod
     async def adelete(ctx: AnyContext | AsyncSessionContext, name: str) -> None:
@@ -493,17 +493,14 @@ class Variables:
         return bool(await worker.has_variable(name))
 
     @staticmethod
-    async def ahistory(
-        ctx: AnyContext | AsyncSessionContext, name: str, *, limit: int = 0
-    ) -> builtins.list[HistoryEntry]:
+    async def ahistory(ctx: AnyContext | AsyncSessionContext, name: str, *, limit: int = 0) -> History:
         """:meth:`history` for an AsyncSessionContext."""
         if not _is_async_worker(ctx):
             return Variables.history(ctx, name, limit=limit)  # type: ignore[arg-type]
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
         worker: Any = ctx
-        entries: builtins.list[HistoryEntry] = await worker.history(name, limit)
-        return entries
+        return History(await worker.history(name, limit), name)
 
     @staticmethod
     async def arollback(ctx: AnyContext | AsyncSessionContext, name: str, version: int) -> int:

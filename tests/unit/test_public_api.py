@@ -51,15 +51,15 @@ ALLOWED = {
     "types": {"errors"},
     "store": {"errors", "types", "store"},
     "state": {"errors", "types", "store", "state"},
-    "context": {"errors", "types", "state"},
-    "variables": {"errors", "types", "context", "ops", "store"},
+    "context": {"errors", "types", "state", "display"},
+    "variables": {"errors", "types", "context", "ops", "store", "display"},
     "ops": {"errors", "types", "store"},
     "wire": {"errors", "types", "store", "_proto"},
     "server": {"errors", "types", "store", "wire", "admin", "_proto"},
     "admin": {"errors", "types", "store", "wire"},
     "remote": {"errors", "types", "store", "wire", "_proto"},
     "client": {"errors", "types", "store", "wire", "remote", "ops", "_proto"},
-    "modules": {"errors", "types", "modules", "context", "variables", "telemetry"},
+    "modules": {"errors", "types", "modules", "context", "variables", "telemetry", "display"},
     "telemetry": set(),
     "cli": {"errors", "types", "store", "server", "wire", "commands", "logs", "_proto"},
     "commands": {"errors", "types", "store", "wire", "remote", "admin", "display", "ops", "_proto"},
@@ -72,7 +72,7 @@ ALLOWED = {
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics")} | {
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics"), ("types", "display")} | {
     ("demo", n) for n in ("client", "modules", "offline")
 }
 
