@@ -5,24 +5,30 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet
-EDITABLE := -e . --config-settings editable_mode=strict
 DEV_STAMP := $(VENV)/.installed-dev
 DEMO_STAMP := $(VENV)/.installed-demo
 PYTHONS ?= 3.10 3.11 3.12 3.13
+# A strict editable install links the package's files as they were at install time: a new module
+# needs a reinstall. This file changes (and triggers one) only when the list of modules changes.
+PKG_LIST := $(VENV)/.package-files
+PKG_FILES := $(sort $(wildcard dspex_dspy/*.py dspex_dspy/*/*.py dspex_dspy/*/*/*.py))
 
-.PHONY: demo test test-pythons bench lint proto clean
+.PHONY: demo test test-pythons bench lint proto clean FORCE
+
+$(PKG_LIST): FORCE | $(BIN)/python
+	@echo "$(PKG_FILES)" | cmp -s - $@ || echo "$(PKG_FILES)" > $@
 
 $(BIN)/python:
 	@echo "==> creating the virtual environment $(VENV) with $(PY)"
 	$(PY) -m venv $(VENV)
 	@$(PIP) --upgrade pip
 
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
+$(DEV_STAMP): pyproject.toml $(PKG_LIST) | $(BIN)/python
 	@echo "==> installing dspex-dspy (editable) with the dev tools: DSPy, pytest, ruff, mypy, nbclient ... (a minute or two the first time)"
 	$(PIP) -e '.[dev]' --config-settings editable_mode=strict
 	touch $(DEV_STAMP) $(DEMO_STAMP)
 
-$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+$(DEMO_STAMP): pyproject.toml $(PKG_LIST) | $(BIN)/python
 	@echo "==> installing what the demo needs: dspex-dspy (editable) and DSPy, nothing else"
 	$(PIP) -e '.[dspy]' --config-settings editable_mode=strict
 	touch $(DEMO_STAMP)
