@@ -1326,7 +1326,7 @@ class SessionContext(_ClientCore):
         var = self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
         return self._written(name, var.version, var.value, None)
 
-    def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200) -> int:
+    def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
         """Atomically replace the value with ``fn(value)``; return the new version.
 
         A compare-and-swap loop with jittered backoff: concurrent writers (in any process) never
@@ -1938,7 +1938,7 @@ class AsyncSessionContext(_ClientCore):
         var = await self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
         return self._written(name, var.version, var.value, None)
 
-    async def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200) -> int:
+    async def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
         """Atomically replace the value with ``fn(value)`` (see :meth:`SessionContext.update`)."""
 
         async def read(attempt: int) -> tuple[Any, int]:

@@ -33,7 +33,7 @@ __all__ = [
     "ContextWatch",
     "WatchEvent",
     "acas_update",
-    "backoff_delays",
+    "jittered_pauses",
     "cas_update",
     "event_from_update",
 ]
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 #: First and largest pause between two attempts of a compare-and-swap loop, in seconds.
 CAS_BACKOFF_INITIAL = 0.0005
 CAS_BACKOFF_MAX = 0.05
-DEFAULT_CAS_ATTEMPTS = 200
+DEFAULT_CAS_ATTEMPTS = 64
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class AsyncCallbackWatch:
         await self.aclose()
 
 
-def backoff_delays(initial: float = CAS_BACKOFF_INITIAL, maximum: float = CAS_BACKOFF_MAX) -> Iterator[float]:
+def jittered_pauses(initial: float = CAS_BACKOFF_INITIAL, maximum: float = CAS_BACKOFF_MAX) -> Iterator[float]:
     """Jittered exponential pauses for retry loops: ``initial`` doubling up to ``maximum``."""
     delay = initial
     while True:
@@ -330,7 +330,7 @@ def cas_update(
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-    delays = backoff_delays()
+    delays = jittered_pauses()
     last: VersionConflictError | None = None
     for attempt in range(max_attempts):
         value, version = read(attempt)
@@ -355,7 +355,7 @@ async def acas_update(
     """The asyncio twin of :func:`cas_update` (``read`` and ``write`` are coroutine functions)."""
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-    delays = backoff_delays()
+    delays = jittered_pauses()
     last: VersionConflictError | None = None
     for attempt in range(max_attempts):
         value, version = await read(attempt)

@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import builtins
 import inspect
+import random
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from dspex_dspy.context import Context
 from dspex_dspy.display import History, VariableList
-from dspex_dspy.errors import DSPexError, VariableNotFoundError
-from dspex_dspy.ops import CallbackWatch, ContextWatch, WatchEvent, cas_update
+from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError, VersionConflictError
+from dspex_dspy.ops import CallbackWatch, ContextWatch, WatchEvent
 from dspex_dspy.store import HistoryEntry
 from dspex_dspy.types import Variable
 
@@ -34,9 +36,29 @@ if TYPE_CHECKING:
     from dspex_dspy.client import AsyncSessionContext, SessionContext
     from dspex_dspy.state import StateProvider
 
-__all__ = ["AnyContext", "Variables"]
+__all__ = ["UPDATE_BACKOFF_BASE", "UPDATE_BACKOFF_CAP", "AnyContext", "Variables", "backoff_delays"]
 
 _MISSING: Any = object()
+
+#: First and largest pause between two attempts of :meth:`Variables.update` (seconds).
+UPDATE_BACKOFF_BASE = 0.001
+UPDATE_BACKOFF_CAP = 0.1
+
+
+def backoff_delays(
+    attempts: int, base: float = UPDATE_BACKOFF_BASE, cap: float = UPDATE_BACKOFF_CAP
+) -> Iterator[float]:
+    """The upper bounds of the pauses between ``attempts`` tries: doubling from ``base``, at most ``cap``.
+
+    Example:
+        >>> [round(d, 3) for d in backoff_delays(5, 0.01, 0.05)]
+        [0.01, 0.02, 0.04, 0.05]
+    """
+    delay = base
+    for _ in builtins.range(attempts - 1):
+        yield min(delay, cap)
+        delay *= 2
+
 
 #: What the synchronous functions accept: an orchestrator Context or a worker SessionContext.
 AnyContext = Union[Context, "SessionContext"]
@@ -203,7 +225,7 @@ class Variables:
             VariableNotFoundError: no such variable and no default given.
         """
         try:
-            return _target(ctx).get(name)
+            return ctx.get_variable(name) if isinstance(ctx, Context) else _target(ctx).get(name)
         except VariableNotFoundError:
             if default is _MISSING:
                 raise
@@ -216,6 +238,8 @@ class Variables:
         On a worker this is ``SessionContext.get_variable_record`` (the worker's ``get_variable``
         is the snakepit method returning the value).
         """
+        if isinstance(ctx, Context):
+            return ctx.get_variable_record(name)
         return _target(ctx).get_variable(name)
 
     @staticmethod
@@ -242,26 +266,46 @@ class Variables:
         return _target(ctx).set(name, value, metadata=metadata, expected_version=expected_version)
 
     @staticmethod
-    def update(ctx: AnyContext, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200) -> int:
+    def update(ctx: AnyContext, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
         """Atomically replace the value with ``fn(value)``; return the new version.
 
-        A compare-and-swap loop with jittered backoff: concurrent writers never lose an update.
-        ``fn`` may run more than once, so it must not have side effects.
+        A compare-and-swap loop: concurrent writers (in any process) never lose an update. After a
+        conflict it pauses a random time up to a bound that doubles from 1 ms to at most 100 ms
+        (:func:`backoff_delays`), so contending writers spread out. ``fn`` may run more than once,
+        so it must not have side effects. On a worker this is ``SessionContext.update``.
 
         Raises:
-            VersionConflictError: ``max_attempts`` attempts all lost the race; nothing changed.
+            VersionConflictError: every one of ``max_attempts`` tries lost to another writer;
+                ``expected``/``actual`` are the versions of the last try.
+            ValidationError: ``max_attempts`` is not a positive integer, or ``fn``'s result is rejected.
         """
-        target = _target(ctx)
-        if isinstance(target, _Worker):
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValidationError(name, "max_attempts", max_attempts, "max_attempts must be a positive integer")
+        if not isinstance(ctx, Context):
+            target = _target(ctx)
+            assert isinstance(target, _Worker)
             version: int = target.ctx.update(name, fn, max_attempts=max_attempts)
             return version
-        return cas_update(
-            name,
-            lambda _attempt: target.get_versioned(name),
-            lambda value, version: target.set(name, value, expected_version=version),
-            fn,
-            max_attempts=max_attempts,
+        pauses = backoff_delays(max_attempts)
+        provider = ctx.provider
+        while True:
+            value, current = ctx.get_versioned(name)
+            try:
+                return provider.set(name, fn(value), expected_version=current)
+            except VersionConflictError as exc:
+                conflict = exc
+            pause = next(pauses, None)
+            if pause is None:
+                break
+            time.sleep(random.uniform(0, pause))
+            provider = ctx.provider
+        error = VersionConflictError(name, conflict.expected, conflict.actual)
+        error.message = (
+            f"{name}: update gave up after {max_attempts} attempts, each lost to a concurrent write "
+            f"(last: expected version {conflict.expected} but the current version was {conflict.actual})"
         )
+        error.args = (error.message,)
+        raise error
 
     @staticmethod
     def get_many(ctx: AnyContext, names: Iterable[str]) -> dict[str, Any]:
@@ -270,6 +314,8 @@ class Variables:
         Raises:
             VariableNotFoundError: naming every missing variable.
         """
+        if isinstance(ctx, Context):
+            return ctx.get_variables(names)
         return _target(ctx).get_many(names)
 
     @staticmethod
@@ -298,6 +344,8 @@ class Variables:
     @staticmethod
     def exists(ctx: AnyContext, name: str) -> bool:
         """Whether the context has a variable of that name."""
+        if isinstance(ctx, Context):
+            return ctx.has_variable(name)
         return _target(ctx).exists(name)
 
     # ------------------------------------------------------------------ history, rollback, watch
@@ -438,7 +486,7 @@ class Variables:
 
     @staticmethod
     async def aupdate(
-        ctx: AnyContext | AsyncSessionContext, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 200
+        ctx: AnyContext | AsyncSessionContext, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64
     ) -> int:
         """:meth:`update` (atomic read-modify-write) for an AsyncSessionContext."""
         if not _is_async_worker(ctx):

@@ -29,6 +29,7 @@ except ModuleNotFoundError as _missing:  # pragma: no cover - exercised in a fre
 
 from dspex_dspy.modules._binding import (
     BINDABLE_ATTRIBUTES,
+    OWNER_STATE_KEY,
     STATE_KEY,
     BoundValue,
     RoutedPredict,
@@ -49,6 +50,7 @@ from dspex_dspy.modules._source import AwaitRequiredError, VariableSource
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
+    "OWNER_STATE_KEY",
     "STATE_KEY",
     "AwaitRequiredError",
     "BoundValue",

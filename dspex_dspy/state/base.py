@@ -57,6 +57,14 @@ class StateProvider(Protocol):
         """The current value and version, read together."""
         ...
 
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables from one snapshot (no write falls between them).
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        ...
+
     def get_variable(self, name: str) -> Variable:
         """The whole variable record."""
         ...

@@ -123,6 +123,13 @@ class BridgedState:
         var = self.store.get_variable(self.session_id, name)
         return var.value, var.version
 
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        # One store call: one lock hold in process, one GetVariables RPC over gRPC.
+        found, missing = self.store.get_variables(self.session_id, list(names))
+        if missing:
+            raise VariableNotFoundError(", ".join(dict.fromkeys(missing)), self.session_id)
+        return {name: (var.value, var.version) for name, var in found.items()}
+
     def get_variable(self, name: str) -> Variable:
         return self.store.get_variable(self.session_id, name)
 

@@ -6,10 +6,17 @@ sub-microsecond. Like a bridge session it keeps a bounded history of each variab
 ``rollback`` works), and it tells watchers about changes; with no watcher registered a write pays
 one attribute check for that.
 
-When the context switches to a bridge, the migration holds this state's lock while it exports
-and imports, then *retires* the state: its records are dropped and every later call — from a
-thread that still holds a reference — is forwarded to the new provider. A write can therefore
-never land in a state that has already been copied.
+It enforces the same :class:`~dspex_dspy.limits.Limits` as a bridge's store (value size,
+variables per context), so whatever a local context holds can always be moved to a bridge.
+
+When the context switches to a bridge, the migration exports under this state's lock and imports
+*outside* it, so readers and writers keep going while the import runs. Every accepted write bumps
+a state-wide write counter; after the import the migration takes the lock again and compares the
+counter with the one it exported at (:meth:`LocalState.export_versioned`). Unchanged: the state
+is *retired* (its records dropped, every later call — from a thread that still holds a reference —
+forwarded to the new provider), so a write can never land in a state that has already been
+copied. Changed: the migration undoes the import and tries again, and after a few tries it fences
+writers (:meth:`LocalState.fenced`; readers are never held) for one last import.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.limits import Limits, check_count, check_value_size
 from dspex_dspy.state.base import StateProvider
 from dspex_dspy.store.storage import HistoryEntry
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
@@ -39,8 +47,6 @@ from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_met
 __all__ = ["LocalState"]
 
 _MUTABLE_TYPES = frozenset({"embedding", "tensor"})
-#: Writes remembered per variable, as a bridge session does by default.
-DEFAULT_HISTORY_LIMIT = 100
 _ORCHESTRATOR = "orchestrator"
 
 
@@ -101,7 +107,7 @@ class LocalState:
 
     Args:
         owner: the owning context's id (used in error messages only).
-        history_limit: writes remembered per variable (older ones are dropped).
+        limits: the value-size, variable-count and history limits (the store's defaults when None).
 
     Example:
         >>> state = LocalState()
@@ -115,13 +121,15 @@ class LocalState:
     kind = "local"
     requires_bridge = False
 
-    def __init__(self, owner: str | None = None, *, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
-        if history_limit < 1:
-            raise ValueError(f"history_limit must be at least 1, got {history_limit}")
+    def __init__(self, owner: str | None = None, *, limits: Limits | None = None) -> None:
         self.owner = owner
-        self.history_limit = history_limit
+        self.limits = limits or Limits()
+        self.history_limit = self.limits.history_limit
         self._watchers: list[Watch] = []
         self._lock = threading.Lock()
+        self._unfenced = threading.Condition(self._lock)
+        self._fenced = False
+        self._writes = 0
         self._vars: dict[str, _Record] = {}
         self._ids = itertools.count(1)
         self._retired: StateProvider | None = None
@@ -152,6 +160,19 @@ class LocalState:
             target, key = self._miss(name)
             return target.get_versioned(key)
         return (_copy_value(value) if rec.mutable else value), version
+
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        wanted = list(names)
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                found = {n: (r.value, r.version, r.mutable) for n in wanted if (r := self._find(n)) is not None}
+        if forward is not None:
+            return forward.get_versioned_many(wanted)
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise VariableNotFoundError(", ".join(dict.fromkeys(missing)), self.owner)
+        return {n: ((_copy_value(v) if m else v), ver) for n, (v, ver, m) in found.items()}
 
     def get_variable(self, name: str) -> Variable:
         with self._lock:
@@ -209,14 +230,19 @@ class LocalState:
         validate_name(name)
         spec = compile_spec(name, type_, constraints)
         normalised = spec.validate(value)
+        check_value_size(self.limits, name, spec.type, normalised)
         meta = normalize_metadata(name, metadata)
         meta.setdefault("source", "orchestrator")
         meta.setdefault("backend", "local")
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
                 if name in self._vars:
                     raise VariableExistsError(name, self.owner)
+                check_count(self.limits, len(self._vars), 1)
+                self._writes += 1
                 now = time.time()
                 if now <= self._last_created:
                     now = self._last_created + 1e-6  # creation times must order creation
@@ -251,11 +277,16 @@ class LocalState:
     ) -> int:
         meta = normalize_metadata(name, metadata) if metadata else None
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             rec = self._vars.get(name)
             if rec is not None:
-                normalised = rec.spec.validate(value)
+                spec = rec.spec
+                normalised = spec.validate(value)
+                check_value_size(self.limits, name, spec.type, normalised)
                 if expected_version and expected_version != rec.version:
                     raise VersionConflictError(name, expected_version, rec.version)
+                self._writes += 1
                 rec.value = normalised
                 rec.version += 1
                 now = rec.updated_at = time.time()
@@ -268,6 +299,8 @@ class LocalState:
 
     def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
                 checked: list[tuple[str, _Record, Any]] = []
@@ -278,13 +311,16 @@ class LocalState:
                         errors[name] = VariableNotFoundError(name, self.owner)
                         continue
                     try:
-                        checked.append((name, rec, rec.spec.validate(value)))
+                        normalised = rec.spec.validate(value)
+                        check_value_size(self.limits, name, rec.spec.type, normalised)
+                        checked.append((name, rec, normalised))
                     except DSPexError as exc:
                         errors[name] = exc
                 if atomic and errors:
                     raise BatchUpdateError(errors)
                 now = time.time()
                 versions: dict[str, int] = {}
+                self._writes += 1
                 for name, rec, normalised in checked:
                     rec.value = normalised
                     rec.version += 1
@@ -300,8 +336,11 @@ class LocalState:
 
     def delete(self, name: str) -> None:
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             rec = self._vars.pop(name, None)
             if rec is not None:
+                self._writes += 1
                 del self._by_id[rec.id]
                 if self._watchers:
                     self._notify(self._snapshot(name, rec), UpdateType.DELETED, None, time.time())
@@ -314,14 +353,20 @@ class LocalState:
         for var in variables:
             validate_name(var.name)
             spec = compile_spec(var.name, var.type, var.constraints)
-            prepared.append((var, spec, spec.validate(var.value), normalize_metadata(var.name, var.metadata)))
+            normalised = spec.validate(var.value)
+            check_value_size(self.limits, var.name, spec.type, normalised)
+            prepared.append((var, spec, normalised, normalize_metadata(var.name, var.metadata)))
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
                 names = [v.name for v, *_ in prepared]
                 clash = [n for n in names if n in self._vars] or [n for n in set(names) if names.count(n) > 1]
                 if clash:
                     raise VariableExistsError(clash[0], self.owner)
+                check_count(self.limits, len(self._vars), len(prepared))
+                self._writes += 1
                 for var, spec, value, meta in prepared:
                     rec = self._vars[var.name] = _Record(
                         f"var_{var.name}_{next(self._ids)}",
@@ -371,6 +416,8 @@ class LocalState:
             ValidationError: ``version`` is not in the remembered history (nothing changes).
         """
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             rec = self._vars.get(name)
             if rec is not None:
                 entry = next((e for e in rec.history if e[0] == version), None)
@@ -384,6 +431,7 @@ class LocalState:
                     )
                 value = rec.spec.validate(entry[1])
                 meta = {"rolled_back_to": str(version)}
+                self._writes += 1
                 rec.value = value
                 rec.version += 1
                 now = rec.updated_at = time.time()
@@ -448,22 +496,53 @@ class LocalState:
 
     # ---------------------------------------------------------------- migration support
 
-    @contextmanager
-    def frozen(self) -> Iterator[builtins.list[Variable]]:
-        """Hold this state's lock and yield a full export; writers wait until the block ends."""
-        with self._lock:
-            yield [self._snapshot(n, r) for n, r in self._vars.items()]
+    def export_versioned(self) -> tuple[builtins.list[Variable], int]:
+        """A full export and the write counter it was taken at, read together under the lock.
 
-    def retire_locked(self, successor: StateProvider) -> None:
-        """Drop every record and forward all later calls to ``successor``.
-
-        Must be called inside :meth:`frozen`, after the export was imported into ``successor``.
+        Raises:
+            DSPexError: the state was already retired (its variables live elsewhere now).
         """
+        with self._lock:
+            if self._retired is not None:
+                raise DSPexError(f"the local state of {self.owner} was already moved")
+            return [self._snapshot(n, r) for n, r in self._vars.items()], self._writes
+
+    def retire_if_unchanged(self, successor: StateProvider, writes: int) -> bool:
+        """Retire in favour of ``successor`` if no write was accepted since the export at ``writes``.
+
+        Returns:
+            True when retired: every later call goes to ``successor``. False when a write landed
+            after the export (the export is stale and nothing changed here).
+        """
+        with self._lock:
+            if self._writes != writes:
+                return False
+            self._retire(successor)
+            return True
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Hold writers (never readers) until the block ends; for a migration's last try."""
+        with self._lock:
+            self._fenced = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fenced = False
+                self._unfenced.notify_all()
+
+    def _retire(self, successor: StateProvider) -> None:
         self._retired = successor
         self._vars.clear()
         self._by_id.clear()
         # Watchers of this state end here; a context's watch reopens on the successor.
         self._close_watchers()
+
+    def _wait_unfenced(self) -> None:
+        """Wait (lock held, released while waiting) until a migration's fence is lifted."""
+        while self._fenced:
+            self._unfenced.wait()
 
     # ---------------------------------------------------------------- internals
 

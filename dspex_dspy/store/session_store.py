@@ -43,6 +43,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.limits import StoreLimits, check_count, check_value_size
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
 from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
@@ -53,25 +54,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class StoreLimits:
-    """Limits a store enforces; a breach raises :class:`LimitExceededError` and changes nothing.
-
-    Attributes:
-        max_sessions: sessions alive at once.
-        max_variables_per_session: variables in one session.
-        max_value_bytes: approximate encoded size of one value.
-        max_watchers: watchers registered at once, over all sessions.
-        history_limit: writes remembered per variable (older ones are dropped).
-    """
-
-    max_sessions: int = 10_000
-    max_variables_per_session: int = 100_000
-    max_value_bytes: int = 1 << 20
-    max_watchers: int = 256
-    history_limit: int = 100
 
 
 @dataclass(frozen=True)
@@ -103,17 +85,6 @@ class BatchResult:
     def success(self) -> bool:
         """True when every write was applied."""
         return not self.errors
-
-
-def _value_size(type_: str, value: Any) -> int:
-    """A cheap estimate of a value's encoded size, for the value-size limit."""
-    if isinstance(value, str):
-        return len(value) if len(value) < 1 << 16 else len(value.encode("utf-8"))
-    if type_ == "embedding":
-        return 8 * len(value)
-    if type_ == "tensor":
-        return 8 * len(value["data"])
-    return 8
 
 
 class SessionStore:
@@ -609,14 +580,10 @@ class SessionStore:
         return record
 
     def _check_count(self, session: SessionRecord, adding: int) -> None:
-        total = len(session.variables) + adding
-        if total > self.limits.max_variables_per_session:
-            raise LimitExceededError("variables per session", total, self.limits.max_variables_per_session)
+        check_count(self.limits, len(session.variables), adding)
 
     def _check_size(self, name: str, type_: str, value: Any) -> None:
-        size = _value_size(type_, value)
-        if size > self.limits.max_value_bytes:
-            raise LimitExceededError(f"{name}: value size in bytes", size, self.limits.max_value_bytes)
+        check_value_size(self.limits, name, type_, value)
 
     def _new_record(
         self,

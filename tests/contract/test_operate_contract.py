@@ -18,6 +18,7 @@ import pytest
 
 from dspex_dspy import AsyncSessionContext, Context, SessionContext, Variables
 from dspex_dspy.errors import ValidationError, VariableNotFoundError, VersionConflictError
+from dspex_dspy.limits import Limits
 from dspex_dspy.ops import WatchEvent
 from dspex_dspy.state import LocalState
 
@@ -318,7 +319,7 @@ def test_a_context_watch_follows_the_switch_to_the_bridge() -> None:
 
 
 def test_local_history_is_bounded_like_a_session() -> None:
-    state = LocalState("c", history_limit=3)
+    state = LocalState("c", limits=Limits(history_limit=3))
     state.register("x", "integer", 0)
     for i in range(1, 6):
         state.set("x", i)
