@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dspex_dspy.display import event_record
 from dspex_dspy.errors import DSPexError, VersionConflictError
 from dspex_dspy.store.watch import UpdateType, VariableUpdate
 
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncCallbackWatch",
     "CallbackWatch",
     "ContextWatch",
+    "EventStream",
     "WatchEvent",
     "acas_update",
     "jittered_pauses",
@@ -70,6 +72,10 @@ class WatchEvent:
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
 
+    def to_record(self) -> dict[str, Any]:
+        """The event as a plain dict (JSON-ready; the time as ISO-8601 UTC), as ``watch --json`` prints it."""
+        return event_record(self)
+
 
 def event_from_update(update: VariableUpdate) -> WatchEvent | None:
     """The :class:`WatchEvent` of a store update; None for a heartbeat."""
@@ -86,6 +92,21 @@ def event_from_update(update: VariableUpdate) -> WatchEvent | None:
         variable_id=update.variable_id or var.id,
         metadata=dict(update.metadata),
     )
+
+
+class EventStream(Iterator[WatchEvent], Protocol):
+    """What a watch without a callback returns: an iterator of events that can be closed.
+
+    Use it in a ``with`` block, or call :meth:`close` (from any thread) to end the iteration.
+    """
+
+    def close(self) -> None:
+        """Stop the watch; iteration ends."""
+        ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class _UpdateSource(Protocol):

@@ -23,12 +23,12 @@ import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, overload
 
 from dspex_dspy.context import Context
 from dspex_dspy.display import History, VariableList
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError, VersionConflictError
-from dspex_dspy.ops import CallbackWatch, ContextWatch, WatchEvent
+from dspex_dspy.ops import CallbackWatch, ContextWatch, EventStream, WatchEvent
 from dspex_dspy.store import HistoryEntry
 from dspex_dspy.types import Variable
 
@@ -381,6 +381,26 @@ class Variables:
         """
         return _target(ctx).rollback(name, version)
 
+    @overload
+    @staticmethod
+    def watch(
+        ctx: AnyContext,
+        names: Iterable[str] | None = None,
+        *,
+        callback: None = None,
+        include_initial: bool = True,
+    ) -> EventStream: ...
+
+    @overload
+    @staticmethod
+    def watch(
+        ctx: AnyContext,
+        names: Iterable[str] | None = None,
+        *,
+        callback: Callable[[WatchEvent], Any],
+        include_initial: bool = True,
+    ) -> CallbackWatch: ...
+
     @staticmethod
     def watch(
         ctx: AnyContext,
@@ -388,7 +408,7 @@ class Variables:
         *,
         callback: Callable[[WatchEvent], Any] | None = None,
         include_initial: bool = True,
-    ) -> Iterator[WatchEvent] | CallbackWatch:
+    ) -> EventStream | CallbackWatch:
         """Watch some variables (None or empty: every variable, including new ones).
 
         Without ``callback``: an iterator of :class:`~dspex_dspy.ops.WatchEvent` (stop it with
@@ -412,7 +432,7 @@ class Variables:
             assert isinstance(target, _Worker)
             events = target.ctx.watch_variables(wanted, include_initial)
         if callback is None:
-            result: Iterator[WatchEvent] = events
+            result: EventStream = events
             return result
         return CallbackWatch(events, callback)
 

@@ -106,3 +106,15 @@ def test_values_are_shortened_for_display_only() -> None:
     assert format_value("x" * 100).endswith("…") and len(format_value("x" * 100)) == 48
     assert format_value(list(range(20))).endswith('"..."]')
     assert format_value(True) == "true"
+
+
+def test_a_watch_event_is_a_record(ctx: Context) -> None:
+    with Variables.watch(ctx, ["temperature"]) as events:  # type: ignore[attr-defined]
+        record = next(events).to_record()
+    assert (record["name"], record["value"], record["version"], record["update_type"]) == (
+        "temperature",
+        0.9,
+        2,
+        "initial_value",
+    )
+    assert record["timestamp"].endswith("+00:00")

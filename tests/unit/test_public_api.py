@@ -55,7 +55,7 @@ ALLOWED = {
     "state": {"errors", "types", "limits", "store", "state"},
     "context": {"errors", "types", "state", "display"},
     "variables": {"errors", "types", "context", "ops", "store", "display"},
-    "ops": {"errors", "types", "store"},
+    "ops": {"errors", "types", "store", "display"},
     "wire": {"errors", "types", "store", "_proto"},
     "server": {"errors", "types", "store", "wire", "admin", "_proto"},
     "admin": {"errors", "types", "store", "wire"},
