@@ -93,6 +93,13 @@ COMMANDS: Final = ("sessions", "list", "get", "set", "history", "rollback", "wat
 # ------------------------------------------------------------------ connection
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def connection_parser() -> argparse.ArgumentParser:
     """The parent parser holding every option about reaching a bridge (and ``--json``).
 
@@ -109,7 +116,7 @@ def connection_parser() -> argparse.ArgumentParser:
         help=f"the bridge to talk to (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
     )
     group.add_argument(
-        "--timeout", type=float, default=5.0, metavar="SECONDS", help="connect and call deadline (default: 5)"
+        "--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="connect and call deadline (default: 5)"
     )
     parent.add_argument("--json", action="store_true", help="print JSON instead of text (for scripts)")
     return parent

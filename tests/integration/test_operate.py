@@ -251,6 +251,7 @@ def test_unreachable_bridge_exits_unavailable() -> None:
 def test_bad_command_lines_exit_usage() -> None:
     assert cli("get").returncode == EXIT_CODES["usage"]
     assert cli("set", "s", "x").returncode == EXIT_CODES["usage"]
+    assert cli("sessions", "--timeout", "0").returncode == EXIT_CODES["usage"]
     help_text = cli("--help")
     assert help_text.returncode == 0
     for command in ("sessions", "list", "get", "set", "history", "rollback", "watch", "serve", "ping"):
