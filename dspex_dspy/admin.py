@@ -20,7 +20,7 @@ from google.protobuf import json_format, struct_pb2
 
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.store import SessionStore
-from dspex_dspy.wire import error_from_rpc
+from dspex_dspy.wire_errors import error_from_rpc
 
 __all__ = ["ADMIN_SERVICE", "SessionSummary", "add_admin_service", "list_sessions"]
 

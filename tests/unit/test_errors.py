@@ -7,6 +7,7 @@ import pytest
 from dspex_dspy import errors
 from dspex_dspy.errors import (
     BatchUpdateError,
+    BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
@@ -30,6 +31,7 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (SessionExistsError("s1"), ValueError),
     (LimitExceededError("sessions", 11, 10), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
+    (BridgeError("UNIMPLEMENTED: ExecuteTool is not implemented", code="UNIMPLEMENTED"), RuntimeError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]
 

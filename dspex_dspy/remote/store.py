@@ -4,13 +4,9 @@ An orchestrator whose context is bridged to a standalone server (``Context(bridg
 reads and writes its session through a :class:`RemoteStore`. It has the signatures and raises the
 exceptions of :class:`~dspex_dspy.store.SessionStore`, so :class:`~dspex_dspy.state.BridgedState`
 behaves the same whether its store is in this process or behind a bridge. Every call carries a
-deadline, and a failed call is turned back into the error the server raised
-(:func:`~dspex_dspy.wire.error_from_rpc`).
-
-The requests themselves are described by :class:`BridgeCall` values built by :class:`BridgeCalls`:
-what to send, to which RPC, and how to read the answer, with no I/O. :class:`RemoteStore` runs them
-on a blocking stub, and the worker clients (:mod:`dspex_dspy.client`) run the same descriptions on a
-blocking or a ``grpc.aio`` stub, so the wire details live in one place.
+deadline; it is one of the :class:`~dspex_dspy.remote.calls.BridgeCall` descriptions, and a
+failed call raises the very exception the server raised (rebuilt from the rich error details by
+:func:`~dspex_dspy.wire_errors.error_from_rpc`).
 
 Who wrote: the server records RPC writers as ``"worker"`` unless the call's gRPC metadata (or the
 request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore write sends its
@@ -19,17 +15,14 @@ request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore w
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Final, Generic, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Final, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
@@ -41,489 +34,21 @@ from dspex_dspy.errors import (
     VariableExistsError,
     VariableNotFoundError,
 )
+from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
+from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo, UpdateType, Watch
-from dspex_dspy.types import (
-    TYPE_URL_PREFIX,
-    Variable,
-    compile_spec,
-    encode_constraints,
-    normalize_metadata,
-    validate_name,
-)
-from dspex_dspy.wire import (
-    any_to_value,
-    error_from_rpc,
-    from_timestamp,
-    proto_to_update,
-    proto_to_variable,
-    timestamp,
-    value_to_any,
-)
+from dspex_dspy.types import Variable, compile_spec, normalize_metadata
+from dspex_dspy.wire import proto_to_update
+from dspex_dspy.wire_errors import error_from_rpc
 
-__all__ = [
-    "CHANNEL_OPTIONS",
-    "DEFAULT_CALL_TIMEOUT",
-    "IMPORT_WINDOW",
-    "registered_variable",
-    "BridgeCall",
-    "BridgeCalls",
-    "RemoteStore",
-    "error_from_text",
-    "infer_type",
-    "open_channel",
-]
+__all__ = ["IMPORT_WINDOW", "RemoteStore"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CALL_TIMEOUT: Final = 10.0
-"""Seconds a unary call may take before it fails with :class:`BridgeUnavailableError`."""
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
 
-CHANNEL_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-"""Options of the channels this package opens: after a server restart a channel retries its
-connection within 2 s (gRPC's defaults start at 1 s and grow to 2 minutes)."""
-
 _T = TypeVar("_T")
-_Metadata = tuple[tuple[str, str], ...]
-
-
-# --------------------------------------------------------------------------------------------
-# Values and errors on the client side
-# --------------------------------------------------------------------------------------------
-
-
-def infer_type(value: Any) -> str | None:
-    """The variable type a plain Python value naturally travels as, or None if it has none.
-
-    Used to encode a write when the variable's own type is not known to the client: the server
-    decodes the JSON and normalises it with the variable's real type and constraints.
-
-    Example:
-        >>> infer_type(0.5), infer_type(3), infer_type([1.0, 2.0]), infer_type({"shape": [1], "data": [1.0]})
-        ('float', 'integer', 'embedding', 'tensor')
-    """
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, Mapping):
-        return "tensor"
-    if hasattr(value, "tolist") and hasattr(value, "shape"):
-        return "tensor" if len(value.shape) != 1 else "embedding"
-    if isinstance(value, (list, tuple)):
-        return "tensor" if any(isinstance(item, (list, tuple)) for item in value) else "embedding"
-    return None
-
-
-def _write_any(name: str, value: Any, type_hint: str | None) -> any_pb2.Any:
-    """Encode a value being written to ``name``, for the server to judge.
-
-    The value travels as the variable's known type when it fits that type, else as its natural
-    type, else (a value no type accepts, such as a malformed tensor) as its raw JSON under the
-    known or natural type, so the server rejects it with the same error as any other bad value.
-    Only a value that is not JSON at all cannot be sent.
-
-    Raises:
-        ValidationError: the value cannot be encoded as JSON.
-    """
-    if hasattr(value, "item") and not hasattr(value, "__len__"):
-        value = value.item()  # a numpy scalar
-    inferred = infer_type(value)
-    for type_ in dict.fromkeys(t for t in (type_hint, inferred) if t):
-        try:
-            return value_to_any(type_, compile_spec(name, type_).validate(value))
-        except ValidationError:
-            continue  # a stale hint, or a malformed value: try the next way
-    try:
-        payload = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(
-            name, "type", value, f"a {type(value).__name__} is not a value of any variable type and cannot be sent"
-        ) from exc
-    return any_pb2.Any(type_url=TYPE_URL_PREFIX + (type_hint or inferred or "string"), value=payload)
-
-
-class _ReportedFailure(grpc.RpcError):
-    """A failure the server reported in a response body, dressed as the status it stands for."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-def error_from_text(message: str, *, identifier: str = "", session_id: str = "") -> DSPexError:
-    """Rebuild the error behind a failure the server reported as text (batch errors, ``error_message``).
-
-    The text is matched to the status code the server would have used for the same failure, and
-    then read as :func:`~dspex_dspy.wire.error_from_rpc` reads that status, so the error has the
-    same class and fields as when the failure ends a whole call.
-
-    Example:
-        >>> type(error_from_text("t: 2.5 is above the maximum 2.0 (rule max)")).__name__
-        'ValidationError'
-    """
-    low = message.lower()
-    if "not found" in low:
-        code = grpc.StatusCode.NOT_FOUND
-    elif "expected version" in low and "current version" in low:
-        code = grpc.StatusCode.ABORTED
-    elif "already exists" in low:
-        code = grpc.StatusCode.ALREADY_EXISTS
-    elif "exceeds the limit" in low:
-        code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    elif "(rule " in low:
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    else:
-        return DSPexError(message)
-    return error_from_rpc(_ReportedFailure(code, message), identifier=identifier, session_id=session_id)
-
-
-# --------------------------------------------------------------------------------------------
-# Call descriptions
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BridgeCall(Generic[_T]):
-    """One unary RPC, described without performing it.
-
-    Attributes:
-        rpc: the method name on a ``BridgeServiceStub`` (``"GetVariable"``).
-        request: the request message.
-        parse: turns the response message into the result (and raises for a reported failure).
-        identifier: the variable the call is about, for error messages.
-        session_id: the session the call is about, for error messages.
-        source: the writer to record, sent as gRPC metadata ``source``; None for reads.
-    """
-
-    rpc: str
-    request: Any
-    parse: Callable[[Any], _T]
-    identifier: str = ""
-    session_id: str = ""
-    source: str | None = None
-
-    @property
-    def metadata(self) -> _Metadata | None:
-        """The gRPC call metadata to send."""
-        return (("source", self.source),) if self.source else None
-
-    def error(self, err: grpc.RpcError) -> DSPexError:
-        """The error a failed run of this call stands for."""
-        return error_from_rpc(err, identifier=self.identifier, session_id=self.session_id)
-
-
-def _checked(response: Any, call_identifier: str, session_id: str) -> Any:
-    """Raise the error a response reports in ``success``/``error_message`` (bridges that do not abort)."""
-    if not response.success and response.error_message:
-        raise error_from_text(response.error_message, identifier=call_identifier, session_id=session_id)
-    return response
-
-
-def _session_info(response: Any) -> SessionInfo:
-    # The wire contract does not report a session's TTL, so it is NaN (unknown) on this side.
-    return SessionInfo(
-        id=response.session_id,
-        metadata=dict(response.metadata),
-        created_at=from_timestamp(response.created_at),
-        ttl=math.nan,
-        variable_count=response.variable_count,
-        expires_in=math.nan,
-    )
-
-
-def _history(response: Any) -> list[HistoryEntry]:
-    return [
-        HistoryEntry(
-            version=entry.version,
-            value=any_to_value(entry.value),
-            timestamp=from_timestamp(entry.timestamp),
-            changed_by=entry.changed_by,
-            metadata=dict(entry.metadata),
-        )
-        for entry in response.entries
-    ]
-
-
-class BridgeCalls:
-    """Builders of the :class:`BridgeCall` for each operation a client performs (no I/O here).
-
-    Example:
-        >>> call = BridgeCalls.get_variable("s1", "temperature")
-        >>> call.rpc, call.request.variable_identifier
-        ('GetVariable', 'temperature')
-    """
-
-    @staticmethod
-    def ping(message: str = "") -> BridgeCall[str]:
-        """``Ping``: the server's answer text."""
-        return BridgeCall("Ping", pb.PingRequest(message=message), lambda r: str(r.message))
-
-    @staticmethod
-    def initialize_session(session_id: str, metadata: Mapping[str, Any] | None = None) -> BridgeCall[None]:
-        """``InitializeSession``: create a session."""
-        request = pb.InitializeSessionRequest(session_id=session_id, metadata=normalize_metadata("", metadata))
-
-        def parse(response: Any) -> None:
-            _checked(response, "", session_id)
-
-        return BridgeCall("InitializeSession", request, parse, session_id=session_id)
-
-    @staticmethod
-    def get_session(session_id: str) -> BridgeCall[SessionInfo]:
-        """``GetSession``: describe a session."""
-        return BridgeCall(
-            "GetSession", pb.GetSessionRequest(session_id=session_id), _session_info, session_id=session_id
-        )
-
-    @staticmethod
-    def heartbeat(session_id: str) -> BridgeCall[bool]:
-        """``Heartbeat``: whether the session is still valid (its TTL is refreshed)."""
-        request = pb.HeartbeatRequest(session_id=session_id, client_time=timestamp(time.time()))
-        return BridgeCall("Heartbeat", request, lambda r: bool(r.session_valid), session_id=session_id)
-
-    @staticmethod
-    def cleanup_session(session_id: str, *, force: bool = False) -> BridgeCall[int]:
-        """``CleanupSession``: how many variables the session held."""
-        request = pb.CleanupSessionRequest(session_id=session_id, force=force)
-        return BridgeCall("CleanupSession", request, lambda r: int(r.resources_cleaned), session_id=session_id)
-
-    @staticmethod
-    def register_variable(
-        session_id: str,
-        name: str,
-        type_: str,
-        value: Any,
-        *,
-        constraints: Mapping[str, Any] | None = None,
-        description: str = "",
-        metadata: Mapping[str, Any] | None = None,
-        source: str,
-        initial_version: int = 0,
-        created_at: float = 0.0,
-    ) -> BridgeCall[str]:
-        """``RegisterVariable``: the new variable's id.
-
-        ``initial_version`` and ``created_at`` (when non-zero) import a variable with them kept.
-        The value is checked against the type and constraints here first, so a bad one fails
-        without a round trip, with the same error the server would report.
-        """
-        validate_name(name)
-        spec = compile_spec(name, type_, constraints)
-        request = pb.RegisterVariableRequest(
-            session_id=session_id,
-            name=name,
-            type=spec.type,
-            constraints_json=encode_constraints(spec.constraints) if spec.constraints else "",
-            metadata=normalize_metadata(name, metadata),
-            description=description or "",
-            initial_version=initial_version,
-        )
-        request.initial_value.CopyFrom(value_to_any(spec.type, spec.validate(value)))
-        if created_at:
-            request.created_at.CopyFrom(timestamp(created_at))
-
-        def parse(response: Any) -> str:
-            return str(_checked(response, name, session_id).variable_id)
-
-        return BridgeCall("RegisterVariable", request, parse, identifier=name, session_id=session_id, source=source)
-
-    @staticmethod
-    def get_variable(session_id: str, identifier: str) -> BridgeCall[Variable]:
-        """``GetVariable``: the variable."""
-        request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
-        return BridgeCall(
-            "GetVariable",
-            request,
-            lambda r: proto_to_variable(r.variable),
-            identifier=identifier,
-            session_id=session_id,
-        )
-
-    @staticmethod
-    def get_variables(session_id: str, identifiers: Sequence[str]) -> BridgeCall[tuple[dict[str, Variable], list[str]]]:
-        """``GetVariables``: ``(found keyed by identifier in request order, missing identifiers)``."""
-        request = pb.BatchGetVariablesRequest(
-            session_id=session_id, variable_identifiers=list(identifiers), include_metadata=True
-        )
-
-        def parse(response: Any) -> tuple[dict[str, Variable], list[str]]:
-            found = {
-                ident: proto_to_variable(response.variables[ident])
-                for ident in dict.fromkeys(identifiers)
-                if ident in response.variables
-            }
-            return found, list(response.missing_variables)
-
-        return BridgeCall("GetVariables", request, parse, identifier=", ".join(identifiers), session_id=session_id)
-
-    @staticmethod
-    def set_variable(
-        session_id: str,
-        identifier: str,
-        value: Any,
-        *,
-        type_hint: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        expected_version: int | None = None,
-        source: str,
-    ) -> BridgeCall[int]:
-        """``SetVariable``: the new version.
-
-        ``type_hint`` is the variable's type when the caller knows it (the value is then encoded as
-        that type); otherwise the value travels as its natural type and the server normalises it.
-        """
-        if isinstance(expected_version, bool) or not isinstance(expected_version, (int, type(None))):
-            raise ValidationError(identifier, "expected_version", expected_version, "expected_version must be an int")
-        request = pb.SetVariableRequest(
-            session_id=session_id,
-            variable_identifier=identifier,
-            metadata=normalize_metadata(identifier, metadata),
-            expected_version=expected_version or 0,
-        )
-        request.value.CopyFrom(_write_any(identifier, value, type_hint))
-
-        def parse(response: Any) -> int:
-            return int(_checked(response, identifier, session_id).new_version)
-
-        return BridgeCall("SetVariable", request, parse, identifier=identifier, session_id=session_id, source=source)
-
-    @staticmethod
-    def set_variables(
-        session_id: str,
-        updates: Mapping[str, Any],
-        *,
-        type_hints: Mapping[str, str] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        atomic: bool = True,
-        source: str,
-    ) -> BridgeCall[BatchResult]:
-        """``SetVariables``: a :class:`~dspex_dspy.store.BatchResult` whose errors are DSPexErrors.
-
-        A value that cannot be sent at all is reported as that entry's error, like any rejected
-        value; in an atomic batch it means nothing is sent (and so nothing is applied).
-        """
-        hints = type_hints or {}
-        request = pb.BatchSetVariablesRequest(
-            session_id=session_id, metadata=normalize_metadata("", metadata), atomic=atomic
-        )
-        unsendable: dict[str, DSPexError] = {}
-        encoded: dict[str, any_pb2.Any] = {}
-        for ident, value in updates.items():
-            try:
-                encoded[ident] = _write_any(ident, value, hints.get(ident))
-            except ValidationError as exc:
-                unsendable[ident] = exc
-        if not (atomic and unsendable):
-            for ident, any_msg in encoded.items():
-                request.updates[ident].CopyFrom(any_msg)
-
-        def parse(response: Any) -> BatchResult:
-            reported = {
-                ident: error_from_text(text, identifier=ident, session_id=session_id)
-                for ident, text in response.errors.items()
-            }
-            errors = {
-                ident: reported.get(ident) or unsendable[ident]
-                for ident in updates
-                if ident in reported or ident in unsendable
-            }
-            versions = {ident: int(response.new_versions[ident]) for ident in updates if ident in response.new_versions}
-            return BatchResult(versions, errors)
-
-        return BridgeCall("SetVariables", request, parse, session_id=session_id, source=source)
-
-    @staticmethod
-    def list_variables(session_id: str, pattern: str | None = None) -> BridgeCall[list[Variable]]:
-        """``ListVariables``: the variables in creation order, optionally filtered by a ``*`` glob."""
-        request = pb.ListVariablesRequest(session_id=session_id, pattern=pattern or "")
-        return BridgeCall(
-            "ListVariables",
-            request,
-            lambda r: [proto_to_variable(v) for v in r.variables],
-            session_id=session_id,
-        )
-
-    @staticmethod
-    def delete_variable(session_id: str, identifier: str, *, source: str) -> BridgeCall[None]:
-        """``DeleteVariable``."""
-        request = pb.DeleteVariableRequest(session_id=session_id, variable_identifier=identifier)
-
-        def parse(response: Any) -> None:
-            _checked(response, identifier, session_id)
-
-        return BridgeCall("DeleteVariable", request, parse, identifier=identifier, session_id=session_id, source=source)
-
-    @staticmethod
-    def get_history(session_id: str, identifier: str, limit: int = 0) -> BridgeCall[list[HistoryEntry]]:
-        """``GetVariableHistory``: the remembered writes, newest first."""
-        request = pb.GetVariableHistoryRequest(session_id=session_id, variable_identifier=identifier, limit=limit)
-        return BridgeCall("GetVariableHistory", request, _history, identifier=identifier, session_id=session_id)
-
-    @staticmethod
-    def rollback_variable(
-        session_id: str, identifier: str, target_version: int, *, source: str
-    ) -> BridgeCall[Variable]:
-        """``RollbackVariable``: the variable at its new version."""
-        request = pb.RollbackVariableRequest(
-            session_id=session_id, variable_identifier=identifier, target_version=target_version
-        )
-
-        def parse(response: Any) -> Variable:
-            return proto_to_variable(_checked(response, identifier, session_id).variable)
-
-        return BridgeCall(
-            "RollbackVariable", request, parse, identifier=identifier, session_id=session_id, source=source
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# RemoteStore
-# --------------------------------------------------------------------------------------------
-
-
-def registered_variable(
-    var_id: str,
-    name: str,
-    type_: str,
-    value: Any,
-    constraints: Mapping[str, Any] | None,
-    description: str | None,
-    metadata: Mapping[str, Any] | None,
-    source: str,
-) -> Variable:
-    """The record of a variable the server just registered under ``var_id`` (version 1, client clock)."""
-    spec = compile_spec(name, type_, constraints)
-    now = time.time()
-    return Variable(
-        id=var_id,
-        name=name,
-        type=spec.type,
-        value=spec.validate(value),
-        constraints=dict(spec.constraints),
-        description=description or "",
-        metadata=normalize_metadata(name, metadata),
-        version=1,
-        created_at=now,
-        updated_at=now,
-        source=source,
-    )
 
 
 class RemoteStore:
@@ -547,7 +72,7 @@ class RemoteStore:
 
     def __init__(
         self,
-        stub: Any,
+        stub: pb_grpc.BridgeServiceStub,
         *,
         channel: grpc.Channel | None = None,
         address: str | None = None,
@@ -956,20 +481,3 @@ class _RemoteWatch(Watch):
         """Cancel the stream and end the watch. Idempotent."""
         super().close()
         self._stream.cancel()
-
-
-def open_channel(address: str, *, timeout: float = 5.0) -> grpc.Channel:
-    """Open an insecure channel to ``address`` and wait up to ``timeout`` seconds for it to be ready.
-
-    Raises:
-        BridgeUnavailableError: the address is malformed or nothing answered in time.
-    """
-    if not isinstance(address, str) or ":" not in address:
-        raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        channel.close()
-        raise BridgeUnavailableError(f"no bridge server answered at {address} within {timeout:g} s") from None
-    return channel
