@@ -93,6 +93,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-watchers", type=_positive_int, default=_DEFAULT_SERVER.max_watchers, help="concurrent watch streams"
     )
     serve.add_argument(
+        "--max-watchers-per-session",
+        type=_positive_int,
+        default=None,
+        help="watch streams of one session (default: half of --max-watchers)",
+    )
+    serve.add_argument(
+        "--max-watchers-per-client",
+        type=_positive_int,
+        default=None,
+        help="watch streams of one client connection (default: a quarter of --max-watchers)",
+    )
+    serve.add_argument(
+        "--max-session-bytes",
+        type=_positive_int,
+        default=_DEFAULT_STORE.max_session_bytes,
+        help="bytes one session may hold: metadata, variables, history (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-history-bytes",
+        type=_positive_int,
+        default=_DEFAULT_STORE.max_history_bytes,
+        help="bytes of remembered writes per variable (default: %(default)s)",
+    )
+    serve.add_argument(
         "--heartbeat-interval",
         type=_positive_float,
         default=DEFAULT_HEARTBEAT_INTERVAL,
@@ -130,11 +154,15 @@ def _serve(args: argparse.Namespace) -> int:
             max_variables_per_session=args.max_variables,
             max_value_bytes=args.max_value_bytes,
             max_watchers=args.max_watchers,
+            max_session_bytes=args.max_session_bytes,
+            max_history_bytes=args.max_history_bytes,
         ),
     )
     limits = ServerLimits(
         max_value_bytes=args.max_value_bytes,
         max_watchers=args.max_watchers,
+        max_watchers_per_session=args.max_watchers_per_session,
+        max_watchers_per_principal=args.max_watchers_per_client,
         max_message_bytes=max(_DEFAULT_SERVER.max_message_bytes, 2 * args.max_value_bytes),
     )
     stop_requested = threading.Event()

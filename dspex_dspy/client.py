@@ -86,6 +86,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.ops import AsyncCallbackWatch, CallbackWatch, WatchEvent, acas_update, cas_update
 from dspex_dspy.remote import (
     CHANNEL_OPTIONS,
@@ -233,6 +234,7 @@ class _WatchTracker:
             update.timestamp,
             var.id,
             dict(update.metadata),
+            var.optimization_status,
         )
 
     def on_listing(self, variables: Iterable[Variable]) -> list[WatchEvent]:
@@ -260,6 +262,7 @@ class _WatchTracker:
                         var.updated_at,
                         var.id,
                         {},
+                        var.optimization_status,
                     )
                 )
         now = time.time()
@@ -430,6 +433,14 @@ class _VariableCache:
     def lookup(self, name: str) -> Variable | None:
         with self._cond:
             return self._lookup(name)
+
+    def lookup_record(self, name: str) -> Variable | None:
+        """Like :meth:`lookup`, but None for the worker's own write not yet confirmed by the stream.
+
+        Such a record has the right value and version, but the server decides its metadata.
+        """
+        with self._cond:
+            return None if name in self._provisional else self._lookup(name)
 
     def _lookup(self, name: str) -> Variable | None:
         if not self._synced:
@@ -1133,7 +1144,7 @@ class SessionContext(_ClientCore):
 
     def get_variable_record(self, name: str) -> Variable:
         """The whole :class:`~dspex_dspy.types.Variable` record of ``name`` (cache first)."""
-        var = self._cache.lookup(name) if self._cache is not None else None
+        var = self._cache.lookup_record(name) if self._cache is not None else None
         if var is None:
             var = self._call(BridgeCalls.get_variable(self.session_id, name))
         return replace(var, value=_detached(var.value)) if isinstance(var.value, (list, dict)) else var
@@ -1224,8 +1235,8 @@ class SessionContext(_ClientCore):
         Args:
             name: the variable's name (or id).
             value: the new value (checked by the server against the type and constraints).
-            metadata: ``str -> str`` describing this write: kept in its history entry and sent
-                to watchers; it does not change the variable's own metadata.
+            metadata: ``str -> str`` describing this write: kept in its history entry, sent to
+                watchers and shown on this version only (it never sticks to later versions).
             expected_version: a non-zero version makes the write a compare-and-swap.
 
         Raises:
@@ -1266,7 +1277,7 @@ class SessionContext(_ClientCore):
         Args:
             updates: name -> new value.
             atomic: all or nothing (default); False applies every write that is valid.
-            metadata: the metadata of these writes (kept in each history entry, not on the variables).
+            metadata: the metadata of these writes (kept in each history entry; shown on these versions only).
 
         Raises:
             BatchUpdateError: some writes were rejected; ``.errors`` maps each to its error and
@@ -1283,6 +1294,21 @@ class SessionContext(_ClientCore):
         """
         self._call(BridgeCalls.delete_variable(self.session_id, name, source=WORKER))
         self._deleted(name)
+
+    def start_optimization(
+        self, names: Sequence[str], optimizer_id: str, *, ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> OptimizationLease:
+        """Take (or renew) an optimization lease on ``names``; see ``Variables.start_optimization``.
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+        """
+        return self._call(BridgeCalls.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease (the lease or its id), or with ``force=True`` the lease holding a variable."""
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        self._call(BridgeCalls.stop_optimization(self.session_id, target, force=force))
 
     # ------------------------------------------------------------------ watching
 
@@ -1815,7 +1841,7 @@ class AsyncSessionContext(_ClientCore):
 
     async def get_variable_record(self, name: str) -> Variable:
         """The whole :class:`~dspex_dspy.types.Variable` record of ``name`` (cache first)."""
-        var = self._cache.lookup(name) if self._cache is not None else None
+        var = self._cache.lookup_record(name) if self._cache is not None else None
         if var is None:
             var = await self._call(BridgeCalls.get_variable(self.session_id, name))
         return replace(var, value=_detached(var.value)) if isinstance(var.value, (list, dict)) else var

@@ -12,6 +12,7 @@ would reach for first, so ``except KeyError`` and ``except DSPexError`` both wor
     ├── SessionNotFoundError     (KeyError)         the session does not exist (or expired)
     ├── SessionExistsError       (ValueError)       a session with that id already exists
     ├── LimitExceededError       (RuntimeError)     a configured limit (size, count, watchers) was hit
+    ├── VariableLockedError      (RuntimeError)     an optimizer's lease holds the variable
     ├── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
     └── BridgeError              (RuntimeError)     the bridge reported a failure no class above
                                                     describes (unimplemented, internal, untyped)
@@ -36,6 +37,7 @@ __all__ = [
     "SessionNotFoundError",
     "ValidationError",
     "VariableExistsError",
+    "VariableLockedError",
     "VariableNotFoundError",
     "VersionConflictError",
 ]
@@ -146,6 +148,26 @@ class LimitExceededError(DSPexError, RuntimeError):
         self.limit = limit
         self.value = value
         self.maximum = maximum
+
+
+class VariableLockedError(DSPexError, RuntimeError):
+    """An optimization lease holds the variable: only its optimizer may write it (or start on it).
+
+    A write passes anyway when forced (``force=True``), and the forced write is recorded in the
+    variable's metadata (``forced_over``). Reads and watches are never refused.
+
+    Attributes:
+        name: the variable.
+        optimizer_id: the optimizer holding the lease.
+        detail: what the caller can do about it.
+    """
+
+    def __init__(self, name: str, optimizer_id: str, detail: str = "") -> None:
+        what = detail or "writes need force=True until the optimization stops or its lease expires"
+        super().__init__(f"Variable locked: {name} is held by optimizer {optimizer_id}; {what}")
+        self.name = name
+        self.optimizer_id = optimizer_id
+        self.detail = what
 
 
 class BridgeUnavailableError(DSPexError, ConnectionError):

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from dspex_dspy.display import event_record
 from dspex_dspy.errors import DSPexError, VersionConflictError
 from dspex_dspy.store.watch import UpdateType, VariableUpdate
+from dspex_dspy.types import OptimizationStatus
 
 __all__ = [
     "AsyncCallbackWatch",
@@ -61,6 +62,7 @@ class WatchEvent:
         timestamp: wall-clock seconds since the epoch.
         variable_id: the variable's id.
         metadata: the metadata given with this one write (not the variable's own metadata).
+        optimization_status: the optimization lease holding the variable at that version, or None.
     """
 
     name: str
@@ -71,6 +73,7 @@ class WatchEvent:
     timestamp: float
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    optimization_status: OptimizationStatus | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The event as a plain dict (JSON-ready; the time as ISO-8601 UTC), as ``watch --json`` prints it."""
@@ -91,6 +94,7 @@ def event_from_update(update: VariableUpdate) -> WatchEvent | None:
         timestamp=update.timestamp or var.updated_at,
         variable_id=update.variable_id or var.id,
         metadata=dict(update.metadata),
+        optimization_status=var.optimization_status,
     )
 
 

@@ -32,7 +32,6 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.admin import add_admin_service
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -41,6 +40,8 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
 )
+from dspex_dspy.guard import WatchSlots, clip, clipped, guarded_handler, peer_principal
+from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
@@ -72,6 +73,11 @@ class ServerLimits:
         max_value_bytes: largest encoded value (``Any.value`` plus any binary part) accepted in a
             write; a larger one is ``RESOURCE_EXHAUSTED``.
         max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``.
+        max_watchers_per_session: concurrent streams on one session (None = half of
+            ``max_watchers``, at least 1).
+        max_watchers_per_principal: concurrent streams of one client, a peer address (None = a
+            quarter of ``max_watchers``, at least 1). With these shares no single client or session
+            can take every stream.
         max_workers: threads serving RPCs (None = ``max_watchers + 32``). Each open watch stream
             holds a thread, so this must exceed ``max_watchers`` or watches could starve unary calls.
     """
@@ -80,16 +86,35 @@ class ServerLimits:
     max_value_bytes: int = 8 * 1024 * 1024
     max_watchers: int = 64
     max_workers: int | None = None
+    max_watchers_per_session: int | None = None
+    max_watchers_per_principal: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_value_bytes", "max_watchers"):
             if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_watchers_per_session", "max_watchers_per_principal"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_workers is not None and self.max_workers <= self.max_watchers:
             raise ValueError(
                 f"max_workers ({self.max_workers}) must exceed max_watchers ({self.max_watchers}), "
                 "or open watch streams could leave no thread for unary calls"
             )
+
+    @property
+    def watchers_per_session(self) -> int:
+        """The per-session share of watch streams actually used."""
+        if self.max_watchers_per_session is not None:
+            return self.max_watchers_per_session
+        return max(1, self.max_watchers // 2)
+
+    @property
+    def watchers_per_principal(self) -> int:
+        """The per-client share of watch streams actually used."""
+        if self.max_watchers_per_principal is not None:
+            return self.max_watchers_per_principal
+        return max(1, self.max_watchers // 4)
 
     @property
     def workers(self) -> int:
@@ -113,17 +138,17 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """End the call with the status that reports ``exc``, its fields in the rich error details."""
     if isinstance(exc, _Abort):
-        context.abort_with_status(rpc_status_for(code=exc.code, message=exc.message))
+        context.abort_with_status(rpc_status_for(code=exc.code, message=clip(exc.message)))
     if isinstance(exc, RecursionError):
         # A value nested thousands of levels deep is bad input, not a bug.
         exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
     if isinstance(exc, DSPexError):
-        context.abort_with_status(rpc_status_for(exc))
+        context.abort_with_status(rpc_status_for(clipped(exc)))
     logger.exception("%s failed unexpectedly", rpc)
     context.abort_with_status(
         rpc_status_for(
             code=grpc.StatusCode.INTERNAL,
-            message=f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}",
+            message=clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}"),
         )
     )
 
@@ -206,6 +231,11 @@ class BridgeServicer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
+        self._slots = WatchSlots(
+            self.limits.max_watchers, self.limits.watchers_per_session, self.limits.watchers_per_principal
+        )
+        #: Names the caller of a watch for its fair share (the peer address by default).
+        self.principal_of: Callable[[grpc.ServicerContext], str] = peer_principal
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -250,18 +280,26 @@ class BridgeServicer:
         return any_to_value(any_msg, name=name, binary=binary)
 
     @contextmanager
-    def _watch_slot(self, watch_factory: Callable[[], Watch]) -> Iterator[Watch]:
-        """Open a watch within ``max_watchers``; close and forget it on the way out."""
+    def _watch_slot(
+        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
+    ) -> Iterator[Watch]:
+        """Open a watch within ``max_watchers`` and the fair shares; close and forget it on the way out."""
         with self._lock:
             if len(self._watches) >= self.limits.max_watchers:
                 raise LimitExceededError("watch streams", len(self._watches) + 1, self.limits.max_watchers)
-            watch = watch_factory()
+            self._slots.acquire(session_id, principal)
+            try:
+                watch = watch_factory()
+            except BaseException:
+                self._slots.release(session_id, principal)
+                raise
             self._watches.add(watch)
         try:
             yield watch
         finally:
             with self._lock:
                 self._watches.discard(watch)
+                self._slots.release(session_id, principal)
             self.store.unwatch(watch)
 
     # ------------------------------------------------------------------ sessions
@@ -477,7 +515,7 @@ class BridgeServicer:
         def open_watch() -> Watch:
             return self.store.watch(session_id, identifiers, include_initial=request.include_initial_values)
 
-        with self._watch_slot(open_watch) as watch:
+        with self._watch_slot(open_watch, session_id, self.principal_of(context)) as watch:
             # Wakes the loop at once when the client goes away.
             context.add_callback(watch.close)
             interval = self.heartbeat_interval
@@ -546,15 +584,31 @@ class BridgeServicer:
     def StartOptimization(
         self, request: pb.StartOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StartOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StartOptimization", "server-side optimization is not supported")
+        """Take (or renew) an optimization lease; ``optimization_id`` is the lease's id.
+
+        ``optimizer_config`` may carry ``variables`` (a JSON list: the lease covers all of them,
+        else just ``variable_identifier``) and ``lease_seconds`` (its ttl). Another optimizer's
+        lease on any of them is ``FAILED_PRECONDITION``.
+        """
+        variables, ttl = lease_request_config(request.variable_identifier, dict(request.optimizer_config))
+        lease = self.store.start_optimization(request.session_id, variables, request.optimizer_id, ttl=ttl)
+        return pb.StartOptimizationResponse(success=True, optimization_id=lease.id)
 
     @_unary
     def StopOptimization(
         self, request: pb.StopOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StopOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StopOptimization", "server-side optimization is not supported")
+        """End a lease named by its id, or (``force``) the lease holding the named variable.
+
+        ``final_value`` is the named variable's value (unset when a lease id is named).
+        """
+        ident = request.variable_identifier
+        self.store.stop_optimization(request.session_id, ident, force=request.force)
+        response = pb.StopOptimizationResponse(success=True)
+        if not ident.startswith(LEASE_ID_PREFIX):
+            variable = self.store.get_variable(request.session_id, ident)
+            response.final_value.CopyFrom(value_to_any(variable.type, variable.value))
+        return response
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,7 +761,9 @@ def create_server(
         options=options,
         interceptors=list(interceptors),
     )
-    pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
+    # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
+    # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
+    server.add_generic_rpc_handlers((guarded_handler(servicer),))
     add_admin_service(server, served)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

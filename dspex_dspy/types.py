@@ -37,6 +37,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_TENSOR_RANK",
+    "OptimizationStatus",
     "TYPE_URL_PREFIX",
     "VARIABLE_TYPES",
     "Variable",
@@ -78,6 +79,19 @@ _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -m
 
 
 @dataclass(frozen=True)
+class OptimizationStatus:
+    """An optimization lease holding a variable (see :mod:`dspex_dspy.leases`).
+
+    Attributes:
+        optimizer_id: the optimizer holding the lease.
+        started_at: wall-clock seconds since the epoch when the lease was taken.
+    """
+
+    optimizer_id: str
+    started_at: float
+
+
+@dataclass(frozen=True)
 class Variable:
     """A snapshot of one variable: what it is, its current value and version.
 
@@ -93,6 +107,7 @@ class Variable:
         created_at: wall-clock seconds since the epoch.
         updated_at: wall-clock seconds since the epoch of the last accepted write.
         source: who wrote it last: ``"orchestrator"`` or ``"worker"``.
+        optimization_status: the optimization lease holding it, or None.
     """
 
     id: str
@@ -106,6 +121,7 @@ class Variable:
     created_at: float = 0.0
     updated_at: float = 0.0
     source: str = "orchestrator"
+    optimization_status: OptimizationStatus | None = None
 
     def __repr__(self) -> str:
         from dspex_dspy.display import variable_repr

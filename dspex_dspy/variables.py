@@ -6,10 +6,11 @@ an orchestrator :class:`~dspex_dspy.Context` (local or bridged, and across a swi
 :class:`~dspex_dspy.AsyncSessionContext` takes the ``a``-prefixed coroutines
 (``await Variables.aget(actx, "temperature")``), which also accept the other two.
 
-Metadata: a variable's own metadata is given when it is defined (``defvariable(..., metadata=)``)
-and is what :func:`Variables.get_variable` reports. The metadata given with one write
-(``set(..., metadata=)``) describes that write only: it is kept in the write's history entry and
-sent to watchers, and never sticks to the variable for later writes.
+Metadata: a variable's own metadata is given when it is defined (``defvariable(..., metadata=)``).
+The metadata given with one write (``set(..., metadata=)``) describes that write: it is kept in
+the write's history entry, sent to watchers, and shown on top of the variable's own metadata by
+:func:`Variables.get_variable` for the version that write made only; the next write replaces it,
+so it never sticks to later versions.
 
 Watches coalesce: a slow watcher sees the latest value of each variable, not every write; the
 complete change log of a variable is :func:`Variables.history`.
@@ -22,12 +23,13 @@ import builtins
 import inspect
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Union, overload
 
 from dspex_dspy.context import Context
 from dspex_dspy.display import History, VariableList
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError, VersionConflictError
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.ops import CallbackWatch, ContextWatch, EventStream, WatchEvent
 from dspex_dspy.store import HistoryEntry
 from dspex_dspy.types import Variable
@@ -106,8 +108,10 @@ class _Worker:
         values: dict[str, Any] = self.ctx.get_variables(names)
         return values
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
-        versions: dict[str, int] = self.ctx.set_variables(updates, atomic=atomic)
+    def update_many(
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, int]:
+        versions: dict[str, int] = self.ctx.set_variables(updates, atomic=atomic, metadata=metadata)
         return versions
 
     def list(self) -> builtins.list[Variable]:
@@ -250,19 +254,27 @@ class Variables:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         """Write a value and return the new version.
 
         Args:
-            metadata: ``str -> str`` describing this write (who, why): kept in its history entry
-                and sent to watchers; it does not change the variable's own metadata.
+            metadata: ``str -> str`` describing this write (who, why): kept in its history entry,
+                sent to watchers and shown on this version only (it never sticks to later ones).
             expected_version: when non-zero, write only if this is the current version
                 (compare-and-swap); otherwise raise :class:`VersionConflictError`.
+            force: write even though an optimizer's lease holds the variable; the write records
+                ``forced_over: <optimizer id>`` in its metadata (shown on the version it made).
 
         Raises:
             ValidationError: the value breaks the type or a constraint (nothing changes).
             VersionConflictError: ``expected_version`` is stale (nothing changes).
+            VariableLockedError: another optimizer's lease holds the variable (nothing changes).
         """
+        if isinstance(ctx, Context):
+            return ctx._provider.set(name, value, metadata=metadata, expected_version=expected_version, force=force)
+        if force:
+            metadata = {**(metadata or {}), FORCE_METADATA_KEY: "true"}
         return _target(ctx).set(name, value, metadata=metadata, expected_version=expected_version)
 
     @staticmethod
@@ -319,17 +331,74 @@ class Variables:
         return _target(ctx).get_many(names)
 
     @staticmethod
-    def update_many(ctx: AnyContext, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+    def update_many(
+        ctx: AnyContext,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
         """Write several variables; return their new versions.
 
         ``atomic=True`` (default) validates every value first and applies all or none.
-        ``atomic=False`` applies what it can.
+        ``atomic=False`` applies what it can. ``metadata`` is merged into every variable written
+        (an optimizer names itself with ``optimizer_id`` to write through its own lease);
+        ``force`` writes through other optimizers' leases.
 
         Raises:
             BatchUpdateError: some writes were rejected; ``.errors`` says which and why and
                 ``.new_versions`` lists the writes applied (none when atomic).
         """
-        return _target(ctx).update_many(updates, atomic=atomic)
+        if isinstance(ctx, Context):
+            return ctx._provider.update_many(updates, atomic=atomic, metadata=metadata, force=force)
+        if force:
+            metadata = {**(metadata or {}), FORCE_METADATA_KEY: "true"}
+        return _target(ctx).update_many(updates, atomic=atomic, metadata=metadata)
+
+    @staticmethod
+    def start_optimization(
+        ctx: Context,
+        names: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float = DEFAULT_LEASE_SECONDS,
+    ) -> OptimizationLease:
+        """Take an optimization lease on ``names`` for ``optimizer_id``; call again to renew it.
+
+        While the lease holds (``ttl`` seconds after its last start or renewal), writes to those
+        variables are refused with :class:`~dspex_dspy.errors.VariableLockedError` unless they
+        carry ``metadata={"optimizer_id": optimizer_id}`` or are forced, and no other optimizer
+        can take any of them. Reads and watches are not affected; ``Variable.optimization_status``
+        shows the lease.
+
+        Example:
+            >>> lease = Variables.start_optimization(ctx, ["temperature"], "tuner-1", ttl=30)  # doctest: +SKIP
+            >>> Variables.stop_optimization(ctx, lease)                                        # doctest: +SKIP
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+            VariableNotFoundError: a variable does not exist.
+            ValidationError: a bad optimizer id, ttl or list of names.
+        """
+        return ctx._provider.start_optimization(list(names), optimizer_id, ttl=ttl)
+
+    @staticmethod
+    def renew_optimization(ctx: Context, lease: OptimizationLease) -> OptimizationLease:
+        """Extend a lease by its ttl (a heartbeat); the same as starting it again."""
+        return ctx._provider.start_optimization(list(lease.variables), lease.optimizer_id, ttl=lease.ttl)
+
+    @staticmethod
+    def stop_optimization(ctx: Context, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease: pass the lease (or its id), or a variable name with ``force=True``.
+
+        Stopping a lease that already ended does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+        """
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        ctx._provider.stop_optimization(target, force=force)
 
     @staticmethod
     def list(ctx: AnyContext) -> VariableList:

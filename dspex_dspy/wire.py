@@ -27,6 +27,7 @@ from dspex_dspy.store.watch import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,
+    OptimizationStatus,
     Variable,
     compile_spec,
     decode_constraints,
@@ -236,6 +237,11 @@ def variable_to_proto(var: Variable) -> pb.Variable:
     msg.value.CopyFrom(value_to_any(var.type, var.value))
     msg.last_updated_at.CopyFrom(timestamp(var.updated_at))
     msg.created_at.CopyFrom(timestamp(var.created_at))
+    status = var.optimization_status
+    if status is not None:
+        msg.optimization_status.optimizing = True
+        msg.optimization_status.optimizer_id = status.optimizer_id
+        msg.optimization_status.started_at.CopyFrom(timestamp(status.started_at))
     return msg
 
 
@@ -269,6 +275,11 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
         created_at=from_timestamp(msg.created_at),
         updated_at=from_timestamp(msg.last_updated_at),
         source=source_from_proto(msg.source),
+        optimization_status=(
+            OptimizationStatus(msg.optimization_status.optimizer_id, from_timestamp(msg.optimization_status.started_at))
+            if msg.optimization_status.optimizing
+            else None
+        ),
     )
 
 

@@ -33,6 +33,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -82,6 +83,7 @@ _KINDS: Final[tuple[tuple[type[DSPexError], str, grpc.StatusCode], ...]] = (
     (SessionExistsError, "SESSION_EXISTS", grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflictError, "VERSION_CONFLICT", grpc.StatusCode.ABORTED),
     (LimitExceededError, "LIMIT_EXCEEDED", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (VariableLockedError, "VARIABLE_LOCKED", grpc.StatusCode.FAILED_PRECONDITION),
     (BridgeUnavailableError, "BRIDGE_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE),
 )
 
@@ -143,6 +145,8 @@ def _fields(exc: DSPexError, value_limit: int) -> dict[str, str]:
         return {"session_id": exc.session_id}
     if isinstance(exc, LimitExceededError):
         return {"limit": exc.limit, "value": str(exc.value), "maximum": str(exc.maximum)}
+    if isinstance(exc, VariableLockedError):
+        return {"variable": exc.name, "optimizer_id": exc.optimizer_id, "detail": exc.detail}
     return {}
 
 
@@ -267,6 +271,9 @@ _BUILDERS: Final[dict[str, Callable[[Mapping[str, str]], DSPexError]]] = {
     ),
     "LIMIT_EXCEEDED": lambda f: LimitExceededError(f.get("limit", ""), _int(f, "value"), _int(f, "maximum")),
     "BRIDGE_UNAVAILABLE": lambda f: BridgeUnavailableError(""),
+    "VARIABLE_LOCKED": lambda f: VariableLockedError(
+        f.get("variable", ""), f.get("optimizer_id", ""), f.get("detail", "")
+    ),
 }
 
 
@@ -317,6 +324,8 @@ def _error_from_code(code: grpc.StatusCode, message: str, *, identifier: str, se
         error = VersionConflictError(identifier, -1, -1)
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         error = LimitExceededError("limit", -1, -1)
+    elif code == grpc.StatusCode.FAILED_PRECONDITION:
+        error = VariableLockedError(identifier, "", message)
     elif code in _UNAVAILABLE_CODES:
         text = f"the bridge is unavailable ({code.name})"
         return BridgeUnavailableError(f"{text}: {message}" if message else text)

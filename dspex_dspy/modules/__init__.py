@@ -36,6 +36,7 @@ from dspex_dspy.modules._binding import (
     VariableBindingMixin,
     get_provenance,
     route_predictors,
+    trial_values,
 )
 from dspex_dspy.modules._programs import (
     ModuleVariableResolver,
@@ -66,4 +67,5 @@ __all__ = [
     "default_resolver",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]

@@ -32,6 +32,11 @@ variable-aware module nested anywhere (in a ``dspy.Module``, ``dspy.BestOfN``, `
 would lose its bindings. Each routed predictor therefore knows the variable-aware modules it
 belongs to and saves their bindings with its own state, keyed by its path inside each of them
 (``OWNER_STATE_KEY``); loading gives them back to the same modules of the loaded program.
+
+A search over bound variables (:class:`~dspex_dspy.tune.VariableTuner`) runs its trials inside
+:func:`trial_values`: for those calls, the named variables read the trial's values instead of the
+session's (provenance version 0), in the calling thread and in the ``dspy.Parallel`` /
+``dspy.Evaluate`` threads it starts, while every other caller keeps reading the session.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from typing import Any, ClassVar, NamedTuple
 
@@ -65,10 +70,13 @@ __all__ = [
     "VariableBindingMixin",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]
 
 #: The key under which a call's scope rides in DSPy's context overrides.
 SCOPE_KEY = "dspex_variable_scope"
+#: The key under which a trial's values (variable name -> value) ride in DSPy's context overrides.
+TRIAL_KEY = "dspex_trial_values"
 #: The key under which ``dump_state`` stores the bindings.
 STATE_KEY = "dspex_variable_bindings"
 #: The key under which a predictor's state carries the bindings of the modules that own it.
@@ -206,7 +214,7 @@ class BoundValue(NamedTuple):
         attribute: the bound attribute (``"temperature"``).
         variable: the session variable it is bound to.
         value: the value read for this call (after checking, e.g. an int for ``max_tokens``).
-        version: the variable's version at that read.
+        version: the variable's version at that read (0 for a trial's value, see :func:`trial_values`).
         applied: False when the caller's own per-call value took precedence (``config=`` key,
             ``lm=``, ``signature=``, ``demos=`` or the keyword itself).
     """
@@ -216,6 +224,26 @@ class BoundValue(NamedTuple):
     value: Any
     version: int
     applied: bool = True
+
+
+def trial_values(values: Mapping[str, Any]) -> Any:
+    """A context manager: variable-aware calls inside it read ``values`` (name -> value) for those variables.
+
+    Nothing is written to the session: other threads and processes keep reading its values. The
+    values follow the block into ``dspy.Parallel`` and ``dspy.Evaluate`` threads (they ride in
+    DSPy's context overrides, as ``dspy.context`` settings do) and are checked per call like
+    session values.
+
+    Example:
+        >>> with trial_values({"temperature": 0.2}):                # doctest: +SKIP
+        ...     dspy.Evaluate(devset=dev, metric=metric)(program)
+    """
+    return dspy.context(**{TRIAL_KEY: dict(values)})
+
+
+def _trial() -> Mapping[str, Any] | None:
+    found: Mapping[str, Any] | None = thread_local_overrides.get().get(TRIAL_KEY)
+    return found
 
 
 def get_provenance(prediction: Any) -> dict[str, BoundValue]:
@@ -827,6 +855,9 @@ class VariableBindingMixin:
             if found:
                 return value
         variable = bindings[attr]
+        trial = _trial()
+        if trial is not None and variable in trial:
+            return _target(attr)[1](attr, variable, trial[variable])
         value, _ = self._dspex_require_source(attr).read(variable)
         return _target(attr)[1](attr, variable, value)
 
@@ -995,26 +1026,49 @@ def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[
     ``update_many`` is seen whole or not at all (and an uncached worker makes one round trip).
     """
     source = _source_of(module, d, bindings)
-    try:
-        snapshot = source.many_reader(bindings.values())
-    except VariableNotFoundError as exc:
-        for attr, variable in bindings.items():
-            if not source.has(variable):
-                raise module._dspex_not_found(attr, variable, source, bound=True) from None
-        raise exc from None
-    return [snapshot[variable] for variable in bindings.values()]
+    trial, wanted = _unread(bindings)
+    snapshot: dict[str, tuple[Any, int]] = {}
+    if wanted:
+        try:
+            snapshot = source.many_reader(wanted)
+        except VariableNotFoundError as exc:
+            for attr, variable in bindings.items():
+                if variable in wanted and not source.has(variable):
+                    raise module._dspex_not_found(attr, variable, source, bound=True) from None
+            raise exc from None
+    return _readings(bindings, trial, snapshot)
 
 
 async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     source = _source_of(module, d, bindings)
-    try:
-        snapshot = await source.aread_many(bindings.values())
-    except VariableNotFoundError as exc:
-        for attr, variable in bindings.items():
-            if not await source.ahas(variable):
-                raise module._dspex_not_found(attr, variable, source, bound=True) from None
-        raise exc from None
-    return [snapshot[variable] for variable in bindings.values()]
+    trial, wanted = _unread(bindings)
+    snapshot: dict[str, tuple[Any, int]] = {}
+    if wanted:
+        try:
+            snapshot = await source.aread_many(wanted)
+        except VariableNotFoundError as exc:
+            for attr, variable in bindings.items():
+                if variable in wanted and not await source.ahas(variable):
+                    raise module._dspex_not_found(attr, variable, source, bound=True) from None
+            raise exc from None
+    return _readings(bindings, trial, snapshot)
+
+
+def _unread(bindings: dict[str, str]) -> tuple[Mapping[str, Any] | None, Collection[str]]:
+    """The open trial's values (if any) and the bound variables still to read from the session."""
+    trial = _trial()
+    if trial is None:
+        return None, bindings.values()
+    return trial, [variable for variable in bindings.values() if variable not in trial]
+
+
+def _readings(
+    bindings: dict[str, str], trial: Mapping[str, Any] | None, snapshot: Mapping[str, tuple[Any, int]]
+) -> list[tuple[Any, int]]:
+    """``(value, version)`` per binding: the trial's value (version 0) or the session's."""
+    if trial is None:
+        return [snapshot[variable] for variable in bindings.values()]
+    return [(trial[v], 0) if v in trial else snapshot[v] for v in bindings.values()]
 
 
 def _route_once(module: Any, d: dict[str, Any]) -> None:

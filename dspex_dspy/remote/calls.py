@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import BridgeError, DSPexError, ValidationError
+from dspex_dspy.leases import OptimizationLease, lease_request_options, validate_lease_request
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
@@ -385,6 +386,40 @@ class BridgeCalls:
             return BatchResult(versions, errors)
 
         return BridgeCall("SetVariables", request, parse, session_id=session_id, source=source)
+
+    @staticmethod
+    def start_optimization(
+        session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> BridgeCall[OptimizationLease]:
+        """``StartOptimization`` on several variables: the lease (its expiry as seen from here).
+
+        The contract's request names one variable; the whole list and the ttl travel in
+        ``optimizer_config`` (``variables``: a JSON list, ``lease_seconds``).
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        names = list(identifiers)
+        request = pb.StartOptimizationRequest(
+            session_id=session_id,
+            variable_identifier=names[0],
+            optimizer_id=optimizer_id,
+            optimizer_config=lease_request_options(names, ttl),
+        )
+
+        def parse(response: pb.StartOptimizationResponse) -> OptimizationLease:
+            _checked("StartOptimization", response)
+            return OptimizationLease(response.optimization_id, optimizer_id, tuple(names), ttl, time.time() + ttl)
+
+        return BridgeCall("StartOptimization", request, parse, identifier=", ".join(names), session_id=session_id)
+
+    @staticmethod
+    def stop_optimization(session_id: str, identifier: str, *, force: bool = False) -> BridgeCall[None]:
+        """``StopOptimization`` of a lease (by its id) or, forced, of the lease holding a variable."""
+        request = pb.StopOptimizationRequest(session_id=session_id, variable_identifier=identifier, force=force)
+
+        def parse(response: pb.StopOptimizationResponse) -> None:
+            return None
+
+        return BridgeCall("StopOptimization", request, parse, identifier=identifier, session_id=session_id)
 
     @staticmethod
     def list_variables(session_id: str, pattern: str | None = None) -> BridgeCall[list[Variable]]:

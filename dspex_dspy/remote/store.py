@@ -15,10 +15,11 @@ request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -34,6 +35,7 @@ from dspex_dspy.errors import (
     VariableExistsError,
     VariableNotFoundError,
 )
+from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo, UpdateType, Watch
@@ -41,12 +43,15 @@ from dspex_dspy.types import Variable, compile_spec, normalize_metadata
 from dspex_dspy.wire import proto_to_update
 from dspex_dspy.wire_errors import error_from_rpc
 
-__all__ = ["IMPORT_WINDOW", "RemoteStore"]
+__all__ = ["IMPORT_WINDOW", "UNDO_TIMEOUT", "RemoteStore"]
 
 logger = logging.getLogger(__name__)
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
+
+UNDO_TIMEOUT: Final = 2.0
+"""Seconds the clean-up of a failed import may take (the connection is often what failed)."""
 
 _T = TypeVar("_T")
 
@@ -89,6 +94,7 @@ class RemoteStore:
         # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
+        self._deadlines = threading.local()
 
     @classmethod
     def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
@@ -107,15 +113,72 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ running calls
 
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound every call this thread makes inside the block by one deadline ``seconds`` from now.
+
+        A call's timeout becomes the smaller of :attr:`call_timeout` and the time left; once the
+        deadline has passed, calls fail at once with :class:`BridgeUnavailableError`. Used to give
+        a whole migration one bounded time, however many calls it makes.
+        """
+        previous = getattr(self._deadlines, "at", None)
+        at = time.monotonic() + seconds
+        self._deadlines.at = at if previous is None else min(previous, at)
+        try:
+            yield
+        finally:
+            self._deadlines.at = previous
+
+    def _timeout(self) -> float:
+        """The timeout of the next call: :attr:`call_timeout`, cut to the thread's deadline."""
+        timeout = self.call_timeout
+        at = getattr(self._deadlines, "at", None)
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise BridgeUnavailableError(
+                    f"the bridge at {self.address or '?'} did not answer within the operation's deadline"
+                )
+            timeout = min(timeout, left)
+        return timeout
+
+    def _lost_session(self, exc: DSPexError, session_id: str) -> DSPexError:
+        """Say how to recover when the bridge no longer has a session this client used."""
+        if isinstance(exc, SessionNotFoundError) and self._knows_session(session_id):
+            hint = (
+                f" (the bridge at {self.address or '?'} no longer has this session: it was restarted or the "
+                "session expired; call ensure_bridged() on the context to re-create it from the values "
+                "this client last saw)"
+            )
+            if hint not in exc.message:
+                exc.message += hint
+                exc.args = (exc.message,)
+        return exc
+
+    def _knows_session(self, session_id: str) -> bool:
+        with self._known_lock:
+            return any(key[0] == session_id for key in self._known)
+
+    def known_variables(self, session_id: str) -> list[Variable]:
+        """The last state this client saw of each variable of a session, in creation order.
+
+        What a context re-creates its session from when the bridge lost it (see
+        :meth:`dspex_dspy.Context.ensure_bridged`).
+        """
+        with self._known_lock:
+            seen = {var.name: var for (sid, _), var in self._known.items() if sid == session_id}
+        return sorted(seen.values(), key=lambda var: (var.created_at, var.name))
+
     def call(self, bridge_call: BridgeCall[_T]) -> _T:
         """Run one described call with this store's deadline; raise the server's error on failure."""
         if self._closed:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
         method = getattr(self.stub, bridge_call.rpc)
         try:
-            response = method(bridge_call.request, timeout=self.call_timeout, metadata=bridge_call.metadata)
+            response = method(bridge_call.request, timeout=self._timeout(), metadata=bridge_call.metadata)
         except grpc.RpcError as err:
-            raise bridge_call.error(err) from err
+            session_id = getattr(bridge_call.request, "session_id", "")
+            raise self._lost_session(bridge_call.error(err), session_id) from err
         except ValueError as err:  # grpc raises this for a call on a closed channel
             raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
         return bridge_call.parse(response)
@@ -265,8 +328,13 @@ class RemoteStore:
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
             window = list(enumerate(calls[start : start + IMPORT_WINDOW], start))
+            try:
+                timeout = self._timeout()
+            except BridgeUnavailableError as exc:
+                failure = (start, exc)
+                break
             pending = [
-                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=self.call_timeout, metadata=c.metadata))
+                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=timeout, metadata=c.metadata))
                 for i, c in window
             ]
             for i, c, future in pending:
@@ -300,21 +368,41 @@ class RemoteStore:
         return out
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
-        """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
+        """Delete the variables a failed import made (pipelined); failures are logged, not raised.
+
+        The clean-up gets its own short deadline (:data:`UNDO_TIMEOUT`): when the connection is what
+        failed it cannot succeed, and the caller must learn of the failure in bounded time.
+        """
+        undo_by = time.monotonic() + UNDO_TIMEOUT
         for start in range(0, len(variable_ids), IMPORT_WINDOW):
+            left = undo_by - time.monotonic()
+            if left <= 0:
+                logger.warning("could not undo the import of %d variable(s) in time", len(variable_ids) - start)
+                return
             calls = [
                 BridgeCalls.delete_variable(session_id, var_id, source="orchestrator")
                 for var_id in variable_ids[start : start + IMPORT_WINDOW]
             ]
             futures = [
-                self.stub.DeleteVariable.future(c.request, timeout=self.call_timeout, metadata=c.metadata)
+                self.stub.DeleteVariable.future(c.request, timeout=min(left, self.call_timeout), metadata=c.metadata)
                 for c in calls
             ]
+            failed: list[str] = []
+            last_error: DSPexError | None = None
             for c, future in zip(calls, futures, strict=True):
                 try:
                     future.result()
                 except grpc.RpcError as err:
-                    logger.warning("could not undo the import of %s: %s", c.identifier, c.error(err))
+                    failed.append(c.identifier)
+                    last_error = c.error(err)
+            if failed:
+                logger.warning(
+                    "could not undo the import of %d variable(s) (%s%s): %s",
+                    len(failed),
+                    ", ".join(failed[:5]),
+                    ", ..." if len(failed) > 5 else "",
+                    last_error,
+                )
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""
@@ -336,8 +424,9 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
-        """Write a variable; return it at its new version.
+        """Write a variable; return it at its new version (``force``: through a lease).
 
         The record returned is built from what this client knows of the variable plus the write
         (value normalised by the variable's spec, the server's new version); ``updated_at`` is this
@@ -353,7 +442,7 @@ class RemoteStore:
             identifier,
             value,
             type_hint=known.type if known is not None else None,
-            metadata=metadata,
+            metadata=_forcing(metadata) if force else metadata,
             expected_version=expected_version,
             source=source,
         )
@@ -385,13 +474,25 @@ class RemoteStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
         """Write several variables. ``atomic``: validate all, then apply all or none."""
         hints = {ident: t for ident in updates if (t := self._known_type(session_id, ident)) is not None}
+        meta = _forcing(metadata) if force else metadata
         call = BridgeCalls.set_variables(
-            session_id, updates, type_hints=hints, metadata=metadata, atomic=atomic, source=source
+            session_id, updates, type_hints=hints, metadata=meta, atomic=atomic, source=source
         )
         return self.call(call)
+
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables; see :mod:`dspex_dspy.leases`."""
+        return self.call(BridgeCalls.start_optimization(session_id, identifiers, optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease by its id, or by force the lease holding a variable (an ended lease: no-op)."""
+        self.call(BridgeCalls.stop_optimization(session_id, identifier, force=force))
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
@@ -481,3 +582,8 @@ class _RemoteWatch(Watch):
         """Cancel the stream and end the watch. Idempotent."""
         super().close()
         self._stream.cancel()
+
+
+def _forcing(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write metadata that asks the server to write through a lease."""
+    return {**(metadata or {}), FORCE_METADATA_KEY: "true"}

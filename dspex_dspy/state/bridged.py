@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
+from dspex_dspy.leases import OptimizationLease
 from dspex_dspy.store import BatchResult, HistoryEntry, Watch
 from dspex_dspy.types import Variable
 
@@ -50,6 +51,7 @@ class SessionAccess(Protocol):
         metadata: Mapping[str, Any] | None = ...,
         expected_version: int | None = ...,
         source: str = ...,
+        force: bool = ...,
     ) -> Variable: ...
 
     def set_variables(
@@ -60,6 +62,7 @@ class SessionAccess(Protocol):
         metadata: Mapping[str, Any] | None = ...,
         atomic: bool = ...,
         source: str = ...,
+        force: bool = ...,
     ) -> BatchResult: ...
 
     def list_variables(self, session_id: str, pattern: str | None = ...) -> builtins.list[Variable]: ...
@@ -75,6 +78,11 @@ class SessionAccess(Protocol):
     def watch(
         self, session_id: str, identifiers: Iterable[str] | None = ..., *, include_initial: bool = ...
     ) -> Watch: ...
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease: ...
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = ...) -> None: ...
 
 
 class BridgedState:
@@ -140,9 +148,10 @@ class BridgedState:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         return self.store.set_variable(
-            self.session_id, name, value, metadata=metadata, expected_version=expected_version
+            self.session_id, name, value, metadata=metadata, expected_version=expected_version, force=force
         ).version
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
@@ -151,8 +160,15 @@ class BridgedState:
             raise VariableNotFoundError(", ".join(missing), self.session_id)
         return {name: var.value for name, var in found.items()}
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
-        result = self.store.set_variables(self.session_id, updates, atomic=atomic)
+    def update_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
+        result = self.store.set_variables(self.session_id, updates, metadata=metadata, atomic=atomic, force=force)
         if result.errors:
             raise BatchUpdateError(result.errors, result.new_versions)
         return result.new_versions
@@ -175,6 +191,12 @@ class BridgedState:
 
     def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
         return self.store.watch(self.session_id, list(names or ()), include_initial=include_initial)
+
+    def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
+        return self.store.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl)
+
+    def stop_optimization(self, identifier: str, *, force: bool = False) -> None:
+        self.store.stop_optimization(self.session_id, identifier, force=force)
 
     def export_state(self) -> builtins.list[Variable]:
         return self.list()

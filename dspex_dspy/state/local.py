@@ -38,6 +38,13 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import (
+    LEASE_ID_PREFIX,
+    LeaseTable,
+    OptimizationLease,
+    pop_force,
+    validate_lease_request,
+)
 from dspex_dspy.limits import Limits, check_count, check_value_size
 from dspex_dspy.state.base import StateProvider
 from dspex_dspy.store.storage import HistoryEntry
@@ -135,6 +142,7 @@ class LocalState:
         self._retired: StateProvider | None = None
         self._by_id: dict[str, str] = {}
         self._last_created = 0.0
+        self._leases = LeaseTable()
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -274,8 +282,10 @@ class LocalState:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         meta = normalize_metadata(name, metadata) if metadata else None
+        forcing = pop_force(meta) or force
         with self._lock:
             if self._fenced:
                 self._wait_unfenced()
@@ -286,6 +296,10 @@ class LocalState:
                 check_value_size(self.limits, name, spec.type, normalised)
                 if expected_version and expected_version != rec.version:
                     raise VersionConflictError(name, expected_version, rec.version)
+                if self._leases:
+                    forced = self._leases.admit(rec.id, name, meta, force=forcing)
+                    if forced:
+                        meta = {**(meta or {}), **forced}
                 self._writes += 1
                 rec.value = normalised
                 rec.version += 1
@@ -295,15 +309,24 @@ class LocalState:
                     self._notify(self._snapshot(name, rec), UpdateType.VALUE_CHANGE, meta, now)
                 return rec.version
         target, key = self._miss(name)
-        return target.set(key, value, metadata=metadata, expected_version=expected_version)
+        return target.set(key, value, metadata=metadata, expected_version=expected_version, force=force)
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+    def update_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
+        meta = normalize_metadata("", metadata) if metadata else None
+        forcing = pop_force(meta) or force
         with self._lock:
             if self._fenced:
                 self._wait_unfenced()
             forward = self._retired
             if forward is None:
-                checked: list[tuple[str, _Record, Any]] = []
+                checked: list[tuple[str, _Record, Any, dict[str, str] | None]] = []
                 errors: dict[str, DSPexError] = {}
                 for name, value in updates.items():
                     rec = self._find(name)
@@ -313,7 +336,8 @@ class LocalState:
                     try:
                         normalised = rec.spec.validate(value)
                         check_value_size(self.limits, name, rec.spec.type, normalised)
-                        checked.append((name, rec, normalised))
+                        forced = self._leases.admit(rec.id, name, meta, force=forcing) if self._leases else None
+                        checked.append((name, rec, normalised, {**(meta or {}), **forced} if forced else meta))
                     except DSPexError as exc:
                         errors[name] = exc
                 if atomic and errors:
@@ -321,25 +345,29 @@ class LocalState:
                 now = time.time()
                 versions: dict[str, int] = {}
                 self._writes += 1
-                for name, rec, normalised in checked:
+                for name, rec, normalised, write_meta in checked:
                     rec.value = normalised
                     rec.version += 1
                     rec.updated_at = now
-                    rec.history.append((rec.version, normalised, now, None))
+                    rec.history.append((rec.version, normalised, now, write_meta))
                     versions[name] = rec.version
                     if self._watchers:
-                        self._notify(self._snapshot(self._by_id[rec.id], rec), UpdateType.VALUE_CHANGE, None, now)
+                        self._notify(self._snapshot(self._by_id[rec.id], rec), UpdateType.VALUE_CHANGE, write_meta, now)
                 if errors:
                     raise BatchUpdateError(errors, versions)
                 return versions
-        return forward.update_many(updates, atomic=atomic)
+        return forward.update_many(updates, atomic=atomic, metadata=metadata, force=force)
 
     def delete(self, name: str) -> None:
         with self._lock:
             if self._fenced:
                 self._wait_unfenced()
-            rec = self._vars.pop(name, None)
+            rec = self._vars.get(name)
             if rec is not None:
+                if self._leases:
+                    self._leases.refuse_if_held(rec.id, name, "deleting it")
+                    self._leases.forget([rec.id])
+                del self._vars[name]
                 self._writes += 1
                 del self._by_id[rec.id]
                 if self._watchers:
@@ -494,6 +522,42 @@ class LocalState:
             watch.close()
         self._watchers = []
 
+    # ---------------------------------------------------------------- optimization leases
+
+    def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables (see :mod:`dspex_dspy.leases`)."""
+        ttl = validate_lease_request(optimizer_id, ttl, names)
+        with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
+            forward = self._retired
+            if forward is None:
+                records: dict[str, str] = {}
+                for name in names:
+                    rec = self._find(name)
+                    if rec is None:
+                        raise VariableNotFoundError(name, self.owner)
+                    records[rec.id] = self._by_id[rec.id]
+                return self._leases.start("", records, optimizer_id, ttl)
+        return forward.start_optimization(names, optimizer_id, ttl=ttl)
+
+    def stop_optimization(self, identifier: str, *, force: bool = False) -> None:
+        """End a lease named by its id, or (with ``force``) the lease holding a variable."""
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+                    lease = self._leases.lease_by_id(identifier, "")
+                    if lease is not None:
+                        self._leases.stop(lease)
+                    return
+                rec = self._find(identifier)
+                if rec is None:
+                    raise VariableNotFoundError(identifier, self.owner)
+                self._leases.stop_variable(rec.id, self._by_id[rec.id], force=force)
+                return
+        forward.stop_optimization(identifier, force=force)
+
     # ---------------------------------------------------------------- migration support
 
     def export_versioned(self) -> tuple[builtins.list[Variable], int]:
@@ -505,7 +569,7 @@ class LocalState:
         with self._lock:
             if self._retired is not None:
                 raise DSPexError(f"the local state of {self.owner} was already moved")
-            return [self._snapshot(n, r) for n, r in self._vars.items()], self._writes
+            return [self._snapshot(n, r, overlay=False) for n, r in self._vars.items()], self._writes
 
     def retire_if_unchanged(self, successor: StateProvider, writes: int) -> bool:
         """Retire in favour of ``successor`` if no write was accepted since the export at ``writes``.
@@ -565,8 +629,13 @@ class LocalState:
             raise VariableNotFoundError(name, self.owner)
         return self, real
 
-    @staticmethod
-    def _snapshot(name: str, rec: _Record) -> Variable:
+    def _snapshot(self, name: str, rec: _Record, *, overlay: bool = True) -> Variable:
+        """The record as a Variable; ``overlay``: with the current version's write metadata on top."""
+        metadata = dict(rec.metadata)
+        if overlay and rec.version > 1:
+            last = rec.history[-1] if rec.history else None
+            if last is not None and last[0] == rec.version and last[3]:
+                metadata.update(last[3])
         return Variable(
             id=rec.id,
             name=name,
@@ -574,9 +643,10 @@ class LocalState:
             value=_copy_value(rec.value) if rec.mutable else rec.value,
             constraints=dict(rec.spec.constraints),
             description=rec.description,
-            metadata=dict(rec.metadata),
+            metadata=metadata,
             version=rec.version,
             created_at=rec.created_at,
             updated_at=rec.updated_at,
             source=rec.source,
+            optimization_status=self._leases.status(rec.id) if self._leases else None,
         )

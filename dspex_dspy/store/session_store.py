@@ -11,10 +11,13 @@ Rules kept here, for every caller:
 - versions start at 1 and grow by 1 per accepted write (a rollback is a write); a non-zero
   ``expected_version`` makes a write a compare-and-swap;
 - a variable's own metadata is set when it is defined (or imported); the metadata given with one
-  write belongs to that write only: it is kept in the write's history entry and sent to watchers,
-  and never sticks to the variable for later writes;
+  write belongs to that write: it is kept in the write's history entry, sent to watchers, and
+  shown on top of the variable's own metadata for the version that write made only (the next
+  write replaces it; it never sticks to later versions);
 - each write records who wrote (``source``) and when, and each variable keeps a bounded history
   of its writes;
+- an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
+  its optimizer stops it or it expires;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered before their initial snapshot is taken, under the same lock as writes,
   so no write can fall between the snapshot and the stream.
@@ -22,9 +25,10 @@ Rules kept here, for every caller:
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
+import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -43,7 +47,9 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
-from dspex_dspy.limits import StoreLimits, check_count, check_value_size
+from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
+from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_size
+from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
 from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
@@ -54,6 +60,21 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
+MAX_VERSION = 2**31 - 1
+"""The highest version a variable can reach: versions travel as ``int32`` on the wire."""
+MIN_TIME = -62_135_596_800.0
+MAX_TIME = 253_402_300_799.0
+"""Timestamps a store keeps lie in years 1..9999 (what ``google.protobuf.Timestamp`` can carry)."""
+
+
+@dataclass(frozen=True)
+class _WritePlan:
+    """What one write costs: bytes added overall, to the fixed part, and history entries dropped."""
+
+    delta: int
+    fixed_delta: int
+    drop: int
+    history_bytes: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,21 @@ class BatchResult:
     def success(self) -> bool:
         """True when every write was applied."""
         return not self.errors
+
+
+def _text_bytes(text: str) -> int:
+    """UTF-8 size of ``text`` (its length when that is all ASCII, which is the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _map_bytes(mapping: Mapping[str, str]) -> int:
+    return sum(_text_bytes(k) + _text_bytes(v) for k, v in mapping.items())
+
+
+def _constraints_bytes(constraints: Mapping[str, Any]) -> int:
+    if not constraints:
+        return 0
+    return _text_bytes(json.dumps(dict(constraints), default=str, separators=(",", ":")))
 
 
 class SessionStore:
@@ -123,9 +159,11 @@ class SessionStore:
         self._ids = itertools.count(1)
         self._watchers: dict[str, list[Watch]] = {}
         self._watcher_count = 0
+        self._bytes_total = 0
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
+        self._leases = LeaseTable()
 
     # ------------------------------------------------------------------ sessions
 
@@ -141,6 +179,9 @@ class SessionStore:
                 f"a session id must be a non-empty string of at most {MAX_SESSION_ID_LENGTH} characters",
             )
         meta = normalize_metadata("", metadata)
+        meta_bytes = _map_bytes(meta)
+        if meta_bytes > self.limits.max_session_metadata_bytes:
+            raise LimitExceededError("session metadata bytes", meta_bytes, self.limits.max_session_metadata_bytes)
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
         with self._lock:
@@ -160,6 +201,9 @@ class SessionStore:
                 ttl=float(ttl) if ttl is not None else self.default_ttl,
                 last_access=time.monotonic(),
             )
+            self._charge(record, _text_bytes(session_id) + meta_bytes)
+            record.bytes_used = _text_bytes(session_id) + meta_bytes
+            self._bytes_total += record.bytes_used
             self._storage.put_session(record)
             info = self._info(record)
         logger.info(
@@ -279,6 +323,7 @@ class SessionStore:
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
+        self._check_fields(name, description, meta, spec.constraints)
         with self._lock:
             session = self._session(session_id)
             if name in session.names:
@@ -286,6 +331,7 @@ class SessionStore:
             self._check_count(session, 1)
             now = self._creation_time(session)
             record = self._new_record(spec, normalised, description, meta, 1, now, now, source)
+            self._charge(session, record.fixed_bytes + record.history_bytes)
             self._insert(session, record)
             snapshot = self._snapshot(record)
             self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, meta, now)
@@ -307,9 +353,19 @@ class SessionStore:
             spec = compile_spec(var.name, var.type, var.constraints)
             normalised = spec.validate(var.value)
             self._check_size(var.name, var.type, normalised)
-            if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
-                raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
-            prepared.append((spec, normalised, var, normalize_metadata(var.name, var.metadata)))
+            if isinstance(var.version, bool) or not isinstance(var.version, int) or not 1 <= var.version <= MAX_VERSION:
+                raise ValidationError(
+                    var.name, "version", var.version, f"a version must be an integer from 1 to {MAX_VERSION}"
+                )
+            for field_name in ("created_at", "updated_at"):
+                when = getattr(var, field_name)
+                if not isinstance(when, (int, float)) or not math.isfinite(when) or not MIN_TIME <= when <= MAX_TIME:
+                    raise ValidationError(
+                        var.name, field_name, when, f"{field_name} must be a time between years 1 and 9999"
+                    )
+            meta = normalize_metadata(var.name, var.metadata)
+            self._check_fields(var.name, var.description, meta, spec.constraints)
+            prepared.append((spec, normalised, var, meta))
         with self._lock:
             session = self._session(session_id)
             for _, _, var, _ in prepared:
@@ -317,6 +373,13 @@ class SessionStore:
                     raise VariableExistsError(var.name, session_id)
             self._check_count(session, len(prepared))
             now = self._clock()
+            adding = sum(
+                self._fixed_bytes(var.name, var.description, meta, spec.constraints)
+                + value_size(spec.type, normalised)
+                + _map_bytes(meta)
+                for spec, normalised, var, meta in prepared
+            )
+            self._charge(session, adding)
             out = []
             for spec, normalised, var, meta in prepared:
                 record = self._new_record(
@@ -367,14 +430,19 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
         """Write a variable; return it at its new version.
+
+        ``force`` writes through another optimizer's lease (see :mod:`dspex_dspy.leases`).
 
         Raises:
             ValidationError: the value breaks the variable's type or constraints.
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
+            VariableLockedError: an optimization lease holds the variable and the write is not forced.
         """
         meta = normalize_metadata(identifier, metadata) if metadata else None
+        force = pop_force(meta) or force
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
@@ -382,7 +450,11 @@ class SessionStore:
             self._check_size(record.name, record.spec.type, normalised)
             if expected_version and expected_version != record.version:
                 raise VersionConflictError(record.name, expected_version, record.version)
-            return self._apply(session_id, record, normalised, meta, source)
+            if self._leases:
+                forced = self._leases.admit(record.id, record.name, meta, force=force)
+                if forced:
+                    meta = {**(meta or {}), **forced}
+            return self._apply(session, record, normalised, meta, source)
 
     def set_variables(
         self,
@@ -392,9 +464,16 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
-        """Write several variables. ``atomic``: validate all, then apply all or none."""
+        """Write several variables. ``atomic``: validate all, then apply all or none.
+
+        A variable held by another optimizer's lease is rejected with ``VariableLockedError``
+        unless ``force``.
+        """
         meta = normalize_metadata("", metadata) if metadata else None
+        force = pop_force(meta) or force
+        forced_meta: dict[str, dict[str, str]] = {}
         with self._lock:
             session = self._session(session_id)
             checked: list[tuple[str, VariableRecord, Any]] = []
@@ -404,16 +483,38 @@ class SessionStore:
                     record = self._lookup(session, ident)
                     normalised = record.spec.validate(value)
                     self._check_size(record.name, record.spec.type, normalised)
+                    if self._leases:
+                        forced = self._leases.admit(record.id, record.name, meta, force=force)
+                        if forced:
+                            forced_meta[ident] = {**(meta or {}), **forced}
                 except DSPexError as exc:
                     errors[ident] = exc
                     continue
                 checked.append((ident, record, normalised))
             if atomic and errors:
                 return BatchResult({}, errors)
-            versions = {
-                ident: self._apply(session_id, record, normalised, meta, source).version
-                for ident, record, normalised in checked
-            }
+            versions: dict[str, int] = {}
+            if atomic:
+                try:
+                    self._charge(
+                        session,
+                        sum(self._plan(r, v, forced_meta.get(ident, meta)).delta for ident, r, v in checked),
+                    )
+                except DSPexError as exc:
+                    return BatchResult({}, {ident: exc for ident, _, _ in checked})
+                for ident, record, normalised in checked:
+                    written = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False
+                    )
+                    versions[ident] = written.version
+                return BatchResult(versions, errors)
+            for ident, record, normalised in checked:
+                try:
+                    versions[ident] = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source
+                    ).version
+                except DSPexError as exc:
+                    errors[ident] = exc
             return BatchResult(versions, errors)
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
@@ -426,7 +527,8 @@ class SessionStore:
                 session.unordered = False
             records = list(session.variables.values())
         if pattern and pattern != "*":
-            records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
+            matcher = compile_glob(pattern)
+            records = [r for r in records if matcher.match(r.name) is not None]
         return [self._snapshot(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
@@ -434,8 +536,14 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "deleting it")
+                self._leases.forget([record.id])
             del session.variables[record.id]
             del session.names[record.name]
+            freed = record.fixed_bytes + record.history_bytes
+            session.bytes_used -= freed
+            self._bytes_total -= freed
             self._notify(session_id, record.id, self._snapshot(record), UpdateType.DELETED, source, {}, self._clock())
 
     def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
@@ -452,6 +560,8 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "rolling it back")
             entry = next((e for e in record.history if e.version == target_version), None)
             if entry is None:
                 known = ", ".join(str(e.version) for e in record.history)
@@ -463,7 +573,49 @@ class SessionStore:
                 )
             value = record.spec.validate(entry.value)
             meta = {"rolled_back_to": str(target_version)}
-            return self._apply(session_id, record, value, meta, source)
+            return self._apply(session, record, value, meta, source)
+
+    # ------------------------------------------------------------------ optimization leases
+
+    def start_optimization(
+        self,
+        session_id: str,
+        identifiers: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float,
+    ) -> OptimizationLease:
+        """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
+
+        Raises:
+            VariableNotFoundError: a variable does not exist.
+            VariableLockedError: another optimizer holds one of them (nothing changes).
+            ValidationError: a bad optimizer id, ttl or variable list.
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        with self._lock:
+            session = self._session(session_id)
+            records = [self._lookup(session, ident) for ident in identifiers]
+            return self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease, named by its id (the holder) or by a variable it holds (``force`` needed).
+
+        Stopping a lease that already ended (stopped or expired) does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+            VariableNotFoundError: neither a lease id nor a variable of the session.
+        """
+        with self._lock:
+            session = self._session(session_id)
+            if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+                lease = self._leases.lease_by_id(identifier, session_id)
+                if lease is not None:
+                    self._leases.stop(lease)
+                return
+            record = self._lookup(session, identifier)
+            self._leases.stop_variable(record.id, record.name, force=force)
 
     # ------------------------------------------------------------------ watching
 
@@ -543,6 +695,9 @@ class SessionStore:
 
     def _drop_session(self, record: SessionRecord) -> int:
         self._storage.delete_session(record.id)
+        self._bytes_total -= record.bytes_used
+        if self._leases:
+            self._leases.forget(list(record.variables))
         for watch in self._watchers.pop(record.id, []):
             watch.close()
             self._watcher_count -= 1
@@ -610,7 +765,48 @@ class SessionStore:
             history=deque(maxlen=self.limits.history_limit),
         )
         record.history.append(HistoryEntry(version, value, updated_at, source, dict(metadata)))
+        record.fixed_bytes = self._fixed_bytes(spec.name, record.description, metadata, spec.constraints)
+        record.history_bytes = self._entry_bytes(spec.type, record.history[-1])
         return record
+
+    @staticmethod
+    def _fixed_bytes(name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]) -> int:
+        # The name is stored twice (the record and the name index) and the id is var_<name>_<n>.
+        return (
+            3 * _text_bytes(name)
+            + 32
+            + _text_bytes(description or "")
+            + _map_bytes(metadata)
+            + _constraints_bytes(constraints)
+        )
+
+    @staticmethod
+    def _entry_bytes(type_: str, entry: HistoryEntry) -> int:
+        return value_size(type_, entry.value) + _map_bytes(entry.metadata)
+
+    def _check_fields(
+        self, name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]
+    ) -> None:
+        """Refuse a description, metadata or constraints larger than their limits."""
+        limits = self.limits
+        for what, size, maximum in (
+            ("description bytes", _text_bytes(description or ""), limits.max_description_bytes),
+            ("metadata bytes", _map_bytes(metadata), limits.max_variable_metadata_bytes),
+            ("constraints bytes", _constraints_bytes(constraints), limits.max_constraints_bytes),
+        ):
+            if size > maximum:
+                raise LimitExceededError(f"{name}: {what}", size, maximum)
+
+    def _charge(self, session: SessionRecord, adding: int) -> None:
+        """Refuse ``adding`` more bytes past the session's or the store's limit (nothing is counted)."""
+        if adding <= 0:
+            return
+        if session.bytes_used + adding > self.limits.max_session_bytes:
+            raise LimitExceededError(
+                "bytes held by the session", session.bytes_used + adding, self.limits.max_session_bytes
+            )
+        if self._bytes_total + adding > self.limits.max_total_bytes:
+            raise LimitExceededError("bytes held by the store", self._bytes_total + adding, self.limits.max_total_bytes)
 
     def _creation_time(self, session: SessionRecord) -> float:
         """Now, but strictly after the session's newest variable, so creation times order creation."""
@@ -620,32 +816,74 @@ class SessionStore:
             now = last.created_at + 1e-6
         return float(now)
 
-    @staticmethod
-    def _insert(session: SessionRecord, record: VariableRecord) -> None:
+    def _insert(self, session: SessionRecord, record: VariableRecord) -> None:
         session.variables[record.id] = record
         session.names[record.name] = record.id
+        added = record.fixed_bytes + record.history_bytes
+        session.bytes_used += added
+        self._bytes_total += added
+
+    def _plan(self, record: VariableRecord, value: Any, metadata: dict[str, str] | None) -> _WritePlan:
+        """What a write would cost; raises when it would break a limit that no trimming can meet."""
+        if record.version >= MAX_VERSION:
+            raise LimitExceededError(f"{record.name}: version", record.version + 1, MAX_VERSION)
+        # A write's metadata belongs to the write (its history entry), never to the variable.
+        fixed_delta = 0
+        if metadata:
+            write_bytes = _map_bytes(metadata)
+            if write_bytes > self.limits.max_variable_metadata_bytes:
+                raise LimitExceededError(
+                    f"{record.name}: metadata bytes", write_bytes, self.limits.max_variable_metadata_bytes
+                )
+        entry_bytes = value_size(record.spec.type, value) + _map_bytes(metadata or {})
+        history = record.history
+        kept = len(history) + 1
+        history_bytes = record.history_bytes + entry_bytes
+        drop = 0
+        while kept > 1 and (kept > self.limits.history_limit or history_bytes > self.limits.max_history_bytes):
+            history_bytes -= self._entry_bytes(record.spec.type, history[drop])
+            drop += 1
+            kept -= 1
+        delta = fixed_delta + history_bytes - record.history_bytes
+        return _WritePlan(delta, fixed_delta, drop, history_bytes)
 
     def _apply(
-        self, session_id: str, record: VariableRecord, value: Any, metadata: dict[str, str] | None, source: str
+        self,
+        session: SessionRecord,
+        record: VariableRecord,
+        value: Any,
+        metadata: dict[str, str] | None,
+        source: str,
+        *,
+        charge: bool = True,
     ) -> Variable:
+        plan = self._plan(record, value, metadata)
+        if charge:
+            self._charge(session, plan.delta)
         now = self._clock()
         record.value = value
         record.version += 1
         record.updated_at = now
         record.source = source
+        for _ in range(plan.drop):
+            record.history.popleft()
         record.history.append(HistoryEntry(record.version, value, now, source, dict(metadata or {})))
+        record.fixed_bytes += plan.fixed_delta
+        record.history_bytes = plan.history_bytes
+        session.bytes_used += plan.delta
+        self._bytes_total += plan.delta
         snapshot = self._snapshot(record)
-        self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
+        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "write %s/%s v%d by %s",
-                session_id,
+                session.id,
                 record.name,
                 record.version,
                 source,
                 extra={
                     "event": "variable_write",
-                    "session_id": session_id,
+                    "session_id": session.id,
                     "variable": record.name,
                     "version": record.version,
                     "source": source,
@@ -671,13 +909,19 @@ class SessionStore:
             if watch.wants(variable_id):
                 watch.offer(update)
 
-    @staticmethod
-    def _snapshot(record: VariableRecord) -> Variable:
+    def _snapshot(self, record: VariableRecord) -> Variable:
         value = record.value
         if isinstance(value, list):
             value = list(value)
         elif isinstance(value, dict):
             value = {"shape": list(value["shape"]), "data": list(value["data"])}
+        # The variable's own metadata, with the metadata of the write that made this version on
+        # top: a write's metadata shows on its version only and never sticks to later ones.
+        metadata = dict(record.metadata)
+        if record.version > 1 and record.history:
+            last = record.history[-1]
+            if last.version == record.version and last.metadata:
+                metadata.update(last.metadata)
         return Variable(
             id=record.id,
             name=record.name,
@@ -685,9 +929,10 @@ class SessionStore:
             value=value,
             constraints=dict(record.spec.constraints),
             description=record.description,
-            metadata=dict(record.metadata),
+            metadata=metadata,
             version=record.version,
             created_at=record.created_at,
             updated_at=record.updated_at,
             source=record.source,
+            optimization_status=self._leases.status(record.id) if self._leases else None,
         )

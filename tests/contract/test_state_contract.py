@@ -171,8 +171,11 @@ def test_write_metadata_does_not_stick_to_the_variable(ctx: Context) -> None:
     Variables.defvariable(ctx, "x", "integer", 0, metadata={"a": "1", "b": "2"})
     Variables.set(ctx, "x", 1, metadata={"b": "two", "c": 3})
     meta = Variables.get_variable(ctx, "x").metadata
-    assert (meta["a"], meta["b"], "c" in meta) == ("1", "2", False)
-    assert Variables.history(ctx, "x", limit=1)[0].metadata == {"b": "two", "c": "3"}
+    assert (meta["a"], meta["b"], meta["c"]) == ("1", "two", "3")  # on the version that write made
+    Variables.set(ctx, "x", 2)
+    meta = Variables.get_variable(ctx, "x").metadata
+    assert (meta["a"], meta["b"], "c" in meta) == ("1", "2", False)  # and on no later one
+    assert Variables.history(ctx, "x", limit=2)[1].metadata == {"b": "two", "c": "3"}
 
 
 def test_cas(ctx: Context) -> None:

@@ -113,7 +113,7 @@ def test_list(bridge: Any, session: Context) -> None:
         ("verbose", False, 1),
     ]
     assert data[1]["metadata"]["owner"] == "ops"
-    assert "reason" not in data[0]["metadata"]
+    assert data[0]["metadata"]["reason"] == "warmer"  # the metadata of the write that made version 2
 
 
 def test_get(bridge: Any, session: Context) -> None:

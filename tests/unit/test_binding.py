@@ -461,6 +461,7 @@ def test_public_names() -> None:
         "default_resolver",
         "get_provenance",
         "route_predictors",
+        "trial_values",
     }
     assert all(hasattr(modules, name) for name in modules.__all__)
     assert dspex_dspy.VariableAwarePredict is VariableAwarePredict

@@ -20,6 +20,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -54,6 +55,7 @@ FIELDS = (
     "session_id",
     "limit",
     "maximum",
+    "optimizer_id",
     "message",
 )
 
@@ -109,6 +111,7 @@ ERRORS: list[tuple[DSPexError, grpc.StatusCode, str]] = [
     (SessionExistsError("s1"), grpc.StatusCode.ALREADY_EXISTS, "SESSION_EXISTS"),
     (VersionConflictError("temperature", 3, 5), grpc.StatusCode.ABORTED, "VERSION_CONFLICT"),
     (LimitExceededError("variables per session", 11, 10), grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_EXCEEDED"),
+    (VariableLockedError("temperature", "tuner-1"), grpc.StatusCode.FAILED_PRECONDITION, "VARIABLE_LOCKED"),
     (BridgeUnavailableError("store closed"), grpc.StatusCode.UNAVAILABLE, "BRIDGE_UNAVAILABLE"),
 ]
 IDS = [f"{type(e).__name__}-{i}" for i, (e, _, _) in enumerate(ERRORS)]
@@ -287,6 +290,7 @@ def test_a_failure_flag_with_a_message_keeps_the_peers_text() -> None:
         (grpc.StatusCode.ABORTED, "version mismatch", VersionConflictError, ("expected", -1)),
         (grpc.StatusCode.ALREADY_EXISTS, "duplicate", VariableExistsError, ("name", "temperature")),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max", LimitExceededError, ("maximum", -1)),
+        (grpc.StatusCode.FAILED_PRECONDITION, "optimizing", VariableLockedError, ("name", "temperature")),
     ],
 )
 def test_a_peer_without_details_gets_the_class_of_its_code(
