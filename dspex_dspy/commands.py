@@ -40,11 +40,13 @@ import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.admin import list_sessions
 from dspex_dspy.display import (
+    SECRET,
     event_record,
     format_time,
     format_value,
     history_record,
     iso_time,
+    shown,
     text_table,
     variable_record,
 )
@@ -59,6 +61,7 @@ from dspex_dspy.errors import (
 )
 from dspex_dspy.ops import event_from_update
 from dspex_dspy.remote import RemoteStore, open_channel
+from dspex_dspy.types import is_secret
 
 __all__ = ["COMMANDS", "EXIT_CODES", "add_commands", "connect", "connection_parser", "run"]
 
@@ -305,9 +308,7 @@ def _list(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     if not variables:
         print(f"session {args.session} has no variables", file=out)
         return EXIT_OK
-    rows = [
-        [v.name, v.type, format_value(v.value), str(v.version), format_time(v.updated_at), v.source] for v in variables
-    ]
+    rows = [[v.name, v.type, shown(v), str(v.version), format_time(v.updated_at), v.source] for v in variables]
     print(text_table(rows, ("name", "type", "value", "version", "updated", "by")), file=out)
     return EXIT_OK
 
@@ -316,6 +317,8 @@ def _get(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     var = conn.store.get_variable(args.session, args.name)
     if args.json:
         _emit(out, variable_record(var))
+    elif is_secret(var.metadata):
+        print(SECRET, file=out)
     elif isinstance(var.value, str):
         print(var.value, file=out)
     else:
@@ -338,7 +341,7 @@ def _set(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _emit(out, variable_record(written))
     else:
-        print(f"{written.name} = {format_value(written.value)} (version {written.version})", file=out)
+        print(f"{written.name} = {shown(written)} (version {written.version})", file=out)
     return EXIT_OK
 
 
@@ -368,9 +371,7 @@ def _rollback(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         _emit(out, variable_record(var))
     else:
-        print(
-            f"{var.name} = {format_value(var.value)} (version {var.version}, rolled back to {args.version})", file=out
-        )
+        print(f"{var.name} = {shown(var)} (version {var.version}, rolled back to {args.version})", file=out)
     return EXIT_OK
 
 

@@ -13,7 +13,10 @@ A context reads like a worker's ``SessionContext`` (``get_variable``, ``get_vers
 which is what variable-aware modules read through.
 
 The bridge is the embedded one by default (started lazily in this process on an ephemeral
-loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``.
+loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``. A bridge that
+takes tokens is reached with ``token=`` (or ``DSPEX_BRIDGE_TOKEN``), or with the fleet's secret
+(``auth_secret=`` or the file named by ``DSPEX_BRIDGE_SECRET_FILE``), from which the context signs
+its own token and :meth:`Context.worker_token` signs narrower ones for its workers.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -34,10 +38,15 @@ from dspex_dspy.errors import BridgeUnavailableError, DSPexError, SessionNotFoun
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
 from dspex_dspy.types import Variable
 
-__all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
+__all__ = ["SECRET_FILE_ENV", "BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
 
 logger = logging.getLogger(__name__)
 
+SECRET_FILE_ENV = "DSPEX_BRIDGE_SECRET_FILE"
+"""Path of the fleet's token secret, read by a context that was given no ``auth_secret``."""
+_OWN_TOKEN_TTL = 24 * 3600.0
+_OWN_PERMS = ("read", "write", "watch", "optimize")
+_WORKER_PERMS = frozenset(_OWN_PERMS)
 #: Imports tried while writers keep going before the last try, which holds writers (never readers).
 _OPTIMISTIC_SWITCH_TRIES = 3
 
@@ -131,6 +140,12 @@ class Context:
             ``"ctx_" + hex`` id when omitted.
         backend: ``"local"`` (default) or ``"bridged"`` (bridge right away).
         bridge: None for the embedded bridge, or ``"host:port"`` of a running bridge server.
+        root_certificates: PEM roots (bytes, text or a path) that the remote bridge's certificate
+            chains to: the connection uses TLS (default: ``DSPEX_BRIDGE_CA``).
+        token: a bearer token for a remote bridge that takes tokens (default: ``DSPEX_BRIDGE_TOKEN``).
+        auth_secret: the fleet's token secret (default: the file named by ``DSPEX_BRIDGE_SECRET_FILE``).
+            Without ``token``, the context signs itself a token for its own session (sub
+            ``"orchestrator"``, valid 24 h); it also lets :meth:`worker_token` sign worker tokens.
 
     Example:
         >>> from dspex_dspy import Context, Variables
@@ -145,7 +160,16 @@ class Context:
     #: :class:`BridgeUnavailableError` and the context stays local.
     switch_timeout: float = 15.0
 
-    def __init__(self, session_id: str | None = None, *, backend: str = "local", bridge: str | None = None) -> None:
+    def __init__(
+        self,
+        session_id: str | None = None,
+        *,
+        backend: str = "local",
+        bridge: str | None = None,
+        root_certificates: bytes | str | None = None,
+        token: str | None = None,
+        auth_secret: bytes | str | None = None,
+    ) -> None:
         if backend not in ("local", "bridged"):
             raise ValidationError("", "backend", backend, f"backend must be 'local' or 'bridged', got {backend!r}")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
@@ -154,6 +178,9 @@ class Context:
             raise ValidationError("", "bridge", bridge, f"bridge must be a 'host:port' address, got {bridge!r}")
         self.id: str = session_id or "ctx_" + secrets.token_hex(16)
         self._bridge = bridge
+        self._root_certificates = root_certificates
+        self._token = token
+        self._auth_secret = auth_secret
         self._provider: StateProvider = LocalState(self.id)
         self._switch_lock = threading.RLock()
         self._history: list[SwitchEvent] = []
@@ -354,8 +381,62 @@ class Context:
             return server.store, server.address
         from dspex_dspy.remote import RemoteStore
 
-        remote = RemoteStore.connect(self._bridge)
+        token = self._token
+        secret = self._secret(required=False)
+        if token is None and not os.environ.get("DSPEX_BRIDGE_TOKEN") and secret is not None:
+            from dspex_dspy.tokens import mint_token
+
+            token = mint_token(secret, sub="orchestrator", sessions=[self.id], perms=_OWN_PERMS, ttl=_OWN_TOKEN_TTL)
+        remote = RemoteStore.connect(self._bridge, root_certificates=self._root_certificates, token=token)
         return remote, self._bridge
+
+    def _secret(self, *, required: bool) -> bytes | None:
+        """The fleet's token secret: ``auth_secret``, else the file named by ``DSPEX_BRIDGE_SECRET_FILE``."""
+        from dspex_dspy.tokens import load_secret
+
+        if self._auth_secret is not None:
+            return self._auth_secret.encode() if isinstance(self._auth_secret, str) else self._auth_secret
+        path = os.environ.get(SECRET_FILE_ENV)
+        if path:
+            return load_secret(path)
+        if required:
+            raise DSPexError(f"context {self.id} cannot sign tokens: give it auth_secret= or set {SECRET_FILE_ENV}")
+        return None
+
+    def worker_token(
+        self, perms: tuple[str, ...] | list[str] = ("read", "watch"), ttl: float = 3600.0, *, sub: str = "worker"
+    ) -> str:
+        """Sign a token that lets a worker into this context's session with ``perms`` for ``ttl`` seconds.
+
+        Only a context that created its bridge session, and knows the fleet's secret, signs tokens;
+        they name that session alone and never carry ``admin``.
+
+        Args:
+            perms: a subset of ``read``, ``write``, ``watch``, ``optimize``.
+            ttl: seconds until the token expires.
+            sub: who the worker is; recorded as the writer of its writes.
+
+        Raises:
+            DSPexError: the context does not own a bridge session, or knows no secret.
+            ValidationError: an unknown permission, ``admin``, or a ttl that is not positive.
+
+        Example:
+            >>> token = ctx.worker_token(perms=("read", "watch"), ttl=600)  # doctest: +SKIP
+            >>> SessionContext.connect(ctx.bridge_address, ctx.id, token=token)  # doctest: +SKIP
+        """
+        from dspex_dspy.tokens import mint_token
+
+        if not (self.is_bridged and self._owns_session):
+            raise DSPexError(f"context {self.id} signs worker tokens only for a bridge session it created")
+        wanted = [perms] if isinstance(perms, str) else list(perms)
+        beyond = sorted(set(wanted) - _WORKER_PERMS)
+        if beyond:
+            raise ValidationError(
+                "", "perms", beyond, f"a worker token cannot carry {beyond}; allowed: {list(_OWN_PERMS)}"
+            )
+        secret = self._secret(required=True)
+        assert secret is not None
+        return mint_token(secret, sub=sub, sessions=[self.id], perms=wanted, ttl=ttl)
 
     def _switch(self, reason: str, *, count: bool = True) -> None:
         with self._switch_lock:

@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from dspex_dspy.store.storage import HistoryEntry
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, is_secret
 
 __all__ = [
+    "SECRET",
     "History",
     "Provenance",
     "VariableList",
@@ -30,6 +31,7 @@ __all__ = [
     "history_record",
     "html_table",
     "records_to_dataframe",
+    "shown",
     "text_table",
     "variable_record",
 ]
@@ -68,6 +70,14 @@ def format_value(value: Any, width: int = MAX_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+SECRET = "<secret>"
+
+
+def shown(var: Variable, width: int = MAX_WIDTH) -> str:
+    """A variable's value for display: ``<secret>`` when its metadata marks it secret."""
+    return SECRET if is_secret(var.metadata) else format_value(var.value, width)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -81,7 +91,7 @@ def variable_record(var: Variable) -> dict[str, Any]:
     return {
         "name": var.name,
         "type": var.type,
-        "value": _plain(var.value),
+        "value": SECRET if is_secret(var.metadata) else _plain(var.value),
         "version": var.version,
         "constraints": _plain(var.constraints),
         "description": var.description,
@@ -181,7 +191,7 @@ _VAR_HEADERS = ("name", "type", "value", "version", "updated", "by")
 
 
 def _variable_row(var: Variable) -> list[str]:
-    return [var.name, var.type, format_value(var.value), str(var.version), format_time(var.updated_at), var.source]
+    return [var.name, var.type, shown(var), str(var.version), format_time(var.updated_at), var.source]
 
 
 class VariableList(list[Variable]):
@@ -255,7 +265,7 @@ class History(list[HistoryEntry]):
 def variable_repr(var: Variable) -> str:
     """A readable one-line repr of a variable."""
     return (
-        f"Variable({var.name}: {var.type} = {format_value(var.value)}, v{var.version}, "
+        f"Variable({var.name}: {var.type} = {shown(var)}, v{var.version}, "
         f"updated {format_time(var.updated_at) or '?'} by {var.source or '?'})"
     )
 
@@ -263,7 +273,7 @@ def variable_repr(var: Variable) -> str:
 def variable_html(var: Variable) -> str:
     """A variable as a small HTML table of its fields."""
     rows = [
-        ["value", format_value(var.value, 200)],
+        ["value", shown(var, 200)],
         ["type", var.type],
         ["version", str(var.version)],
         ["constraints", json.dumps(_plain(var.constraints))],

@@ -9,9 +9,10 @@ thread pool sized so that long-lived ``WatchVariables`` streams cannot starve un
 :class:`EmbeddedBridge` is the process-wide server an orchestrator starts lazily on loopback, whose
 store it also reads in process.
 
-Who wrote a value: the server cannot know its peer, so every write through it is recorded as
-``"worker"`` unless the request's ``metadata`` map or the call's gRPC metadata has ``source`` set to
-``"orchestrator"`` or ``"elixir"``.
+Who wrote a value: with tokens (:mod:`dspex_dspy.auth`) it is the token's ``sub``. Without them the
+server cannot know its peer, so every write through it is recorded as ``"worker"`` unless the
+request's ``metadata`` map or the call's gRPC metadata has ``source`` set to ``"orchestrator"`` or
+``"elixir"``. TLS, tokens, the rate limit and the audit trail are set up by :func:`create_server`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.admin import add_admin_service
+from dspex_dspy.auth import BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
+    AuthenticationError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
@@ -43,6 +46,7 @@ from dspex_dspy.errors import (
 from dspex_dspy.guard import WatchSlots, clip, clipped, guarded_handler, peer_principal
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
+from dspex_dspy.tls import ServerTLS
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
     any_to_value,
@@ -261,7 +265,10 @@ class BridgeServicer:
     # ------------------------------------------------------------------ helpers
 
     def _writer(self, metadata: Mapping[str, str], context: grpc.ServicerContext) -> str:
-        """Who a write comes from: ``"orchestrator"`` only when it says so, else ``"worker"``."""
+        """Who a write comes from: the token's ``sub``; without tokens ``"orchestrator"`` only when it says so, else ``"worker"``."""
+        principal = current_principal()
+        if principal is not None:
+            return principal.sub
         claimed = metadata.get("source", "")
         if not claimed:
             for key, value in context.invocation_metadata() or ():
@@ -521,7 +528,13 @@ class BridgeServicer:
             interval = self.heartbeat_interval
             last_sent = time.monotonic()
             while context.is_active() and not self._stopping.is_set():
-                update = watch.next_update(timeout=max(0.0, last_sent + interval - time.monotonic()))
+                wait = last_sent + interval - time.monotonic()
+                left = seconds_left()
+                if left is not None:
+                    if left <= 0:
+                        raise AuthenticationError("WatchVariables: the token of this watch has expired")
+                    wait = min(wait, left)
+                update = watch.next_update(timeout=max(0.0, wait))
                 if update is not None:
                     yield update_to_proto(update)
                     last_sent = time.monotonic()
@@ -715,6 +728,12 @@ class BridgeServer:
         return f"BridgeServer(address={self.address!r}, {state})"
 
 
+def _token_or_peer(context: grpc.ServicerContext) -> str:
+    """Who is calling, for fair shares of watch streams: the token's ``sub``, else the peer address."""
+    claims = current_principal()
+    return claims.sub if claims is not None else peer_principal(context)
+
+
 def create_server(
     store: SessionStore | None = None,
     host: str = "127.0.0.1",
@@ -722,6 +741,10 @@ def create_server(
     *,
     limits: ServerLimits | None = None,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    tls: ServerTLS | None = None,
+    auth_secret: bytes | None = None,
+    rate_limit: RateLimiter | None = None,
+    insecure: bool = False,
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
@@ -733,6 +756,10 @@ def create_server(
         port: port to bind; 0 picks a free one.
         limits: server-side limits.
         heartbeat_interval: seconds of silence after which a watch stream sends a heartbeat.
+        tls: serve over TLS with this material (mutual TLS when it has a client CA).
+        auth_secret: require on every call (health aside) a token signed with this secret.
+        rate_limit: a per-principal rate limit.
+        insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
         interceptors: gRPC server interceptors (e.g. :class:`dspex_dspy.metrics.MetricsInterceptor`).
 
     Returns:
@@ -740,6 +767,8 @@ def create_server(
 
     Raises:
         BridgeUnavailableError: the address cannot be bound.
+        PermissionDeniedError: ``host`` is not loopback, TLS or tokens are missing, and
+            ``insecure`` is false.
 
     Example:
         >>> server, port = create_server()
@@ -747,19 +776,28 @@ def create_server(
         ...     print(server.address)  # doctest: +SKIP
         127.0.0.1:50123
     """
+    check_exposure(host, tls=tls is not None, auth=auth_secret is not None, insecure=insecure)
     limits = limits or ServerLimits()
     owns_store = store is None
     served = store if store is not None else SessionStore()
     servicer = BridgeServicer(served, limits=limits, heartbeat_interval=heartbeat_interval)
+    servicer.principal_of = _token_or_peer
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Worker clients ping every 10 s to notice dead connections: permit pings every 5 s, also
+        # on connections without calls; ping clients every 20 s (10 s to answer) to free the
+        # watch slots of clients that vanished without a reset.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
         options=options,
-        interceptors=list(interceptors),
+        interceptors=[*interceptors, BridgeGuard(auth_secret, rate_limit)],
     )
     # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
     # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
@@ -771,7 +809,7 @@ def create_server(
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     target = _format_address(host, port)
     try:
-        bound = server.add_insecure_port(target)
+        bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
     except RuntimeError as exc:
         raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
     if not bound:

@@ -39,7 +39,8 @@ from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo, UpdateType, Watch
-from dspex_dspy.types import Variable, compile_spec, normalize_metadata
+from dspex_dspy.tls import Pem
+from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata
 from dspex_dspy.wire import proto_to_update
 from dspex_dspy.wire_errors import error_from_rpc
 
@@ -97,18 +98,39 @@ class RemoteStore:
         self._deadlines = threading.local()
 
     @classmethod
-    def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
-        """Open an insecure channel to ``address`` and wait until it is ready.
+    def connect(
+        cls,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+    ) -> RemoteStore:
+        """Open a channel to ``address`` (see :func:`~dspex_dspy.remote.open_channel`) and wait until it is ready.
 
         Args:
             address: ``"host:port"`` of a bridge server.
             timeout: seconds to wait for the connection.
             call_timeout: the deadline of each later call.
+            root_certificates: PEM roots to trust (bytes, text or a path): the channel uses TLS.
+            token: a bearer token sent on every call.
+            certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
+            private_key: the key of that client certificate (PEM).
 
         Raises:
             BridgeUnavailableError: no server answered within ``timeout``.
         """
-        channel = open_channel(address, timeout=timeout)
+        channel = open_channel(
+            address,
+            timeout=timeout,
+            root_certificates=root_certificates,
+            token=token,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+        )
         return cls(pb_grpc.BridgeServiceStub(channel), channel=channel, address=address, call_timeout=call_timeout)
 
     # ------------------------------------------------------------------ running calls
@@ -354,7 +376,7 @@ class RemoteStore:
         now = time.time()
         out = []
         for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             imported = replace(
                 var,
                 id=var_id,
@@ -449,14 +471,18 @@ class RemoteStore:
         version = self.call(call)
         if known is not None:
             try:
-                normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+                normalised = compile_spec(
+                    known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+                ).validate(value)
             except ValidationError:
                 known = None  # what this client knew is stale: the variable was redefined
         if known is None:
             known = self.call(BridgeCalls.get_variable(session_id, identifier))
             if known.version == version:
                 return self._learn(session_id, known)
-            normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+            normalised = compile_spec(
+                known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+            ).validate(value)
         written = replace(
             known,
             value=normalised,

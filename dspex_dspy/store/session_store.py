@@ -52,7 +52,7 @@ from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
-from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -319,7 +319,7 @@ class SessionStore:
     ) -> Variable:
         """Define a variable. Raises :class:`VariableExistsError` for a duplicate name."""
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
@@ -350,7 +350,7 @@ class SessionStore:
             if var.name in seen:
                 raise VariableExistsError(var.name, session_id)
             seen.add(var.name)
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             normalised = spec.validate(var.value)
             self._check_size(var.name, var.type, normalised)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or not 1 <= var.version <= MAX_VERSION:

@@ -32,11 +32,14 @@ PUBLIC = {
 }
 
 ERRORS = {
+    "AuthenticationError",
     "BatchUpdateError",
     "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "SessionExistsError",
     "SessionNotFoundError",
     "ValidationError",
@@ -62,15 +65,43 @@ ALLOWED = {
     "wire_errors": {"errors"},
     "wire": {"errors", "types", "store", "wire_errors", "_proto"},
     "guard": {"errors", "types", "store", "wire_errors", "_proto"},
-    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "guard", "admin", "_proto"},
+    "tokens": {"errors"},
+    "tls": {"errors"},
+    "auth": {"errors", "tls", "tokens", "_proto"},
+    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "guard", "auth", "tls", "admin", "_proto"},
     "admin": {"errors", "types", "store", "wire", "wire_errors"},
-    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "_proto"},
-    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "ops", "_proto"},
+    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "ops", "_proto", "client"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables", "telemetry", "display"},
     "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
     "telemetry": set(),
-    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "commands", "logs", "_proto"},
-    "commands": {"errors", "types", "store", "wire", "wire_errors", "remote", "admin", "display", "ops", "_proto"},
+    "cli": {
+        "errors",
+        "types",
+        "store",
+        "server",
+        "wire",
+        "wire_errors",
+        "auth",
+        "tls",
+        "tokens",
+        "commands",
+        "logs",
+        "_proto",
+    },
+    "commands": {
+        "errors",
+        "types",
+        "store",
+        "wire",
+        "wire_errors",
+        "remote",
+        "admin",
+        "display",
+        "ops",
+        "tls",
+        "_proto",
+    },
     "metrics": {"errors", "types", "store", "server", "wire"},
     "logs": set(),
     "display": {"errors", "types", "store"},
@@ -80,9 +111,13 @@ ALLOWED = {
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("cli", "metrics"), ("types", "display")} | {
-    ("demo", n) for n in ("client", "modules", "offline")
-}
+LAZY_ALLOWED = {
+    ("context", "server"),
+    ("context", "remote"),
+    ("context", "tokens"),
+    ("cli", "metrics"),
+    ("types", "display"),
+} | {("demo", n) for n in ("client", "modules", "offline")}
 
 
 def _layer(path: Path) -> str:
