@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from dspex_dspy.display import event_record
 from dspex_dspy.errors import DSPexError, VersionConflictError
 from dspex_dspy.store.watch import UpdateType, VariableUpdate
-from dspex_dspy.types import OptimizationStatus
+from dspex_dspy.types import BATCH_METADATA_KEY, OptimizationStatus
 
 __all__ = [
     "AsyncCallbackWatch",
@@ -93,7 +93,7 @@ def event_from_update(update: VariableUpdate) -> WatchEvent | None:
         source=update.source or var.source,
         timestamp=update.timestamp or var.updated_at,
         variable_id=update.variable_id or var.id,
-        metadata=dict(update.metadata),
+        metadata={k: v for k, v in update.metadata.items() if k != BATCH_METADATA_KEY},
         optimization_status=var.optimization_status,
     )
 

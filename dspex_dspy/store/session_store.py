@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
-from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata, validate_name
+from dspex_dspy.types import BATCH_METADATA_KEY, Variable, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -502,9 +503,11 @@ class SessionStore:
                     )
                 except DSPexError as exc:
                     return BatchResult({}, {ident: exc for ident, _, _ in checked})
+                # Watchers learn which updates are one batch, so a worker's cache applies them together.
+                batch = f"{uuid.uuid4().hex[:16]}/{len(checked)}" if len(checked) > 1 else ""
                 for ident, record, normalised in checked:
                     written = self._apply(
-                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False
+                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False, batch=batch
                     )
                     versions[ident] = written.version
                 return BatchResult(versions, errors)
@@ -856,6 +859,7 @@ class SessionStore:
         source: str,
         *,
         charge: bool = True,
+        batch: str = "",
     ) -> Variable:
         plan = self._plan(record, value, metadata)
         if charge:
@@ -873,7 +877,8 @@ class SessionStore:
         session.bytes_used += plan.delta
         self._bytes_total += plan.delta
         snapshot = self._snapshot(record)
-        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
+        announced = {**(metadata or {}), BATCH_METADATA_KEY: batch} if batch else (metadata or {})
+        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, announced, now)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "write %s/%s v%d by %s",

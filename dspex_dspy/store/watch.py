@@ -72,11 +72,16 @@ class Watch:
         return self.variable_ids is None or variable_id in self.variable_ids
 
     def offer(self, update: VariableUpdate) -> None:
-        """Queue an update, replacing a pending one of the same variable (called by the store)."""
+        """Queue an update, replacing a pending one of the same variable (called by the store).
+
+        A replacing update takes the place of the newest write, not of the one it replaces, so
+        the queue stays in the order of the writes it holds: the updates of one atomic batch stay
+        together, after every write that came before them.
+        """
         with self._cond:
             if self._closed:
                 return
-            if update.variable_id in self._pending:
+            if self._pending.pop(update.variable_id, None) is not None:
                 self.coalesced += 1
             self._pending[update.variable_id] = update
             self._cond.notify()

@@ -844,9 +844,9 @@ class TestWatch:
         watch = store.watch(session, include_initial=False)
         store.set_variable(session, "b", 1)
         store.set_variable(session, "a", 1)
-        store.set_variable(session, "b", 2)  # coalesced into b's pending update, which keeps its place
+        store.set_variable(session, "b", 2)  # replaces b's pending update and takes the newest place
         watch.close()
-        assert [(u.name, u.variable.value) for u in watch] == [("b", 2), ("a", 1)]
+        assert [(u.name, u.variable.value) for u in watch] == [("a", 1), ("b", 2)]
 
     def test_heartbeat_update_has_no_name(self) -> None:
         assert VariableUpdate("", None, UpdateType.HEARTBEAT).name == ""
