@@ -81,6 +81,10 @@ RPC_PERMISSIONS: Final[Mapping[str, str | None]] = {
 """The permission each ``BridgeService`` RPC needs on the request's session (None: any valid
 token). An RPC missing here, or any other service, needs ``admin``."""
 
+OPEN_ADMIN_RPCS: Final = frozenset({"/dspex.bridge.v1.BridgeAdmin/ListSessions"})
+"""Operator RPCs any valid token may call: the service itself narrows the answer to what the
+token may see (``ListSessions`` lists only the sessions a token without ``admin`` names)."""
+
 SESSION_RPCS: Final = frozenset({"InitializeSession", "CleanupSession", "GetSession", "Heartbeat"})
 """RPCs about a whole session: ``admin`` allows them on sessions the token does not name."""
 
@@ -275,7 +279,10 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         if self.secret is None and self.limiter is None and rpc not in _AUDITED:
             return handler  # nothing to check or record: the call runs untouched
-        perm = RPC_PERMISSIONS.get(rpc, "admin") if service == _SERVICE else "admin"
+        if service == _SERVICE:
+            perm = RPC_PERMISSIONS.get(rpc, "admin")
+        else:
+            perm = None if method in OPEN_ADMIN_RPCS else "admin"
         metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -22,7 +22,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy.admin import add_admin_service
 from dspex_dspy.auth import BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
     AuthenticationError,
@@ -773,6 +774,7 @@ def create_server(
     auth_secret: bytes | None = None,
     rate_limit: RateLimiter | None = None,
     insecure: bool = False,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -787,6 +789,7 @@ def create_server(
         auth_secret: require on every call (health aside) a token signed with this secret.
         rate_limit: a per-principal rate limit.
         insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
+        interceptors: gRPC server interceptors (e.g. :class:`dspex_dspy.metrics.MetricsInterceptor`).
 
     Returns:
         ``(server, port)`` with the real bound port.
@@ -823,11 +826,12 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
         options=options,
-        interceptors=[BridgeGuard(auth_secret, rate_limit)],
+        interceptors=[*interceptors, BridgeGuard(auth_secret, rate_limit)],
     )
     # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
     # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
     server.add_generic_rpc_handlers((guarded_handler(servicer),))
+    add_admin_service(server, served)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
