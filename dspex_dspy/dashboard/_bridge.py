@@ -1,0 +1,202 @@
+"""How the dashboard reaches a bridge: one client per token, JSON-ready records, live updates.
+
+The dashboard is a client like any other. Every action it offers goes through the same calls a
+worker or the CLI makes (``RemoteStore`` for reads and writes, a ``WatchVariables`` stream for
+live values), carrying the token the person in front of the page gave, so the bridge validates,
+versions, audits and authorises each one exactly as it would any other client's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.errors import BridgeUnavailableError, ValidationError
+from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
+from dspex_dspy.types import Variable
+from dspex_dspy.wire import error_from_rpc, proto_to_update
+
+__all__ = ["BridgeLink", "jsonable", "parse_value", "variable_record"]
+
+_CLIENTS_PER_LINK = 16
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats spelled as strings, so strict JSON can carry it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, list | tuple):
+        return [jsonable(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    return value
+
+
+def _is_secret(metadata: Mapping[str, str]) -> bool:
+    return str(metadata.get("secret", "")).lower() in ("true", "1", "yes")
+
+
+def variable_record(var: Variable) -> dict[str, Any]:
+    """What the page shows of one variable; a secret variable's value is never sent."""
+    secret = _is_secret(var.metadata)
+    metadata = dict(var.metadata)
+    return {
+        "id": var.id,
+        "name": var.name,
+        "type": var.type,
+        "value": None if secret else jsonable(var.value),
+        "secret": secret,
+        "constraints": jsonable(dict(var.constraints)),
+        "description": var.description,
+        "metadata": metadata,
+        "version": var.version,
+        "created_at": var.created_at,
+        "updated_at": var.updated_at,
+        "changed_by": metadata.get("changed_by") or var.source,
+        "lease": _lease_of(var),
+    }
+
+
+def _lease_of(var: Variable) -> dict[str, Any] | None:
+    status = getattr(var, "optimization_status", None)
+    if status is None:
+        return None
+    optimizer = getattr(status, "optimizer_id", "") or ""
+    if not optimizer:
+        return None
+    return {
+        "optimizer_id": optimizer,
+        "started_at": getattr(status, "started_at", None),
+        "expires_at": getattr(status, "expires_at", None),
+    }
+
+
+def parse_value(name: str, type_: str, text: str) -> Any:
+    """Turn what a person typed into a value of the variable's type.
+
+    Strings, choices and modules take the text as it is; numbers, booleans, embeddings and
+    tensors parse it. Whether the value is *allowed* is the bridge's call, not this function's.
+
+    Raises:
+        ValidationError: the text is not a value of that type at all (rule ``type``).
+    """
+    if type_ in ("string", "choice", "module"):
+        return text
+    stripped = text.strip()
+    try:
+        if type_ == "float":
+            return float(stripped)
+        if type_ == "integer":
+            return int(stripped)
+        if type_ == "boolean":
+            lowered = stripped.lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            raise ValueError(stripped)
+        return json.loads(stripped)
+    except ValueError:
+        raise ValidationError(name, "type", text, f"{name}: {text!r} is not a {type_}") from None
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    root_certificates: bytes | None
+
+
+class BridgeLink:
+    """Clients of one bridge, kept per token (a small LRU), for the dashboard's requests.
+
+    Args:
+        address: ``"host:port"`` of the bridge (several, comma-separated, when the bridge
+            clients accept that form).
+        root_certificates: PEM of the CA that signed the bridge's certificate, for TLS.
+        connect_timeout: seconds to wait for the bridge when a client is opened.
+    """
+
+    def __init__(self, address: str, *, root_certificates: bytes | None = None, connect_timeout: float = 5.0) -> None:
+        self.address = address
+        self._credentials = _Credentials(root_certificates)
+        self._connect_timeout = connect_timeout
+        self._clients: OrderedDict[str, RemoteStore] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def store(self, token: str | None) -> RemoteStore:
+        """A connected client that sends ``token`` (``None``: no token) with every call."""
+        key = token or ""
+        with self._lock:
+            client = self._clients.get(key)
+            if client is not None:
+                self._clients.move_to_end(key)
+                return client
+        client = self._connect(token)
+        with self._lock:
+            existing = self._clients.get(key)
+            if existing is not None:
+                client.close()
+                return existing
+            self._clients[key] = client
+            while len(self._clients) > _CLIENTS_PER_LINK:
+                _, evicted = self._clients.popitem(last=False)
+                evicted.close()
+        return client
+
+    def _connect(self, token: str | None) -> RemoteStore:
+        return RemoteStore.connect(
+            self.address,
+            timeout=self._connect_timeout,
+            root_certificates=self._credentials.root_certificates,
+            token=token,
+        )
+
+    def close(self) -> None:
+        """Close every client. Idempotent."""
+        with self._lock:
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
+
+    def _aio_channel(self) -> grpc.aio.Channel:
+        target = self.address.split(",")[0].strip()
+        if self._credentials.root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self._credentials.root_certificates)
+            return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+    async def updates(self, session_id: str, token: str | None) -> AsyncIterator[dict[str, Any] | None]:
+        """Live changes of a session's variables, as page records; ``None`` marks a heartbeat.
+
+        Ends when the session goes away; raises the bridge's error (e.g. an expired token).
+        """
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        async with self._aio_channel() as channel:
+            stub = pb_grpc.BridgeServiceStub(channel)
+            request = pb.WatchVariablesRequest(session_id=session_id, include_initial_values=False)
+            call = stub.WatchVariables(request, metadata=metadata)
+            try:
+                async for message in call:
+                    update = proto_to_update(message)
+                    if update.update_type == "heartbeat":
+                        yield None
+                        continue
+                    record = variable_record(update.variable) if update.variable is not None else None
+                    yield {
+                        "kind": update.update_type,
+                        "name": update.name,
+                        "source": update.source,
+                        "variable": record,
+                    }
+            except grpc.RpcError as err:
+                raise error_from_rpc(err, session_id=session_id) from err
+            except grpc.aio.UsageError as err:  # the channel closed under the stream
+                raise BridgeUnavailableError(f"the watch of {session_id} ended: {err}") from err
