@@ -386,12 +386,79 @@ def bench_modules(rows: list[Row], quick: bool) -> None:
     ctx.stop()
 
 
+def bench_tuner(rows: list[Row], quick: bool) -> None:
+    """VariableTuner per trial against ``dspy.Evaluate`` run directly on the same values.
+
+    A tuner run is ask (the sampler), per-call trial values, ``dspy.Evaluate``, tell, plus the lease
+    and the publication amortised over its trials; the baseline writes each trial's values to the
+    session and runs the same ``dspy.Evaluate``. The TPE row is the target; the random-sampler row
+    shows the tuner's own machinery without TPE's model fitting.
+    """
+    import logging
+
+    import dspy
+    import optuna
+
+    from dspex_dspy import Context, Variables
+    from dspex_dspy.modules import VariableAwarePredict
+    from dspex_dspy.offline import offline_lm, settings_quality
+    from dspex_dspy.tune import VariableTuner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("dspy.evaluate").setLevel(logging.WARNING)
+    models = ["offline/small", "offline/medium", "offline/large"]
+    ctx = Context()
+    Variables.defvariable(ctx, "temperature", "float", 1.2, constraints={"min": 0.0, "max": 1.5})
+    Variables.defvariable(ctx, "max_tokens", "integer", 64, constraints={"min": 16, "max": 4096})
+    Variables.defvariable(ctx, "model", "string", models[0], constraints={"enum": models})
+    program = VariableAwarePredict("question -> answer", session_context=ctx)
+    program.bind_to_variable("model", "model")
+    devset = [dspy.Example(question=f"question {i}").with_inputs("question") for i in range(32)]
+    evaluate = dspy.Evaluate(devset=devset, metric=lambda e, p, t=None: settings_quality(p.answer), num_threads=1)
+    trials = 20
+
+    for label, make_sampler, target in (
+        ("TPE", lambda: optuna.samplers.TPESampler(seed=0), 1.1),
+        ("random sampler", lambda: optuna.samplers.RandomSampler(seed=0), None),
+    ):
+
+        def tune(make_sampler: Callable[[], Any] = make_sampler) -> VariableTuner:
+            tuner = VariableTuner(
+                evaluate.metric, num_trials=trials, sampler=make_sampler(), num_threads=1, progress=False
+            )
+            tuner.compile(program, trainset=devset)
+            return tuner
+
+        with dspy.context(lm=offline_lm(models[0])):
+            first = tune().result
+            assert first is not None
+            values = [t.values for t in first.trials]
+
+            def direct(values: list[dict[str, Any]] = values) -> None:
+                for trial in values:
+                    Variables.update_many(ctx, trial)
+                    evaluate(program)
+
+            compare(
+                rows,
+                f"tuner, {label}: {trials} trials x {len(devset)} ex.",
+                tune,
+                "dspy.Evaluate, same values, direct",
+                direct,
+                target=target,
+                batch=1,
+                rounds=3 if quick else 8,
+            )
+    ctx.stop()
+
+
 SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "local": bench_local,
     "bridged": bench_bridged,
     "switch": bench_switch,
     "workers": bench_workers,
     "modules": bench_modules,
+    "tuner": bench_tuner,
 }
 
 

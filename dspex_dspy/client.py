@@ -86,6 +86,7 @@ from dspex_dspy.errors import (
     ValidationError,
     VariableNotFoundError,
 )
+from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.remote import (
     CHANNEL_OPTIONS,
     DEFAULT_CALL_TIMEOUT,
@@ -96,7 +97,7 @@ from dspex_dspy.remote import (
     registered_variable,
 )
 from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata
+from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
 __all__ = [
@@ -142,6 +143,7 @@ class WatchEvent:
         timestamp: wall-clock seconds since the epoch.
         variable_id: the variable's id on the server.
         metadata: the metadata given with the write.
+        optimization_status: the optimization lease holding the variable at that version, or None.
     """
 
     name: str
@@ -152,6 +154,7 @@ class WatchEvent:
     timestamp: float
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
+    optimization_status: OptimizationStatus | None = None
 
 
 def _detached(value: Any) -> Any:
@@ -257,6 +260,7 @@ class _WatchTracker:
             update.timestamp,
             var.id,
             dict(update.metadata),
+            var.optimization_status,
         )
 
     def on_listing(self, variables: Iterable[Variable]) -> list[WatchEvent]:
@@ -284,6 +288,7 @@ class _WatchTracker:
                         var.updated_at,
                         var.id,
                         {},
+                        var.optimization_status,
                     )
                 )
         now = time.time()
@@ -1290,6 +1295,21 @@ class SessionContext(_ClientCore):
         """
         self._call(BridgeCalls.delete_variable(self.session_id, name, source=WORKER))
         self._deleted(name)
+
+    def start_optimization(
+        self, names: Sequence[str], optimizer_id: str, *, ttl: float = DEFAULT_LEASE_SECONDS
+    ) -> OptimizationLease:
+        """Take (or renew) an optimization lease on ``names``; see ``Variables.start_optimization``.
+
+        Raises:
+            VariableLockedError: another optimizer holds one of the variables (nothing changes).
+        """
+        return self._call(BridgeCalls.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, lease: OptimizationLease | str, *, force: bool = False) -> None:
+        """End a lease (the lease or its id), or with ``force=True`` the lease holding a variable."""
+        target = lease.id if isinstance(lease, OptimizationLease) else lease
+        self._call(BridgeCalls.stop_optimization(self.session_id, target, force=force))
 
     # ------------------------------------------------------------------ watching
 

@@ -3,8 +3,14 @@
 A :class:`Context` begins on :class:`~dspex_dspy.state.LocalState`. :meth:`Context.ensure_bridged`
 (or registering a program that needs Python) moves it to :class:`~dspex_dspy.state.BridgedState`:
 every variable is exported, imported into a session of a SessionStore under the context's id, and
-only then is the local copy dropped. Writers are held off while that happens, so no write is lost;
-a failure at any step leaves the context local with every value intact.
+only then is the local copy dropped. Readers and writers are not held while the import runs; a
+write that lands meanwhile is detected by the local state's write counter and the import is redone
+(the last try holds writers, never readers), so no write is lost. A failure at any step leaves the
+context local with every value intact.
+
+A context reads like a worker's ``SessionContext`` (``get_variable``, ``get_versioned``,
+``get_versioned_many``, ``has_variable`` ...): both satisfy :class:`~dspex_dspy.reader.VariableReader`,
+which is what variable-aware modules read through.
 
 The bridge is the embedded one by default (started lazily in this process on an ephemeral
 loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``.
@@ -17,17 +23,21 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, ValidationError
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
+from dspex_dspy.types import Variable
 
 __all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
 
 logger = logging.getLogger(__name__)
+
+#: Imports tried while writers keep going before the last try, which holds writers (never readers).
+_OPTIMISTIC_SWITCH_TRIES = 3
 
 _PYTHON_TYPES = frozenset({"dspy", "python"})
 
@@ -197,6 +207,49 @@ class Context:
         """The registered programs (a copy)."""
         return {k: dict(v) for k, v in self._programs.items()}
 
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def provider(self) -> StateProvider:
+        """The backend serving this context now (it changes once, when the context is bridged)."""
+        return self._provider
+
+    def get_variable(self, name: str) -> Any:
+        """The current value of a variable (as ``SessionContext.get_variable``).
+
+        Raises:
+            VariableNotFoundError: no such variable.
+        """
+        return self._provider.get(name)
+
+    def get_variable_record(self, name: str) -> Variable:
+        """The whole :class:`~dspex_dspy.types.Variable` record of a variable."""
+        return self._provider.get_variable(name)
+
+    def get_versioned(self, name: str) -> tuple[Any, int]:
+        """``(value, version)`` of a variable, read together."""
+        return self._provider.get_versioned(name)
+
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables from one snapshot: no write falls between them.
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        return self._provider.get_versioned_many(names)
+
+    def get_variables(self, names: Iterable[str]) -> dict[str, Any]:
+        """The values of several variables, by name (one snapshot).
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        return self._provider.get_many(names)
+
+    def has_variable(self, name: str) -> bool:
+        """Whether the context has a variable of that name (or id)."""
+        return self._provider.exists(name)
+
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
@@ -260,16 +313,7 @@ class Context:
                     store.create_session(self.id, {"context": self.id})
                     created = True
                 bridged = BridgedState(store, self.id, address)
-                with local.frozen() as exported:
-                    stamp = datetime.now(timezone.utc).isoformat()
-                    moved = [
-                        replace(v, metadata={**v.metadata, "migrated_from": "local", "migrated_at": stamp})
-                        for v in exported
-                    ]
-                    if moved:
-                        bridged.import_state(moved)
-                    self._provider = bridged
-                    local.retire_locked(bridged)
+                moved = self._migrate(local, bridged, store, created)
             except BaseException as exc:
                 self._abandon(store, created)
                 if isinstance(exc, DSPexError) or not isinstance(exc, Exception):
@@ -283,6 +327,47 @@ class Context:
             logger.info(
                 "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
             )
+
+    def _migrate(self, local: LocalState, bridged: BridgedState, store: Any, created: bool) -> list[Variable]:
+        """Copy ``local`` into ``bridged`` and retire it; return what was moved.
+
+        The export is taken under the local lock, the import runs outside it. A write accepted
+        meanwhile makes the export stale: the import is undone and tried again; the last try
+        fences writers (readers never wait).
+        """
+        for _ in range(_OPTIMISTIC_SWITCH_TRIES):
+            exported, writes = local.export_versioned()
+            moved = self._stamped(exported)
+            if moved:
+                bridged.import_state(moved)
+            if local.retire_if_unchanged(bridged, writes):
+                self._provider = bridged
+                return moved
+            logger.debug("context %s: writes landed during the switch, importing again", self.id)
+            self._undo_import(store, moved, created)
+        with local.fenced():
+            exported, writes = local.export_versioned()
+            moved = self._stamped(exported)
+            if moved:
+                bridged.import_state(moved)
+            if not local.retire_if_unchanged(bridged, writes):  # pragma: no cover - writers are fenced
+                raise DSPexError(f"context {self.id} changed while its writers were fenced")
+            self._provider = bridged
+            return moved
+
+    @staticmethod
+    def _stamped(exported: Sequence[Variable]) -> list[Variable]:
+        stamp = datetime.now(timezone.utc).isoformat()
+        return [replace(v, metadata={**v.metadata, "migrated_from": "local", "migrated_at": stamp}) for v in exported]
+
+    def _undo_import(self, store: Any, moved: Sequence[Variable], created: bool) -> None:
+        """Remove a stale import from the session, leaving it as it was before."""
+        if created:
+            store.cleanup_session(self.id)
+            store.create_session(self.id, {"context": self.id})
+            return
+        for var in moved:
+            store.delete_variable(self.id, var.name)
 
     def _abandon(self, store: Any, created: bool) -> None:
         if created:

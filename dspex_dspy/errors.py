@@ -12,9 +12,15 @@ would reach for first, so ``except KeyError`` and ``except DSPexError`` both wor
     ├── SessionNotFoundError     (KeyError)         the session does not exist (or expired)
     ├── SessionExistsError       (ValueError)       a session with that id already exists
     ├── LimitExceededError       (RuntimeError)     a configured limit (size, count, watchers) was hit
-    └── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
+    ├── VariableLockedError      (RuntimeError)     an optimizer's lease holds the variable
+    ├── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
+    └── BridgeError              (RuntimeError)     the bridge reported a failure no class above
+                                                    describes (unimplemented, internal, untyped)
 
 A rejected write never changes anything: the variable keeps its value and version.
+
+Over gRPC each error travels with its fields (the rich error model, :mod:`dspex_dspy.wire_errors`),
+and the client raises the same class with the same fields and message that the server raised.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "BatchUpdateError",
+    "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
@@ -30,6 +37,7 @@ __all__ = [
     "SessionNotFoundError",
     "ValidationError",
     "VariableExistsError",
+    "VariableLockedError",
     "VariableNotFoundError",
     "VersionConflictError",
 ]
@@ -142,5 +150,43 @@ class LimitExceededError(DSPexError, RuntimeError):
         self.maximum = maximum
 
 
+class VariableLockedError(DSPexError, RuntimeError):
+    """An optimization lease holds the variable: only its optimizer may write it (or start on it).
+
+    A write passes anyway when forced (``force=True``), and the forced write is recorded in the
+    variable's metadata (``forced_over``). Reads and watches are never refused.
+
+    Attributes:
+        name: the variable.
+        optimizer_id: the optimizer holding the lease.
+        detail: what the caller can do about it.
+    """
+
+    def __init__(self, name: str, optimizer_id: str, detail: str = "") -> None:
+        what = detail or "writes need force=True until the optimization stops or its lease expires"
+        super().__init__(f"Variable locked: {name} is held by optimizer {optimizer_id}; {what}")
+        self.name = name
+        self.optimizer_id = optimizer_id
+        self.detail = what
+
+
 class BridgeUnavailableError(DSPexError, ConnectionError):
     """The bridge server or its session store cannot be reached."""
+
+
+class BridgeError(DSPexError, RuntimeError):
+    """The bridge reported a failure that none of the other classes describes.
+
+    Raised for an RPC the server does not implement, an internal error of the server, or a peer
+    that reports a failure (``success=false``, a batch entry) without saying what kind it is.
+
+    Attributes:
+        code: the gRPC status code's name (``"UNIMPLEMENTED"``, ``"INTERNAL"``), or ``""`` when the
+            failure was reported in a response body rather than as a status.
+        reason: the ``google.rpc.ErrorInfo`` reason the server gave, or ``""``.
+    """
+
+    def __init__(self, message: str, *, code: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason

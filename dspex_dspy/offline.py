@@ -22,7 +22,11 @@ from typing import Any
 import dspy
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
-__all__ = ["OfflineEngine", "offline_lm"]
+__all__ = ["OFFLINE_MODEL_QUALITY", "OfflineEngine", "offline_lm", "settings_quality"]
+
+#: How good each offline model is on :func:`settings_quality`'s synthetic task.
+OFFLINE_MODEL_QUALITY = {"offline/small": 0.7, "offline/medium": 0.85, "offline/large": 1.0}
+_SETTINGS = re.compile(r"model=(?P<model>\S+) temperature=(?P<temperature>\S+) max_tokens=(?P<max_tokens>[^\]\s]+)")
 
 _OUTPUTS = re.compile(r"Your output fields are:\n(.*?)(?:\nAll interactions|\Z)", re.DOTALL)
 _FIELD = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
@@ -93,6 +97,30 @@ class _AsyncOfflineEngine:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def settings_quality(answer: str) -> float:
+    """A synthetic, deterministic quality score of an offline answer, from the settings it states.
+
+    The best answer (1.0) comes from ``offline/large`` at temperature 0.35 with 600 max tokens;
+    quality falls off smoothly with the temperature and the token budget and is scaled by the
+    model (:data:`OFFLINE_MODEL_QUALITY`; unknown models score 0.5). Used as a tuning metric in
+    examples, notebooks and tests, where the known optimum makes a search checkable.
+
+    Example:
+        >>> settings_quality('answer to "x" [model=offline/large temperature=0.35 max_tokens=600]')
+        1.0
+    """
+    found = _SETTINGS.search(answer)
+    if found is None:
+        return 0.0
+    try:
+        temperature = float(found.group("temperature"))
+        max_tokens = float(found.group("max_tokens"))
+    except ValueError:
+        return 0.0
+    weight = OFFLINE_MODEL_QUALITY.get(found.group("model"), 0.5)
+    return weight * (1.0 - 0.5 * (temperature - 0.35) ** 2) * (1.0 - 0.5 * ((max_tokens - 600.0) / 4000.0) ** 2)
 
 
 def offline_lm(model: str = "offline/demo", **kwargs: Any) -> Any:

@@ -2,7 +2,8 @@
 
 :class:`BridgeServicer` maps every RPC of the wire contract (``PROTOCOL.md``) onto a
 :class:`~dspex_dspy.store.SessionStore` and every error onto its status code (bad input is always
-``INVALID_ARGUMENT``; ``INTERNAL`` only ever means a bug here). :func:`create_server` wraps it in a
+``INVALID_ARGUMENT``; ``INTERNAL`` only ever means a bug here), with the error's kind and fields in
+the gRPC rich error details (:mod:`dspex_dspy.wire_errors`). :func:`create_server` wraps it in a
 :class:`BridgeServer` with the standard gRPC health service, message/value/watcher limits and a
 thread pool sized so that long-lived ``WatchVariables`` streams cannot starve unary calls.
 :class:`EmbeddedBridge` is the process-wide server an orchestrator starts lazily on loopback, whose
@@ -32,18 +33,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, LimitExceededError, SessionNotFoundError
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    DSPexError,
+    LimitExceededError,
+    SessionNotFoundError,
+    ValidationError,
+)
+from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
     any_to_value,
     from_timestamp,
-    status_for,
     timestamp,
     update_to_proto,
     value_to_any,
     variable_to_proto,
 )
+from dspex_dspy.wire_errors import pack_status, rpc_status_for
 
 __all__ = ["SERVICE_NAME", "BridgeServer", "BridgeServicer", "EmbeddedBridge", "ServerLimits", "create_server"]
 
@@ -103,16 +111,21 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 
 
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
-    """End the call with the status that reports ``exc``."""
+    """End the call with the status that reports ``exc``, its fields in the rich error details."""
     if isinstance(exc, _Abort):
-        context.abort(exc.code, exc.message)
-    if isinstance(exc, DSPexError):
-        context.abort(status_for(exc), str(exc))
+        context.abort_with_status(rpc_status_for(code=exc.code, message=exc.message))
     if isinstance(exc, RecursionError):
         # A value nested thousands of levels deep is bad input, not a bug.
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{rpc}: the value is nested too deeply (rule encoding)")
+        exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
+    if isinstance(exc, DSPexError):
+        context.abort_with_status(rpc_status_for(exc))
     logger.exception("%s failed unexpectedly", rpc)
-    context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}")
+    context.abort_with_status(
+        rpc_status_for(
+            code=grpc.StatusCode.INTERNAL,
+            message=f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}",
+        )
+    )
 
 
 def _unary(method: _Unary) -> _Unary:
@@ -122,7 +135,7 @@ def _unary(method: _Unary) -> _Unary:
     @functools.wraps(method)
     def handler(self: BridgeServicer, request: Any, context: grpc.ServicerContext) -> Any:
         if self.shutting_down:
-            context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            context.abort_with_status(rpc_status_for(BridgeUnavailableError(_SHUTTING_DOWN)))
         try:
             return method(self, request, context)
         except Exception as exc:
@@ -139,7 +152,7 @@ def _stream(method: _Stream) -> _Stream:
     @functools.wraps(method)
     def handler(self: BridgeServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         if self.shutting_down:
-            context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            context.abort_with_status(rpc_status_for(BridgeUnavailableError(_SHUTTING_DOWN)))
         try:
             yield from method(self, request, context)
             return
@@ -148,6 +161,18 @@ def _stream(method: _Stream) -> _Stream:
         _fail(context, rpc, failure)
 
     return handler
+
+
+def _batch_response(
+    rejected: Mapping[str, DSPexError], new_versions: Mapping[str, int]
+) -> pb.BatchSetVariablesResponse:
+    """A ``SetVariables`` answer: each rejection as text (``errors``) and as a status (``error_details``)."""
+    return pb.BatchSetVariablesResponse(
+        success=not rejected,
+        errors={ident: str(exc) for ident, exc in rejected.items()},
+        new_versions=dict(new_versions),
+        error_details={ident: pack_status(exc) for ident, exc in rejected.items()},
+    )
 
 
 def _unimplemented(rpc: str, what: str) -> _Abort:
@@ -361,18 +386,22 @@ class BridgeServicer:
     def SetVariables(
         self, request: pb.BatchSetVariablesRequest, context: grpc.ServicerContext
     ) -> pb.BatchSetVariablesResponse:
-        """Write several variables; ``atomic`` applies all or none. Rejections are reported, not raised."""
-        errors: dict[str, str] = {}
+        """Write several variables; ``atomic`` applies all or none. Rejections are reported, not raised.
+
+        Each rejection is reported twice: as text in ``errors`` (what a snakepit 0.4 peer reads) and
+        as a ``google.rpc.Status`` with the error's fields in ``error_details``.
+        """
+        rejected: dict[str, DSPexError] = {}
         values: dict[str, Any] = {}
         for ident, any_msg in request.updates.items():
             try:
                 values[ident] = self._decode(any_msg, ident, request.binary_updates.get(ident, b""))
             except DSPexError as exc:
-                errors[ident] = str(exc)
-        if request.atomic and errors:
+                rejected[ident] = exc
+        if request.atomic and rejected:
             # The session must still exist for a rejection to mean anything.
             self.store.get_session(request.session_id)
-            return pb.BatchSetVariablesResponse(success=False, errors=errors)
+            return _batch_response(rejected, {})
         result = self.store.set_variables(
             request.session_id,
             values,
@@ -380,8 +409,8 @@ class BridgeServicer:
             atomic=request.atomic,
             source=self._writer(request.metadata, context),
         )
-        errors.update({ident: str(exc) for ident, exc in result.errors.items()})
-        return pb.BatchSetVariablesResponse(success=not errors, errors=errors, new_versions=result.new_versions)
+        rejected.update(result.errors)
+        return _batch_response(rejected, result.new_versions)
 
     @_unary
     def ListVariables(
@@ -517,15 +546,31 @@ class BridgeServicer:
     def StartOptimization(
         self, request: pb.StartOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StartOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StartOptimization", "server-side optimization is not supported")
+        """Take (or renew) an optimization lease; ``optimization_id`` is the lease's id.
+
+        ``optimizer_config`` may carry ``variables`` (a JSON list: the lease covers all of them,
+        else just ``variable_identifier``) and ``lease_seconds`` (its ttl). Another optimizer's
+        lease on any of them is ``FAILED_PRECONDITION``.
+        """
+        variables, ttl = lease_request_config(request.variable_identifier, dict(request.optimizer_config))
+        lease = self.store.start_optimization(request.session_id, variables, request.optimizer_id, ttl=ttl)
+        return pb.StartOptimizationResponse(success=True, optimization_id=lease.id)
 
     @_unary
     def StopOptimization(
         self, request: pb.StopOptimizationRequest, context: grpc.ServicerContext
     ) -> pb.StopOptimizationResponse:
-        """Not implemented: ``UNIMPLEMENTED``."""
-        raise _unimplemented("StopOptimization", "server-side optimization is not supported")
+        """End a lease named by its id, or (``force``) the lease holding the named variable.
+
+        ``final_value`` is the named variable's value (unset when a lease id is named).
+        """
+        ident = request.variable_identifier
+        self.store.stop_optimization(request.session_id, ident, force=request.force)
+        response = pb.StopOptimizationResponse(success=True)
+        if not ident.startswith(LEASE_ID_PREFIX):
+            variable = self.store.get_variable(request.session_id, ident)
+            response.final_value.CopyFrom(value_to_any(variable.type, variable.value))
+        return response
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,20 +5,29 @@ variable types, compiles a variable's constraints once into a :class:`VariableSp
 ``validate`` is the hot path of every write, and encodes values as the bridge carries them
 (``type.googleapis.com/snakepit.<type>`` + UTF-8 JSON, special floats as strings).
 
-Pattern constraints are matched with RE2 (linear time, so no hostile pattern or value can stall a
-writer) and always against the **whole** string, as if anchored at both ends.
+Constraints are compiled on pydantic: each spec becomes a strict pydantic ``TypeAdapter``
+(``Field(ge/le/min_length/max_length/pattern)``, ``allow_inf_nan=False`` under a range, ``Literal``
+for enums), which also gives every variable a JSON Schema (:meth:`Variable.json_schema`). Errors
+keep this package's wording: the variable, the rule, the bound and the value. Patterns run on
+pydantic-core's Rust regex engine, which is linear time (no hostile pattern or value can stall a
+writer) and has no backreferences or lookarounds; a pattern always matches the **whole** string,
+as if anchored at both ends.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, cast
+from typing import Annotated, Any, Final, Literal, cast
 
-import re2
+from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import SchemaError
+from typing_extensions import TypedDict
 
 from dspex_dspy.errors import ValidationError
 
@@ -28,6 +37,7 @@ __all__ = [
     "INT64_MAX",
     "INT64_MIN",
     "MAX_TENSOR_RANK",
+    "OptimizationStatus",
     "TYPE_URL_PREFIX",
     "VARIABLE_TYPES",
     "Variable",
@@ -40,6 +50,7 @@ __all__ = [
     "encode_value",
     "normalize_metadata",
     "type_from_url",
+    "unwrap_scalar",
     "validate_name",
 ]
 
@@ -66,6 +77,19 @@ _SPECIAL_FLOATS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -m
 
 
 @dataclass(frozen=True)
+class OptimizationStatus:
+    """An optimization lease holding a variable (see :mod:`dspex_dspy.leases`).
+
+    Attributes:
+        optimizer_id: the optimizer holding the lease.
+        started_at: wall-clock seconds since the epoch when the lease was taken.
+    """
+
+    optimizer_id: str
+    started_at: float
+
+
+@dataclass(frozen=True)
 class Variable:
     """A snapshot of one variable: what it is, its current value and version.
 
@@ -81,6 +105,7 @@ class Variable:
         created_at: wall-clock seconds since the epoch.
         updated_at: wall-clock seconds since the epoch of the last accepted write.
         source: who wrote it last: ``"orchestrator"`` or ``"worker"``.
+        optimization_status: the optimization lease holding it, or None.
     """
 
     id: str
@@ -94,6 +119,20 @@ class Variable:
     created_at: float = 0.0
     updated_at: float = 0.0
     source: str = "orchestrator"
+    optimization_status: OptimizationStatus | None = None
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of this variable's values (type and constraints), titled with its name.
+
+        Example:
+            >>> Variable("var_t_1", "t", "float", 0.7, {"min": 0.0, "max": 2.0}).json_schema()
+            {'maximum': 2.0, 'minimum': 0.0, 'type': 'number', 'title': 't'}
+        """
+        schema = compile_spec(self.name, self.type, self.constraints).json_schema()
+        schema["title"] = self.name
+        if self.description:
+            schema["description"] = self.description
+        return schema
 
 
 def validate_name(name: object) -> str:
@@ -139,89 +178,8 @@ def normalize_metadata(name: str, metadata: Mapping[str, Any] | None) -> dict[st
 
 
 # --------------------------------------------------------------------------------------------
-# Constraints: tiny frozen checks with a readable repr, compiled once per variable.
+# The one constraint pydantic cannot express: a tensor's shape (None = any size on that axis).
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Min:
-    bound: float
-
-    def __call__(self, name: str, value: Any) -> None:
-        if value < self.bound:
-            raise ValidationError(name, "min", value, f"{_short(value)} is below the minimum {self.bound!r}")
-
-
-@dataclass(frozen=True)
-class _Max:
-    bound: float
-
-    def __call__(self, name: str, value: Any) -> None:
-        if value > self.bound:
-            raise ValidationError(name, "max", value, f"{_short(value)} is above the maximum {self.bound!r}")
-
-
-@dataclass(frozen=True)
-class _NotNaN:
-    def __call__(self, name: str, value: Any) -> None:
-        if value != value:
-            raise ValidationError(name, "range", value, "NaN cannot be checked against a min/max range")
-
-
-@dataclass(frozen=True)
-class _MinLength:
-    bound: int
-
-    def __call__(self, name: str, value: Any) -> None:
-        if len(value) < self.bound:
-            raise ValidationError(
-                name, "min_length", value, f"{_short(value)} is shorter than the minimum length {self.bound}"
-            )
-
-
-@dataclass(frozen=True)
-class _MaxLength:
-    bound: int
-
-    def __call__(self, name: str, value: Any) -> None:
-        if len(value) > self.bound:
-            raise ValidationError(
-                name, "max_length", value, f"{_short(value)} is longer than the maximum length {self.bound}"
-            )
-
-
-@dataclass(frozen=True)
-class _Pattern:
-    pattern: str
-    compiled: Any = field(repr=False, compare=False)
-
-    def __call__(self, name: str, value: Any) -> None:
-        if self.compiled.fullmatch(value) is None:
-            raise ValidationError(
-                name, "pattern", value, f"{_short(value)} does not match the pattern {self.pattern!r}"
-            )
-
-
-@dataclass(frozen=True)
-class _OneOf:
-    rule: str
-    allowed: frozenset[Any]
-    shown: tuple[Any, ...]
-
-    def __call__(self, name: str, value: Any) -> None:
-        if value not in self.allowed:
-            raise ValidationError(name, self.rule, value, f"{_short(value)} is not one of {list(self.shown)!r}")
-
-
-@dataclass(frozen=True)
-class _Dimensions:
-    dimensions: int
-
-    def __call__(self, name: str, value: Any) -> None:
-        if len(value) != self.dimensions:
-            raise ValidationError(
-                name, "dimensions", value, f"an embedding of {len(value)} dimensions, expected {self.dimensions}"
-            )
 
 
 @dataclass(frozen=True)
@@ -247,6 +205,24 @@ def _short(value: Any, limit: int = 60) -> str:
 # --------------------------------------------------------------------------------------------
 # Normalisation per type
 # --------------------------------------------------------------------------------------------
+
+
+_PLAIN_TYPES: Final = frozenset({float, int, str, bool, list, dict})
+
+
+def unwrap_scalar(value: Any) -> Any:
+    """A numpy scalar or 0-d array as the Python number it holds; any other value unchanged.
+
+    Every backend applies this before validating, so ``numpy.float32(0.5)`` and
+    ``numpy.array(3)`` are accepted the same way by a local context, a bridge and a worker.
+
+    Example:
+        >>> unwrap_scalar(7)
+        7
+    """
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return value.item()
+    return value
 
 
 def _type_error(name: str, type_: str, value: Any, expected: str) -> ValidationError:
@@ -302,6 +278,8 @@ def _norm_number_list(name: str, type_: str, value: Any) -> list[float]:
         raise _type_error(name, type_, value, "a list of numbers")
     out: list[float] = []
     for item in value:
+        if type(item) is not float and type(item) is not int:
+            item = unwrap_scalar(item)
         if isinstance(item, bool) or not isinstance(item, (int, float)):
             raise _type_error(name, type_, value, "a list of numbers")
         try:
@@ -393,21 +371,100 @@ _ALLOWED_CONSTRAINTS: Final[dict[str, frozenset[str]]] = {
 # --------------------------------------------------------------------------------------------
 
 
+class _TensorValue(TypedDict):
+    shape: list[int]
+    data: list[float]
+
+
+_STRICT: Final = ConfigDict(strict=True)
+_PYTHON_TYPES: Final[dict[str, Any]] = {
+    "float": float,
+    "integer": int,
+    "string": str,
+    "boolean": bool,
+    "choice": str,
+    "module": str,
+    "embedding": list[float],
+    "tensor": _TensorValue,
+}
+#: The constraint naming the allowed values, per type.
+_ONE_OF_RULE: Final = {"string": "enum", "choice": "choices", "module": "allowed_modules"}
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """The pydantic side of a spec: the adapters (run in order) and the Field metadata shown in reprs."""
+
+    adapters: tuple[TypeAdapter[Any], ...]
+    validators: tuple[Callable[[Any], Any], ...]
+    metadata: tuple[Any, ...]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compile_pydantic(type_: str, key: str) -> _Compiled:
+    """Strict pydantic adapters for a type and its normalised constraints (``key`` is their JSON).
+
+    Raises:
+        SchemaError: a pattern the Rust regex engine does not accept.
+    """
+    norm: dict[str, Any] = json.loads(key)
+    kwargs: dict[str, Any] = {}
+    # An integer's fractional bound is the next whole number inward: the same values pass.
+    if "min" in norm:
+        kwargs["ge"] = math.ceil(norm["min"]) if type_ == "integer" else norm["min"]
+    if "max" in norm:
+        kwargs["le"] = math.floor(norm["max"]) if type_ == "integer" else norm["max"]
+    if type_ == "float" and kwargs:
+        kwargs["allow_inf_nan"] = False
+    if "min_length" in norm:
+        kwargs["min_length"] = norm["min_length"]
+    if "max_length" in norm:
+        kwargs["max_length"] = norm["max_length"]
+    if "pattern" in norm:
+        kwargs["pattern"] = f"^(?:{norm['pattern']})$"
+    if "dimensions" in norm:
+        kwargs["min_length"] = kwargs["max_length"] = norm["dimensions"]
+    items = norm.get(_ONE_OF_RULE.get(type_, ""))
+    adapters: list[TypeAdapter[Any]] = []
+    checked = bool(kwargs)
+    if kwargs or items is None:
+        info = Field(strict=True, **kwargs)
+        annotated: Any = Annotated[_PYTHON_TYPES[type_], info]
+        adapters.append(TypeAdapter(annotated))
+        metadata = tuple(info.metadata)
+    else:
+        metadata = ()
+    if items is not None:
+        one_of: Any = Literal[tuple(items)]
+        adapters.append(TypeAdapter(one_of, config=_STRICT))
+        metadata += (("one of", tuple(items)),)
+        checked = True
+    # Types are already checked by the normalisers: an unconstrained spec needs no second pass.
+    validators = tuple(a.validator.validate_python for a in adapters) if checked and type_ != "tensor" else ()
+    return _Compiled(tuple(adapters), validators, metadata)
+
+
 @dataclass(frozen=True)
 class VariableSpec:
     """A variable's type and constraints, compiled once; :meth:`validate` is the write hot path.
+
+    A value is first normalised by its type's rules (an int for a float, ``"true"`` for a boolean,
+    a nested list for a tensor ...), then checked by the strict pydantic adapters compiled from the
+    constraints, then by the checks pydantic cannot express (a tensor's shape).
 
     Attributes:
         name: the variable's name (used in error messages).
         type: one of :data:`VARIABLE_TYPES`.
         constraints: the normalised constraints (JSON-friendly, as given after checking).
-        checks: the compiled constraint checks, applied in order.
+        checks: the compiled constraints, as pydantic ``Field`` metadata and Python checks.
     """
 
     name: str
     type: str
     constraints: Mapping[str, Any]
     checks: tuple[Any, ...] = field(repr=False)
+    compiled: _Compiled = field(repr=False, compare=False)
+    post_checks: tuple[Any, ...] = field(default=(), repr=False, compare=False)
 
     def validate(self, value: Any) -> Any:
         """Return the normalised value, or raise :class:`ValidationError` naming variable, rule and value.
@@ -416,10 +473,66 @@ class VariableSpec:
             >>> compile_spec("temperature", "float", {"min": 0.0, "max": 2.0}).validate(1)
             1.0
         """
+        if type(value) not in _PLAIN_TYPES:
+            value = unwrap_scalar(value)
         normalised = _NORMALISERS[self.type](self.name, value)
-        for check in self.checks:
-            check(self.name, normalised)
+        validators = self.compiled.validators
+        if validators:
+            try:
+                for check in validators:
+                    check(normalised)
+            except PydanticValidationError as exc:
+                raise self._explain(exc, normalised) from None
+        for post in self.post_checks:
+            post(self.name, normalised)
         return normalised
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON Schema of this spec's values (from the pydantic adapters)."""
+        schema: dict[str, Any] = {}
+        for adapter in self.compiled.adapters:
+            schema.update(adapter.json_schema())
+        if self.type == "tensor" and "shape" in self.constraints:
+            schema["x-shape"] = list(self.constraints["shape"])
+        return schema
+
+    def _explain(self, exc: PydanticValidationError, value: Any) -> ValidationError:
+        """The pydantic error as this package words it: variable, rule, bound, value."""
+        error = exc.errors(include_url=False)[0]
+        kind = error["type"]
+        bounds = self.constraints
+        shown = _short(value)
+        name = self.name
+        if kind == "finite_number":
+            if value != value:
+                return ValidationError(name, "range", value, "NaN cannot be checked against a min/max range")
+            if value > 0 and "max" in bounds:
+                return ValidationError(name, "max", value, f"{shown} is above the maximum {bounds['max']!r}")
+            if value < 0 and "min" in bounds:
+                return ValidationError(name, "min", value, f"{shown} is below the minimum {bounds['min']!r}")
+            return ValidationError(name, "range", value, f"{shown} is not a finite number, which a min/max range needs")
+        if kind == "greater_than_equal":
+            return ValidationError(name, "min", value, f"{shown} is below the minimum {bounds['min']!r}")
+        if kind == "less_than_equal":
+            return ValidationError(name, "max", value, f"{shown} is above the maximum {bounds['max']!r}")
+        if kind in ("too_short", "too_long") and self.type == "embedding":
+            return ValidationError(
+                name, "dimensions", value, f"an embedding of {len(value)} dimensions, expected {bounds['dimensions']}"
+            )
+        if kind == "string_too_short":
+            return ValidationError(
+                name, "min_length", value, f"{shown} is shorter than the minimum length {bounds['min_length']}"
+            )
+        if kind == "string_too_long":
+            return ValidationError(
+                name, "max_length", value, f"{shown} is longer than the maximum length {bounds['max_length']}"
+            )
+        if kind == "string_pattern_mismatch":
+            return ValidationError(name, "pattern", value, f"{shown} does not match the pattern {bounds['pattern']!r}")
+        if kind == "literal_error":
+            rule = _ONE_OF_RULE[self.type]
+            return ValidationError(name, rule, value, f"{shown} is not one of {list(bounds[rule])!r}")
+        return ValidationError(name, "type", value, f"{shown} is rejected: {error['msg']}")
 
 
 def _number(name: str, key: str, raw: Any) -> float | int:
@@ -480,21 +593,17 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
             sorted(unknown),
             f"unknown constraint {', '.join(sorted(unknown))} for type {type_} (allowed: {allowed})",
         )
-    checks: list[Any] = []
+    post_checks: list[Any] = []
     norm: dict[str, Any] = {}
     if type_ in ("float", "integer"):
         lo = _number(name, "min", raw["min"]) if "min" in raw else None
         hi = _number(name, "max", raw["max"]) if "max" in raw else None
         if lo is not None and hi is not None and lo > hi:
             raise ValidationError(name, "constraints", raw, f"min {lo!r} is greater than max {hi!r}")
-        if type_ == "float" and (lo is not None or hi is not None):
-            checks.append(_NotNaN())
         if lo is not None:
             norm["min"] = lo
-            checks.append(_Min(lo))
         if hi is not None:
             norm["max"] = hi
-            checks.append(_Max(hi))
     elif type_ == "string":
         lo_len = _non_negative_int(name, "min_length", raw["min_length"]) if "min_length" in raw else None
         hi_len = _non_negative_int(name, "max_length", raw["max_length"]) if "max_length" in raw else None
@@ -502,46 +611,30 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
             raise ValidationError(name, "constraints", raw, f"min_length {lo_len} is greater than max_length {hi_len}")
         if lo_len is not None:
             norm["min_length"] = lo_len
-            checks.append(_MinLength(lo_len))
         if hi_len is not None:
             norm["max_length"] = hi_len
-            checks.append(_MaxLength(hi_len))
         if "pattern" in raw:
             pattern = raw["pattern"]
             if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_LENGTH:
                 raise ValidationError(
                     name, "constraints", pattern, f"pattern must be a string of at most {MAX_PATTERN_LENGTH} characters"
                 )
-            try:
-                compiled = re2.compile(pattern)
-            except Exception as exc:  # re2 raises its own error type
-                raise ValidationError(
-                    name, "constraints", pattern, f"pattern {pattern!r} does not compile: {exc}"
-                ) from None
             norm["pattern"] = pattern
-            checks.append(_Pattern(pattern, compiled))
         if "enum" in raw:
-            items = _string_list(name, "enum", raw["enum"])
-            norm["enum"] = items
-            checks.append(_OneOf("enum", frozenset(items), tuple(items)))
+            norm["enum"] = _string_list(name, "enum", raw["enum"])
     elif type_ == "choice":
         if "choices" not in raw:
             raise ValidationError(name, "constraints", raw, "a choice variable needs a non-empty 'choices' list")
-        items = _string_list(name, "choices", raw["choices"])
-        norm["choices"] = items
-        checks.append(_OneOf("choices", frozenset(items), tuple(items)))
+        norm["choices"] = _string_list(name, "choices", raw["choices"])
     elif type_ == "module":
         if "allowed_modules" in raw:
-            items = _string_list(name, "allowed_modules", raw["allowed_modules"])
-            norm["allowed_modules"] = items
-            checks.append(_OneOf("allowed_modules", frozenset(items), tuple(items)))
+            norm["allowed_modules"] = _string_list(name, "allowed_modules", raw["allowed_modules"])
     elif type_ == "embedding":
         if "dimensions" in raw:
             dims = _non_negative_int(name, "dimensions", raw["dimensions"])
             if dims == 0:
                 raise ValidationError(name, "constraints", dims, "constraint dimensions must be positive")
             norm["dimensions"] = dims
-            checks.append(_Dimensions(dims))
     elif type_ == "tensor" and "shape" in raw:
         shape = raw["shape"]
         if not isinstance(shape, (list, tuple)) or any(
@@ -551,8 +644,22 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
                 name, "constraints", shape, "constraint shape must be a list of non-negative integers (None = any)"
             )
         norm["shape"] = list(shape)
-        checks.append(_Shape(tuple(shape)))
-    return VariableSpec(name=name, type=type_, constraints=norm, checks=tuple(checks))
+        post_checks.append(_Shape(tuple(shape)))
+    try:
+        compiled = _compile_pydantic(type_, json.dumps(norm, sort_keys=True))
+    except SchemaError as exc:
+        pattern = norm.get("pattern")
+        detail = _short(str(exc).replace("\n", " "), 200)
+        what = f"pattern {pattern!r} does not compile" if pattern is not None else "the constraints do not compile"
+        raise ValidationError(name, "constraints", pattern, f"{what}: {detail}") from None
+    return VariableSpec(
+        name=name,
+        type=type_,
+        constraints=norm,
+        checks=compiled.metadata + tuple(post_checks),
+        compiled=compiled,
+        post_checks=tuple(post_checks),
+    )
 
 
 # --------------------------------------------------------------------------------------------

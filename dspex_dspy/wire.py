@@ -3,7 +3,8 @@
 Both sides of the wire use this module: the bridge server turns :class:`~dspex_dspy.types.Variable`
 records into ``snakepit.bridge.Variable`` messages and exceptions into gRPC status codes, and the
 client does the inverse (messages back into records, a failed RPC back into the exception the
-server raised, with the server's message intact). Nothing here starts a server or opens a channel.
+server raised: :func:`error_from_rpc` and :func:`status_for` live in :mod:`dspex_dspy.wire_errors`
+and are re-exported here). Nothing here starts a server or opens a channel.
 
 Values travel as ``google.protobuf.Any`` (``type.googleapis.com/snakepit.<type>`` + UTF-8 JSON, see
 :func:`dspex_dspy.types.encode_value`). Embeddings and tensors may also travel on the documented
@@ -15,30 +16,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
-from collections.abc import Callable
 from typing import Any, Final
 
-import grpc
 from google.protobuf import any_pb2, timestamp_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy.errors import (
-    BridgeUnavailableError,
-    DSPexError,
-    LimitExceededError,
-    SessionExistsError,
-    SessionNotFoundError,
-    ValidationError,
-    VariableExistsError,
-    VariableNotFoundError,
-    VersionConflictError,
-)
+from dspex_dspy.errors import ValidationError
 from dspex_dspy.store.watch import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,
+    OptimizationStatus,
     Variable,
     compile_spec,
     decode_constraints,
@@ -47,6 +36,7 @@ from dspex_dspy.types import (
     encode_value,
     type_from_url,
 )
+from dspex_dspy.wire_errors import error_from_rpc, status_for
 
 __all__ = [
     "BINARY_SUFFIX",
@@ -247,6 +237,11 @@ def variable_to_proto(var: Variable) -> pb.Variable:
     msg.value.CopyFrom(value_to_any(var.type, var.value))
     msg.last_updated_at.CopyFrom(timestamp(var.updated_at))
     msg.created_at.CopyFrom(timestamp(var.created_at))
+    status = var.optimization_status
+    if status is not None:
+        msg.optimization_status.optimizing = True
+        msg.optimization_status.optimizer_id = status.optimizer_id
+        msg.optimization_status.started_at.CopyFrom(timestamp(status.started_at))
     return msg
 
 
@@ -280,6 +275,11 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
         created_at=from_timestamp(msg.created_at),
         updated_at=from_timestamp(msg.last_updated_at),
         source=source_from_proto(msg.source),
+        optimization_status=(
+            OptimizationStatus(msg.optimization_status.optimizer_id, from_timestamp(msg.optimization_status.started_at))
+            if msg.optimization_status.optimizing
+            else None
+        ),
     )
 
 
@@ -315,147 +315,3 @@ def proto_to_update(msg: pb.VariableUpdate) -> VariableUpdate:
         metadata=dict(msg.update_metadata),
         timestamp=from_timestamp(msg.timestamp),
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Errors <-> status codes
-# --------------------------------------------------------------------------------------------
-
-_STATUS: Final[tuple[tuple[type[Exception], grpc.StatusCode], ...]] = (
-    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (VariableNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (SessionNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (VariableExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (SessionExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (VersionConflictError, grpc.StatusCode.ABORTED),
-    (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (BridgeUnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
-
-
-def status_for(exc: Exception) -> grpc.StatusCode:
-    """The gRPC status code that reports ``exc`` (``INTERNAL`` for anything that is not a known error).
-
-    Example:
-        >>> status_for(SessionNotFoundError("s1"))
-        <StatusCode.NOT_FOUND: (5, 'not found')>
-    """
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-_VALIDATION_RE = re.compile(
-    r"(?s)(?:(?P<var>[A-Za-z_][A-Za-z0-9_.\-]*): )?(?P<detail>.*) \(rule (?P<rule>[A-Za-z_]+)\)"
-)
-_CONFLICT_RE = re.compile(
-    r"(?s)(?P<name>.*): expected version (?P<expected>-?\d+) but the current version is (?P<actual>-?\d+)"
-)
-_LIMIT_RE = re.compile(r"(?s)(?P<limit>.*): (?P<value>-?\d+) exceeds the limit (?P<maximum>-?\d+)")
-_VAR_EXISTS_RE = re.compile(r"(?s)Variable already exists: (?P<name>\S+)(?: in session (?P<session>\S+))?")
-_SESSION_EXISTS_RE = re.compile(r"(?s)Session already exists: (?P<session>.+)")
-_VAR_NOT_FOUND_RE = re.compile(r"(?s)Variable not found: (?P<name>\S+)(?: in session (?P<session>\S+))?")
-_SESSION_NOT_FOUND_RE = re.compile(r"(?s)Session not found: (?P<session>.+)")
-_UNAVAILABLE_CODES: Final = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-
-
-def _with_message(exc: DSPexError, message: str) -> DSPexError:
-    """Give ``exc`` the server's own text, so users read exactly what the server said."""
-    if message and message != exc.message:
-        exc.message = message
-        exc.args = (message,)
-    return exc
-
-
-def _rpc_code(err: grpc.RpcError) -> grpc.StatusCode:
-    code_of: Callable[[], Any] | None = getattr(err, "code", None)
-    code = code_of() if callable(code_of) else None
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-
-
-def _rpc_details(err: grpc.RpcError) -> str:
-    details_of: Callable[[], Any] | None = getattr(err, "details", None)
-    details = details_of() if callable(details_of) else None
-    return details if isinstance(details, str) else ""
-
-
-def error_from_rpc(err: grpc.RpcError, *, identifier: str = "", session_id: str = "") -> DSPexError:
-    """Turn a failed RPC back into the :class:`~dspex_dspy.errors.DSPexError` the server reported.
-
-    The server's message is kept as the error's text; the error's fields (variable, rule, versions,
-    limits) are recovered from it when it has this package's shape, else from ``identifier`` and
-    ``session_id``, else left empty / ``-1``.
-
-    Args:
-        err: the ``grpc.RpcError`` (sync or asyncio) raised by a stub call.
-        identifier: the variable name or id the call was about, if any.
-        session_id: the session the call was about, if any.
-
-    Returns:
-        The matching error; raise it ``from err``.
-
-    Example:
-        >>> try:  # doctest: +SKIP
-        ...     stub.GetVariable(request)
-        ... except grpc.RpcError as err:
-        ...     raise error_from_rpc(err, identifier="temperature", session_id="s1") from err
-    """
-    code = _rpc_code(err)
-    details = _rpc_details(err)
-    if code == grpc.StatusCode.NOT_FOUND:
-        match = _SESSION_NOT_FOUND_RE.search(details)
-        if match or "session not found" in details.lower():
-            sid = match.group("session").strip() if match else session_id
-            return _with_message(SessionNotFoundError(sid), details)
-        var_match = _VAR_NOT_FOUND_RE.search(details)
-        if var_match:
-            missing = VariableNotFoundError(var_match.group("name"), var_match.group("session") or session_id or None)
-        else:
-            missing = VariableNotFoundError(identifier, session_id or None)
-        return _with_message(missing, details)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        match = _VALIDATION_RE.fullmatch(details)
-        if match:
-            return _with_message(
-                ValidationError(match.group("var") or "", match.group("rule"), None, match.group("detail")), details
-            )
-        return _with_message(ValidationError(identifier, "invalid_argument", None, details), details)
-    if code == grpc.StatusCode.ABORTED:
-        match = _CONFLICT_RE.search(details)
-        if match:
-            conflict = VersionConflictError(
-                match.group("name"), int(match.group("expected")), int(match.group("actual"))
-            )
-        else:
-            conflict = VersionConflictError(identifier, -1, -1)
-        return _with_message(conflict, details)
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        session_match = _SESSION_EXISTS_RE.search(details)
-        if session_match:
-            return _with_message(SessionExistsError(session_match.group("session").strip()), details)
-        var_match = _VAR_EXISTS_RE.search(details)
-        if var_match:
-            exists = VariableExistsError(var_match.group("name"), var_match.group("session") or session_id or None)
-        elif "session" in details.lower() and not identifier:
-            return _with_message(SessionExistsError(session_id), details)
-        else:
-            exists = VariableExistsError(identifier, session_id or None)
-        return _with_message(exists, details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        match = _LIMIT_RE.search(details)
-        if match:
-            limit = LimitExceededError(match.group("limit"), int(match.group("value")), int(match.group("maximum")))
-        else:
-            limit = LimitExceededError("limit", -1, -1)
-        return _with_message(limit, details)
-    if code in _UNAVAILABLE_CODES:
-        text = (
-            f"the bridge is unavailable ({code.name}): {details}"
-            if details
-            else f"the bridge is unavailable ({code.name})"
-        )
-        return BridgeUnavailableError(text)
-    return DSPexError(f"{code.name}: {details}" if details else code.name)

@@ -347,7 +347,7 @@ class BatchSetVariablesRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., updates: _Optional[_Mapping[str, _any_pb2.Any]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., atomic: _Optional[bool] = ..., binary_updates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class BatchSetVariablesResponse(_message.Message):
-    __slots__ = ("success", "errors", "new_versions")
+    __slots__ = ("success", "errors", "new_versions", "error_details")
     class ErrorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -362,13 +362,22 @@ class BatchSetVariablesResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ErrorDetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _any_pb2.Any
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_any_pb2.Any, _Mapping]] = ...) -> None: ...
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_DETAILS_FIELD_NUMBER: _ClassVar[int]
     success: bool
     errors: _containers.ScalarMap[str, str]
     new_versions: _containers.ScalarMap[str, int]
-    def __init__(self, success: _Optional[bool] = ..., errors: _Optional[_Mapping[str, str]] = ..., new_versions: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    error_details: _containers.MessageMap[str, _any_pb2.Any]
+    def __init__(self, success: _Optional[bool] = ..., errors: _Optional[_Mapping[str, str]] = ..., new_versions: _Optional[_Mapping[str, int]] = ..., error_details: _Optional[_Mapping[str, _any_pb2.Any]] = ...) -> None: ...
 
 class ListVariablesRequest(_message.Message):
     __slots__ = ("session_id", "pattern")

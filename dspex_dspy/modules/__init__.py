@@ -18,12 +18,14 @@ Example:
 
 from dspex_dspy.modules._binding import (
     BINDABLE_ATTRIBUTES,
+    OWNER_STATE_KEY,
     STATE_KEY,
     BoundValue,
     RoutedPredict,
     VariableBindingMixin,
     get_provenance,
     route_predictors,
+    trial_values,
 )
 from dspex_dspy.modules._programs import (
     ModuleVariableResolver,
@@ -38,6 +40,7 @@ from dspex_dspy.modules._source import AwaitRequiredError, VariableSource
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
+    "OWNER_STATE_KEY",
     "STATE_KEY",
     "AwaitRequiredError",
     "BoundValue",
@@ -53,4 +56,5 @@ __all__ = [
     "default_resolver",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]

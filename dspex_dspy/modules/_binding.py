@@ -26,6 +26,17 @@ Precedence for one LM request, highest first:
 
 So a binding is an explicit decision that wins over what an optimizer wrote while it is bound;
 ``unbind_variable`` lets the optimizer's demos or instructions apply again.
+
+Saving: DSPy's ``dump_state`` of a plain parent module only visits its *predictors*, so a
+variable-aware module nested anywhere (in a ``dspy.Module``, ``dspy.BestOfN``, ``dspy.Refine`` ...)
+would lose its bindings. Each routed predictor therefore knows the variable-aware modules it
+belongs to and saves their bindings with its own state, keyed by its path inside each of them
+(``OWNER_STATE_KEY``); loading gives them back to the same modules of the loaded program.
+
+A search over bound variables (:class:`~dspex_dspy.tune.VariableTuner`) runs its trials inside
+:func:`trial_values`: for those calls, the named variables read the trial's values instead of the
+session's (provenance version 0), in the calling thread and in the ``dspy.Parallel`` /
+``dspy.Evaluate`` threads it starts, while every other caller keeps reading the session.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
 from typing import Any, ClassVar, NamedTuple
 
@@ -45,9 +56,11 @@ from dspy.primitives.base_module import BaseModule
 
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError
 from dspex_dspy.modules._source import VariableSource
+from dspex_dspy.reader import AnyVariableReader
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
+    "OWNER_STATE_KEY",
     "STATE_KEY",
     "BoundValue",
     "CallScope",
@@ -55,12 +68,17 @@ __all__ = [
     "VariableBindingMixin",
     "get_provenance",
     "route_predictors",
+    "trial_values",
 ]
 
 #: The key under which a call's scope rides in DSPy's context overrides.
 SCOPE_KEY = "dspex_variable_scope"
+#: The key under which a trial's values (variable name -> value) ride in DSPy's context overrides.
+TRIAL_KEY = "dspex_trial_values"
 #: The key under which ``dump_state`` stores the bindings.
 STATE_KEY = "dspex_variable_bindings"
+#: The key under which a predictor's state carries the bindings of the modules that own it.
+OWNER_STATE_KEY = "dspex_owner_bindings"
 _PROVENANCE_ATTR = "_dspex_provenance"
 
 
@@ -194,7 +212,7 @@ class BoundValue(NamedTuple):
         attribute: the bound attribute (``"temperature"``).
         variable: the session variable it is bound to.
         value: the value read for this call (after checking, e.g. an int for ``max_tokens``).
-        version: the variable's version at that read.
+        version: the variable's version at that read (0 for a trial's value, see :func:`trial_values`).
         applied: False when the caller's own per-call value took precedence (``config=`` key,
             ``lm=``, ``signature=``, ``demos=`` or the keyword itself).
     """
@@ -204,6 +222,26 @@ class BoundValue(NamedTuple):
     value: Any
     version: int
     applied: bool = True
+
+
+def trial_values(values: Mapping[str, Any]) -> Any:
+    """A context manager: variable-aware calls inside it read ``values`` (name -> value) for those variables.
+
+    Nothing is written to the session: other threads and processes keep reading its values. The
+    values follow the block into ``dspy.Parallel`` and ``dspy.Evaluate`` threads (they ride in
+    DSPy's context overrides, as ``dspy.context`` settings do) and are checked per call like
+    session values.
+
+    Example:
+        >>> with trial_values({"temperature": 0.2}):                # doctest: +SKIP
+        ...     dspy.Evaluate(devset=dev, metric=metric)(program)
+    """
+    return dspy.context(**{TRIAL_KEY: dict(values)})
+
+
+def _trial() -> Mapping[str, Any] | None:
+    found: Mapping[str, Any] | None = thread_local_overrides.get().get(TRIAL_KEY)
+    return found
 
 
 def get_provenance(prediction: Any) -> dict[str, BoundValue]:
@@ -413,6 +451,48 @@ class CallScope:
         return None if base is None else _lm_variant(base, model)
 
 
+class _Owners:
+    """The variable-aware modules a predictor belongs to (innermost first).
+
+    A deep copy keeps only the owners copied along with it (those in ``memo``): copying a whole
+    program maps every owner to its copy, copying one predictor alone detaches it.
+    """
+
+    __slots__ = ("modules",)
+
+    def __init__(self, modules: Any = ()) -> None:
+        self.modules: list[Any] = list(modules)
+
+    def add(self, module: Any) -> None:
+        if not any(m is module for m in self.modules):
+            self.modules.append(module)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Owners:
+        return _Owners(memo[id(m)] for m in self.modules if id(m) in memo)
+
+    def __reduce__(self) -> tuple[Any, tuple[list[Any]]]:
+        return (_Owners, (list(self.modules),))
+
+
+def _path_in(owner: Any, predictor: Any) -> str | None:
+    """The name of ``predictor`` among ``owner``'s parameters (None when it is not one of them)."""
+    for name, param in owner.named_parameters():
+        if param is predictor:
+            return str(name)
+    return None
+
+
+def _adopt(module: Any) -> None:
+    """Route ``module``'s predictors and record ``module`` as an owner of each (for save/load)."""
+    route_predictors(module)
+    for _, predictor in module.named_predictors():
+        if predictor is not module and isinstance(predictor, RoutedPredict):
+            owners: _Owners | None = predictor.__dict__.get("_dspex_owners")
+            if owners is None:
+                owners = predictor.__dict__["_dspex_owners"] = _Owners()
+            owners.add(module)
+
+
 class RoutedPredict(dspy.Predict):  # type: ignore[misc]
     """A ``dspy.Predict`` that applies the open :class:`CallScope` (if any) to each call.
 
@@ -439,6 +519,35 @@ class RoutedPredict(dspy.Predict):  # type: ignore[misc]
         if type(self) is RoutedPredict:
             return f"Predict({self.signature})"
         return str(super().__repr__())
+
+    def dump_state(self, json_mode: bool = True) -> Any:
+        """DSPy's state plus the bindings of the variable-aware modules this predictor belongs to."""
+        state = super().dump_state(json_mode=json_mode)
+        owners: _Owners | None = self.__dict__.get("_dspex_owners")
+        if owners is not None:
+            owned = {}
+            for owner in owners.modules:
+                path = _path_in(owner, self)
+                if path is not None:
+                    owned[path] = owner.get_bindings()
+            if owned:
+                state[OWNER_STATE_KEY] = owned
+        return state
+
+    def load_state(self, state: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Load DSPy's state and give the saved bindings back to the modules this predictor belongs to."""
+        state = dict(state)
+        owned = state.pop(OWNER_STATE_KEY, None)
+        result = super().load_state(state, **kwargs)
+        if owned is not None:
+            if not isinstance(owned, Mapping):
+                raise ValidationError("", OWNER_STATE_KEY, owned, "saved owner bindings must be an object")
+            owners: _Owners | None = self.__dict__.get("_dspex_owners")
+            for owner in owners.modules if owners is not None else ():
+                path = _path_in(owner, self)
+                if path is not None and path in owned:
+                    owner._dspex_restore_bindings(owned[path])
+        return result
 
 
 def route_predictors(module: Any) -> None:
@@ -504,7 +613,7 @@ class VariableBindingMixin:
     def __init__(
         self,
         *args: Any,
-        session_context: Any = None,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
@@ -517,7 +626,7 @@ class VariableBindingMixin:
 
     def _dspex_setup(
         self,
-        session_context: Any,
+        session_context: AnyVariableReader | None,
         variable_bindings: Mapping[str, str] | None,
         lm_map: Mapping[str, Any] | None,
         default_bindings: bool,
@@ -552,7 +661,7 @@ class VariableBindingMixin:
                 self._dspex_store(attr, variable)
             else:
                 self.bind_to_variable(attr, variable)
-        route_predictors(self)
+        _adopt(self)
         d["_dspex_routed"] = True
 
     def _dspex_apply_defaults(self, skip: Mapping[str, str]) -> None:
@@ -674,12 +783,15 @@ class VariableBindingMixin:
         return dict(self.__dict__.get("_dspex_bindings") or {})
 
     @property
-    def session_context(self) -> Any:
+    def session_context(self) -> AnyVariableReader | None:
         """The Context or session client bound values are read from (None when detached)."""
         source: VariableSource | None = self.__dict__.get("_dspex_source")
-        return None if source is None else source.target
+        if source is None:
+            return None
+        target: AnyVariableReader = source.target
+        return target
 
-    def set_session_context(self, session_context: Any) -> None:
+    def set_session_context(self, session_context: AnyVariableReader | None) -> None:
         """Read bound variables from ``session_context`` from now on (None detaches).
 
         Bindings are kept (e.g. those restored by ``load``); default bindings are applied for
@@ -710,6 +822,9 @@ class VariableBindingMixin:
             if found:
                 return value
         variable = bindings[attr]
+        trial = _trial()
+        if trial is not None and variable in trial:
+            return _target(attr)[1](attr, variable, trial[variable])
         value, _ = self._dspex_require_source(attr).read(variable)
         return _target(attr)[1](attr, variable, value)
 
@@ -757,8 +872,11 @@ class VariableBindingMixin:
             )
         super().__setattr__(name, value)
         if isinstance(value, (BaseModule, list, tuple, dict)):
-            # A new sub-module may hold plain predictors: route them before the next call.
+            # A new sub-module may hold plain predictors: route and adopt them now (so a save
+            # before the first call keeps the bindings), and again before the next call.
             d["_dspex_routed"] = False
+            if "_dspex_slot" in d:
+                _adopt(self)
 
     # ------------------------------------------------------------------ calls
     # The call path touches ``self`` as little as possible: every attribute lookup on a DSPy
@@ -829,15 +947,19 @@ class VariableBindingMixin:
         saved = state.pop(STATE_KEY, None)
         result = super().load_state(state, **kwargs)  # type: ignore[misc]
         if saved is not None:
-            if not isinstance(saved, Mapping):
-                raise ValidationError("", STATE_KEY, saved, "saved bindings must be an object")
-            if "_dspex_bindings" not in self.__dict__:
-                self._dspex_setup(None, None, None, True)
-            for attr, variable in saved.items():
-                self._dspex_check_names(attr, variable)
-            self.__dict__["_dspex_bindings"] = dict(saved)
-            self.__dict__["_dspex_pending"] = ()
+            self._dspex_restore_bindings(saved)
         return result
+
+    def _dspex_restore_bindings(self, saved: Any) -> None:
+        """Replace the bindings with saved ones (checked for names; values are read at the next call)."""
+        if not isinstance(saved, Mapping):
+            raise ValidationError("", STATE_KEY, saved, "saved bindings must be an object")
+        if "_dspex_bindings" not in self.__dict__:
+            self._dspex_setup(None, None, None, True)
+        for attr, variable in saved.items():
+            self._dspex_check_names(attr, variable)
+        self.__dict__["_dspex_bindings"] = dict(saved)
+        self.__dict__["_dspex_pending"] = ()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -853,31 +975,59 @@ def _source_of(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> Vari
 
 
 def _read_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
-    """``(value, version)`` of every bound variable, in the order of ``bindings``."""
+    """``(value, version)`` of every bound variable, in the order of ``bindings``, from one snapshot.
+
+    One snapshot means no write falls between two bindings of one call: an atomic
+    ``update_many`` is seen whole or not at all (and an uncached worker makes one round trip).
+    """
     source = _source_of(module, d, bindings)
-    read = source.reader
-    readings = []
-    for attr, variable in bindings.items():
+    trial, wanted = _unread(bindings)
+    snapshot: dict[str, tuple[Any, int]] = {}
+    if wanted:
         try:
-            readings.append(read(variable))
-        except VariableNotFoundError:
-            raise module._dspex_not_found(attr, variable, source, bound=True) from None
-    return readings
+            snapshot = source.many_reader(wanted)
+        except VariableNotFoundError as exc:
+            for attr, variable in bindings.items():
+                if variable in wanted and not source.has(variable):
+                    raise module._dspex_not_found(attr, variable, source, bound=True) from None
+            raise exc from None
+    return _readings(bindings, trial, snapshot)
 
 
 async def _aread_all(module: Any, d: dict[str, Any], bindings: dict[str, str]) -> list[tuple[Any, int]]:
     source = _source_of(module, d, bindings)
-    readings = []
-    for attr, variable in bindings.items():
+    trial, wanted = _unread(bindings)
+    snapshot: dict[str, tuple[Any, int]] = {}
+    if wanted:
         try:
-            readings.append(await source.aread(variable))
-        except VariableNotFoundError:
-            raise module._dspex_not_found(attr, variable, source, bound=True) from None
-    return readings
+            snapshot = await source.aread_many(wanted)
+        except VariableNotFoundError as exc:
+            for attr, variable in bindings.items():
+                if variable in wanted and not await source.ahas(variable):
+                    raise module._dspex_not_found(attr, variable, source, bound=True) from None
+            raise exc from None
+    return _readings(bindings, trial, snapshot)
+
+
+def _unread(bindings: dict[str, str]) -> tuple[Mapping[str, Any] | None, Collection[str]]:
+    """The open trial's values (if any) and the bound variables still to read from the session."""
+    trial = _trial()
+    if trial is None:
+        return None, bindings.values()
+    return trial, [variable for variable in bindings.values() if variable not in trial]
+
+
+def _readings(
+    bindings: dict[str, str], trial: Mapping[str, Any] | None, snapshot: Mapping[str, tuple[Any, int]]
+) -> list[tuple[Any, int]]:
+    """``(value, version)`` per binding: the trial's value (version 0) or the session's."""
+    if trial is None:
+        return [snapshot[variable] for variable in bindings.values()]
+    return [(trial[v], 0) if v in trial else snapshot[v] for v in bindings.values()]
 
 
 def _route_once(module: Any, d: dict[str, Any]) -> None:
-    route_predictors(module)
+    _adopt(module)
     d["_dspex_routed"] = True
 
 

@@ -1,9 +1,11 @@
 """The variable-aware versions of DSPy's modules, and a registry to create them by name.
 
-Each class is the DSPy module plus :class:`~dspex_dspy.modules.VariableBindingMixin`, with the
-same constructor arguments after ``(signature, session_context=None, *, variable_bindings=None,
-lm_map=None, default_bindings=True)``. Its default bindings are applied only for the variables
-the session has:
+Each class is the DSPy module plus :class:`~dspex_dspy.modules.VariableBindingMixin`, and takes
+DSPy's own constructor arguments in DSPy's own order (``VariableAwarePredict(sig, callbacks)``,
+``VariableAwareChainOfThought(sig, rationale_field)``, ``VariableAwareProgramOfThought(sig,
+max_iters)``, ``VariableAwareReAct(sig, tools)``), so it drops into any DSPy call site. The
+variable arguments are keyword-only: ``session_context=``, ``variable_bindings=``, ``lm_map=``,
+``default_bindings=``. Its default bindings are applied only for the variables the session has:
 
 ==========================  ==============================================================
 ``VariableAwarePredict``    temperature, max_tokens, top_p, frequency_penalty,
@@ -22,9 +24,21 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import dspy
+from dspy.primitives.python_interpreter import PythonInterpreter
 
 from dspex_dspy.errors import ValidationError
 from dspex_dspy.modules._binding import RoutedPredict, VariableBindingMixin
+from dspex_dspy.reader import AnyVariableReader
+
+
+def _not_a_session(cls: str, slot: str, value: Any) -> None:
+    """Reject a session passed where DSPy expects ``slot`` (the old positional form)."""
+    if callable(getattr(value, "get_versioned", None)):
+        raise TypeError(
+            f"{cls}: {slot} got a {type(value).__name__}; session_context is keyword-only, "
+            f"as in {cls}(signature, session_context=ctx)"
+        )
+
 
 __all__ = [
     "ModuleVariableResolver",
@@ -42,12 +56,13 @@ class VariableAwarePredict(VariableBindingMixin, RoutedPredict):
 
     Args:
         signature: the DSPy signature (string or class).
-        session_context: a ``Context``, ``SessionContext`` or ``AsyncSessionContext``.
+        callbacks: DSPy callbacks, as for ``dspy.Predict(signature, callbacks)``.
+        session_context: a ``Context``, ``SessionContext`` or ``AsyncSessionContext`` (keyword-only).
         variable_bindings: attribute -> variable name, bound now.
         lm_map: model name -> ``dspy.LM`` for a ``model`` binding.
         default_bindings: bind the default variables the session has (see the module docstring).
-        **config: ``dspy.Predict`` config (``callbacks=``, ``temperature=`` ...); a binding wins
-            over the same key here, a per-call ``config=`` wins over a binding.
+        **config: ``dspy.Predict`` config (``temperature=`` ...); a binding wins over the same
+            key here, a per-call ``config=`` wins over a binding.
 
     Example:
         >>> predictor = VariableAwarePredict("question -> answer", session_context=ctx)  # doctest: +SKIP
@@ -66,15 +81,18 @@ class VariableAwarePredict(VariableBindingMixin, RoutedPredict):
     def __init__(
         self,
         signature: Any,
-        session_context: Any = None,
+        callbacks: list[Any] | None = None,
         *,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
         **config: Any,
     ) -> None:
+        _not_a_session(type(self).__name__, "callbacks", callbacks)
         super().__init__(
             signature,
+            callbacks,
             session_context=session_context,
             variable_bindings=variable_bindings,
             lm_map=lm_map,
@@ -86,7 +104,15 @@ class VariableAwarePredict(VariableBindingMixin, RoutedPredict):
 class VariableAwareChainOfThought(VariableBindingMixin, dspy.ChainOfThought):  # type: ignore[misc]
     """``dspy.ChainOfThought`` with variable bindings, applied to its inner predictor per call.
 
-    Arguments as for :class:`VariableAwarePredict`; ``**dspy_kwargs`` go to ``dspy.ChainOfThought``.
+    Args:
+        signature: the DSPy signature.
+        rationale_field: as for ``dspy.ChainOfThought`` (positional, as there).
+        rationale_field_type: as for ``dspy.ChainOfThought``.
+        session_context: as for :class:`VariableAwarePredict` (keyword-only).
+        variable_bindings: as for :class:`VariableAwarePredict`.
+        lm_map: as for :class:`VariableAwarePredict`.
+        default_bindings: as for :class:`VariableAwarePredict`.
+        **config: ``dspy.ChainOfThought`` config.
     """
 
     default_variable_bindings: ClassVar[Mapping[str, str]] = {
@@ -97,20 +123,25 @@ class VariableAwareChainOfThought(VariableBindingMixin, dspy.ChainOfThought):  #
     def __init__(
         self,
         signature: Any,
-        session_context: Any = None,
+        rationale_field: Any = None,
+        rationale_field_type: type = str,
         *,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
-        **dspy_kwargs: Any,
+        **config: Any,
     ) -> None:
+        _not_a_session(type(self).__name__, "rationale_field", rationale_field)
         super().__init__(
             signature,
+            rationale_field,
+            rationale_field_type,
             session_context=session_context,
             variable_bindings=variable_bindings,
             lm_map=lm_map,
             default_bindings=default_bindings,
-            **dspy_kwargs,
+            **config,
         )
 
 
@@ -123,9 +154,9 @@ class VariableAwareReAct(VariableBindingMixin, dspy.ReAct):  # type: ignore[misc
 
     Args:
         signature: the DSPy signature.
-        session_context: as for :class:`VariableAwarePredict`.
-        tools: the tools (functions or ``dspy.Tool``), keyword-only.
+        tools: the tools (functions or ``dspy.Tool``), positional or keyword as in ``dspy.ReAct``.
         max_iters: the iteration limit used while ``max_iters`` is not bound.
+        session_context: as for :class:`VariableAwarePredict` (keyword-only).
         variable_bindings: as for :class:`VariableAwarePredict`.
         lm_map: as for :class:`VariableAwarePredict`.
         default_bindings: as for :class:`VariableAwarePredict`.
@@ -141,14 +172,15 @@ class VariableAwareReAct(VariableBindingMixin, dspy.ReAct):  # type: ignore[misc
     def __init__(
         self,
         signature: Any,
-        session_context: Any = None,
-        *,
         tools: list[Callable[..., Any]],
         max_iters: int = 20,
+        *,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
     ) -> None:
+        _not_a_session(type(self).__name__, "tools", tools)
         super().__init__(
             signature,
             tools,
@@ -182,8 +214,14 @@ class VariableAwareProgramOfThought(VariableBindingMixin, dspy.ProgramOfThought)
     ``instructions`` binding is put in front of each step's generated instructions, which DSPy
     builds from the field names. ``ProgramOfThought`` has no ``aforward``, so no ``acall``.
 
-    Arguments as for :class:`VariableAwarePredict`; ``**dspy_kwargs`` (``max_iters``,
-    ``interpreter_factory``) go to ``dspy.ProgramOfThought``.
+    Args:
+        signature: the DSPy signature.
+        max_iters: as for ``dspy.ProgramOfThought`` (positional, as there).
+        interpreter_factory: as for ``dspy.ProgramOfThought``.
+        session_context: as for :class:`VariableAwarePredict` (keyword-only).
+        variable_bindings: as for :class:`VariableAwarePredict`.
+        lm_map: as for :class:`VariableAwarePredict`.
+        default_bindings: as for :class:`VariableAwarePredict`.
     """
 
     default_variable_bindings: ClassVar[Mapping[str, str]] = {
@@ -194,20 +232,23 @@ class VariableAwareProgramOfThought(VariableBindingMixin, dspy.ProgramOfThought)
     def __init__(
         self,
         signature: Any,
-        session_context: Any = None,
+        max_iters: int = 3,
+        interpreter_factory: Callable[[], Any] = PythonInterpreter,
         *,
+        session_context: AnyVariableReader | None = None,
         variable_bindings: Mapping[str, str] | None = None,
         lm_map: Mapping[str, Any] | None = None,
         default_bindings: bool = True,
-        **dspy_kwargs: Any,
     ) -> None:
+        _not_a_session(type(self).__name__, "max_iters", max_iters)
         super().__init__(
             signature,
+            max_iters,
+            interpreter_factory,
             session_context=session_context,
             variable_bindings=variable_bindings,
             lm_map=lm_map,
             default_bindings=default_bindings,
-            **dspy_kwargs,
         )
         for step in (self.code_generate, self.code_regenerate, self.generate_output):
             step.predict._dspex_instructions_anchor = self.signature.instructions
@@ -290,7 +331,7 @@ default_resolver = ModuleVariableResolver()
 def create_variable_aware_program(
     module_type: str | type,
     signature: Any,
-    session_context: Any,
+    session_context: AnyVariableReader,
     variable_bindings: Mapping[str, str] | None = None,
     *,
     resolver: ModuleVariableResolver | None = None,
@@ -312,4 +353,4 @@ def create_variable_aware_program(
         ...     "ChainOfThought", "question -> answer", ctx, {"temperature": "creative_temperature"})
     """
     cls = (resolver or default_resolver).resolve(module_type)
-    return cls(signature, session_context, variable_bindings=variable_bindings, **kwargs)
+    return cls(signature, session_context=session_context, variable_bindings=variable_bindings, **kwargs)

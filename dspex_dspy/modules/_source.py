@@ -1,11 +1,13 @@
 """One reading interface over the three places a bound variable can live.
 
 A variable-aware module reads its bound variables from an orchestrator-side
-:class:`~dspex_dspy.Context` (in process, at local-state speed), a worker-side ``SessionContext``
-(synchronous, watch-fed cache) or an ``AsyncSessionContext`` (coroutines, plus a synchronous
-``cached`` peek). :class:`VariableSource` hides the difference behind ``read``/``aread`` and
-``has``/``ahas``. The clients are recognised by duck typing, so this module never imports the
-gRPC client.
+:class:`~dspex_dspy.Context` (in process, at local-state speed) or a worker-side ``SessionContext``
+(synchronous, watch-fed cache) — both :class:`~dspex_dspy.reader.VariableReader` — or an
+``AsyncSessionContext`` (an :class:`~dspex_dspy.reader.AsyncVariableReader`: coroutines, plus a
+synchronous ``cached`` peek). :class:`VariableSource` hides the difference behind
+``read``/``aread``, ``read_many``/``aread_many`` (every binding of one call from one snapshot) and
+``has``/``ahas``. Only the public read surface is used, so this module never imports the gRPC
+client and never reaches into a context's backend.
 
 A source is *shared* by every copy of a module: ``copy.deepcopy`` (what DSPy optimizers use)
 returns the same source, and pickling drops it (a saved program never carries a live session).
@@ -14,7 +16,7 @@ returns the same source, and pickling drops it (a saved program never carries a 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from dspex_dspy.context import Context
@@ -44,12 +46,14 @@ class VariableSource:
         TypeError: ``target`` is none of these.
     """
 
-    __slots__ = ("_kind", "reader", "target")
+    __slots__ = ("_kind", "many_reader", "reader", "target")
 
     target: Any
     _kind: str
-    #: The fastest callable doing what :meth:`read` does (the per-call hot path uses it).
+    #: The fastest callable doing what :meth:`read` does.
     reader: Callable[[str], tuple[Any, int]]
+    #: The fastest callable doing what :meth:`read_many` does (the per-call hot path uses it).
+    many_reader: Callable[[Iterable[str]], dict[str, tuple[Any, int]]]
 
     def __init__(self, target: Any) -> None:
         if isinstance(target, VariableSource):
@@ -69,13 +73,13 @@ class VariableSource:
             )
         self.target = target
         self._kind = kind
-        if kind == "context":
-            # The provider is looked up on every read: a context switches provider when bridged.
-            self.reader = lambda name: target._provider.get_versioned(name)
-        elif kind == "sync":
-            self.reader = target.get_versioned
-        else:
+        if kind == "async":
             self.reader = self.read
+            self.many_reader = self.read_many
+            return
+        self.reader = target.get_versioned
+        many = getattr(target, "get_versioned_many", None)
+        self.many_reader = many if callable(many) else self._one_by_one
 
     @property
     def is_async(self) -> bool:
@@ -96,13 +100,8 @@ class VariableSource:
             VariableNotFoundError: no such variable.
             AwaitRequiredError: an ``AsyncSessionContext`` has not cached ``name``; use ``aread``.
         """
-        kind = self._kind
-        if kind == "context":
-            # The provider is looked up on every read: a context switches provider when bridged.
-            result: tuple[Any, int] = self.target._provider.get_versioned(name)
-            return result
-        if kind == "sync":
-            result = self.target.get_versioned(name)
+        if self._kind != "async":
+            result: tuple[Any, int] = self.target.get_versioned(name)
             return result
         hit = self.target.cached(name)
         if hit is None:
@@ -112,6 +111,40 @@ class VariableSource:
             )
         cached: tuple[Any, int] = hit
         return cached
+
+    def read_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables, read from one snapshot.
+
+        Raises:
+            VariableNotFoundError: naming the missing variables.
+            AwaitRequiredError: an ``AsyncSessionContext`` has not cached them all; use ``aread_many``.
+        """
+        if self._kind != "async":
+            return self.many_reader(names)
+        found: dict[str, tuple[Any, int]] = {}
+        for name in names:
+            if name not in found:
+                found[name] = self.read(name)
+        return found
+
+    async def aread_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables from one snapshot, awaiting the session when needed."""
+        if self._kind != "async":
+            return self.read_many(names)
+        wanted = list(dict.fromkeys(names))
+        hits = {name: self.target.cached(name) for name in wanted}
+        if all(hit is not None for hit in hits.values()):
+            return {name: hit for name, hit in hits.items() if hit is not None}
+        many = getattr(self.target, "get_versioned_many", None)
+        if many is not None and inspect.iscoroutinefunction(many):
+            result: dict[str, tuple[Any, int]] = await many(wanted)
+            return result
+        return {name: await self.aread(name) for name in wanted}
+
+    def _one_by_one(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        # For a reader without get_versioned_many: consistent per variable, not across them.
+        read = self.target.get_versioned
+        return {name: read(name) for name in dict.fromkeys(names)}
 
     async def aread(self, name: str) -> tuple[Any, int]:
         """The current ``(value, version)`` of ``name``, awaiting the session when needed."""
@@ -126,10 +159,7 @@ class VariableSource:
 
     def has(self, name: str) -> bool | None:
         """Whether ``name`` exists; None when only an await could tell (uncached async session)."""
-        kind = self._kind
-        if kind == "context":
-            return bool(self.target._provider.exists(name))
-        if kind == "sync":
+        if self._kind != "async":
             return bool(self.target.has_variable(name))
         return True if self.target.cached(name) is not None else None
 

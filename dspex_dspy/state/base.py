@@ -11,6 +11,7 @@ import builtins
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from dspex_dspy.leases import OptimizationLease
 from dspex_dspy.types import Variable
 
 __all__ = ["StateProvider"]
@@ -55,6 +56,14 @@ class StateProvider(Protocol):
         """The current value and version, read together."""
         ...
 
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        """``(value, version)`` of several variables from one snapshot (no write falls between them).
+
+        Raises:
+            VariableNotFoundError: naming every missing variable.
+        """
+        ...
+
     def get_variable(self, name: str) -> Variable:
         """The whole variable record."""
         ...
@@ -66,16 +75,35 @@ class StateProvider(Protocol):
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
-        """Write a value (CAS when ``expected_version`` is non-zero); return the new version."""
+        """Write a value (CAS when ``expected_version`` is non-zero); return the new version.
+
+        ``force`` writes through another optimizer's lease (recorded as ``forced_over``).
+        """
         ...
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
         """Values by name; raise VariableNotFoundError naming every missing one."""
         ...
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
-        """Write several values; raise BatchUpdateError if any write was rejected."""
+    def update_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
+        """Write several values (merging ``metadata``); raise BatchUpdateError if any was rejected."""
+        ...
+
+    def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables; see :mod:`dspex_dspy.leases`."""
+        ...
+
+    def stop_optimization(self, identifier: str, *, force: bool = False) -> None:
+        """End a lease by its id, or by force the lease holding a variable (an ended lease: no-op)."""
         ...
 
     def list(self) -> builtins.list[Variable]:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
+from dspex_dspy.leases import OptimizationLease
 from dspex_dspy.store import BatchResult
 from dspex_dspy.types import Variable
 
@@ -50,6 +51,7 @@ class SessionAccess(Protocol):
         metadata: Mapping[str, Any] | None = ...,
         expected_version: int | None = ...,
         source: str = ...,
+        force: bool = ...,
     ) -> Variable: ...
 
     def set_variables(
@@ -60,11 +62,18 @@ class SessionAccess(Protocol):
         metadata: Mapping[str, Any] | None = ...,
         atomic: bool = ...,
         source: str = ...,
+        force: bool = ...,
     ) -> BatchResult: ...
 
     def list_variables(self, session_id: str, pattern: str | None = ...) -> builtins.list[Variable]: ...
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = ...) -> None: ...
+
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease: ...
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = ...) -> None: ...
 
 
 class BridgedState:
@@ -113,6 +122,13 @@ class BridgedState:
         var = self.store.get_variable(self.session_id, name)
         return var.value, var.version
 
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        # One store call: one lock hold in process, one GetVariables RPC over gRPC.
+        found, missing = self.store.get_variables(self.session_id, list(names))
+        if missing:
+            raise VariableNotFoundError(", ".join(dict.fromkeys(missing)), self.session_id)
+        return {name: (var.value, var.version) for name, var in found.items()}
+
     def get_variable(self, name: str) -> Variable:
         return self.store.get_variable(self.session_id, name)
 
@@ -123,9 +139,10 @@ class BridgedState:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         return self.store.set_variable(
-            self.session_id, name, value, metadata=metadata, expected_version=expected_version
+            self.session_id, name, value, metadata=metadata, expected_version=expected_version, force=force
         ).version
 
     def get_many(self, names: Iterable[str]) -> dict[str, Any]:
@@ -134,8 +151,15 @@ class BridgedState:
             raise VariableNotFoundError(", ".join(missing), self.session_id)
         return {name: var.value for name, var in found.items()}
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
-        result = self.store.set_variables(self.session_id, updates, atomic=atomic)
+    def update_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
+        result = self.store.set_variables(self.session_id, updates, metadata=metadata, atomic=atomic, force=force)
         if result.errors:
             raise BatchUpdateError(result.errors, result.new_versions)
         return result.new_versions
@@ -149,6 +173,12 @@ class BridgedState:
     def exists(self, name: str) -> bool:
         found, _ = self.store.get_variables(self.session_id, [name])
         return bool(found)
+
+    def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
+        return self.store.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl)
+
+    def stop_optimization(self, identifier: str, *, force: bool = False) -> None:
+        self.store.stop_optimization(self.session_id, identifier, force=force)
 
     def export_state(self) -> builtins.list[Variable]:
         return self.list()

@@ -4,10 +4,17 @@ A dict of small records behind one lock. Reads take the lock, look the record up
 value; writes validate through the variable's compiled spec. No I/O, no history, no watchers:
 that is what makes it sub-microsecond.
 
-When the context switches to a bridge, the migration holds this state's lock while it exports
-and imports, then *retires* the state: its records are dropped and every later call — from a
-thread that still holds a reference — is forwarded to the new provider. A write can therefore
-never land in a state that has already been copied.
+It enforces the same :class:`~dspex_dspy.limits.Limits` as a bridge's store (value size,
+variables per context), so whatever a local context holds can always be moved to a bridge.
+
+When the context switches to a bridge, the migration exports under this state's lock and imports
+*outside* it, so readers and writers keep going while the import runs. Every accepted write bumps
+a state-wide write counter; after the import the migration takes the lock again and compares the
+counter with the one it exported at (:meth:`LocalState.export_versioned`). Unchanged: the state
+is *retired* (its records dropped, every later call — from a thread that still holds a reference —
+forwarded to the new provider), so a write can never land in a state that has already been
+copied. Changed: the migration undoes the import and tries again, and after a few tries it fences
+writers (:meth:`LocalState.fenced`; readers are never held) for one last import.
 """
 
 from __future__ import annotations
@@ -28,6 +35,14 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import (
+    LEASE_ID_PREFIX,
+    LeaseTable,
+    OptimizationLease,
+    pop_force,
+    validate_lease_request,
+)
+from dspex_dspy.limits import Limits, check_count, check_value_size
 from dspex_dspy.state.base import StateProvider
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
 
@@ -85,6 +100,7 @@ class LocalState:
 
     Args:
         owner: the owning context's id (used in error messages only).
+        limits: the value-size and variable-count limits (the store's defaults when None).
 
     Example:
         >>> state = LocalState()
@@ -98,14 +114,19 @@ class LocalState:
     kind = "local"
     requires_bridge = False
 
-    def __init__(self, owner: str | None = None) -> None:
+    def __init__(self, owner: str | None = None, *, limits: Limits | None = None) -> None:
         self.owner = owner
+        self.limits = limits or Limits()
         self._lock = threading.Lock()
+        self._unfenced = threading.Condition(self._lock)
+        self._fenced = False
+        self._writes = 0
         self._vars: dict[str, _Record] = {}
         self._ids = itertools.count(1)
         self._retired: StateProvider | None = None
         self._by_id: dict[str, str] = {}
         self._last_created = 0.0
+        self._leases = LeaseTable()
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -131,6 +152,19 @@ class LocalState:
             target, key = self._miss(name)
             return target.get_versioned(key)
         return (_copy_value(value) if rec.mutable else value), version
+
+    def get_versioned_many(self, names: Iterable[str]) -> dict[str, tuple[Any, int]]:
+        wanted = list(names)
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                found = {n: (r.value, r.version, r.mutable) for n in wanted if (r := self._find(n)) is not None}
+        if forward is not None:
+            return forward.get_versioned_many(wanted)
+        missing = [n for n in wanted if n not in found]
+        if missing:
+            raise VariableNotFoundError(", ".join(dict.fromkeys(missing)), self.owner)
+        return {n: ((_copy_value(v) if m else v), ver) for n, (v, ver, m) in found.items()}
 
     def get_variable(self, name: str) -> Variable:
         with self._lock:
@@ -188,14 +222,19 @@ class LocalState:
         validate_name(name)
         spec = compile_spec(name, type_, constraints)
         normalised = spec.validate(value)
+        check_value_size(self.limits, name, spec.type, normalised)
         meta = normalize_metadata(name, metadata)
         meta.setdefault("source", "orchestrator")
         meta.setdefault("backend", "local")
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
                 if name in self._vars:
                     raise VariableExistsError(name, self.owner)
+                check_count(self.limits, len(self._vars), 1)
+                self._writes += 1
                 now = time.time()
                 if now <= self._last_created:
                     now = self._last_created + 1e-6  # creation times must order creation
@@ -223,14 +262,25 @@ class LocalState:
         *,
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
+        force: bool = False,
     ) -> int:
         meta = normalize_metadata(name, metadata) if metadata else None
+        forcing = pop_force(meta) or force
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             rec = self._vars.get(name)
             if rec is not None:
-                normalised = rec.spec.validate(value)
+                spec = rec.spec
+                normalised = spec.validate(value)
+                check_value_size(self.limits, name, spec.type, normalised)
                 if expected_version and expected_version != rec.version:
                     raise VersionConflictError(name, expected_version, rec.version)
+                if self._leases:
+                    forced = self._leases.admit(rec.id, name, meta, force=forcing)
+                    if forced:
+                        meta = {**(meta or {}), **forced}
+                self._writes += 1
                 rec.value = normalised
                 rec.version += 1
                 rec.updated_at = time.time()
@@ -238,13 +288,24 @@ class LocalState:
                     rec.metadata = {**rec.metadata, **meta}
                 return rec.version
         target, key = self._miss(name)
-        return target.set(key, value, metadata=metadata, expected_version=expected_version)
+        return target.set(key, value, metadata=metadata, expected_version=expected_version, force=force)
 
-    def update_many(self, updates: Mapping[str, Any], *, atomic: bool = True) -> dict[str, int]:
+    def update_many(
+        self,
+        updates: Mapping[str, Any],
+        *,
+        atomic: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> dict[str, int]:
+        meta = normalize_metadata("", metadata) if metadata else None
+        forcing = pop_force(meta) or force
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
-                checked: list[tuple[str, _Record, Any]] = []
+                checked: list[tuple[str, _Record, Any, dict[str, str] | None]] = []
                 errors: dict[str, DSPexError] = {}
                 for name, value in updates.items():
                     rec = self._find(name)
@@ -252,27 +313,40 @@ class LocalState:
                         errors[name] = VariableNotFoundError(name, self.owner)
                         continue
                     try:
-                        checked.append((name, rec, rec.spec.validate(value)))
+                        normalised = rec.spec.validate(value)
+                        check_value_size(self.limits, name, rec.spec.type, normalised)
+                        forced = self._leases.admit(rec.id, name, meta, force=forcing) if self._leases else None
+                        checked.append((name, rec, normalised, {**(meta or {}), **forced} if forced else meta))
                     except DSPexError as exc:
                         errors[name] = exc
                 if atomic and errors:
                     raise BatchUpdateError(errors)
                 now = time.time()
                 versions: dict[str, int] = {}
-                for name, rec, normalised in checked:
+                self._writes += 1
+                for name, rec, normalised, write_meta in checked:
                     rec.value = normalised
                     rec.version += 1
                     rec.updated_at = now
+                    if write_meta:
+                        rec.metadata = {**rec.metadata, **write_meta}
                     versions[name] = rec.version
                 if errors:
                     raise BatchUpdateError(errors, versions)
                 return versions
-        return forward.update_many(updates, atomic=atomic)
+        return forward.update_many(updates, atomic=atomic, metadata=metadata, force=force)
 
     def delete(self, name: str) -> None:
         with self._lock:
-            rec = self._vars.pop(name, None)
+            if self._fenced:
+                self._wait_unfenced()
+            rec = self._vars.get(name)
             if rec is not None:
+                if self._leases:
+                    self._leases.refuse_if_held(rec.id, name, "deleting it")
+                    self._leases.forget([rec.id])
+                del self._vars[name]
+                self._writes += 1
                 del self._by_id[rec.id]
                 return
         target, key = self._miss(name)
@@ -283,14 +357,20 @@ class LocalState:
         for var in variables:
             validate_name(var.name)
             spec = compile_spec(var.name, var.type, var.constraints)
-            prepared.append((var, spec, spec.validate(var.value), normalize_metadata(var.name, var.metadata)))
+            normalised = spec.validate(var.value)
+            check_value_size(self.limits, var.name, spec.type, normalised)
+            prepared.append((var, spec, normalised, normalize_metadata(var.name, var.metadata)))
         with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
             forward = self._retired
             if forward is None:
                 names = [v.name for v, *_ in prepared]
                 clash = [n for n in names if n in self._vars] or [n for n in set(names) if names.count(n) > 1]
                 if clash:
                     raise VariableExistsError(clash[0], self.owner)
+                check_count(self.limits, len(self._vars), len(prepared))
+                self._writes += 1
                 for var, spec, value, meta in prepared:
                     rec = self._vars[var.name] = _Record(
                         f"var_{var.name}_{next(self._ids)}",
@@ -313,22 +393,89 @@ class LocalState:
             self._vars.clear()
             self._by_id.clear()
 
+    # ---------------------------------------------------------------- optimization leases
+
+    def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables (see :mod:`dspex_dspy.leases`)."""
+        ttl = validate_lease_request(optimizer_id, ttl, names)
+        with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
+            forward = self._retired
+            if forward is None:
+                records: dict[str, str] = {}
+                for name in names:
+                    rec = self._find(name)
+                    if rec is None:
+                        raise VariableNotFoundError(name, self.owner)
+                    records[rec.id] = self._by_id[rec.id]
+                return self._leases.start("", records, optimizer_id, ttl)
+        return forward.start_optimization(names, optimizer_id, ttl=ttl)
+
+    def stop_optimization(self, identifier: str, *, force: bool = False) -> None:
+        """End a lease named by its id, or (with ``force``) the lease holding a variable."""
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+                    lease = self._leases.lease_by_id(identifier, "")
+                    if lease is not None:
+                        self._leases.stop(lease)
+                    return
+                rec = self._find(identifier)
+                if rec is None:
+                    raise VariableNotFoundError(identifier, self.owner)
+                self._leases.stop_variable(rec.id, self._by_id[rec.id], force=force)
+                return
+        forward.stop_optimization(identifier, force=force)
+
     # ---------------------------------------------------------------- migration support
 
-    @contextmanager
-    def frozen(self) -> Iterator[builtins.list[Variable]]:
-        """Hold this state's lock and yield a full export; writers wait until the block ends."""
-        with self._lock:
-            yield [self._snapshot(n, r) for n, r in self._vars.items()]
+    def export_versioned(self) -> tuple[builtins.list[Variable], int]:
+        """A full export and the write counter it was taken at, read together under the lock.
 
-    def retire_locked(self, successor: StateProvider) -> None:
-        """Drop every record and forward all later calls to ``successor``.
-
-        Must be called inside :meth:`frozen`, after the export was imported into ``successor``.
+        Raises:
+            DSPexError: the state was already retired (its variables live elsewhere now).
         """
+        with self._lock:
+            if self._retired is not None:
+                raise DSPexError(f"the local state of {self.owner} was already moved")
+            return [self._snapshot(n, r) for n, r in self._vars.items()], self._writes
+
+    def retire_if_unchanged(self, successor: StateProvider, writes: int) -> bool:
+        """Retire in favour of ``successor`` if no write was accepted since the export at ``writes``.
+
+        Returns:
+            True when retired: every later call goes to ``successor``. False when a write landed
+            after the export (the export is stale and nothing changed here).
+        """
+        with self._lock:
+            if self._writes != writes:
+                return False
+            self._retire(successor)
+            return True
+
+    @contextmanager
+    def fenced(self) -> Iterator[None]:
+        """Hold writers (never readers) until the block ends; for a migration's last try."""
+        with self._lock:
+            self._fenced = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fenced = False
+                self._unfenced.notify_all()
+
+    def _retire(self, successor: StateProvider) -> None:
         self._retired = successor
         self._vars.clear()
         self._by_id.clear()
+
+    def _wait_unfenced(self) -> None:
+        """Wait (lock held, released while waiting) until a migration's fence is lifted."""
+        while self._fenced:
+            self._unfenced.wait()
 
     # ---------------------------------------------------------------- internals
 
@@ -351,8 +498,7 @@ class LocalState:
             raise VariableNotFoundError(name, self.owner)
         return self, real
 
-    @staticmethod
-    def _snapshot(name: str, rec: _Record) -> Variable:
+    def _snapshot(self, name: str, rec: _Record) -> Variable:
         return Variable(
             id=rec.id,
             name=name,
@@ -365,4 +511,5 @@ class LocalState:
             created_at=rec.created_at,
             updated_at=rec.updated_at,
             source=rec.source,
+            optimization_status=self._leases.status(rec.id) if self._leases else None,
         )

@@ -12,6 +12,8 @@ Rules kept here, for every caller:
   ``expected_version`` makes a write a compare-and-swap;
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
+- an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
+  its optimizer stops it or it expires;
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered before their initial snapshot is taken, under the same lock as writes,
   so no write can fall between the snapshot and the stream.
@@ -40,6 +42,8 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
+from dspex_dspy.limits import StoreLimits, check_count, check_value_size
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
 from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
@@ -50,25 +54,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
-
-
-@dataclass(frozen=True)
-class StoreLimits:
-    """Limits a store enforces; a breach raises :class:`LimitExceededError` and changes nothing.
-
-    Attributes:
-        max_sessions: sessions alive at once.
-        max_variables_per_session: variables in one session.
-        max_value_bytes: approximate encoded size of one value.
-        max_watchers: watchers registered at once, over all sessions.
-        history_limit: writes remembered per variable (older ones are dropped).
-    """
-
-    max_sessions: int = 10_000
-    max_variables_per_session: int = 100_000
-    max_value_bytes: int = 1 << 20
-    max_watchers: int = 256
-    history_limit: int = 100
 
 
 @dataclass(frozen=True)
@@ -100,17 +85,6 @@ class BatchResult:
     def success(self) -> bool:
         """True when every write was applied."""
         return not self.errors
-
-
-def _value_size(type_: str, value: Any) -> int:
-    """A cheap estimate of a value's encoded size, for the value-size limit."""
-    if isinstance(value, str):
-        return len(value) if len(value) < 1 << 16 else len(value.encode("utf-8"))
-    if type_ == "embedding":
-        return 8 * len(value)
-    if type_ == "tensor":
-        return 8 * len(value["data"])
-    return 8
 
 
 class SessionStore:
@@ -152,6 +126,7 @@ class SessionStore:
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
+        self._leases = LeaseTable()
 
     # ------------------------------------------------------------------ sessions
 
@@ -363,14 +338,19 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         expected_version: int | None = None,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> Variable:
         """Write a variable; return it at its new version.
+
+        ``force`` writes through another optimizer's lease (see :mod:`dspex_dspy.leases`).
 
         Raises:
             ValidationError: the value breaks the variable's type or constraints.
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
+            VariableLockedError: an optimization lease holds the variable and the write is not forced.
         """
         meta = normalize_metadata(identifier, metadata) if metadata else None
+        force = pop_force(meta) or force
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
@@ -378,6 +358,10 @@ class SessionStore:
             self._check_size(record.name, record.spec.type, normalised)
             if expected_version and expected_version != record.version:
                 raise VersionConflictError(record.name, expected_version, record.version)
+            if self._leases:
+                forced = self._leases.admit(record.id, record.name, meta, force=force)
+                if forced:
+                    meta = {**(meta or {}), **forced}
             return self._apply(session_id, record, normalised, meta, source)
 
     def set_variables(
@@ -388,9 +372,16 @@ class SessionStore:
         metadata: Mapping[str, Any] | None = None,
         atomic: bool = True,
         source: str = "orchestrator",
+        force: bool = False,
     ) -> BatchResult:
-        """Write several variables. ``atomic``: validate all, then apply all or none."""
+        """Write several variables. ``atomic``: validate all, then apply all or none.
+
+        A variable held by another optimizer's lease is rejected with ``VariableLockedError``
+        unless ``force``.
+        """
         meta = normalize_metadata("", metadata) if metadata else None
+        force = pop_force(meta) or force
+        forced_meta: dict[str, dict[str, str]] = {}
         with self._lock:
             session = self._session(session_id)
             checked: list[tuple[str, VariableRecord, Any]] = []
@@ -400,6 +391,10 @@ class SessionStore:
                     record = self._lookup(session, ident)
                     normalised = record.spec.validate(value)
                     self._check_size(record.name, record.spec.type, normalised)
+                    if self._leases:
+                        forced = self._leases.admit(record.id, record.name, meta, force=force)
+                        if forced:
+                            forced_meta[ident] = {**(meta or {}), **forced}
                 except DSPexError as exc:
                     errors[ident] = exc
                     continue
@@ -407,7 +402,7 @@ class SessionStore:
             if atomic and errors:
                 return BatchResult({}, errors)
             versions = {
-                ident: self._apply(session_id, record, normalised, meta, source).version
+                ident: self._apply(session_id, record, normalised, forced_meta.get(ident, meta), source).version
                 for ident, record, normalised in checked
             }
             return BatchResult(versions, errors)
@@ -430,6 +425,9 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "deleting it")
+                self._leases.forget([record.id])
             del session.variables[record.id]
             del session.names[record.name]
             self._notify(session_id, record.id, self._snapshot(record), UpdateType.DELETED, source, {}, self._clock())
@@ -448,6 +446,8 @@ class SessionStore:
         with self._lock:
             session = self._session(session_id)
             record = self._lookup(session, identifier)
+            if self._leases:
+                self._leases.refuse_if_held(record.id, record.name, "rolling it back")
             entry = next((e for e in record.history if e.version == target_version), None)
             if entry is None:
                 known = ", ".join(str(e.version) for e in record.history)
@@ -460,6 +460,48 @@ class SessionStore:
             value = record.spec.validate(entry.value)
             meta = {"rolled_back_to": str(target_version)}
             return self._apply(session_id, record, value, meta, source)
+
+    # ------------------------------------------------------------------ optimization leases
+
+    def start_optimization(
+        self,
+        session_id: str,
+        identifiers: Sequence[str],
+        optimizer_id: str,
+        *,
+        ttl: float,
+    ) -> OptimizationLease:
+        """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
+
+        Raises:
+            VariableNotFoundError: a variable does not exist.
+            VariableLockedError: another optimizer holds one of them (nothing changes).
+            ValidationError: a bad optimizer id, ttl or variable list.
+        """
+        ttl = validate_lease_request(optimizer_id, ttl, identifiers)
+        with self._lock:
+            session = self._session(session_id)
+            records = [self._lookup(session, ident) for ident in identifiers]
+            return self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease, named by its id (the holder) or by a variable it holds (``force`` needed).
+
+        Stopping a lease that already ended (stopped or expired) does nothing.
+
+        Raises:
+            VariableLockedError: a variable is named without ``force`` while a lease holds it.
+            VariableNotFoundError: neither a lease id nor a variable of the session.
+        """
+        with self._lock:
+            session = self._session(session_id)
+            if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+                lease = self._leases.lease_by_id(identifier, session_id)
+                if lease is not None:
+                    self._leases.stop(lease)
+                return
+            record = self._lookup(session, identifier)
+            self._leases.stop_variable(record.id, record.name, force=force)
 
     # ------------------------------------------------------------------ watching
 
@@ -533,6 +575,8 @@ class SessionStore:
 
     def _drop_session(self, record: SessionRecord) -> int:
         self._storage.delete_session(record.id)
+        if self._leases:
+            self._leases.forget(list(record.variables))
         for watch in self._watchers.pop(record.id, []):
             watch.close()
             self._watcher_count -= 1
@@ -570,14 +614,10 @@ class SessionStore:
         return record
 
     def _check_count(self, session: SessionRecord, adding: int) -> None:
-        total = len(session.variables) + adding
-        if total > self.limits.max_variables_per_session:
-            raise LimitExceededError("variables per session", total, self.limits.max_variables_per_session)
+        check_count(self.limits, len(session.variables), adding)
 
     def _check_size(self, name: str, type_: str, value: Any) -> None:
-        size = _value_size(type_, value)
-        if size > self.limits.max_value_bytes:
-            raise LimitExceededError(f"{name}: value size in bytes", size, self.limits.max_value_bytes)
+        check_value_size(self.limits, name, type_, value)
 
     def _new_record(
         self,
@@ -652,8 +692,7 @@ class SessionStore:
             if watch.wants(variable_id):
                 watch.offer(update)
 
-    @staticmethod
-    def _snapshot(record: VariableRecord) -> Variable:
+    def _snapshot(self, record: VariableRecord) -> Variable:
         value = record.value
         if isinstance(value, list):
             value = list(value)
@@ -671,4 +710,5 @@ class SessionStore:
             created_at=record.created_at,
             updated_at=record.updated_at,
             source=record.source,
+            optimization_status=self._leases.status(record.id) if self._leases else None,
         )

@@ -20,7 +20,7 @@ ROOT = Path(__file__).parents[2]
 def test_quick_benchmark_run_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "local", "workers", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "local", "workers", "tuner", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -33,6 +33,7 @@ def test_quick_benchmark_run_writes_every_row(tmp_path: Path) -> None:
         "LocalState set (validated)",
         "worker read (watch-fed cache)",
         "set -> seen by a watcher in another process",
+        "tuner, TPE: 20 trials x 32 ex.",
     } <= set(rows)
     for row in rows.values():
         assert row["ratio"] > 0 and row["baseline"]

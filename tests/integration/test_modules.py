@@ -90,7 +90,9 @@ def test_bound_generation_settings_reach_the_engine(ctx: Context, engine: Record
         ("stop_at", "string", "END"),
     ]:
         Variables.defvariable(ctx, name, type_, value)
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"seed": "seed", "stop": "stop_at"})
+    predictor = VariableAwarePredict(
+        "question -> answer", session_context=ctx, variable_bindings={"seed": "seed", "stop": "stop_at"}
+    )
     assert set(predictor.get_bindings()) == {
         "temperature",
         "max_tokens",
@@ -114,7 +116,7 @@ def test_bound_generation_settings_reach_the_engine(ctx: Context, engine: Record
 
 
 def test_next_call_uses_the_value_written_since(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor(question="first")
     Variables.set(ctx, "temperature", 0.2)
     Variables.update(ctx, "max_tokens", lambda n: n * 2)
@@ -125,7 +127,7 @@ def test_next_call_uses_the_value_written_since(ctx: Context, engine: RecordingE
 
 
 def test_per_call_config_wins_over_a_binding(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     prediction = predictor(question="q", config={"temperature": 1.5})
     assert (engine.last.temperature, engine.last.max_tokens) == (1.5, 256)
     provenance = get_provenance(prediction)
@@ -137,7 +139,7 @@ def test_per_call_config_wins_over_a_binding(ctx: Context, engine: RecordingEngi
 
 def test_binding_wins_over_predictor_config_and_lm_kwargs(ctx: Context, engine: RecordingEngine) -> None:
     model = recording_lm(engine, temperature=0.0, max_tokens=10)
-    predictor = VariableAwarePredict("question -> answer", ctx, temperature=0.1)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, temperature=0.1)
     with dspy.context(lm=model):
         predictor(question="q")
         assert (engine.last.temperature, engine.last.max_tokens) == (0.7, 256)
@@ -152,7 +154,7 @@ def test_model_binding_selects_an_lm_copy_without_changing_the_shared_lm(
 ) -> None:
     Variables.defvariable(ctx, "model", "string", "openai/fast-model")
     lm_kwargs = dict(lm.kwargs)
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"model": "model"})
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, variable_bindings={"model": "model"})
     predictor(question="q")
     assert engine.last.model == "openai/fast-model"
     Variables.set(ctx, "model", "openai/accurate-model")
@@ -170,7 +172,9 @@ def test_model_binding_with_an_lm_map(ctx: Context, engine: RecordingEngine, lm:
     other = RecordingEngine()
     mapped = {"small": recording_lm(other, "openai/small-v2"), "large": recording_lm(engine, "openai/large-v9")}
     Variables.defvariable(ctx, "tier", "string", "small")
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"model": "tier"}, lm_map=mapped)
+    predictor = VariableAwarePredict(
+        "question -> answer", session_context=ctx, variable_bindings={"model": "tier"}, lm_map=mapped
+    )
     predictor(question="q")
     assert [r.model for r in other.requests] == ["openai/small-v2"] and engine.requests == []
     Variables.set(ctx, "tier", "large")
@@ -185,7 +189,9 @@ def test_instructions_binding_reaches_the_prompt_without_changing_the_signature(
     ctx: Context, engine: RecordingEngine, lm: Any
 ) -> None:
     Variables.defvariable(ctx, "policy", "string", "Answer in one word.")
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"instructions": "policy"})
+    predictor = VariableAwarePredict(
+        "question -> answer", session_context=ctx, variable_bindings={"instructions": "policy"}
+    )
     original = predictor.signature
     predictor(question="q")
     assert "Answer in one word." in engine.last.system
@@ -200,7 +206,7 @@ def test_demos_binding_wins_over_the_predictors_demos_until_unbound(
     ctx: Context, engine: RecordingEngine, lm: Any
 ) -> None:
     Variables.defvariable(ctx, "shots", "string", DEMOS)
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"demos": "shots"})
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, variable_bindings={"demos": "shots"})
     predictor.demos = [dspy.Example(question="Capital of Mali?", answer="Bamako")]  # as an optimizer would
     prediction = predictor(question="Capital of Fiji?")
     assert "Capital of Peru?" in engine.last.user_text and "Capital of Chad?" in engine.last.user_text
@@ -213,14 +219,14 @@ def test_demos_binding_wins_over_the_predictors_demos_until_unbound(
 
 def test_bad_value_written_later_fails_the_call_clearly(ctx: Context, lm: Any) -> None:
     Variables.defvariable(ctx, "shots", "string", DEMOS)
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"demos": "shots"})
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, variable_bindings={"demos": "shots"})
     Variables.set(ctx, "shots", "not json")
     with pytest.raises(ValidationError, match="demos needs a JSON list of objects"):
         predictor(question="q")
 
 
 def test_deleted_variable_fails_the_call_with_its_name(ctx: Context, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     Variables.delete(ctx, "max_tokens")
     with pytest.raises(
         VariableNotFoundError,
@@ -236,7 +242,7 @@ def test_chain_of_thought_uses_reasoning_temperature(ctx: Context, engine: Recor
     Variables.defvariable(ctx, "reasoning_temperature", "float", 0.35)
     Variables.defvariable(ctx, "reasoning_max_tokens", "integer", 1200)
     Variables.defvariable(ctx, "policy", "string", "Think about units.")
-    cot = VariableAwareChainOfThought("question -> answer", ctx)
+    cot = VariableAwareChainOfThought("question -> answer", session_context=ctx)
     cot.bind_to_variable("instructions", "policy")
     prediction = cot(question="How far?")
     assert (engine.last.temperature, engine.last.max_tokens) == (0.35, 1200)
@@ -279,7 +285,7 @@ def test_react_with_a_tool_runs_on_bound_settings(ctx: Context) -> None:
         calls.append(city)
         return f"{city}: sunny"
 
-    react = VariableAwareReAct("question -> answer", ctx, tools=[weather])
+    react = VariableAwareReAct("question -> answer", session_context=ctx, tools=[weather])
     react.bind_to_variable("instructions", "policy")
     with dspy.context(lm=recording_lm(engine)):
         prediction = react(question="Weather in Paris?")
@@ -296,7 +302,7 @@ def test_react_with_a_tool_runs_on_bound_settings(ctx: Context) -> None:
 def test_react_max_iters_binding_limits_the_loop(ctx: Context) -> None:
     Variables.defvariable(ctx, "max_react_iterations", "integer", 1)
     engine = RecordingEngine(responder=react_responder(finish_after=None))
-    react = VariableAwareReAct("question -> answer", ctx, tools=[lookup], max_iters=20)
+    react = VariableAwareReAct("question -> answer", session_context=ctx, tools=[lookup], max_iters=20)
     assert react.max_iters == 1
 
     def agent_steps() -> int:
@@ -316,7 +322,7 @@ def test_react_max_iters_binding_limits_the_loop(ctx: Context) -> None:
 def test_react_acall(ctx: Context) -> None:
     Variables.defvariable(ctx, "react_temperature", "float", 0.15)
     engine = RecordingEngine(responder=react_responder(finish_after=1))
-    react = VariableAwareReAct("question -> answer", ctx, tools=[lookup])
+    react = VariableAwareReAct("question -> answer", session_context=ctx, tools=[lookup])
 
     async def run() -> Any:
         with dspy.context(lm=recording_lm(engine)):
@@ -342,7 +348,7 @@ def test_program_of_thought_runs_with_a_local_interpreter(ctx: Context) -> None:
     engine = RecordingEngine(responder=pot_responder)
     pot = VariableAwareProgramOfThought(
         "question -> answer",
-        ctx,
+        session_context=ctx,
         variable_bindings={"instructions": "policy"},
         interpreter_factory=dspy.LocalInterpreter,
     )
@@ -362,7 +368,7 @@ def test_program_of_thought_runs_with_a_local_interpreter(ctx: Context) -> None:
 def test_program_of_thought_runs_with_the_default_deno_interpreter(ctx: Context) -> None:
     Variables.defvariable(ctx, "pot_temperature", "float", 0.05)
     engine = RecordingEngine(responder=pot_responder)
-    pot = VariableAwareProgramOfThought("question -> answer", ctx)
+    pot = VariableAwareProgramOfThought("question -> answer", session_context=ctx)
     with dspy.context(lm=recording_lm(engine)):
         prediction = pot(question="What is 6 * 7?")
     assert prediction.answer == "42"
@@ -411,7 +417,7 @@ class Answer(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
 class Pipeline(VariableBindingMixin, dspy.Module):  # type: ignore[misc]
     def __init__(self, session_context: Any, **kwargs: Any) -> None:
         super().__init__(session_context=session_context, **kwargs)
-        self.draft = VariableAwarePredict("question -> answer", session_context, default_bindings=False)
+        self.draft = VariableAwarePredict("question -> answer", session_context=session_context, default_bindings=False)
         self.polish = dspy.Predict("answer -> final")
 
     def forward(self, question: str) -> Any:
@@ -472,7 +478,7 @@ def test_parallel_calls_over_one_module_show_no_cross_talk(ctx: Context) -> None
 
     engine = RecordingEngine(responder=respond)
     predictor = VariableAwarePredict(
-        "question -> answer", ctx, variable_bindings={"model": "model", "instructions": "policy"}
+        "question -> answer", session_context=ctx, variable_bindings={"model": "model", "instructions": "policy"}
     )
     pairs = []
     for i in range(64):
@@ -509,7 +515,7 @@ def test_concurrent_acalls_show_no_cross_talk(ctx: Context) -> None:
         return {"answer": "ok"}
 
     engine = RecordingEngine(responder=respond, delay_s=0.002)
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
 
     async def run() -> list[Any]:
         with dspy.context(lm=recording_lm(engine)):
@@ -529,7 +535,7 @@ def test_concurrent_acalls_show_no_cross_talk(ctx: Context) -> None:
 
 
 def test_acall_reads_the_current_values(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
 
     async def run() -> Any:
         first = await predictor.acall(question="one")
@@ -552,7 +558,7 @@ TRAINSET = [
 
 
 def test_labeled_few_shot_compile_keeps_bindings(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
-    student = VariableAwarePredict("question -> answer", ctx)
+    student = VariableAwarePredict("question -> answer", session_context=ctx)
     compiled = dspy.LabeledFewShot(k=2).compile(student, trainset=TRAINSET)
     assert compiled is not student
     assert compiled.get_bindings() == student.get_bindings() and compiled.session_context is ctx
@@ -569,7 +575,7 @@ def test_bootstrap_few_shot_compile_keeps_bindings_and_runs_on_them(
     Variables.defvariable(ctx, "model", "string", "openai/teacher-model")
     Variables.defvariable(ctx, "shots", "string", DEMOS)
     student = VariableAwareChainOfThought(
-        "question -> answer", ctx, variable_bindings={"temperature": "temperature", "model": "model"}
+        "question -> answer", session_context=ctx, variable_bindings={"temperature": "temperature", "model": "model"}
     )
     optimizer = dspy.BootstrapFewShot(metric=lambda example, pred, trace=None: True, max_bootstrapped_demos=2)
     compiled = optimizer.compile(student, trainset=TRAINSET)
@@ -596,7 +602,7 @@ def test_save_and_load_restore_bindings_but_not_the_session(
 ) -> None:
     Variables.defvariable(ctx, "policy", "string", "Be brief.")
     program = dspy.LabeledFewShot(k=1).compile(
-        VariableAwarePredict("question -> answer", ctx, variable_bindings={"instructions": "policy"}),
+        VariableAwarePredict("question -> answer", session_context=ctx, variable_bindings={"instructions": "policy"}),
         trainset=TRAINSET,
     )
     path = tmp_path / "program.json"
@@ -618,7 +624,9 @@ def test_save_and_load_restore_bindings_but_not_the_session(
 
 
 def test_dspy_load_of_a_whole_saved_program(ctx: Context, engine: RecordingEngine, lm: Any, tmp_path: Path) -> None:
-    program = VariableAwareChainOfThought("question -> answer", ctx, variable_bindings={"max_tokens": "max_tokens"})
+    program = VariableAwareChainOfThought(
+        "question -> answer", session_context=ctx, variable_bindings={"max_tokens": "max_tokens"}
+    )
     program.save(str(tmp_path / "whole"), save_program=True)
     loaded = dspy.load(str(tmp_path / "whole"), allow_pickle=True)
     assert loaded.get_bindings() == {"max_tokens": "max_tokens"} and loaded.session_context is None
@@ -688,7 +696,7 @@ def bridged(ctx: Context) -> Context:
 
 
 def test_write_from_another_process_reaches_the_next_call(bridged: Context, engine: RecordingEngine, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", bridged)
+    predictor = VariableAwarePredict("question -> answer", session_context=bridged)
     predictor(question="before")
     assert run_python(WRITER, str(bridged.bridge_address), bridged.id, "0.25") == "2"
     after = predictor(question="after")
@@ -709,7 +717,7 @@ def test_worker_session_context_sees_a_write_from_another_process(
     from dspex_dspy.client import SessionContext
 
     with SessionContext.connect(str(bridged.bridge_address), session_id=bridged.id) as worker:
-        predictor = VariableAwarePredict("question -> answer", worker)
+        predictor = VariableAwarePredict("question -> answer", session_context=worker)
         assert predictor.get_bindings() == {"temperature": "temperature", "max_tokens": "max_tokens"}
         predictor(question="before")
         run_python(WRITER, str(bridged.bridge_address), bridged.id, "1.25")
@@ -725,7 +733,7 @@ def test_async_session_context_source_with_acall(bridged: Context, engine: Recor
     async def run() -> tuple[Any, Any]:
         session = await AsyncSessionContext.connect(str(bridged.bridge_address), session_id=bridged.id)
         try:
-            predictor = VariableAwarePredict("question -> answer", session)
+            predictor = VariableAwarePredict("question -> answer", session_context=session)
             first = await predictor.acall(question="before")  # resolves the default bindings
             await asyncio.to_thread(run_python, WRITER, str(bridged.bridge_address), bridged.id, "0.05")
             deadline = time.monotonic() + 20
@@ -752,7 +760,7 @@ def test_seed_variable_aware_module_in_a_worker_process(bridged: Context) -> Non
 
 
 def test_context_switching_to_the_bridge_mid_life_keeps_serving(ctx: Context, engine: RecordingEngine, lm: Any) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor(question="local")
     pytest.importorskip("dspex_dspy.server", reason="the bridge server is not available")
     ctx.ensure_bridged()
@@ -764,7 +772,7 @@ def test_context_switching_to_the_bridge_mid_life_keeps_serving(ctx: Context, en
 def test_threads_writing_and_calling_never_see_torn_values(ctx: Context, engine: RecordingEngine) -> None:
     """Calls running while another thread writes always send a value some version really had."""
     model = recording_lm(engine)
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     stop = threading.Event()
 
     def writer() -> None:

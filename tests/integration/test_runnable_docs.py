@@ -49,10 +49,13 @@ EXAMPLE_LINES: dict[str, tuple[str, ...]] = {
         r"worker call 2 used temperature 1\.2 \(v2\)",
     ),
     "optimizer_loop.py": (
-        r"searching temperature over its declared range",
-        r"published temperature = 0\.3 \(v\d+\)",
-        r"worker-1 now uses temperature 0\.3\b",
-        r"worker-2 now uses temperature 0\.3\b",
+        r"worker-1 serves: max_tokens 64 \(v1\), model offline/small \(v1\), temperature 1\.2 \(v1\)",
+        r"searching temperature \(float \[0\.0, 1\.5\]\), max_tokens \(int \[16, 4096\]\), model \(one of",
+        r"during the search: model is held by optimizer example-tuner",
+        r"best trial \d+: score 0\.9[5-9]\d* with .*'model': 'offline/large'",
+        r"published v2 of \['max_tokens', 'model', 'temperature'\] by example-tuner",
+        r"worker-1 switched: max_tokens 64 \(v1\) -> \d+ \(v2\), model offline/small \(v1\) -> offline/large \(v2\)",
+        r"worker-2 switched: max_tokens 64 \(v1\) -> \d+ \(v2\), model offline/small \(v1\) -> offline/large \(v2\)",
     ),
 }
 FOUND_EXAMPLES = {p.name for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_")}

@@ -523,8 +523,6 @@ UNIMPLEMENTED = [
     ("RegisterTools", pb.RegisterToolsRequest(session_id=SID)),
     ("ExecuteElixirTool", pb.ExecuteElixirToolRequest(session_id=SID, tool_name="t")),
     ("AddDependency", pb.AddDependencyRequest(session_id=SID, from_variable="a", to_variable="b")),
-    ("StartOptimization", pb.StartOptimizationRequest(session_id=SID, variable_identifier="a")),
-    ("StopOptimization", pb.StopOptimizationRequest(session_id=SID, variable_identifier="a")),
 ]
 
 

@@ -107,7 +107,7 @@ def max_tokens_of(body: dict[str, Any]) -> Any:
 
 def test_bound_temperature_max_tokens_and_model_are_on_the_wire(stub: ChatCompletionsStub, ctx: Context) -> None:
     lm = dspy.LM("openai/stub-default", api_base=stub.api_base, api_key="test", cache=False)
-    predictor = VariableAwarePredict("question -> answer", ctx, variable_bindings={"model": "model"})
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, variable_bindings={"model": "model"})
     try:
         with dspy.context(lm=lm):
             first = predictor(question="What is 6 * 7?")
@@ -129,7 +129,7 @@ def test_bound_temperature_max_tokens_and_model_are_on_the_wire(stub: ChatComple
 
 def test_per_call_config_overrides_the_binding_on_the_wire(stub: ChatCompletionsStub, ctx: Context) -> None:
     lm = dspy.LM("openai/stub-default", api_base=stub.api_base, api_key="test", cache=False)
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     try:
         with dspy.context(lm=lm):
             predictor(question="q", config={"temperature": 1.25})

@@ -93,14 +93,14 @@ def test_predictor_bound_to_temperature_and_max_tokens_reports_their_values(ctx:
 
 
 def test_bound_attribute_reads_the_current_value(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     Variables.set(ctx, "temperature", 1.3)
     assert predictor.temperature == 1.3
     assert predictor.get_bound_value("temperature") == 1.3
 
 
 def test_get_bindings_is_a_copy(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor.get_bindings()["temperature"] = "something_else"
     assert predictor.get_bindings()["temperature"] == "temperature"
 
@@ -109,7 +109,7 @@ def test_get_bindings_is_a_copy(ctx: Context) -> None:
 
 
 def test_predict_defaults_apply_only_for_variables_the_session_has(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     assert predictor.get_bindings() == {"temperature": "temperature", "max_tokens": "max_tokens"}
     with pytest.raises(AttributeError):
         _ = predictor.top_p
@@ -117,17 +117,17 @@ def test_predict_defaults_apply_only_for_variables_the_session_has(ctx: Context)
 
 def test_defaults_can_be_turned_off_and_explicit_bindings_replace_them(ctx: Context) -> None:
     Variables.defvariable(ctx, "creative", "float", 1.2)
-    assert VariableAwarePredict("q -> a", ctx, default_bindings=False).get_bindings() == {}
-    predictor = VariableAwarePredict("q -> a", ctx, variable_bindings={"temperature": "creative"})
+    assert VariableAwarePredict("q -> a", session_context=ctx, default_bindings=False).get_bindings() == {}
+    predictor = VariableAwarePredict("q -> a", session_context=ctx, variable_bindings={"temperature": "creative"})
     assert predictor.get_bindings() == {"temperature": "creative", "max_tokens": "max_tokens"}
     assert predictor.temperature == 1.2
 
 
 def test_chain_of_thought_defaults(ctx: Context) -> None:
-    assert VariableAwareChainOfThought("question -> answer", ctx).get_bindings() == {}
+    assert VariableAwareChainOfThought("question -> answer", session_context=ctx).get_bindings() == {}
     Variables.defvariable(ctx, "reasoning_temperature", "float", 0.3)
     Variables.defvariable(ctx, "reasoning_max_tokens", "integer", 900)
-    cot = VariableAwareChainOfThought("question -> answer", ctx)
+    cot = VariableAwareChainOfThought("question -> answer", session_context=ctx)
     assert cot.get_bindings() == {"temperature": "reasoning_temperature", "max_tokens": "reasoning_max_tokens"}
     assert (cot.temperature, cot.max_tokens) == (0.3, 900)
     assert type(cot.predict) is RoutedPredict
@@ -136,7 +136,7 @@ def test_chain_of_thought_defaults(ctx: Context) -> None:
 def test_react_defaults_include_max_iters(ctx: Context) -> None:
     Variables.defvariable(ctx, "react_temperature", "float", 0.2)
     Variables.defvariable(ctx, "max_react_iterations", "integer", 3)
-    react = VariableAwareReAct("question -> answer", ctx, tools=[lookup], max_iters=7)
+    react = VariableAwareReAct("question -> answer", session_context=ctx, tools=[lookup], max_iters=7)
     assert react.get_bindings() == {"temperature": "react_temperature", "max_iters": "max_react_iterations"}
     assert react.max_iters == 3
     Variables.set(ctx, "max_react_iterations", 5)
@@ -150,7 +150,7 @@ def test_react_defaults_include_max_iters(ctx: Context) -> None:
 def test_program_of_thought_defaults_and_binding(ctx: Context) -> None:
     Variables.defvariable(ctx, "pot_temperature", "float", 0.1)
     Variables.defvariable(ctx, "pot_max_tokens", "integer", 512)
-    pot = VariableAwareProgramOfThought("question -> answer", ctx)
+    pot = VariableAwareProgramOfThought("question -> answer", session_context=ctx)
     assert pot.get_bindings() == {"temperature": "pot_temperature", "max_tokens": "pot_max_tokens"}
     assert (pot.temperature, pot.max_tokens) == (0.1, 512)
     pot.bind_to_variable("model", "model_name")
@@ -163,7 +163,7 @@ def test_program_of_thought_defaults_and_binding(ctx: Context) -> None:
 
 
 def test_binding_to_a_missing_variable_raises_a_clear_error(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     with pytest.raises(VariableNotFoundError) as caught:
         predictor.bind_to_variable("top_p", "nucleus")
     message = str(caught.value)
@@ -176,11 +176,11 @@ def test_binding_to_a_missing_variable_raises_a_clear_error(ctx: Context) -> Non
 
 def test_missing_variable_in_constructor_bindings_raises(ctx: Context) -> None:
     with pytest.raises(VariableNotFoundError, match=r"cannot bind VariableAwareChainOfThought\.temperature"):
-        VariableAwareChainOfThought("q -> a", ctx, variable_bindings={"temperature": "nope"})
+        VariableAwareChainOfThought("q -> a", session_context=ctx, variable_bindings={"temperature": "nope"})
 
 
 def test_unbindable_attribute_is_rejected_with_the_allowed_names(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     with pytest.raises(ValidationError, match="cannot bind 'max_iters'") as caught:
         predictor.bind_to_variable("max_iters", "max_tokens")
     assert "temperature" in str(caught.value)
@@ -193,7 +193,7 @@ def test_unbindable_attribute_is_rejected_with_the_allowed_names(ctx: Context) -
 
 
 def test_value_that_does_not_fit_the_attribute_is_rejected(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx, default_bindings=False)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx, default_bindings=False)
     with pytest.raises(ValidationError, match="max_tokens needs an integer") as caught:
         predictor.bind_to_variable("max_tokens", "model_name")
     assert caught.value.variable == "model_name"
@@ -224,7 +224,7 @@ def test_unknown_session_object_is_rejected() -> None:
 
 def test_lm_map_keys_must_be_model_names(ctx: Context) -> None:
     with pytest.raises(ValidationError, match="lm_map"):
-        VariableAwarePredict("q -> a", ctx, lm_map={1: "x"})  # type: ignore[dict-item]
+        VariableAwarePredict("q -> a", session_context=ctx, lm_map={1: "x"})  # type: ignore[dict-item]
 
 
 def test_prediction_from_a_plain_module_has_no_provenance() -> None:
@@ -236,7 +236,7 @@ def test_prediction_from_a_plain_module_has_no_provenance() -> None:
 
 
 def test_unbind_removes_the_binding_and_is_idempotent(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor.unbind_variable("temperature")
     predictor.unbind_variable("temperature")
     assert "temperature" not in predictor.get_bindings()
@@ -247,7 +247,7 @@ def test_unbind_removes_the_binding_and_is_idempotent(ctx: Context) -> None:
 
 
 def test_assigning_a_bound_attribute_is_refused(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     with pytest.raises(AttributeError, match="bound to the variable 'temperature'"):
         predictor.temperature = 0.1
     predictor.unbind_variable("temperature")
@@ -257,7 +257,7 @@ def test_assigning_a_bound_attribute_is_refused(ctx: Context) -> None:
 
 def test_dspy_owned_attribute_keeps_its_dspy_meaning(ctx: Context) -> None:
     Variables.defvariable(ctx, "shots", "string", '[{"question": "1+1?", "answer": "2"}]')
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor.bind_to_variable("demos", "shots")
     predictor.demos = [dspy.Example(question="2+2?", answer="4")]  # what an optimizer writes
     assert predictor.demos[0].answer == "4"
@@ -281,9 +281,13 @@ def test_user_module_gets_bindings_and_routed_predictors(ctx: Context) -> None:
     program.bind_to_variable("temperature", "temperature")
     assert program.get_bindings() == {"model": "model_name", "temperature": "temperature"}
     assert program.model == "gpt-4"
-    assert type(program.generate.predict) is dspy.Predict  # routed lazily, on the first call
-    route_predictors(program)
+    # Routed as soon as the sub-module is assigned, so a save before the first call keeps bindings.
     assert type(program.generate.predict) is RoutedPredict
+    program.extra = dspy.Predict("a -> b")
+    assert type(program.extra) is RoutedPredict
+    plain = dspy.ChainOfThought("q -> a")
+    route_predictors(plain)
+    assert type(plain.predict) is RoutedPredict
     assert repr(program.generate.predict).startswith("Predict(")
 
 
@@ -292,7 +296,7 @@ def test_user_module_gets_bindings_and_routed_predictors(ctx: Context) -> None:
 
 def test_deepcopy_keeps_bindings_and_shares_the_session(ctx: Context) -> None:
     Variables.defvariable(ctx, "reasoning_temperature", "float", 0.3)
-    cot = VariableAwareChainOfThought("question -> answer", ctx)
+    cot = VariableAwareChainOfThought("question -> answer", session_context=ctx)
     copied = copy.deepcopy(cot)
     assert copied.get_bindings() == cot.get_bindings()
     assert copied.session_context is ctx
@@ -303,7 +307,7 @@ def test_deepcopy_keeps_bindings_and_shares_the_session(ctx: Context) -> None:
 
 
 def test_reset_copy_keeps_bindings(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     predictor.demos = [dspy.Example(question="q", answer="a")]
     fresh = predictor.reset_copy()
     assert fresh.get_bindings() == predictor.get_bindings()
@@ -312,7 +316,9 @@ def test_reset_copy_keeps_bindings(ctx: Context) -> None:
 
 
 def test_dump_and_load_state_restore_bindings_but_not_the_session(ctx: Context) -> None:
-    cot = VariableAwareChainOfThought("question -> answer", ctx, variable_bindings={"temperature": "temperature"})
+    cot = VariableAwareChainOfThought(
+        "question -> answer", session_context=ctx, variable_bindings={"temperature": "temperature"}
+    )
     state = cot.dump_state()
     assert state[STATE_KEY] == {"temperature": "temperature"}
     assert ctx.id not in repr(state)
@@ -336,7 +342,7 @@ def test_load_state_rejects_bad_saved_bindings() -> None:
 
 
 def test_pickling_drops_the_session_and_keeps_bindings(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", ctx)
+    predictor = VariableAwarePredict("question -> answer", session_context=ctx)
     # cloudpickle, as dspy's save(save_program=True) uses: signature classes are made at runtime.
     restored = cloudpickle.loads(cloudpickle.dumps(predictor))
     assert restored.get_bindings() == predictor.get_bindings()
@@ -359,7 +365,7 @@ def test_variable_source_is_shared_not_copied(ctx: Context) -> None:
 
 def test_async_source_needs_await_until_cached(ctx: Context) -> None:
     view = AsyncCacheView(ctx)
-    predictor = VariableAwarePredict("question -> answer", view)
+    predictor = VariableAwarePredict("question -> answer", session_context=view)
     assert predictor.get_bindings() == {}  # the defaults are pending: only an await can check them
     with pytest.raises(AwaitRequiredError, match="abind_to_variable"):
         predictor.bind_to_variable("temperature", "temperature")
@@ -374,7 +380,7 @@ def test_async_source_needs_await_until_cached(ctx: Context) -> None:
 
 
 def test_async_missing_variable_raises(ctx: Context) -> None:
-    predictor = VariableAwarePredict("question -> answer", AsyncCacheView(ctx), default_bindings=False)
+    predictor = VariableAwarePredict("question -> answer", session_context=AsyncCacheView(ctx), default_bindings=False)
     with pytest.raises(VariableNotFoundError, match=r"cannot bind VariableAwarePredict\.temperature"):
         asyncio.run(predictor.abind_to_variable("temperature", "nope"))
 
@@ -439,6 +445,7 @@ def test_public_names() -> None:
 
     assert set(modules.__all__) == {
         "BINDABLE_ATTRIBUTES",
+        "OWNER_STATE_KEY",
         "STATE_KEY",
         "AwaitRequiredError",
         "BoundValue",
@@ -454,6 +461,7 @@ def test_public_names() -> None:
         "default_resolver",
         "get_provenance",
         "route_predictors",
+        "trial_values",
     }
     assert all(hasattr(modules, name) for name in modules.__all__)
     assert dspex_dspy.VariableAwarePredict is VariableAwarePredict

@@ -7,6 +7,7 @@ import pytest
 from dspex_dspy import errors
 from dspex_dspy.errors import (
     BatchUpdateError,
+    BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
@@ -14,6 +15,7 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
@@ -29,7 +31,9 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (SessionNotFoundError("s1"), KeyError),
     (SessionExistsError("s1"), ValueError),
     (LimitExceededError("sessions", 11, 10), RuntimeError),
+    (VariableLockedError("temperature", "tuner-1"), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
+    (BridgeError("UNIMPLEMENTED: ExecuteTool is not implemented", code="UNIMPLEMENTED"), RuntimeError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]
 

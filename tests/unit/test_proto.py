@@ -1,10 +1,11 @@
-"""The generated stubs match the .proto, and the .proto matches the shared wire contract.
+"""The generated stubs match the .proto, and the .proto matches the wire contract.
 
 Workers written for the Elixir snakepit bridge only interoperate with us if every package, service, RPC,
-field name, number and type is exactly the one in PROTOCOL.md. When that file is present (it lives in
-``shared/`` beside the repository root) every row of its tables is checked against the compiled
-descriptor; when it is absent an embedded subset of key fields is checked instead, and the 23 RPC
-signatures are always checked from an embedded table.
+field name, number and type is exactly the one in the contract, ``bridge/PROTOCOL.md`` (vendored in
+the repository). Every row of its tables, and of its *Extension fields* table (the only fields we may
+add), is checked against the compiled descriptor; the 23 RPC signatures are also checked from an
+embedded table. When the product's shared copy of the contract sits beside the checkout, the vendored
+copy must repeat it verbatim.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ PACKAGE = "snakepit.bridge"
 SERVICE = snakepit_bridge_pb2.DESCRIPTOR.services_by_name["BridgeService"]
 
 
-def _find_protocol() -> Path | None:
-    for shared in (Path(__file__).resolve().parents[3] / "shared", REPO_ROOT / "shared"):
+PROTOCOL_MD = REPO_ROOT / "bridge" / "PROTOCOL.md"
+EXTENSIONS_HEADING = "## Extension fields"
+
+
+def _find_shared_protocol() -> Path | None:
+    for shared in (REPO_ROOT.parent / "shared", REPO_ROOT / "shared"):
         if (shared / "PROTOCOL.md").is_file():
             return shared / "PROTOCOL.md"
     return None
-
-
-PROTOCOL_MD = _find_protocol()
 
 
 class FieldRow(NamedTuple):
@@ -80,46 +82,6 @@ EMBEDDED_RPCS = (
     RpcRow("RollbackVariable", "RollbackVariableRequest", "RollbackVariableResponse", False),
 )
 
-# Fallback when PROTOCOL.md is not beside the checkout: the fields the server and workers lean on most.
-EMBEDDED_FIELDS = (
-    FieldRow("PingResponse", 2, "server_time", "google.protobuf.Timestamp"),
-    FieldRow("InitializeSessionRequest", 2, "metadata", "map<string, string>"),
-    FieldRow("InitializeSessionResponse", 4, "initial_variables", "map<string, Variable>"),
-    FieldRow("Variable", 1, "id", "string"),
-    FieldRow("Variable", 2, "name", "string"),
-    FieldRow("Variable", 3, "type", "string"),
-    FieldRow("Variable", 4, "value", "google.protobuf.Any"),
-    FieldRow("Variable", 5, "constraints_json", "string"),
-    FieldRow("Variable", 6, "metadata", "map<string, string>"),
-    FieldRow("Variable", 7, "source", "Source"),
-    FieldRow("Variable", 8, "last_updated_at", "google.protobuf.Timestamp"),
-    FieldRow("Variable", 9, "version", "int32"),
-    FieldRow("Variable", 12, "binary_value", "bytes"),
-    FieldRow("RegisterVariableRequest", 4, "initial_value", "google.protobuf.Any"),
-    FieldRow("SetVariableRequest", 5, "expected_version", "int32"),
-    FieldRow("SetVariableResponse", 3, "new_version", "int32"),
-    FieldRow("BatchGetVariablesRequest", 2, "variable_identifiers", "repeated string"),
-    FieldRow("BatchSetVariablesRequest", 2, "updates", "map<string, google.protobuf.Any>"),
-    FieldRow("BatchSetVariablesResponse", 3, "new_versions", "map<string, int32>"),
-    FieldRow("ListVariablesResponse", 1, "variables", "repeated Variable"),
-    FieldRow("ExecuteToolResponse", 5, "execution_time_ms", "int64"),
-    FieldRow("WatchVariablesRequest", 3, "include_initial_values", "bool"),
-    FieldRow("VariableUpdate", 2, "variable", "Variable"),
-    FieldRow("VariableUpdate", 6, "update_type", "string"),
-    FieldRow("GetVariableHistoryResponse", 1, "entries", "repeated VariableHistoryEntry"),
-    FieldRow("RollbackVariableRequest", 3, "target_version", "int32"),
-    FieldRow("GetSessionResponse", 3, "created_at", "google.protobuf.Timestamp"),
-)
-
-# Fields we add beyond the contract (allowed: new numbers only). Anything else in the .proto is a mistake.
-EXTENSION_FIELDS = (
-    FieldRow("Variable", 13, "description", "string"),
-    FieldRow("Variable", 14, "created_at", "google.protobuf.Timestamp"),
-    FieldRow("RegisterVariableRequest", 8, "description", "string"),
-    FieldRow("RegisterVariableRequest", 9, "initial_version", "int32"),
-    FieldRow("RegisterVariableRequest", 10, "created_at", "google.protobuf.Timestamp"),
-)
-
 _TABLE_ROW = re.compile(r"^\|(.+)\|\s*$")
 
 
@@ -135,10 +97,10 @@ def _table_rows(markdown: str, section: str) -> list[list[str]]:
     return [row for row in rows[1:] if not set("".join(row)) <= set("-: ")]
 
 
-def _contract_fields(markdown: str) -> tuple[list[FieldRow], dict[str, dict[str, int]]]:
+def _contract_fields(markdown: str, section: str = "Messages") -> tuple[list[FieldRow], dict[str, dict[str, int]]]:
     fields: list[FieldRow] = []
     enums: dict[str, dict[str, int]] = {}
-    for message, number, name, type_ in _table_rows(markdown, "Messages"):
+    for message, number, name, type_ in _table_rows(markdown, section):
         if name.startswith("enum "):
             values = dict(item.split("=") for item in type_.replace(" ", "").split(","))
             enums[f"{message}.{name.removeprefix('enum ')}"] = {key: int(value) for key, value in values.items()}
@@ -155,13 +117,11 @@ def _contract_rpcs(markdown: str) -> list[RpcRow]:
     return rpcs
 
 
-if PROTOCOL_MD is not None:
-    _MARKDOWN = PROTOCOL_MD.read_text(encoding="utf-8")
-    CONTRACT_FIELDS, CONTRACT_ENUMS = _contract_fields(_MARKDOWN)
-    CONTRACT_RPCS = _contract_rpcs(_MARKDOWN)
-else:
-    CONTRACT_FIELDS, CONTRACT_ENUMS = list(EMBEDDED_FIELDS), {"Variable.Source": {"ELIXIR": 0, "PYTHON": 1}}
-    CONTRACT_RPCS = list(EMBEDDED_RPCS)
+_MARKDOWN = PROTOCOL_MD.read_text(encoding="utf-8")
+CONTRACT_FIELDS, CONTRACT_ENUMS = _contract_fields(_MARKDOWN)
+CONTRACT_RPCS = _contract_rpcs(_MARKDOWN)
+# Fields we add beyond the contract (new numbers only), as documented in the vendored contract.
+EXTENSION_FIELDS, _ = _contract_fields(_MARKDOWN, EXTENSIONS_HEADING.removeprefix("## "))
 
 _SCALAR_NAMES = {
     FieldDescriptor.TYPE_DOUBLE: "double",
@@ -238,8 +198,9 @@ def test_package_and_service_names() -> None:
 def test_contract_tables_were_read() -> None:
     # Guards against a parser that silently finds nothing and lets every parametrized case vanish.
     assert len(CONTRACT_RPCS) == 23
-    assert len(CONTRACT_FIELDS) >= (150 if PROTOCOL_MD is not None else len(EMBEDDED_FIELDS))
+    assert len(CONTRACT_FIELDS) >= 150
     assert "Variable.Source" in CONTRACT_ENUMS
+    assert len(EXTENSION_FIELDS) >= 6
 
 
 def test_embedded_rpc_table_agrees_with_the_contract() -> None:
@@ -278,7 +239,6 @@ def test_enum_matches_the_contract(enum_name: str) -> None:
     assert {name: value.number for name, value in values.items()} == CONTRACT_ENUMS[enum_name]
 
 
-@pytest.mark.skipif(PROTOCOL_MD is None, reason="needs the full message table of PROTOCOL.md")
 def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
     allowed = {(row.message, row.number) for row in [*CONTRACT_FIELDS, *EXTENSION_FIELDS]}
     contract_messages = {row.message for row in CONTRACT_FIELDS}
@@ -288,4 +248,17 @@ def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
         for message in snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name.values()
         for field in message.fields
     }
-    assert actual - allowed == set(), "undocumented fields; add them to EXTENSION_FIELDS and bridge/README.md"
+    assert actual - allowed == set(), "undocumented fields; add them to 'Extension fields' in bridge/PROTOCOL.md"
+
+
+def test_extensions_use_new_numbers_only() -> None:
+    contract = {(row.message, row.number) for row in CONTRACT_FIELDS}
+    assert not contract & {(row.message, row.number) for row in EXTENSION_FIELDS}
+
+
+def test_the_vendored_contract_repeats_the_shared_one_verbatim() -> None:
+    shared = _find_shared_protocol()
+    if shared is None:
+        pytest.skip("no shared copy of the contract beside this checkout: the vendored copy is the contract")
+    contract_part = _MARKDOWN.split(f"\n{EXTENSIONS_HEADING}\n", 1)[0]
+    assert contract_part.rstrip("\n") == shared.read_text(encoding="utf-8").rstrip("\n")

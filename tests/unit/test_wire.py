@@ -1,4 +1,4 @@
-"""Wire conversions: values, variables, timestamps and the error <-> status-code mapping."""
+"""Wire conversions: values, variables and timestamps (errors: ``test_wire_errors.py``)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,20 @@ import math
 import time
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import any_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import (
-    BridgeUnavailableError,
-    DSPexError,
-    LimitExceededError,
-    SessionExistsError,
-    SessionNotFoundError,
     ValidationError,
-    VariableExistsError,
-    VariableNotFoundError,
-    VersionConflictError,
 )
 from dspex_dspy.store import VariableUpdate
 from dspex_dspy.types import TYPE_URL_PREFIX, Variable, compile_spec
 from dspex_dspy.wire import (
     any_to_value,
-    error_from_rpc,
     from_timestamp,
     proto_to_update,
     proto_to_variable,
-    status_for,
     timestamp,
     update_to_proto,
     value_to_any,
@@ -39,21 +28,6 @@ from dspex_dspy.wire import (
 )
 
 pytestmark = pytest.mark.unit
-
-
-class RpcFailure(grpc.RpcError):
-    """A failed call as a stub raises it: an ``RpcError`` with ``code()`` and ``details()``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 def same(a: Any, b: Any) -> bool:
@@ -270,76 +244,3 @@ def test_updates_round_trip_including_heartbeats() -> None:
     msg = update_to_proto(heartbeat)
     assert not msg.HasField("variable")
     assert proto_to_update(msg) == heartbeat
-
-
-ERRORS: list[tuple[DSPexError, grpc.StatusCode]] = [
-    (ValidationError("temperature", "max", 2.5, "2.5 is above the maximum 2.0"), grpc.StatusCode.INVALID_ARGUMENT),
-    (VariableNotFoundError("ghost", "s1"), grpc.StatusCode.NOT_FOUND),
-    (SessionNotFoundError("s1"), grpc.StatusCode.NOT_FOUND),
-    (VariableExistsError("temperature", "s1"), grpc.StatusCode.ALREADY_EXISTS),
-    (SessionExistsError("s1"), grpc.StatusCode.ALREADY_EXISTS),
-    (VersionConflictError("temperature", 3, 5), grpc.StatusCode.ABORTED),
-    (LimitExceededError("variables per session", 11, 10), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (BridgeUnavailableError("store closed"), grpc.StatusCode.UNAVAILABLE),
-]
-
-
-@pytest.mark.parametrize(("exc", "code"), ERRORS, ids=[type(e).__name__ for e, _ in ERRORS])
-def test_status_for_maps_each_error(exc: DSPexError, code: grpc.StatusCode) -> None:
-    assert status_for(exc) == code
-
-
-def test_status_for_anything_else_is_internal() -> None:
-    assert status_for(ZeroDivisionError()) == grpc.StatusCode.INTERNAL
-    assert status_for(DSPexError("odd")) == grpc.StatusCode.INTERNAL
-
-
-@pytest.mark.parametrize(("exc", "code"), ERRORS[:-1], ids=[type(e).__name__ for e, _ in ERRORS[:-1]])
-def test_error_from_rpc_rebuilds_the_servers_error(exc: DSPexError, code: grpc.StatusCode) -> None:
-    rebuilt = error_from_rpc(RpcFailure(code, str(exc)), identifier="temperature", session_id="s1")
-    assert type(rebuilt) is type(exc)
-    assert str(rebuilt) == str(exc)
-    fields = {"variable", "rule", "name", "expected", "actual", "session_id", "identifier", "limit", "value", "maximum"}
-    for attr in fields - {"value"}:
-        if hasattr(exc, attr):
-            assert getattr(rebuilt, attr) == getattr(exc, attr), attr
-    if isinstance(exc, LimitExceededError):
-        assert isinstance(rebuilt, LimitExceededError)
-        assert rebuilt.value == exc.value
-
-
-@pytest.mark.parametrize(
-    ("code", "details", "cls", "check"),
-    [
-        (grpc.StatusCode.NOT_FOUND, "variable x is missing", VariableNotFoundError, ("identifier", "temperature")),
-        (grpc.StatusCode.NOT_FOUND, "session not found", SessionNotFoundError, ("session_id", "s1")),
-        (grpc.StatusCode.INVALID_ARGUMENT, "value is bad", ValidationError, ("variable", "temperature")),
-        (grpc.StatusCode.ABORTED, "version mismatch", VersionConflictError, ("expected", -1)),
-        (grpc.StatusCode.ALREADY_EXISTS, "duplicate", VariableExistsError, ("name", "temperature")),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max", LimitExceededError, ("maximum", -1)),
-    ],
-)
-def test_error_from_rpc_keeps_foreign_messages(
-    code: grpc.StatusCode, details: str, cls: type[DSPexError], check: tuple[str, Any]
-) -> None:
-    rebuilt = error_from_rpc(RpcFailure(code, details), identifier="temperature", session_id="s1")
-    assert type(rebuilt) is cls
-    assert str(rebuilt) == details
-    assert rebuilt.args == (details,)
-    assert getattr(rebuilt, check[0]) == check[1]
-
-
-@pytest.mark.parametrize(
-    "code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED]
-)
-def test_error_from_rpc_connection_failures_are_bridge_unavailable(code: grpc.StatusCode) -> None:
-    rebuilt = error_from_rpc(RpcFailure(code, "failed to connect to all addresses"))
-    assert isinstance(rebuilt, BridgeUnavailableError)
-    assert isinstance(rebuilt, ConnectionError)
-    assert "failed to connect to all addresses" in str(rebuilt)
-
-
-def test_error_from_rpc_other_codes_are_plain_errors_with_the_code() -> None:
-    rebuilt = error_from_rpc(RpcFailure(grpc.StatusCode.UNIMPLEMENTED, "ExecuteTool is not implemented"))
-    assert type(rebuilt) is DSPexError
-    assert str(rebuilt) == "UNIMPLEMENTED: ExecuteTool is not implemented"

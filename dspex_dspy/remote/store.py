@@ -1,0 +1,433 @@
+"""RemoteStore: the SessionStore methods, spoken over gRPC to a running bridge server.
+
+An orchestrator whose context is bridged to a standalone server (``Context(bridge="host:port")``)
+reads and writes its session through a :class:`RemoteStore`. It has the signatures and raises the
+exceptions of :class:`~dspex_dspy.store.SessionStore`, so :class:`~dspex_dspy.state.BridgedState`
+behaves the same whether its store is in this process or behind a bridge. Every call carries a
+deadline; it is one of the :class:`~dspex_dspy.remote.calls.BridgeCall` descriptions, and a
+failed call raises the very exception the server raised (rebuilt from the rich error details by
+:func:`~dspex_dspy.wire_errors.error_from_rpc`).
+
+Who wrote: the server records RPC writers as ``"worker"`` unless the call's gRPC metadata (or the
+request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore write sends its
+``source`` argument (``"orchestrator"`` by default, as for a SessionStore) as gRPC metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Final, TypeVar
+
+import grpc
+
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    DSPexError,
+    SessionNotFoundError,
+    ValidationError,
+    VariableExistsError,
+)
+from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
+from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
+from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
+from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.types import Variable, compile_spec, normalize_metadata
+
+__all__ = ["IMPORT_WINDOW", "RemoteStore"]
+
+logger = logging.getLogger(__name__)
+
+IMPORT_WINDOW: Final = 256
+"""How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
+
+_T = TypeVar("_T")
+
+
+class RemoteStore:
+    """A :class:`~dspex_dspy.store.SessionStore` look-alike that talks to a bridge server over gRPC.
+
+    The methods have the SessionStore's signatures and raise its exceptions; an unreachable server
+    or a missed deadline raises :class:`~dspex_dspy.errors.BridgeUnavailableError`. Thread-safe.
+
+    Args:
+        stub: a blocking ``BridgeServiceStub``.
+        channel: the channel under the stub; closed by :meth:`close` when given.
+        address: ``"host:port"`` of the server, for messages and reconnecting.
+        call_timeout: the deadline of each unary call, in seconds.
+
+    Example:
+        >>> store = RemoteStore.connect("127.0.0.1:50051")  # doctest: +SKIP
+        >>> store.create_session("s1")  # doctest: +SKIP
+        >>> store.register_variable("s1", "temperature", "float", 0.7).version  # doctest: +SKIP
+        1
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.BridgeServiceStub,
+        *,
+        channel: grpc.Channel | None = None,
+        address: str | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> None:
+        if call_timeout <= 0:
+            raise ValueError(f"call_timeout must be positive, got {call_timeout}")
+        self.stub = stub
+        self.address = address
+        self.call_timeout = float(call_timeout)
+        self._channel = channel
+        self._closed = False
+        # What this client last learned about each variable (type, constraints, id, metadata): it
+        # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
+        self._known: dict[tuple[str, str], Variable] = {}
+        self._known_lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
+        """Open an insecure channel to ``address`` and wait until it is ready.
+
+        Args:
+            address: ``"host:port"`` of a bridge server.
+            timeout: seconds to wait for the connection.
+            call_timeout: the deadline of each later call.
+
+        Raises:
+            BridgeUnavailableError: no server answered within ``timeout``.
+        """
+        channel = open_channel(address, timeout=timeout)
+        return cls(pb_grpc.BridgeServiceStub(channel), channel=channel, address=address, call_timeout=call_timeout)
+
+    # ------------------------------------------------------------------ running calls
+
+    def call(self, bridge_call: BridgeCall[_T]) -> _T:
+        """Run one described call with this store's deadline; raise the server's error on failure."""
+        if self._closed:
+            raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+        method = getattr(self.stub, bridge_call.rpc)
+        try:
+            response = method(bridge_call.request, timeout=self.call_timeout, metadata=bridge_call.metadata)
+        except grpc.RpcError as err:
+            raise bridge_call.error(err) from err
+        except ValueError as err:  # grpc raises this for a call on a closed channel
+            raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
+        return bridge_call.parse(response)
+
+    def close(self) -> None:
+        """Close the channel (if this store opened it). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
+
+    def __enter__(self) -> RemoteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteStore(address={self.address!r}{', closed' if self._closed else ''})"
+
+    # ------------------------------------------------------------------ what this client knows
+
+    def _learn(self, session_id: str, variable: Variable) -> Variable:
+        with self._known_lock:
+            self._known[(session_id, variable.name)] = variable
+            self._known[(session_id, variable.id)] = variable
+        return variable
+
+    def _forget(self, session_id: str, identifier: str) -> None:
+        with self._known_lock:
+            known = self._known.pop((session_id, identifier), None)
+            if known is not None:
+                self._known.pop((session_id, known.name), None)
+                self._known.pop((session_id, known.id), None)
+
+    def _known_type(self, session_id: str, identifier: str) -> str | None:
+        known = self._known.get((session_id, identifier))
+        return known.type if known is not None else None
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(
+        self, session_id: str, metadata: Mapping[str, Any] | None = None, *, ttl: float | None = None
+    ) -> SessionInfo:
+        """Create a session. Raises :class:`SessionExistsError` if the id is taken.
+
+        ``ttl`` is accepted for the SessionStore signature and ignored: the wire contract has no
+        per-session TTL, so the server's default applies.
+        """
+        self.call(BridgeCalls.initialize_session(session_id, metadata))
+        return self.get_session(session_id)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        """Describe a session (and refresh its TTL); ``ttl`` and ``expires_in`` are NaN (not on the wire)."""
+        return self.call(BridgeCalls.get_session(session_id))
+
+    def has_session(self, session_id: str) -> bool:
+        """Whether the session exists (a ``GetSession`` that is not ``NOT_FOUND``)."""
+        try:
+            self.call(BridgeCalls.get_session(session_id))
+        except SessionNotFoundError:
+            return False
+        return True
+
+    def heartbeat(self, session_id: str) -> bool:
+        """Refresh a session's TTL; False if it does not exist (or expired)."""
+        return self.call(BridgeCalls.heartbeat(session_id))
+
+    def cleanup_session(self, session_id: str) -> int:
+        """Remove a session and return how many variables it held."""
+        cleaned = self.call(BridgeCalls.cleanup_session(session_id))
+        with self._known_lock:
+            for key in [k for k in self._known if k[0] == session_id]:
+                del self._known[key]
+        return cleaned
+
+    # ------------------------------------------------------------------ variables
+
+    def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        type_: str,
+        value: Any,
+        *,
+        constraints: Mapping[str, Any] | None = None,
+        description: str = "",
+        metadata: Mapping[str, Any] | None = None,
+        source: str = "orchestrator",
+    ) -> Variable:
+        """Define a variable. Raises :class:`VariableExistsError` for a duplicate name.
+
+        The record returned carries the server's id and version 1; its timestamps are this
+        machine's clock (the registration's answer has no timestamps, and reading them back would
+        cost a second round trip).
+        """
+        call = BridgeCalls.register_variable(
+            session_id,
+            name,
+            type_,
+            value,
+            constraints=constraints,
+            description=description,
+            metadata=metadata,
+            source=source,
+        )
+        var_id = self.call(call)
+        registered = registered_variable(var_id, name, type_, value, constraints, description, metadata, source)
+        return self._learn(session_id, registered)
+
+    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+        """Import whole variables (value, version, created_at, description, metadata), all or nothing.
+
+        Every variable is checked here first; then the ``RegisterVariable`` calls are pipelined,
+        :data:`IMPORT_WINDOW` in flight at a time. If any of them fails, the variables already made
+        are deleted again and the first failure (in input order) is raised.
+
+        The wire contract carries no ``updated_at`` for a registration, so an imported variable's
+        ``updated_at`` becomes the server's time of import.
+        """
+        calls: list[BridgeCall[str]] = []
+        seen: set[str] = set()
+        for var in variables:
+            if var.name in seen:
+                raise VariableExistsError(var.name, session_id)
+            seen.add(var.name)
+            if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
+                raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
+            calls.append(
+                BridgeCalls.register_variable(
+                    session_id,
+                    var.name,
+                    var.type,
+                    var.value,
+                    constraints=var.constraints,
+                    description=var.description,
+                    metadata=var.metadata,
+                    source=var.source,
+                    initial_version=var.version,
+                    created_at=var.created_at or time.time(),
+                )
+            )
+        if self._closed:
+            raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+        made: list[tuple[int, str]] = []
+        failure: tuple[int, DSPexError] | None = None
+        for start in range(0, len(calls), IMPORT_WINDOW):
+            window = list(enumerate(calls[start : start + IMPORT_WINDOW], start))
+            pending = [
+                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=self.call_timeout, metadata=c.metadata))
+                for i, c in window
+            ]
+            for i, c, future in pending:
+                try:
+                    made.append((i, c.parse(future.result())))
+                except grpc.RpcError as err:
+                    if failure is None or i < failure[0]:
+                        failure = (i, c.error(err))
+                except DSPexError as exc:
+                    if failure is None or i < failure[0]:
+                        failure = (i, exc)
+            if failure is not None:
+                break
+        if failure is not None:
+            self._undo_import(session_id, [var_id for _, var_id in made])
+            raise failure[1]
+        now = time.time()
+        out = []
+        for (_, var_id), var in zip(sorted(made), variables, strict=True):
+            spec = compile_spec(var.name, var.type, var.constraints)
+            imported = replace(
+                var,
+                id=var_id,
+                value=spec.validate(var.value),
+                constraints=dict(spec.constraints),
+                metadata=normalize_metadata(var.name, var.metadata),
+                created_at=var.created_at or now,
+                updated_at=now,
+            )
+            out.append(self._learn(session_id, imported))
+        return out
+
+    def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
+        """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
+        for start in range(0, len(variable_ids), IMPORT_WINDOW):
+            calls = [
+                BridgeCalls.delete_variable(session_id, var_id, source="orchestrator")
+                for var_id in variable_ids[start : start + IMPORT_WINDOW]
+            ]
+            futures = [
+                self.stub.DeleteVariable.future(c.request, timeout=self.call_timeout, metadata=c.metadata)
+                for c in calls
+            ]
+            for c, future in zip(calls, futures, strict=True):
+                try:
+                    future.result()
+                except grpc.RpcError as err:
+                    logger.warning("could not undo the import of %s: %s", c.identifier, c.error(err))
+
+    def get_variable(self, session_id: str, identifier: str) -> Variable:
+        """Return a variable by id or name."""
+        return self._learn(session_id, self.call(BridgeCalls.get_variable(session_id, identifier)))
+
+    def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]:
+        """Return ``(found keyed by identifier as given, missing identifiers)``."""
+        found, missing = self.call(BridgeCalls.get_variables(session_id, list(identifiers)))
+        for var in found.values():
+            self._learn(session_id, var)
+        return found, missing
+
+    def set_variable(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+        source: str = "orchestrator",
+        force: bool = False,
+    ) -> Variable:
+        """Write a variable; return it at its new version (``force``: through a lease).
+
+        The record returned is built from what this client knows of the variable plus the write
+        (value normalised by the variable's spec, the server's new version); ``updated_at`` is this
+        machine's clock. A variable this client has not seen yet is read back once.
+
+        Raises:
+            ValidationError: the value breaks the variable's type or constraints.
+            VersionConflictError: ``expected_version`` (non-zero) is not the current version.
+        """
+        known = self._known.get((session_id, identifier))
+        call = BridgeCalls.set_variable(
+            session_id,
+            identifier,
+            value,
+            type_hint=known.type if known is not None else None,
+            metadata=_forcing(metadata) if force else metadata,
+            expected_version=expected_version,
+            source=source,
+        )
+        version = self.call(call)
+        if known is not None:
+            try:
+                normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+            except ValidationError:
+                known = None  # what this client knew is stale: the variable was redefined
+        if known is None:
+            known = self.call(BridgeCalls.get_variable(session_id, identifier))
+            if known.version == version:
+                return self._learn(session_id, known)
+            normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+        written = replace(
+            known,
+            value=normalised,
+            version=version,
+            updated_at=time.time(),
+            source=source,
+            metadata={**known.metadata, **normalize_metadata(identifier, metadata)},
+        )
+        return self._learn(session_id, written)
+
+    def set_variables(
+        self,
+        session_id: str,
+        updates: Mapping[str, Any],
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        atomic: bool = True,
+        source: str = "orchestrator",
+        force: bool = False,
+    ) -> BatchResult:
+        """Write several variables. ``atomic``: validate all, then apply all or none."""
+        hints = {ident: t for ident in updates if (t := self._known_type(session_id, ident)) is not None}
+        meta = _forcing(metadata) if force else metadata
+        call = BridgeCalls.set_variables(
+            session_id, updates, type_hints=hints, metadata=meta, atomic=atomic, source=source
+        )
+        return self.call(call)
+
+    def start_optimization(
+        self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
+    ) -> OptimizationLease:
+        """Take (or renew) an optimizer's lease on some variables; see :mod:`dspex_dspy.leases`."""
+        return self.call(BridgeCalls.start_optimization(session_id, identifiers, optimizer_id, ttl=ttl))
+
+    def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
+        """End a lease by its id, or by force the lease holding a variable (an ended lease: no-op)."""
+        self.call(BridgeCalls.stop_optimization(session_id, identifier, force=force))
+
+    def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
+        """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
+        variables = self.call(BridgeCalls.list_variables(session_id, pattern))
+        for var in variables:
+            self._learn(session_id, var)
+        return variables
+
+    def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
+        """Delete a variable; watchers receive a ``deleted`` update."""
+        self.call(BridgeCalls.delete_variable(session_id, identifier, source=source))
+        self._forget(session_id, identifier)
+
+    def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
+        return self.call(BridgeCalls.get_history(session_id, identifier, limit))
+
+    def rollback_variable(
+        self, session_id: str, identifier: str, target_version: int, *, source: str = "orchestrator"
+    ) -> Variable:
+        """Write the value the variable had at ``target_version`` as a new version."""
+        call = BridgeCalls.rollback_variable(session_id, identifier, target_version, source=source)
+        return self._learn(session_id, self.call(call))
+
+
+def _forcing(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Write metadata that asks the server to write through a lease."""
+    return {**(metadata or {}), FORCE_METADATA_KEY: "true"}

@@ -1,0 +1,510 @@
+"""VariableTuner end to end: real DSPy programs on the offline LM, real leases, real worker processes.
+
+The task is deterministic: the offline LM states the settings it was called with, and
+:func:`~dspex_dspy.offline.settings_quality` scores them with a known optimum of 1.0
+(``offline/large``, temperature 0.35, 600 max tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dspy
+import optuna
+import pytest
+
+from dspex_dspy import Context, Variables
+from dspex_dspy.errors import VariableLockedError
+from dspex_dspy.offline import offline_lm
+from dspex_dspy.tune import VariableTuner
+
+sys.path.insert(0, str(Path(__file__).with_name("workers")))
+from tuning import MODELS, define_task, journal_storage, metric, program_for, trainset
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = Path(__file__).with_name("workers") / "tuning.py"
+DEADLINE_S = 120.0
+OPTIMUM = 1.0
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+class Proc:
+    """A subprocess of ``tuning.py`` whose stdout lines are collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.stderr = ""
+        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._drain_err, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _drain_err(self) -> None:
+        assert self.proc.stderr is not None
+        self.stderr = self.proc.stderr.read()
+
+    def line(self) -> str:
+        try:
+            line = self.lines.get(timeout=DEADLINE_S)
+        except queue.Empty:
+            raise AssertionError(f"process silent for {DEADLINE_S} s") from None
+        if line is None:
+            self.proc.wait(timeout=DEADLINE_S)
+            time.sleep(0.1)
+            raise AssertionError(f"process exited ({self.proc.returncode}) early:\n{self.stderr}")
+        self.seen.append(line)
+        return line
+
+    def wait_ready(self) -> None:
+        while self.line() != "ready":
+            pass
+
+    def finish(self) -> list[str]:
+        """Close stdin, collect the remaining lines and check the exit status."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        rest = []
+        while (line := self.lines.get(timeout=DEADLINE_S)) is not None:
+            rest.append(line)
+        assert self.proc.wait(timeout=DEADLINE_S) == 0, self.stderr
+        self.seen.extend(rest)
+        return rest
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=DEADLINE_S)
+
+    def close(self) -> None:
+        self.kill()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    pipe.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.close()
+
+
+@pytest.fixture
+def lm() -> Iterator[Any]:
+    with dspy.context(lm=offline_lm(MODELS[0])):
+        yield
+
+
+def _ctx() -> Context:
+    ctx = Context()
+    define_task(ctx)
+    return ctx
+
+
+def _versions(ctx: Context) -> dict[str, int]:
+    return {v.name: v.version for v in Variables.list(ctx)}
+
+
+@pytest.mark.usefixtures("lm")
+def test_the_tuner_finds_the_known_optimum_and_publishes_it() -> None:
+    ctx = _ctx()
+    tuner = VariableTuner(metric, num_trials=30, seed=0, num_threads=2, progress=False)
+    program = program_for(ctx)
+    assert tuner.compile(program, trainset=trainset()) is program
+    result = tuner.result
+    assert result is not None and program.tuning_result is result
+    assert set(result.searched) == {"temperature", "max_tokens", "model"}
+    assert result.searched["max_tokens"] == "int [16, 4096]"
+    assert len(result.trials) == 30
+    assert all(t.state == "COMPLETE" and t.duration is not None and t.duration > 0 for t in result.trials)
+    best = result.best
+    assert best is not None and best.score is not None
+    assert best.score >= 0.95 * OPTIMUM
+    assert best.score == max(t.score or 0.0 for t in result.trials)
+    # One atomic publication of the winner, carrying who, how good and which trial.
+    assert [p.trial for p in result.published] == [best.number]
+    assert result.published[0].versions == {"temperature": 2, "max_tokens": 2, "model": 2}
+    for name, value in best.values.items():
+        var = Variables.get_variable(ctx, name)
+        assert var.value == value
+        assert var.metadata["optimizer_id"] == tuner.optimizer_id
+        assert float(var.metadata["score"]) == pytest.approx(best.score)
+        assert var.metadata["trial"] == str(best.number)
+        assert var.optimization_status is None  # the lease is released
+    frame = result.trials_dataframe()
+    assert list(frame["number"]) == list(range(30))
+    assert {"score", "duration_s", "temperature", "max_tokens", "model"} <= set(frame.columns)
+    # Seeded: the same search again finds the same winner.
+    again = VariableTuner(metric, num_trials=30, seed=0, num_threads=2, progress=False)
+    again.compile(program_for(_ctx()), trainset=trainset())
+    assert again.result is not None and again.result.best is not None
+    assert again.result.best.values == best.values
+
+
+@pytest.mark.usefixtures("lm")
+def test_trials_apply_values_per_call_and_never_change_the_session() -> None:
+    ctx = _ctx()
+    seen: list[tuple[dict[str, int], Any, str | None]] = []
+    refused: list[VariableLockedError] = []
+
+    def watching_metric(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        status = Variables.get_variable(ctx, "temperature").optimization_status
+        seen.append((_versions(ctx), Variables.get(ctx, "model"), status.optimizer_id if status else None))
+        try:
+            Variables.set(ctx, "temperature", 0.5)
+        except VariableLockedError as exc:
+            refused.append(exc)
+        return metric(example, prediction, trace)
+
+    tuner = VariableTuner(watching_metric, num_trials=6, seed=3, optimizer_id="tuner-a", progress=False)
+    tuner.compile(program_for(ctx), trainset=trainset())
+    assert tuner.result is not None
+    assert len(seen) == 6 * len(trainset())
+    assert all(versions == {"temperature": 1, "max_tokens": 1, "model": 1} for versions, _, _ in seen)
+    assert all(model == "offline/small" and holder == "tuner-a" for _, model, holder in seen)
+    assert len(refused) == len(seen)
+    assert all(exc.optimizer_id == "tuner-a" and exc.name == "temperature" for exc in refused)
+    # The trials ran with their own values (the answers state them), not the session's.
+    models = {t.values["model"] for t in tuner.result.trials}
+    assert len(models) > 1
+    assert _versions(ctx) == {"temperature": 2, "max_tokens": 2, "model": 2}
+
+
+@pytest.mark.usefixtures("lm")
+def test_without_publishing_no_lease_is_taken_and_nothing_is_written() -> None:
+    ctx = _ctx()
+    holders: list[object] = []
+
+    def probe(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        holders.append(Variables.get_variable(ctx, "model").optimization_status)
+        return metric(example, prediction, trace)
+
+    tuner = VariableTuner(probe, num_trials=4, seed=0, publish=None, progress=False)
+    tuner.compile(program_for(ctx), trainset=trainset())
+    assert tuner.result is not None and tuner.result.published == []
+    assert set(holders) == {None}
+    assert _versions(ctx) == {"temperature": 1, "max_tokens": 1, "model": 1}
+
+
+@pytest.mark.usefixtures("lm")
+def test_improvements_publishes_each_new_best() -> None:
+    ctx = _ctx()
+    tuner = VariableTuner(metric, num_trials=12, seed=0, publish="improvements", progress=False)
+    tuner.compile(program_for(ctx), trainset=trainset())
+    result = tuner.result
+    assert result is not None and result.best is not None
+    published = result.published
+    assert len(published) >= 2
+    assert [p.score for p in published] == sorted({p.score for p in published})
+    assert [p.versions["model"] for p in published] == list(range(2, 2 + len(published)))
+    assert published[-1].trial == result.best.number
+    assert Variables.get_variable(ctx, "model").version == 1 + len(published)
+
+
+@pytest.mark.usefixtures("lm")
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_the_lease_is_released_on_every_exit_path(failure: type[BaseException]) -> None:
+    ctx = _ctx()
+    calls = 0
+
+    def failing(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        nonlocal calls
+        calls += 1
+        assert Variables.get_variable(ctx, "model").optimization_status is not None
+        if calls > len(trainset()):
+            raise failure("the metric broke")
+        return metric(example, prediction, trace)
+
+    tuner = VariableTuner(failing, num_trials=5, seed=0, num_threads=1, progress=False)
+    # With max_errors=1, dspy.Evaluate gives up on the first failing example and raises.
+    with dspy.context(max_errors=1), pytest.raises((failure, Exception)):
+        tuner.compile(program_for(ctx), trainset=trainset())
+    assert tuner.result is not None
+    assert [t.state for t in tuner.result.trials] == ["COMPLETE", "FAIL"]
+    assert _versions(ctx) == {"temperature": 1, "max_tokens": 1, "model": 1}
+    for var in Variables.list(ctx):
+        assert var.optimization_status is None
+    assert Variables.set(ctx, "model", "offline/medium") == 2  # free again
+
+
+@pytest.mark.usefixtures("lm")
+def test_a_second_tuner_on_an_overlapping_set_is_refused() -> None:
+    ctx = _ctx()
+    lease = Variables.start_optimization(ctx, ["model"], "tuner-first", ttl=60)
+    tuner = VariableTuner(metric, num_trials=3, seed=0, optimizer_id="tuner-second", progress=False)
+    with pytest.raises(VariableLockedError, match="held by optimizer tuner-first"):
+        tuner.compile(program_for(ctx), trainset=trainset())
+    assert tuner.result is not None and tuner.result.trials == []
+    assert Variables.get_variable(ctx, "temperature").optimization_status is None
+    assert _versions(ctx) == {"temperature": 1, "max_tokens": 1, "model": 1}
+    Variables.stop_optimization(ctx, lease)
+
+
+@pytest.mark.usefixtures("lm")
+def test_the_space_narrows_and_overrides_and_the_tuner_says_what_it_searched(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ctx = _ctx()
+    Variables.defvariable(ctx, "notes", "string", "free text")
+    program = program_for(ctx)
+    program.bind_to_variable("instructions", "notes")
+    tuner = VariableTuner(metric, num_trials=4, seed=0, publish=None, optimizer_id="tuner-s")
+    tuner.compile(program, trainset=trainset())
+    assert tuner.result is not None
+    assert tuner.result.skipped == {"notes": "a string needs an enum of candidates to be searched"}
+    said = capsys.readouterr().err
+    assert "tuner-s searches temperature (float [0.0, 1.5]), max_tokens (int [16, 4096]), model (one of" in said
+    assert "left alone: notes (a string needs an enum of candidates to be searched)" in said
+    assert "VariableTuner: 100%" in said  # the progress bar
+
+    sampler = optuna.samplers.RandomSampler(seed=1)
+    narrowed = VariableTuner(metric, num_trials=4, sampler=sampler, publish=None, progress=False)
+    narrowed.compile(program, trainset=trainset(), space={"model": ["offline/large"], "temperature": None})
+    assert narrowed.result is not None
+    assert narrowed.result.study.sampler is sampler
+    assert narrowed.result.searched == {"model": "one of ['offline/large']", "temperature": "float [0.0, 1.5]"}
+    assert {t.values["model"] for t in narrowed.result.trials} == {"offline/large"}
+    assert all(set(t.values) == {"model", "temperature"} for t in narrowed.result.trials)
+
+
+def test_a_live_fleet_serves_old_values_during_the_search_and_the_winner_right_after(procs: list[Proc]) -> None:
+    with Context() as ctx:
+        define_task(ctx)
+        ctx.ensure_bridged()
+        assert ctx.bridge_address is not None
+        for name in ("w1", "w2"):
+            procs.append(Proc("serve", "--address", ctx.bridge_address, "--session", ctx.id, "--name", name))
+        for proc in procs:
+            proc.wait_ready()
+
+        def paced(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+            time.sleep(0.01)  # a search long enough for the workers to serve many calls during it
+            return metric(example, prediction, trace)
+
+        tuner = VariableTuner(paced, num_trials=30, seed=0, num_threads=2, progress=False)
+        with dspy.context(lm=offline_lm(MODELS[0])):
+            started = time.time()
+            tuner.compile(program_for(ctx), trainset=trainset())
+        result = tuner.result
+        assert result is not None and result.best is not None and result.best.score is not None
+        assert result.best.score >= 0.95 * OPTIMUM
+        published_at = Variables.get_variable(ctx, "model").updated_at
+        winner = result.best.values
+
+        def switched(proc: Proc) -> bool:
+            while not proc.lines.empty():
+                line = proc.lines.get_nowait()
+                if line is None:
+                    raise AssertionError(proc.stderr)
+                proc.seen.append(line)
+            return any(json.loads(line)["seen"]["model"][1] == 2 for line in proc.seen if line.startswith("{"))
+
+        for proc in procs:
+            wait_for(lambda proc=proc: switched(proc), "the worker to use the published winner")
+        for proc in procs:
+            proc.finish()
+            calls = [json.loads(line) for line in proc.seen if line.startswith("{")]
+            during = [c for c in calls if started <= c["at"] < published_at]
+            assert during, "the worker served no call during the search"
+            for call in during:  # the search never showed through: old values, version 1
+                assert call["seen"] == {"temperature": [1.2, 1], "max_tokens": [64, 1], "model": ["offline/small", 1]}
+            first_new = next(c for c in calls if c["seen"]["model"][1] == 2)
+            assert first_new["at"] - published_at < 1.0
+            assert first_new["seen"] == {name: [winner[name], 2] for name in ("temperature", "max_tokens", "model")}
+            assert f"model={winner['model']}" in first_new["answer"]
+            after = [c for c in calls if c["at"] >= first_new["at"]]
+            assert all(c["seen"]["model"][1] == 2 for c in after)
+
+
+def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> None:
+    with Context() as ctx:
+        define_task(ctx)
+        ctx.ensure_bridged()
+        assert ctx.bridge_address is not None
+        tuner = Proc(
+            "tune", "--address", ctx.bridge_address, "--session", ctx.id, "--optimizer-id", "tuner-proc",
+            "--lease-ttl", "3.0", "--hang",
+        )  # fmt: skip
+        procs.append(tuner)
+        tuner.wait_ready()  # searching: the metric of the first trial is blocked
+        status = Variables.get_variable(ctx, "max_tokens").optimization_status
+        assert status is not None and status.optimizer_id == "tuner-proc"
+        # Longer than the ttl: the heartbeat keeps the lease alive while the tuner lives.
+        time.sleep(4.0)
+        with pytest.raises(VariableLockedError, match="held by optimizer tuner-proc"):
+            Variables.set(ctx, "max_tokens", 128)
+        rival = VariableTuner(metric, num_trials=2, seed=0, optimizer_id="tuner-rival", progress=False)
+        with dspy.context(lm=offline_lm(MODELS[0])), pytest.raises(VariableLockedError):
+            rival.compile(program_for(ctx), trainset=trainset())
+        assert Variables.set(ctx, "max_tokens", 128, force=True) == 2
+        forced = Variables.get_variable(ctx, "max_tokens")
+        assert forced.metadata["forced_over"] == "tuner-proc"
+        assert [e.metadata.get("forced_over") for e in ctx.provider.store.get_history(ctx.id, "max_tokens")][:1] == [
+            "tuner-proc"
+        ]
+        assert _versions(ctx) == {"temperature": 1, "max_tokens": 2, "model": 1}
+
+        tuner.kill()
+        wait_for(lambda: Variables.get_variable(ctx, "max_tokens").optimization_status is None, "the lease to expire")
+        assert Variables.set(ctx, "max_tokens", 256) == 3
+        Variables.start_optimization(ctx, ["max_tokens"], "tuner-next", ttl=60)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server on a free loopback port, for Optuna's Redis journal."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_for(answers, "redis-server to answer")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.kill()
+        server.wait(timeout=DEADLINE_S)
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_two_processes_run_trials_of_one_study_and_one_publishes(
+    procs: list[Proc], tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    journal = str(tmp_path / "study.log") if backend == "file" else request.getfixturevalue("redis_url")
+    helper = Proc(
+        "helper", "--journal", journal, "--study", "shared", "--trials", "16", "--optimizer-id", "tuner-helper",
+        "--delay", "0.05",
+    )  # fmt: skip
+    procs.append(helper)
+    helper.wait_ready()
+    storage = journal_storage(journal)
+
+    def helper_trials() -> int:
+        try:
+            study = optuna.load_study(study_name="shared", storage=storage)
+        except KeyError:
+            return 0
+        return len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
+
+    wait_for(lambda: helper_trials() >= 2, "the helper's first trials")
+    ctx = _ctx()
+
+    def slow(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        time.sleep(0.05)
+        return metric(example, prediction, trace)
+
+    tuner = VariableTuner(
+        slow, num_trials=16, seed=0, storage=storage, study_name="shared", optimizer_id="tuner-main", progress=False
+    )
+    with dspy.context(lm=offline_lm(MODELS[0])):
+        tuner.compile(program_for(ctx), trainset=trainset())
+    report = json.loads(helper.finish()[-1])
+    result = tuner.result
+    assert result is not None and result.best is not None
+    runners = {t.optimizer_id for t in result.trials}
+    assert runners == {"tuner-helper", "tuner-main"}
+    assert 16 <= len(result.trials) <= 17
+    assert set(report["trials"]) <= {t.number for t in result.trials if t.optimizer_id == "tuner-helper"}
+    # The publisher wrote the best over both processes' trials; the helper wrote nothing.
+    study_best = max((t for t in result.trials if t.score is not None), key=lambda t: t.score or 0.0)
+    assert result.best.score == study_best.score
+    assert [p.trial for p in result.published] == [result.best.number]
+    model = Variables.get_variable(ctx, "model")
+    assert model.version == 2 and model.metadata["optimizer_id"] == "tuner-main"
+
+
+def test_a_worker_process_tunes_the_session_and_publishes(procs: list[Proc]) -> None:
+    with Context() as ctx:
+        define_task(ctx)
+        ctx.ensure_bridged()
+        assert ctx.bridge_address is not None
+        tuner = Proc(
+            "tune", "--address", ctx.bridge_address, "--session", ctx.id, "--optimizer-id", "worker-tuner",
+        )  # fmt: skip
+        procs.append(tuner)
+        assert json.loads(tuner.line()) == {"done": True}
+        tuner.finish()
+        for var in Variables.list(ctx):
+            assert var.version == 2, var
+            assert var.source == "worker"
+            assert var.metadata["optimizer_id"] == "worker-tuner"
+            assert var.optimization_status is None
+
+
+@pytest.mark.usefixtures("lm")
+def test_trial_values_apply_per_call_in_threads_and_async_and_nowhere_else() -> None:
+    import asyncio
+
+    from dspex_dspy.modules import get_provenance, trial_values
+
+    ctx = _ctx()
+    program = program_for(ctx)
+    trial = {"temperature": 0.25, "model": "offline/large"}
+
+    def used(prediction: dspy.Prediction) -> dict[str, tuple[Any, int]]:
+        return {attr: (b.value, b.version) for attr, b in get_provenance(prediction).items()}
+
+    expected = {"temperature": (0.25, 0), "model": ("offline/large", 0), "max_tokens": (64, 1)}
+    outside: list[dict[str, tuple[Any, int]]] = []
+    with trial_values(trial):
+        assert used(program(question="q")) == expected
+        assert program.get_bound_value("temperature") == 0.25
+        parallel = dspy.Parallel(num_threads=3)([(program, {"question": f"q{i}"}) for i in range(6)])
+        assert all(used(p) == expected for p in parallel)
+        assert used(asyncio.run(program.acall(question="q"))) == expected
+
+        # Another thread that did not enter the block reads the session.
+        def elsewhere() -> None:
+            with dspy.context(lm=offline_lm(MODELS[0])):
+                outside.append(used(program(question="q")))
+
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join()
+    assert outside == [{"temperature": (1.2, 1), "model": ("offline/small", 1), "max_tokens": (64, 1)}]
+    assert used(program(question="q")) == outside[0]
+    assert _versions(ctx) == {"temperature": 1, "max_tokens": 1, "model": 1}
