@@ -68,17 +68,10 @@ def variable_record(var: Variable) -> dict[str, Any]:
 
 
 def _lease_of(var: Variable) -> dict[str, Any] | None:
-    status = getattr(var, "optimization_status", None)
+    status = var.optimization_status
     if status is None:
         return None
-    optimizer = getattr(status, "optimizer_id", "") or ""
-    if not optimizer:
-        return None
-    return {
-        "optimizer_id": optimizer,
-        "started_at": getattr(status, "started_at", None),
-        "expires_at": getattr(status, "expires_at", None),
-    }
+    return {"optimizer_id": status.optimizer_id, "started_at": status.started_at}
 
 
 def parse_value(name: str, type_: str, text: str) -> Any:

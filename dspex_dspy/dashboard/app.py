@@ -229,7 +229,7 @@ def create_app(
                 lease = variable_record(var)["lease"]
                 if lease is None:
                     return {"stopped": False, "variable": variable_record(var)}
-                store.stop_optimization(sid, [name], lease["optimizer_id"], force=True)
+                store.stop_optimization(sid, name, force=True)
                 return {"stopped": True, "variable": variable_record(store.get_variable(sid, name))}
 
             return await call(request, stop)

@@ -22,6 +22,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.dashboard import DashboardServer
+from dspex_dspy.errors import VariableLockedError
 from dspex_dspy.remote import RemoteStore
 
 
@@ -218,3 +219,19 @@ def test_the_page_is_usable_on_a_narrow_window_and_by_keyboard(
         page.screenshot(path=str(SHOTS / "narrow-dark.png"), full_page=True)
     finally:
         context.close()
+
+
+def test_an_optimization_lease_shows_and_can_be_force_stopped(
+    page: Page, dashboard: DashboardServer, bridge: Any, session: Context
+) -> None:
+    Variables.start_optimization(session, ["temperature"], "tuner-e2e", ttl=600)
+    with pytest.raises(VariableLockedError):
+        Variables.set(session, "temperature", 1.0)
+    _open_session(page, dashboard, session.id)
+    lease = _row(page, "temperature").locator("[data-role=lease]")
+    expect(lease).to_contain_text("held by tuner-e2e")
+    page.screenshot(path=str(SHOTS / "lease.png"), full_page=True)
+    lease.get_by_role("button", name="Stop lease").click()
+    expect(lease).to_have_text("—")
+    assert Variables.get_variable(session, "temperature").optimization_status is None
+    assert Variables.set(session, "temperature", 1.0) == 2
