@@ -152,9 +152,9 @@ def _ping_baseline(address: str) -> tuple[Any, Callable[[], Any]]:
     return channel, lambda: stub.Ping(request, timeout=10)
 
 
-def _start_remote_server() -> tuple[subprocess.Popen[str], str]:
+def _start_remote_server(*extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING", *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -386,6 +386,54 @@ def bench_modules(rows: list[Row], quick: bool) -> None:
     ctx.stop()
 
 
+def bench_security(rows: list[Row], quick: bool) -> None:
+    """An uncached get through TLS with a bearer token vs the same get in plaintext, both remote."""
+    import secrets
+    import tempfile
+
+    from dspex_dspy.remote import RemoteStore
+    from dspex_dspy.tokens import mint_token
+    from tests.support.tls_material import make_material
+
+    rounds, batch = (8, 200) if quick else (20, 500)
+    with tempfile.TemporaryDirectory() as tmp:
+        material = make_material(Path(tmp))
+        secret = Path(tmp) / "secret"
+        secret.write_text(secrets.token_hex(32))
+        plain_proc, plain_address = _start_remote_server()
+        tls_proc, tls_address = _start_remote_server(
+            "--tls-cert",
+            str(material.server.cert_path),
+            "--tls-key",
+            str(material.server.key_path),
+            "--auth-secret-file",
+            str(secret),
+        )
+        try:
+            token = mint_token(secret.read_text(), sub="bench", sessions=["bench"], perms="read,write", ttl=3600)
+            plain = RemoteStore.connect(plain_address)
+            secure = RemoteStore.connect(tls_address, root_certificates=material.ca.cert, token=token)
+            for store in (plain, secure):
+                store.create_session("bench")
+                store.register_variable("bench", "temperature", "float", 0.7)
+            compare(
+                rows,
+                "authenticated TLS get (remote, uncached)",
+                lambda: secure.get_variable("bench", "temperature"),
+                "plaintext get, no token",
+                lambda: plain.get_variable("bench", "temperature"),
+                target=1.15,
+                batch=batch,
+                rounds=rounds,
+            )
+            plain.close()
+            secure.close()
+        finally:
+            for proc in (plain_proc, tls_proc):
+                proc.terminate()
+                proc.wait(10)
+
+
 def bench_tuner(rows: list[Row], quick: bool) -> None:
     """VariableTuner per trial against ``dspy.Evaluate`` run directly on the same values.
 
@@ -458,6 +506,7 @@ SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "switch": bench_switch,
     "workers": bench_workers,
     "modules": bench_modules,
+    "security": bench_security,
     "tuner": bench_tuner,
 }
 

@@ -4,7 +4,10 @@
 :class:`~dspex_dspy.store.SessionStore` (swept periodically), prints exactly one line
 ``dspex-bridge listening on HOST:PORT`` once it accepts calls (with ``--port 0`` the port is the one
 the OS chose, so scripts and tests can read it), and stops gracefully on SIGTERM or SIGINT, exiting
-0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. Also runnable as
+0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. ``dspex-bridge token``
+prints a signed session token. ``serve`` takes TLS material (``--tls-cert``, ``--tls-key``,
+``--tls-client-ca``), a token secret (``--auth-secret-file``) and a rate limit, and refuses to bind a
+non-loopback address without both TLS and tokens unless ``--insecure`` is given. Also runnable as
 ``python -m dspex_dspy.cli``.
 """
 
@@ -22,9 +25,12 @@ import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.auth import RateLimiter
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, StoreLimits
+from dspex_dspy.tls import ServerTLS, resolve_security, secure_channel
+from dspex_dspy.tokens import PERMISSIONS, load_secret, mint_token
 from dspex_dspy.wire import error_from_rpc, from_timestamp
 
 __all__ = ["build_parser", "main"]
@@ -57,7 +63,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dspex-bridge`` argument parser (``serve`` and ``ping`` subcommands)."""
+    """The ``dspex-bridge`` argument parser (``serve``, ``ping`` and ``token`` subcommands)."""
     parser = argparse.ArgumentParser(
         prog="dspex-bridge", description="Serve or ping a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC)."
     )
@@ -88,6 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-watchers", type=_positive_int, default=_DEFAULT_SERVER.max_watchers, help="concurrent watch streams"
     )
     serve.add_argument(
+        "--max-watchers-per-session",
+        type=_positive_int,
+        default=None,
+        help="watch streams of one session (default: half of --max-watchers)",
+    )
+    serve.add_argument(
+        "--max-watchers-per-client",
+        type=_positive_int,
+        default=None,
+        help="watch streams of one client connection (default: a quarter of --max-watchers)",
+    )
+    serve.add_argument(
+        "--max-session-bytes",
+        type=_positive_int,
+        default=_DEFAULT_STORE.max_session_bytes,
+        help="bytes one session may hold: metadata, variables, history (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-history-bytes",
+        type=_positive_int,
+        default=_DEFAULT_STORE.max_history_bytes,
+        help="bytes of remembered writes per variable (default: %(default)s)",
+    )
+    serve.add_argument(
         "--heartbeat-interval",
         type=_positive_float,
         default=DEFAULT_HEARTBEAT_INTERVAL,
@@ -97,11 +127,42 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace", type=float, default=5.0, help="seconds calls in flight get to finish on stop (default: %(default)s)"
     )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve over TLS")
+    serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    serve.add_argument(
+        "--auth-secret-file", metavar="PATH", help="require tokens signed with the secret in PATH (>= 32 bytes)"
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=_positive_float,
+        metavar="PER_SECOND",
+        help="calls per second per principal (default: none)",
+    )
+    serve.add_argument("--rate-burst", type=_positive_int, metavar="N", help="burst size of --rate-limit")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without TLS and tokens (logs a warning at every start)",
+    )
 
     ping = commands.add_parser("ping", help="send a Ping to a bridge and print the reply")
     ping.add_argument("address", help="HOST:PORT of the bridge")
     ping.add_argument("--message", default="ping", help="text to send (default: %(default)s)")
     ping.add_argument("--timeout", type=_positive_float, default=5.0, help="seconds to wait (default: %(default)s)")
+    ping.add_argument("--ca", metavar="PEM", help="root certificates to trust: use TLS (default: $DSPEX_BRIDGE_CA)")
+    ping.add_argument("--cert", metavar="PEM", help="client certificate, for mutual TLS")
+    ping.add_argument("--key", metavar="PEM", help="private key of --cert")
+    ping.add_argument("--token", help="bearer token (default: $DSPEX_BRIDGE_TOKEN)")
+
+    token = commands.add_parser("token", help="print a signed session token")
+    token.add_argument("--secret-file", required=True, metavar="PATH", help="the fleet's token secret")
+    token.add_argument("--sub", required=True, help="who the token is for")
+    token.add_argument(
+        "--session", action="append", required=True, metavar="ID", help="a session it opens (repeatable; '*' = all)"
+    )
+    token.add_argument("--perms", required=True, help=f"comma-separated, from {','.join(PERMISSIONS)}")
+    token.add_argument("--ttl", type=_positive_float, default=3600.0, help="seconds of validity (default: %(default)s)")
     return parser
 
 
@@ -114,13 +175,27 @@ def _serve(args: argparse.Namespace) -> int:
             max_variables_per_session=args.max_variables,
             max_value_bytes=args.max_value_bytes,
             max_watchers=args.max_watchers,
+            max_session_bytes=args.max_session_bytes,
+            max_history_bytes=args.max_history_bytes,
         ),
     )
     limits = ServerLimits(
         max_value_bytes=args.max_value_bytes,
         max_watchers=args.max_watchers,
+        max_watchers_per_session=args.max_watchers_per_session,
+        max_watchers_per_principal=args.max_watchers_per_client,
         max_message_bytes=max(_DEFAULT_SERVER.max_message_bytes, 2 * args.max_value_bytes),
     )
+    try:
+        if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+            raise DSPexError("--tls-cert and --tls-key go together, and --tls-client-ca needs both")
+        tls = ServerTLS.load(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        secret = load_secret(args.auth_secret_file) if args.auth_secret_file else None
+    except DSPexError as exc:
+        print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+        store.close()
+        return 2
+    limiter = RateLimiter(args.rate_limit, args.rate_burst) if args.rate_limit else None
     stop_requested = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -131,7 +206,15 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         try:
             server, _ = create_server(
-                store, args.host, args.port, limits=limits, heartbeat_interval=args.heartbeat_interval
+                store,
+                args.host,
+                args.port,
+                limits=limits,
+                heartbeat_interval=args.heartbeat_interval,
+                tls=tls,
+                auth_secret=secret,
+                rate_limit=limiter,
+                insecure=args.insecure,
             )
         except DSPexError as exc:
             print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
@@ -153,7 +236,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ping(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.address) as channel:
+    try:
+        security = resolve_security(args.ca, args.token, certificate_chain=args.cert, private_key=args.key)
+        _, channel = secure_channel(args.address, security)
+    except DSPexError as exc:
+        print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+        return 2
+    with channel:
         stub = pb_grpc.BridgeServiceStub(channel)
         try:
             reply = stub.Ping(pb.PingRequest(message=args.message), timeout=args.timeout, wait_for_ready=True)
@@ -162,6 +251,17 @@ def _ping(args: argparse.Namespace) -> int:
             return 1
     server_time = from_timestamp(reply.server_time)
     print(f"{reply.message} (server_time {server_time:.6f})", flush=True)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    sessions = "*" if "*" in args.session else args.session
+    try:
+        secret = load_secret(args.secret_file)
+        print(mint_token(secret, sub=args.sub, sessions=sessions, perms=args.perms, ttl=args.ttl), flush=True)
+    except DSPexError as exc:
+        print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
@@ -176,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     return _ping(args)
 
 

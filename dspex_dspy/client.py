@@ -97,6 +97,7 @@ from dspex_dspy.remote import (
     registered_variable,
 )
 from dspex_dspy.store import BatchResult, UpdateType, VariableUpdate
+from dspex_dspy.tls import ChannelSecurity, Pem, resolve_security, secure_aio_channel
 from dspex_dspy.types import OptimizationStatus, Variable, VariableSpec, compile_spec, normalize_metadata
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
@@ -839,11 +840,16 @@ class _ClientCore:
         var = self._cache.lookup(name) if self._cache is not None else None
         return (_detached(var.value), var.version) if var is not None else None
 
+    # How the channel is secured (TLS, token); connect() and the asyncio client set it.
+    security: ChannelSecurity = ChannelSecurity()
+
     def _options(self) -> dict[str, Any]:
+        secured = {k: v for k, v in vars(self.security).items() if v is not None}
         return {
             "cache": self._cache is not None,
             "call_timeout": self.call_timeout,
             "reconnect_timeout": self.reconnect_timeout,
+            **secured,
         }
 
     def _pickle_address(self) -> str:
@@ -1058,6 +1064,10 @@ class SessionContext(_ClientCore):
         timeout: float = 5.0,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
     ) -> SessionContext:
         """Connect to the bridge at ``address`` and check that the session exists.
 
@@ -1068,6 +1078,10 @@ class SessionContext(_ClientCore):
             timeout: seconds to wait for the connection.
             call_timeout: the deadline of each later call.
             reconnect_timeout: see the class.
+            root_certificates: PEM roots to trust (default ``DSPEX_BRIDGE_CA``): the channel uses TLS.
+            token: a bearer token for every call (default ``DSPEX_BRIDGE_TOKEN``).
+            certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
+            private_key: the key of that client certificate.
 
         Raises:
             BridgeUnavailableError: no address, or nothing answered within ``timeout``.
@@ -1075,13 +1089,16 @@ class SessionContext(_ClientCore):
         """
         sid = _check_session_id(session_id)
         resolved = _resolve_address(address)
-        channel = open_channel(resolved, timeout=timeout)
+        security = resolve_security(
+            root_certificates, token, certificate_chain=certificate_chain, private_key=private_key
+        )
+        channel = open_channel(resolved, timeout=timeout, **vars(security))
         try:
             RemoteStore(pb_grpc.BridgeServiceStub(channel), call_timeout=call_timeout).get_session(sid)
         except BaseException:
             channel.close()
             raise
-        return cls(
+        ctx = cls(
             pb_grpc.BridgeServiceStub(channel),
             sid,
             cache=cache,
@@ -1090,6 +1107,8 @@ class SessionContext(_ClientCore):
             address=resolved,
             channel=channel,
         )
+        ctx.security = security
+        return ctx
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1548,9 +1567,17 @@ class AsyncSessionContext(_ClientCore):
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
         address: str | None = None,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
     ) -> None:
         if stub is None and address is None:
             raise BridgeUnavailableError("an AsyncSessionContext needs a grpc.aio stub or an address")
+        if stub is None:
+            self.security = resolve_security(
+                root_certificates, token, certificate_chain=certificate_chain, private_key=private_key
+            )
         super().__init__(
             _check_session_id(session_id),
             address=address,
@@ -1575,6 +1602,10 @@ class AsyncSessionContext(_ClientCore):
         timeout: float = 5.0,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
     ) -> AsyncSessionContext:
         """Connect (in the running loop) to the bridge at ``address`` and check that the session exists.
 
@@ -1585,6 +1616,10 @@ class AsyncSessionContext(_ClientCore):
             timeout: seconds to wait for the connection.
             call_timeout: the deadline of each later call.
             reconnect_timeout: see the class.
+            root_certificates: PEM roots to trust (default ``DSPEX_BRIDGE_CA``): the channel uses TLS.
+            token: a bearer token for every call (default ``DSPEX_BRIDGE_TOKEN``).
+            certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
+            private_key: the key of that client certificate.
 
         Raises:
             BridgeUnavailableError: no address, or nothing answered within ``timeout``.
@@ -1597,6 +1632,10 @@ class AsyncSessionContext(_ClientCore):
             call_timeout=call_timeout,
             reconnect_timeout=reconnect_timeout,
             address=_resolve_address(address),
+            root_certificates=root_certificates,
+            token=token,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
         )
         try:
             ctx._bind()
@@ -1633,7 +1672,7 @@ class AsyncSessionContext(_ClientCore):
             raise DSPexError("the grpc.aio stub of this AsyncSessionContext belongs to an event loop that has closed")
         if not self._given_stub:
             assert self.address is not None
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._channel = secure_aio_channel(self.address, self.security, CHANNEL_OPTIONS)
             self.stub = pb_grpc.BridgeServiceStub(self._channel)
         self._loop = loop
         self._changed = asyncio.Event()

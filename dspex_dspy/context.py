@@ -13,13 +13,18 @@ A context reads like a worker's ``SessionContext`` (``get_variable``, ``get_vers
 which is what variable-aware modules read through.
 
 The bridge is the embedded one by default (started lazily in this process on an ephemeral
-loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``.
+loopback port), or a running ``dspex-bridge serve`` named by ``bridge="host:port"``. A bridge that
+takes tokens is reached with ``token=`` (or ``DSPEX_BRIDGE_TOKEN``), or with the fleet's secret
+(``auth_secret=`` or the file named by ``DSPEX_BRIDGE_SECRET_FILE``), from which the context signs
+its own token and :meth:`Context.worker_token` signs narrower ones for its workers.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -28,18 +33,24 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, ValidationError
+from dspex_dspy.errors import BridgeUnavailableError, DSPexError, SessionNotFoundError, ValidationError
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
 from dspex_dspy.types import Variable
 
-__all__ = ["BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
+__all__ = ["SECRET_FILE_ENV", "BackendInfo", "Context", "SwitchEvent", "program_requires_python"]
 
 logger = logging.getLogger(__name__)
 
+SECRET_FILE_ENV = "DSPEX_BRIDGE_SECRET_FILE"
+"""Path of the fleet's token secret, read by a context that was given no ``auth_secret``."""
+_OWN_TOKEN_TTL = 24 * 3600.0
+_OWN_PERMS = ("read", "write", "watch", "optimize")
+_WORKER_PERMS = frozenset(_OWN_PERMS)
 #: Imports tried while writers keep going before the last try, which holds writers (never readers).
 _OPTIMISTIC_SWITCH_TRIES = 3
 
 _PYTHON_TYPES = frozenset({"dspy", "python"})
+_CLEANUP_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,12 @@ class Context:
             ``"ctx_" + hex`` id when omitted.
         backend: ``"local"`` (default) or ``"bridged"`` (bridge right away).
         bridge: None for the embedded bridge, or ``"host:port"`` of a running bridge server.
+        root_certificates: PEM roots (bytes, text or a path) that the remote bridge's certificate
+            chains to: the connection uses TLS (default: ``DSPEX_BRIDGE_CA``).
+        token: a bearer token for a remote bridge that takes tokens (default: ``DSPEX_BRIDGE_TOKEN``).
+        auth_secret: the fleet's token secret (default: the file named by ``DSPEX_BRIDGE_SECRET_FILE``).
+            Without ``token``, the context signs itself a token for its own session (sub
+            ``"orchestrator"``, valid 24 h); it also lets :meth:`worker_token` sign worker tokens.
 
     Example:
         >>> from dspex_dspy import Context, Variables
@@ -137,7 +154,21 @@ class Context:
         'local'
     """
 
-    def __init__(self, session_id: str | None = None, *, backend: str = "local", bridge: str | None = None) -> None:
+    #: Seconds a switch to a remote bridge may take in all (session, every import, and the
+    #: clean-up of a failed attempt get a few seconds more); past it the switch fails with
+    #: :class:`BridgeUnavailableError` and the context stays local.
+    switch_timeout: float = 15.0
+
+    def __init__(
+        self,
+        session_id: str | None = None,
+        *,
+        backend: str = "local",
+        bridge: str | None = None,
+        root_certificates: bytes | str | None = None,
+        token: str | None = None,
+        auth_secret: bytes | str | None = None,
+    ) -> None:
         if backend not in ("local", "bridged"):
             raise ValidationError("", "backend", backend, f"backend must be 'local' or 'bridged', got {backend!r}")
         if session_id is not None and (not isinstance(session_id, str) or not session_id):
@@ -146,12 +177,19 @@ class Context:
             raise ValidationError("", "bridge", bridge, f"bridge must be a 'host:port' address, got {bridge!r}")
         self.id: str = session_id or "ctx_" + secrets.token_hex(16)
         self._bridge = bridge
+        self._root_certificates = root_certificates
+        self._token = token
+        self._auth_secret = auth_secret
         self._provider: StateProvider = LocalState(self.id)
         self._switch_lock = threading.RLock()
         self._history: list[SwitchEvent] = []
         self._programs: dict[str, dict[str, Any]] = {}
         self._owns_session = False
         self._remote: Any = None
+        # Marks the variables this context imports, so a retry can remove what a failed switch left.
+        self._migration = secrets.token_hex(8)
+        # What a failed switch may have left on the bridge: (session made by us, variable names).
+        self._leftover: tuple[bool, frozenset[str]] | None = None
         if backend == "bridged":
             self._switch("requested at creation", count=False)
 
@@ -182,10 +220,25 @@ class Context:
     def ensure_bridged(self) -> None:
         """Move the context to a bridge session, keeping every variable. Idempotent.
 
+        On a context that is already bridged it checks that the bridge still has the session. A
+        remote bridge that lost it (restarted with memory storage, or the session expired) gets
+        it back: the session is re-created from the last value this context saw of each variable
+        (with its version), and the switch is recorded in :meth:`get_backend` history. Writes that
+        this context never saw (made by workers after its last read) cannot be recovered.
+
+        A switch that fails (the bridge stops answering midway) fails within
+        :attr:`switch_timeout` plus a few seconds of clean-up, and a retry works: what the failed
+        attempt left on the bridge is removed first.
+
         Raises:
             BridgeUnavailableError: the bridge or its store cannot be reached; the context is
-                still local with every value intact.
+                still local with every value intact (or, bridged, the embedded bridge lost the
+                session: stop this context and start a new one).
         """
+        provider = self._provider
+        if isinstance(provider, BridgedState):
+            self._recover(provider)
+            return
         self._switch("ensure_bridged")
 
     def register_program(self, program_id: str, spec: Mapping[str, Any]) -> None:
@@ -268,6 +321,23 @@ class Context:
             if self._remote is not None:
                 self._remote.close()
                 self._remote = None
+            if self._leftover is not None and self._bridge is not None:
+                self._clear_leftover_quietly()
+
+    def _clear_leftover_quietly(self) -> None:
+        """On stop, try once (briefly) to remove what a failed switch left on the bridge."""
+        try:
+            store, _ = self._open_bridge()
+        except Exception as exc:
+            logger.debug("could not reach the bridge to clean up after context %s: %s", self.id, exc)
+            return
+        try:
+            with self._deadline(store, _CLEANUP_TIMEOUT):
+                self._clear_leftover(store)
+        except Exception as exc:
+            logger.debug("could not clean up what a failed switch of context %s left: %s", self.id, exc)
+        finally:
+            store.close()
 
     def __enter__(self) -> Context:
         return self
@@ -290,8 +360,62 @@ class Context:
             return server.store, server.address
         from dspex_dspy.remote import RemoteStore
 
-        remote = RemoteStore.connect(self._bridge)
+        token = self._token
+        secret = self._secret(required=False)
+        if token is None and not os.environ.get("DSPEX_BRIDGE_TOKEN") and secret is not None:
+            from dspex_dspy.tokens import mint_token
+
+            token = mint_token(secret, sub="orchestrator", sessions=[self.id], perms=_OWN_PERMS, ttl=_OWN_TOKEN_TTL)
+        remote = RemoteStore.connect(self._bridge, root_certificates=self._root_certificates, token=token)
         return remote, self._bridge
+
+    def _secret(self, *, required: bool) -> bytes | None:
+        """The fleet's token secret: ``auth_secret``, else the file named by ``DSPEX_BRIDGE_SECRET_FILE``."""
+        from dspex_dspy.tokens import load_secret
+
+        if self._auth_secret is not None:
+            return self._auth_secret.encode() if isinstance(self._auth_secret, str) else self._auth_secret
+        path = os.environ.get(SECRET_FILE_ENV)
+        if path:
+            return load_secret(path)
+        if required:
+            raise DSPexError(f"context {self.id} cannot sign tokens: give it auth_secret= or set {SECRET_FILE_ENV}")
+        return None
+
+    def worker_token(
+        self, perms: tuple[str, ...] | list[str] = ("read", "watch"), ttl: float = 3600.0, *, sub: str = "worker"
+    ) -> str:
+        """Sign a token that lets a worker into this context's session with ``perms`` for ``ttl`` seconds.
+
+        Only a context that created its bridge session, and knows the fleet's secret, signs tokens;
+        they name that session alone and never carry ``admin``.
+
+        Args:
+            perms: a subset of ``read``, ``write``, ``watch``, ``optimize``.
+            ttl: seconds until the token expires.
+            sub: who the worker is; recorded as the writer of its writes.
+
+        Raises:
+            DSPexError: the context does not own a bridge session, or knows no secret.
+            ValidationError: an unknown permission, ``admin``, or a ttl that is not positive.
+
+        Example:
+            >>> token = ctx.worker_token(perms=("read", "watch"), ttl=600)  # doctest: +SKIP
+            >>> SessionContext.connect(ctx.bridge_address, ctx.id, token=token)  # doctest: +SKIP
+        """
+        from dspex_dspy.tokens import mint_token
+
+        if not (self.is_bridged and self._owns_session):
+            raise DSPexError(f"context {self.id} signs worker tokens only for a bridge session it created")
+        wanted = [perms] if isinstance(perms, str) else list(perms)
+        beyond = sorted(set(wanted) - _WORKER_PERMS)
+        if beyond:
+            raise ValidationError(
+                "", "perms", beyond, f"a worker token cannot carry {beyond}; allowed: {list(_OWN_PERMS)}"
+            )
+        secret = self._secret(required=True)
+        assert secret is not None
+        return mint_token(secret, sub=sub, sessions=[self.id], perms=wanted, ttl=ttl)
 
     def _switch(self, reason: str, *, count: bool = True) -> None:
         with self._switch_lock:
@@ -309,11 +433,16 @@ class Context:
                 raise BridgeUnavailableError(f"cannot reach the bridge for context {self.id}: {exc}") from exc
             created = False
             try:
-                if not store.has_session(self.id):
-                    store.create_session(self.id, {"context": self.id})
-                    created = True
-                bridged = BridgedState(store, self.id, address)
-                moved = self._migrate(local, bridged, store, created)
+                with self._deadline(store, self.switch_timeout):
+                    self._clear_leftover(store)
+                    if not store.has_session(self.id):
+                        # Marked first: a create whose answer is lost may still have made the session.
+                        self._leftover = (True, frozenset())
+                        store.create_session(self.id, {"context": self.id})
+                        created = True
+                    bridged = BridgedState(store, self.id, address)
+                    moved = self._migrate(local, bridged, store, created)
+                    self._leftover = None
             except BaseException as exc:
                 self._abandon(store, created)
                 if isinstance(exc, DSPexError) or not isinstance(exc, Exception):
@@ -328,6 +457,27 @@ class Context:
                 "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
             )
 
+    @staticmethod
+    def _deadline(store: Any, seconds: float) -> contextlib.AbstractContextManager[Any]:
+        """One deadline for every call to a remote store inside the block (none for an embedded one)."""
+        deadline = getattr(store, "deadline", None)
+        return deadline(seconds) if deadline is not None else contextlib.nullcontext()
+
+    def _clear_leftover(self, store: Any) -> None:
+        """Remove what an earlier failed switch of this context left on the bridge."""
+        if self._leftover is None:
+            return
+        made_session, names = self._leftover
+        if made_session:
+            with contextlib.suppress(SessionNotFoundError):
+                store.cleanup_session(self.id)
+        elif names and store.has_session(self.id):
+            found, _ = store.get_variables(self.id, sorted(names))
+            for name, var in found.items():
+                if var.metadata.get("migration") == self._migration:
+                    store.delete_variable(self.id, name)
+        self._leftover = None
+
     def _migrate(self, local: LocalState, bridged: BridgedState, store: Any, created: bool) -> list[Variable]:
         """Copy ``local`` into ``bridged`` and retire it; return what was moved.
 
@@ -338,6 +488,7 @@ class Context:
         for _ in range(_OPTIMISTIC_SWITCH_TRIES):
             exported, writes = local.export_versioned()
             moved = self._stamped(exported)
+            self._note_imports(moved, created)
             if moved:
                 bridged.import_state(moved)
             if local.retire_if_unchanged(bridged, writes):
@@ -348,6 +499,7 @@ class Context:
         with local.fenced():
             exported, writes = local.export_versioned()
             moved = self._stamped(exported)
+            self._note_imports(moved, created)
             if moved:
                 bridged.import_state(moved)
             if not local.retire_if_unchanged(bridged, writes):  # pragma: no cover - writers are fenced
@@ -355,10 +507,15 @@ class Context:
             self._provider = bridged
             return moved
 
-    @staticmethod
-    def _stamped(exported: Sequence[Variable]) -> list[Variable]:
+    def _stamped(self, exported: Sequence[Variable]) -> list[Variable]:
         stamp = datetime.now(timezone.utc).isoformat()
-        return [replace(v, metadata={**v.metadata, "migrated_from": "local", "migrated_at": stamp}) for v in exported]
+        marks = {"migrated_from": "local", "migrated_at": stamp, "migration": self._migration}
+        return [replace(v, metadata={**v.metadata, **marks}) for v in exported]
+
+    def _note_imports(self, moved: Sequence[Variable], created: bool) -> None:
+        """Remember what an import into a session this switch did not create may leave behind."""
+        if not created:
+            self._leftover = (False, frozenset(v.name for v in moved))
 
     def _undo_import(self, store: Any, moved: Sequence[Variable], created: bool) -> None:
         """Remove a stale import from the session, leaving it as it was before."""
@@ -372,8 +529,40 @@ class Context:
     def _abandon(self, store: Any, created: bool) -> None:
         if created:
             try:
-                store.cleanup_session(self.id)
+                with self._deadline(store, _CLEANUP_TIMEOUT):
+                    store.cleanup_session(self.id)
+                self._leftover = None
             except Exception as exc:
                 logger.debug("could not remove half-made session %s: %s", self.id, exc)
         if self._bridge is not None:
             store.close()
+
+    def _recover(self, provider: BridgedState) -> None:
+        """Re-create the session a remote bridge lost, from the last values this context saw."""
+        with self._switch_lock:
+            store: Any = provider.store
+            if store.has_session(self.id):
+                return
+            known = getattr(store, "known_variables", None)
+            if known is None:
+                raise BridgeUnavailableError(
+                    f"the bridge lost session {self.id} and this context keeps no copy of its values; "
+                    "stop this context and start a new one"
+                )
+            started = time.perf_counter()
+            stamp = datetime.now(timezone.utc).isoformat()
+            values = [replace(v, metadata={**v.metadata, "restored_at": stamp}) for v in known(self.id)]
+            with self._deadline(store, self.switch_timeout):
+                store.create_session(self.id, {"context": self.id})
+                try:
+                    if values:
+                        store.import_variables(self.id, values)
+                except BaseException:
+                    with contextlib.suppress(Exception), self._deadline(store, _CLEANUP_TIMEOUT):
+                        store.cleanup_session(self.id)
+                    raise
+            self._owns_session = True
+            duration = time.perf_counter() - started
+            reason = "the bridge lost the session; re-created from the last known values"
+            self._history.append(SwitchEvent("bridged", "bridged", time.time(), len(values), duration, reason))
+            logger.warning("context %s: %s (%d variables)", self.id, reason, len(values))

@@ -12,7 +12,10 @@ would reach for first, so ``except KeyError`` and ``except DSPexError`` both wor
     ├── SessionNotFoundError     (KeyError)         the session does not exist (or expired)
     ├── SessionExistsError       (ValueError)       a session with that id already exists
     ├── LimitExceededError       (RuntimeError)     a configured limit (size, count, watchers) was hit
+    │   └── RateLimitError                          too many calls from one principal: retry later
     ├── VariableLockedError      (RuntimeError)     an optimizer's lease holds the variable
+    ├── AuthenticationError      (PermissionError)  no token, or a malformed, badly signed or expired one
+    ├── PermissionDeniedError    (PermissionError)  a valid token that does not allow this session or operation
     ├── BridgeUnavailableError   (ConnectionError)  the bridge server or store cannot be reached
     └── BridgeError              (RuntimeError)     the bridge reported a failure no class above
                                                     describes (unimplemented, internal, untyped)
@@ -28,11 +31,14 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AuthenticationError",
     "BatchUpdateError",
     "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "SessionExistsError",
     "SessionNotFoundError",
     "ValidationError",
@@ -172,6 +178,31 @@ class VariableLockedError(DSPexError, RuntimeError):
 
 class BridgeUnavailableError(DSPexError, ConnectionError):
     """The bridge server or its session store cannot be reached."""
+
+
+class RateLimitError(LimitExceededError):
+    """A principal made more calls than its rate limit allows; nothing was done.
+
+    Attributes:
+        principal: who was limited (a token's ``sub``, or the peer address without tokens).
+        retry_after: seconds after which a call will be accepted again.
+    """
+
+    def __init__(self, principal: str, retry_after: float) -> None:
+        DSPexError.__init__(self, f"rate limit exceeded for {principal}: retry after {retry_after:.3f} s")
+        self.limit = "rate"
+        self.value = -1
+        self.maximum = -1
+        self.principal = principal
+        self.retry_after = retry_after
+
+
+class AuthenticationError(DSPexError, PermissionError):
+    """The bridge requires a token and none was sent, or it is malformed, badly signed or expired."""
+
+
+class PermissionDeniedError(DSPexError, PermissionError):
+    """A valid token was used on a session it does not name, or for an operation outside its perms."""
 
 
 class BridgeError(DSPexError, RuntimeError):

@@ -21,12 +21,26 @@ __all__ = ["Limits", "StoreLimits", "check_count", "check_value_size", "value_si
 class Limits:
     """Limits a backend enforces; a breach raises :class:`LimitExceededError` and changes nothing.
 
+    A store counts every byte it keeps against one of these (see ``docs/reliability.md``). Sizes
+    are UTF-8 bytes of strings (names, ids, descriptions, metadata keys and values, the
+    constraints as JSON) and the approximate encoded size of values (:func:`value_size`).
+
     Attributes:
         max_sessions: sessions alive at once (a store's limit; a local context is one session).
         max_variables_per_session: variables in one session or local context.
         max_value_bytes: approximate encoded size of one value (see :func:`value_size`).
         max_watchers: watchers registered at once, over all sessions.
         history_limit: writes remembered per variable (older ones are dropped).
+        max_history_bytes: bytes of remembered writes per variable (values and their metadata);
+            older writes are dropped past it (the latest is always kept). A store's limit.
+        max_session_metadata_bytes: a session's metadata. A store's limit.
+        max_variable_metadata_bytes: a variable's metadata (after a write merges into it). A
+            store's limit.
+        max_description_bytes: a variable's description. A store's limit.
+        max_constraints_bytes: a variable's constraints, as JSON. A store's limit.
+        max_session_bytes: everything one session holds: its metadata and, per variable, the
+            name, id, description, constraints, metadata and remembered writes. A store's limit.
+        max_total_bytes: everything a store holds, over all sessions.
     """
 
     max_sessions: int = 10_000
@@ -34,6 +48,13 @@ class Limits:
     max_value_bytes: int = 1 << 20
     max_watchers: int = 256
     history_limit: int = 100
+    max_history_bytes: int = 4 << 20
+    max_session_metadata_bytes: int = 64 << 10
+    max_variable_metadata_bytes: int = 64 << 10
+    max_description_bytes: int = 16 << 10
+    max_constraints_bytes: int = 256 << 10
+    max_session_bytes: int = 256 << 20
+    max_total_bytes: int = 2 << 30
 
 
 #: The name the store has always used for :class:`Limits`.

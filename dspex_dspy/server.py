@@ -9,9 +9,10 @@ thread pool sized so that long-lived ``WatchVariables`` streams cannot starve un
 :class:`EmbeddedBridge` is the process-wide server an orchestrator starts lazily on loopback, whose
 store it also reads in process.
 
-Who wrote a value: the server cannot know its peer, so every write through it is recorded as
-``"worker"`` unless the request's ``metadata`` map or the call's gRPC metadata has ``source`` set to
-``"orchestrator"`` or ``"elixir"``.
+Who wrote a value: with tokens (:mod:`dspex_dspy.auth`) it is the token's ``sub``. Without them the
+server cannot know its peer, so every write through it is recorded as ``"worker"`` unless the
+request's ``metadata`` map or the call's gRPC metadata has ``source`` set to ``"orchestrator"`` or
+``"elixir"``. TLS, tokens, the rate limit and the audit trail are set up by :func:`create_server`.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.auth import BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
+    AuthenticationError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
     SessionNotFoundError,
     ValidationError,
 )
+from dspex_dspy.guard import WatchSlots, clip, clipped, guarded_handler, peer_principal
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
+from dspex_dspy.tls import ServerTLS
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
     any_to_value,
@@ -72,6 +76,11 @@ class ServerLimits:
         max_value_bytes: largest encoded value (``Any.value`` plus any binary part) accepted in a
             write; a larger one is ``RESOURCE_EXHAUSTED``.
         max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``.
+        max_watchers_per_session: concurrent streams on one session (None = half of
+            ``max_watchers``, at least 1).
+        max_watchers_per_principal: concurrent streams of one client, a peer address (None = a
+            quarter of ``max_watchers``, at least 1). With these shares no single client or session
+            can take every stream.
         max_workers: threads serving RPCs (None = ``max_watchers + 32``). Each open watch stream
             holds a thread, so this must exceed ``max_watchers`` or watches could starve unary calls.
     """
@@ -80,16 +89,35 @@ class ServerLimits:
     max_value_bytes: int = 8 * 1024 * 1024
     max_watchers: int = 64
     max_workers: int | None = None
+    max_watchers_per_session: int | None = None
+    max_watchers_per_principal: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_message_bytes", "max_value_bytes", "max_watchers"):
             if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_watchers_per_session", "max_watchers_per_principal"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_workers is not None and self.max_workers <= self.max_watchers:
             raise ValueError(
                 f"max_workers ({self.max_workers}) must exceed max_watchers ({self.max_watchers}), "
                 "or open watch streams could leave no thread for unary calls"
             )
+
+    @property
+    def watchers_per_session(self) -> int:
+        """The per-session share of watch streams actually used."""
+        if self.max_watchers_per_session is not None:
+            return self.max_watchers_per_session
+        return max(1, self.max_watchers // 2)
+
+    @property
+    def watchers_per_principal(self) -> int:
+        """The per-client share of watch streams actually used."""
+        if self.max_watchers_per_principal is not None:
+            return self.max_watchers_per_principal
+        return max(1, self.max_watchers // 4)
 
     @property
     def workers(self) -> int:
@@ -113,17 +141,17 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """End the call with the status that reports ``exc``, its fields in the rich error details."""
     if isinstance(exc, _Abort):
-        context.abort_with_status(rpc_status_for(code=exc.code, message=exc.message))
+        context.abort_with_status(rpc_status_for(code=exc.code, message=clip(exc.message)))
     if isinstance(exc, RecursionError):
         # A value nested thousands of levels deep is bad input, not a bug.
         exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
     if isinstance(exc, DSPexError):
-        context.abort_with_status(rpc_status_for(exc))
+        context.abort_with_status(rpc_status_for(clipped(exc)))
     logger.exception("%s failed unexpectedly", rpc)
     context.abort_with_status(
         rpc_status_for(
             code=grpc.StatusCode.INTERNAL,
-            message=f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}",
+            message=clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}"),
         )
     )
 
@@ -206,6 +234,11 @@ class BridgeServicer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
+        self._slots = WatchSlots(
+            self.limits.max_watchers, self.limits.watchers_per_session, self.limits.watchers_per_principal
+        )
+        #: Names the caller of a watch for its fair share (the peer address by default).
+        self.principal_of: Callable[[grpc.ServicerContext], str] = peer_principal
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,7 +264,10 @@ class BridgeServicer:
     # ------------------------------------------------------------------ helpers
 
     def _writer(self, metadata: Mapping[str, str], context: grpc.ServicerContext) -> str:
-        """Who a write comes from: ``"orchestrator"`` only when it says so, else ``"worker"``."""
+        """Who a write comes from: the token's ``sub``; without tokens ``"orchestrator"`` only when it says so, else ``"worker"``."""
+        principal = current_principal()
+        if principal is not None:
+            return principal.sub
         claimed = metadata.get("source", "")
         if not claimed:
             for key, value in context.invocation_metadata() or ():
@@ -250,18 +286,26 @@ class BridgeServicer:
         return any_to_value(any_msg, name=name, binary=binary)
 
     @contextmanager
-    def _watch_slot(self, watch_factory: Callable[[], Watch]) -> Iterator[Watch]:
-        """Open a watch within ``max_watchers``; close and forget it on the way out."""
+    def _watch_slot(
+        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
+    ) -> Iterator[Watch]:
+        """Open a watch within ``max_watchers`` and the fair shares; close and forget it on the way out."""
         with self._lock:
             if len(self._watches) >= self.limits.max_watchers:
                 raise LimitExceededError("watch streams", len(self._watches) + 1, self.limits.max_watchers)
-            watch = watch_factory()
+            self._slots.acquire(session_id, principal)
+            try:
+                watch = watch_factory()
+            except BaseException:
+                self._slots.release(session_id, principal)
+                raise
             self._watches.add(watch)
         try:
             yield watch
         finally:
             with self._lock:
                 self._watches.discard(watch)
+                self._slots.release(session_id, principal)
             self.store.unwatch(watch)
 
     # ------------------------------------------------------------------ sessions
@@ -477,13 +521,19 @@ class BridgeServicer:
         def open_watch() -> Watch:
             return self.store.watch(session_id, identifiers, include_initial=request.include_initial_values)
 
-        with self._watch_slot(open_watch) as watch:
+        with self._watch_slot(open_watch, session_id, self.principal_of(context)) as watch:
             # Wakes the loop at once when the client goes away.
             context.add_callback(watch.close)
             interval = self.heartbeat_interval
             last_sent = time.monotonic()
             while context.is_active() and not self._stopping.is_set():
-                update = watch.next_update(timeout=max(0.0, last_sent + interval - time.monotonic()))
+                wait = last_sent + interval - time.monotonic()
+                left = seconds_left()
+                if left is not None:
+                    if left <= 0:
+                        raise AuthenticationError("WatchVariables: the token of this watch has expired")
+                    wait = min(wait, left)
+                update = watch.next_update(timeout=max(0.0, wait))
                 if update is not None:
                     yield update_to_proto(update)
                     last_sent = time.monotonic()
@@ -677,6 +727,12 @@ class BridgeServer:
         return f"BridgeServer(address={self.address!r}, {state})"
 
 
+def _token_or_peer(context: grpc.ServicerContext) -> str:
+    """Who is calling, for fair shares of watch streams: the token's ``sub``, else the peer address."""
+    claims = current_principal()
+    return claims.sub if claims is not None else peer_principal(context)
+
+
 def create_server(
     store: SessionStore | None = None,
     host: str = "127.0.0.1",
@@ -684,6 +740,10 @@ def create_server(
     *,
     limits: ServerLimits | None = None,
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+    tls: ServerTLS | None = None,
+    auth_secret: bytes | None = None,
+    rate_limit: RateLimiter | None = None,
+    insecure: bool = False,
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -694,12 +754,18 @@ def create_server(
         port: port to bind; 0 picks a free one.
         limits: server-side limits.
         heartbeat_interval: seconds of silence after which a watch stream sends a heartbeat.
+        tls: serve over TLS with this material (mutual TLS when it has a client CA).
+        auth_secret: require on every call (health aside) a token signed with this secret.
+        rate_limit: a per-principal rate limit.
+        insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
 
     Returns:
         ``(server, port)`` with the real bound port.
 
     Raises:
         BridgeUnavailableError: the address cannot be bound.
+        PermissionDeniedError: ``host`` is not loopback, TLS or tokens are missing, and
+            ``insecure`` is false.
 
     Example:
         >>> server, port = create_server()
@@ -707,10 +773,12 @@ def create_server(
         ...     print(server.address)  # doctest: +SKIP
         127.0.0.1:50123
     """
+    check_exposure(host, tls=tls is not None, auth=auth_secret is not None, insecure=insecure)
     limits = limits or ServerLimits()
     owns_store = store is None
     served = store if store is not None else SessionStore()
     servicer = BridgeServicer(served, limits=limits, heartbeat_interval=heartbeat_interval)
+    servicer.principal_of = _token_or_peer
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
@@ -719,15 +787,18 @@ def create_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
         options=options,
+        interceptors=[BridgeGuard(auth_secret, rate_limit)],
     )
-    pb_grpc.add_BridgeServiceServicer_to_server(servicer, server)
+    # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
+    # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
+    server.add_generic_rpc_handlers((guarded_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     target = _format_address(host, port)
     try:
-        bound = server.add_insecure_port(target)
+        bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
     except RuntimeError as exc:
         raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
     if not bound:

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Final, Literal, cast
 
 from pydantic import ConfigDict, Field, TypeAdapter
@@ -48,6 +48,7 @@ __all__ = [
     "decode_value",
     "encode_constraints",
     "encode_value",
+    "is_secret",
     "normalize_metadata",
     "type_from_url",
     "unwrap_scalar",
@@ -133,6 +134,25 @@ class Variable:
         if self.description:
             schema["description"] = self.description
         return schema
+
+    def __repr__(self) -> str:
+        value = "<secret>" if is_secret(self.metadata) else repr(self.value)
+        return (
+            f"Variable(id={self.id!r}, name={self.name!r}, type={self.type!r}, value={value}, "
+            f"constraints={dict(self.constraints)!r}, description={self.description!r}, "
+            f"metadata={dict(self.metadata)!r}, version={self.version!r}, created_at={self.created_at!r}, "
+            f"updated_at={self.updated_at!r}, source={self.source!r})"
+        )
+
+
+def is_secret(metadata: Mapping[str, Any] | None) -> bool:
+    """Whether metadata marks a variable secret (``{"secret": "true"}``): its value is never shown.
+
+    Example:
+        >>> is_secret({"secret": "true"}), is_secret({"secret": "no"}), is_secret(None)
+        (True, False, False)
+    """
+    return bool(metadata) and str(metadata.get("secret", "")).strip().lower() == "true"  # type: ignore[union-attr]
 
 
 def validate_name(name: object) -> str:
@@ -457,6 +477,7 @@ class VariableSpec:
         type: one of :data:`VARIABLE_TYPES`.
         constraints: the normalised constraints (JSON-friendly, as given after checking).
         checks: the compiled constraints, as pydantic ``Field`` metadata and Python checks.
+        secret: the variable is secret: a rejected value is not shown in the error.
     """
 
     name: str
@@ -465,6 +486,7 @@ class VariableSpec:
     checks: tuple[Any, ...] = field(repr=False)
     compiled: _Compiled = field(repr=False, compare=False)
     post_checks: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    secret: bool = False
 
     def validate(self, value: Any) -> Any:
         """Return the normalised value, or raise :class:`ValidationError` naming variable, rule and value.
@@ -473,6 +495,8 @@ class VariableSpec:
             >>> compile_spec("temperature", "float", {"min": 0.0, "max": 2.0}).validate(1)
             1.0
         """
+        if self.secret:
+            return self._validate_secret(value)
         if type(value) not in _PLAIN_TYPES:
             value = unwrap_scalar(value)
         normalised = _NORMALISERS[self.type](self.name, value)
@@ -486,6 +510,14 @@ class VariableSpec:
         for post in self.post_checks:
             post(self.name, normalised)
         return normalised
+
+    def _validate_secret(self, value: Any) -> Any:
+        try:
+            return replace(self, secret=False).validate(value)
+        except ValidationError as exc:
+            raise ValidationError(
+                self.name, exc.rule, None, f"the value was rejected (not shown: {self.name} is secret)"
+            ) from None
 
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema of this spec's values (from the pydantic adapters)."""
@@ -566,8 +598,12 @@ def _string_list(name: str, key: str, raw: Any) -> list[str]:
     return items
 
 
-def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = None) -> VariableSpec:
+def compile_spec(
+    name: str, type_: str, constraints: Mapping[str, Any] | None = None, *, secret: bool = False
+) -> VariableSpec:
     """Check ``type_`` and ``constraints`` and compile them for fast validation.
+
+    ``secret`` compiles the spec of a secret variable, whose rejected values are never shown.
 
     Raises:
         ValidationError: unknown type, unknown constraint key, ``min > max``, a pattern that does not
@@ -659,6 +695,7 @@ def compile_spec(name: str, type_: str, constraints: Mapping[str, Any] | None = 
         checks=compiled.metadata + tuple(post_checks),
         compiled=compiled,
         post_checks=tuple(post_checks),
+        secret=secret,
     )
 
 

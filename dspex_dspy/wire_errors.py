@@ -15,6 +15,7 @@ call itself knows. Both the server and every client use this module; it opens no
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
@@ -25,10 +26,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from dspex_dspy.errors import (
+    AuthenticationError,
     BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
+    PermissionDeniedError,
+    RateLimitError,
     SessionExistsError,
     SessionNotFoundError,
     ValidationError,
@@ -74,7 +78,7 @@ still does not fit (an identifier of thousands of characters), without details a
 client then reads the code and message, as from a peer that sends no details.
 """
 
-# class -> (ErrorInfo reason, status code). Order matters only for subclasses (there are none).
+# class -> (ErrorInfo reason, status code). Order matters only for subclasses: a subclass comes first.
 _KINDS: Final[tuple[tuple[type[DSPexError], str, grpc.StatusCode], ...]] = (
     (ValidationError, "VALIDATION_FAILED", grpc.StatusCode.INVALID_ARGUMENT),
     (VariableNotFoundError, "VARIABLE_NOT_FOUND", grpc.StatusCode.NOT_FOUND),
@@ -82,7 +86,10 @@ _KINDS: Final[tuple[tuple[type[DSPexError], str, grpc.StatusCode], ...]] = (
     (VariableExistsError, "VARIABLE_EXISTS", grpc.StatusCode.ALREADY_EXISTS),
     (SessionExistsError, "SESSION_EXISTS", grpc.StatusCode.ALREADY_EXISTS),
     (VersionConflictError, "VERSION_CONFLICT", grpc.StatusCode.ABORTED),
+    (RateLimitError, "RATE_LIMITED", grpc.StatusCode.RESOURCE_EXHAUSTED),
     (LimitExceededError, "LIMIT_EXCEEDED", grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AuthenticationError, "UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, "PERMISSION_DENIED", grpc.StatusCode.PERMISSION_DENIED),
     (VariableLockedError, "VARIABLE_LOCKED", grpc.StatusCode.FAILED_PRECONDITION),
     (BridgeUnavailableError, "BRIDGE_UNAVAILABLE", grpc.StatusCode.UNAVAILABLE),
 )
@@ -91,6 +98,8 @@ REASONS: Final[Mapping[type[DSPexError], str]] = {cls: reason for cls, reason, _
 """The ``ErrorInfo.reason`` of each error class. Any other error is ``"INTERNAL"`` (or, for a
 :class:`~dspex_dspy.errors.BridgeError`, the reason it carries)."""
 
+# The message of a rate-limit refusal (RateLimitError), for refusals sent without details.
+_RATE_RE: Final = re.compile(r"(?s)rate limit exceeded for (?P<principal>.*): retry after (?P<retry>[0-9.]+) s")
 _UNAVAILABLE_CODES: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 )
@@ -143,6 +152,8 @@ def _fields(exc: DSPexError, value_limit: int) -> dict[str, str]:
         return {"variable": exc.name, "expected_version": str(exc.expected), "current_version": str(exc.actual)}
     if isinstance(exc, (SessionNotFoundError, SessionExistsError)):
         return {"session_id": exc.session_id}
+    if isinstance(exc, RateLimitError):
+        return {"principal": exc.principal, "retry_after": f"{exc.retry_after:.3f}"}
     if isinstance(exc, LimitExceededError):
         return {"limit": exc.limit, "value": str(exc.value), "maximum": str(exc.maximum)}
     if isinstance(exc, VariableLockedError):
@@ -248,6 +259,13 @@ def _int(fields: Mapping[str, str], key: str) -> int:
         return -1
 
 
+def _float(fields: Mapping[str, str], key: str) -> float:
+    try:
+        return float(fields.get(key, "0"))
+    except ValueError:
+        return 0.0
+
+
 def _value(fields: Mapping[str, str]) -> Any:
     text = fields.get("value")
     if text is None:
@@ -271,6 +289,9 @@ _BUILDERS: Final[dict[str, Callable[[Mapping[str, str]], DSPexError]]] = {
     ),
     "LIMIT_EXCEEDED": lambda f: LimitExceededError(f.get("limit", ""), _int(f, "value"), _int(f, "maximum")),
     "BRIDGE_UNAVAILABLE": lambda f: BridgeUnavailableError(""),
+    "RATE_LIMITED": lambda f: RateLimitError(f.get("principal", ""), _float(f, "retry_after")),
+    "UNAUTHENTICATED": lambda f: AuthenticationError(""),
+    "PERMISSION_DENIED": lambda f: PermissionDeniedError(""),
     "VARIABLE_LOCKED": lambda f: VariableLockedError(
         f.get("variable", ""), f.get("optimizer_id", ""), f.get("detail", "")
     ),
@@ -323,7 +344,16 @@ def _error_from_code(code: grpc.StatusCode, message: str, *, identifier: str, se
     elif code == grpc.StatusCode.ABORTED:
         error = VersionConflictError(identifier, -1, -1)
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        error = LimitExceededError("limit", -1, -1)
+        rate = _RATE_RE.fullmatch(message)
+        error = (
+            RateLimitError(rate.group("principal"), float(rate.group("retry")))
+            if rate
+            else LimitExceededError("limit", -1, -1)
+        )
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        error = AuthenticationError(message or "the bridge requires a valid token")
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
+        error = PermissionDeniedError(message or "the token does not allow this")
     elif code == grpc.StatusCode.FAILED_PRECONDITION:
         error = VariableLockedError(identifier, "", message)
     elif code in _UNAVAILABLE_CODES:

@@ -34,6 +34,7 @@ from dspex_dspy.types import (
     Variable,
     compile_spec,
     encode_constraints,
+    is_secret,
     normalize_metadata,
     validate_name,
 )
@@ -264,7 +265,7 @@ class BridgeCalls:
         without a round trip, with the same error the server would report.
         """
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         request = pb.RegisterVariableRequest(
             session_id=session_id,
             name=name,
@@ -476,7 +477,7 @@ def registered_variable(
     source: str,
 ) -> Variable:
     """The record of a variable the server just registered under ``var_id`` (version 1, client clock)."""
-    spec = compile_spec(name, type_, constraints)
+    spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
     now = time.time()
     return Variable(
         id=var_id,

@@ -15,10 +15,11 @@ request's ``metadata`` map) names ``source`` ``"orchestrator"``. A RemoteStore w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -36,14 +37,18 @@ from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
-from dspex_dspy.types import Variable, compile_spec, normalize_metadata
+from dspex_dspy.tls import Pem
+from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata
 
-__all__ = ["IMPORT_WINDOW", "RemoteStore"]
+__all__ = ["IMPORT_WINDOW", "UNDO_TIMEOUT", "RemoteStore"]
 
 logger = logging.getLogger(__name__)
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
+
+UNDO_TIMEOUT: Final = 2.0
+"""Seconds the clean-up of a failed import may take (the connection is often what failed)."""
 
 _T = TypeVar("_T")
 
@@ -86,23 +91,101 @@ class RemoteStore:
         # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
+        self._deadlines = threading.local()
 
     @classmethod
-    def connect(cls, address: str, *, timeout: float = 5.0, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> RemoteStore:
-        """Open an insecure channel to ``address`` and wait until it is ready.
+    def connect(
+        cls,
+        address: str,
+        *,
+        timeout: float = 5.0,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        root_certificates: Pem | None = None,
+        token: str | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+    ) -> RemoteStore:
+        """Open a channel to ``address`` (see :func:`~dspex_dspy.remote.open_channel`) and wait until it is ready.
 
         Args:
             address: ``"host:port"`` of a bridge server.
             timeout: seconds to wait for the connection.
             call_timeout: the deadline of each later call.
+            root_certificates: PEM roots to trust (bytes, text or a path): the channel uses TLS.
+            token: a bearer token sent on every call.
+            certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
+            private_key: the key of that client certificate (PEM).
 
         Raises:
             BridgeUnavailableError: no server answered within ``timeout``.
         """
-        channel = open_channel(address, timeout=timeout)
+        channel = open_channel(
+            address,
+            timeout=timeout,
+            root_certificates=root_certificates,
+            token=token,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+        )
         return cls(pb_grpc.BridgeServiceStub(channel), channel=channel, address=address, call_timeout=call_timeout)
 
     # ------------------------------------------------------------------ running calls
+
+    @contextlib.contextmanager
+    def deadline(self, seconds: float) -> Iterator[None]:
+        """Bound every call this thread makes inside the block by one deadline ``seconds`` from now.
+
+        A call's timeout becomes the smaller of :attr:`call_timeout` and the time left; once the
+        deadline has passed, calls fail at once with :class:`BridgeUnavailableError`. Used to give
+        a whole migration one bounded time, however many calls it makes.
+        """
+        previous = getattr(self._deadlines, "at", None)
+        at = time.monotonic() + seconds
+        self._deadlines.at = at if previous is None else min(previous, at)
+        try:
+            yield
+        finally:
+            self._deadlines.at = previous
+
+    def _timeout(self) -> float:
+        """The timeout of the next call: :attr:`call_timeout`, cut to the thread's deadline."""
+        timeout = self.call_timeout
+        at = getattr(self._deadlines, "at", None)
+        if at is not None:
+            left = at - time.monotonic()
+            if left <= 0:
+                raise BridgeUnavailableError(
+                    f"the bridge at {self.address or '?'} did not answer within the operation's deadline"
+                )
+            timeout = min(timeout, left)
+        return timeout
+
+    def _lost_session(self, exc: DSPexError, session_id: str) -> DSPexError:
+        """Say how to recover when the bridge no longer has a session this client used."""
+        if isinstance(exc, SessionNotFoundError) and self._knows_session(session_id):
+            hint = (
+                f" (the bridge at {self.address or '?'} no longer has this session: it was restarted or the "
+                "session expired; call ensure_bridged() on the context to re-create it from the values "
+                "this client last saw)"
+            )
+            if hint not in exc.message:
+                exc.message += hint
+                exc.args = (exc.message,)
+        return exc
+
+    def _knows_session(self, session_id: str) -> bool:
+        with self._known_lock:
+            return any(key[0] == session_id for key in self._known)
+
+    def known_variables(self, session_id: str) -> list[Variable]:
+        """The last state this client saw of each variable of a session, in creation order.
+
+        What a context re-creates its session from when the bridge lost it (see
+        :meth:`dspex_dspy.Context.ensure_bridged`).
+        """
+        with self._known_lock:
+            seen = {var.name: var for (sid, _), var in self._known.items() if sid == session_id}
+        return sorted(seen.values(), key=lambda var: (var.created_at, var.name))
 
     def call(self, bridge_call: BridgeCall[_T]) -> _T:
         """Run one described call with this store's deadline; raise the server's error on failure."""
@@ -110,9 +193,10 @@ class RemoteStore:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
         method = getattr(self.stub, bridge_call.rpc)
         try:
-            response = method(bridge_call.request, timeout=self.call_timeout, metadata=bridge_call.metadata)
+            response = method(bridge_call.request, timeout=self._timeout(), metadata=bridge_call.metadata)
         except grpc.RpcError as err:
-            raise bridge_call.error(err) from err
+            session_id = getattr(bridge_call.request, "session_id", "")
+            raise self._lost_session(bridge_call.error(err), session_id) from err
         except ValueError as err:  # grpc raises this for a call on a closed channel
             raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
         return bridge_call.parse(response)
@@ -262,8 +346,13 @@ class RemoteStore:
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
             window = list(enumerate(calls[start : start + IMPORT_WINDOW], start))
+            try:
+                timeout = self._timeout()
+            except BridgeUnavailableError as exc:
+                failure = (start, exc)
+                break
             pending = [
-                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=self.call_timeout, metadata=c.metadata))
+                (i, c, getattr(self.stub, c.rpc).future(c.request, timeout=timeout, metadata=c.metadata))
                 for i, c in window
             ]
             for i, c, future in pending:
@@ -283,7 +372,7 @@ class RemoteStore:
         now = time.time()
         out = []
         for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             imported = replace(
                 var,
                 id=var_id,
@@ -297,21 +386,41 @@ class RemoteStore:
         return out
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
-        """Delete the variables a failed import made (pipelined); failures are logged, not raised."""
+        """Delete the variables a failed import made (pipelined); failures are logged, not raised.
+
+        The clean-up gets its own short deadline (:data:`UNDO_TIMEOUT`): when the connection is what
+        failed it cannot succeed, and the caller must learn of the failure in bounded time.
+        """
+        undo_by = time.monotonic() + UNDO_TIMEOUT
         for start in range(0, len(variable_ids), IMPORT_WINDOW):
+            left = undo_by - time.monotonic()
+            if left <= 0:
+                logger.warning("could not undo the import of %d variable(s) in time", len(variable_ids) - start)
+                return
             calls = [
                 BridgeCalls.delete_variable(session_id, var_id, source="orchestrator")
                 for var_id in variable_ids[start : start + IMPORT_WINDOW]
             ]
             futures = [
-                self.stub.DeleteVariable.future(c.request, timeout=self.call_timeout, metadata=c.metadata)
+                self.stub.DeleteVariable.future(c.request, timeout=min(left, self.call_timeout), metadata=c.metadata)
                 for c in calls
             ]
+            failed: list[str] = []
+            last_error: DSPexError | None = None
             for c, future in zip(calls, futures, strict=True):
                 try:
                     future.result()
                 except grpc.RpcError as err:
-                    logger.warning("could not undo the import of %s: %s", c.identifier, c.error(err))
+                    failed.append(c.identifier)
+                    last_error = c.error(err)
+            if failed:
+                logger.warning(
+                    "could not undo the import of %d variable(s) (%s%s): %s",
+                    len(failed),
+                    ", ".join(failed[:5]),
+                    ", ..." if len(failed) > 5 else "",
+                    last_error,
+                )
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""
@@ -358,14 +467,18 @@ class RemoteStore:
         version = self.call(call)
         if known is not None:
             try:
-                normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+                normalised = compile_spec(
+                    known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+                ).validate(value)
             except ValidationError:
                 known = None  # what this client knew is stale: the variable was redefined
         if known is None:
             known = self.call(BridgeCalls.get_variable(session_id, identifier))
             if known.version == version:
                 return self._learn(session_id, known)
-            normalised = compile_spec(known.name, known.type, known.constraints).validate(value)
+            normalised = compile_spec(
+                known.name, known.type, known.constraints, secret=is_secret(known.metadata)
+            ).validate(value)
         written = replace(
             known,
             value=normalised,

@@ -44,7 +44,7 @@ from dspex_dspy.leases import (
 )
 from dspex_dspy.limits import Limits, check_count, check_value_size
 from dspex_dspy.state.base import StateProvider
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["LocalState"]
 
@@ -220,7 +220,7 @@ class LocalState:
         metadata: Mapping[str, Any] | None = None,
     ) -> Variable:
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         normalised = spec.validate(value)
         check_value_size(self.limits, name, spec.type, normalised)
         meta = normalize_metadata(name, metadata)
@@ -356,7 +356,7 @@ class LocalState:
         prepared = []
         for var in variables:
             validate_name(var.name)
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             normalised = spec.validate(var.value)
             check_value_size(self.limits, var.name, spec.type, normalised)
             prepared.append((var, spec, normalised, normalize_metadata(var.name, var.metadata)))

@@ -21,9 +21,10 @@ Rules kept here, for every caller:
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
+import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -43,10 +44,11 @@ from dspex_dspy.errors import (
     VersionConflictError,
 )
 from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
-from dspex_dspy.limits import StoreLimits, check_count, check_value_size
+from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_size
+from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
 from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
-from dspex_dspy.types import Variable, compile_spec, normalize_metadata, validate_name
+from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -54,6 +56,21 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
+MAX_VERSION = 2**31 - 1
+"""The highest version a variable can reach: versions travel as ``int32`` on the wire."""
+MIN_TIME = -62_135_596_800.0
+MAX_TIME = 253_402_300_799.0
+"""Timestamps a store keeps lie in years 1..9999 (what ``google.protobuf.Timestamp`` can carry)."""
+
+
+@dataclass(frozen=True)
+class _WritePlan:
+    """What one write costs: bytes added overall, to the fixed part, and history entries dropped."""
+
+    delta: int
+    fixed_delta: int
+    drop: int
+    history_bytes: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,21 @@ class BatchResult:
     def success(self) -> bool:
         """True when every write was applied."""
         return not self.errors
+
+
+def _text_bytes(text: str) -> int:
+    """UTF-8 size of ``text`` (its length when that is all ASCII, which is the common case)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _map_bytes(mapping: Mapping[str, str]) -> int:
+    return sum(_text_bytes(k) + _text_bytes(v) for k, v in mapping.items())
+
+
+def _constraints_bytes(constraints: Mapping[str, Any]) -> int:
+    if not constraints:
+        return 0
+    return _text_bytes(json.dumps(dict(constraints), default=str, separators=(",", ":")))
 
 
 class SessionStore:
@@ -123,6 +155,7 @@ class SessionStore:
         self._ids = itertools.count(1)
         self._watchers: dict[str, list[Watch]] = {}
         self._watcher_count = 0
+        self._bytes_total = 0
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
@@ -142,6 +175,9 @@ class SessionStore:
                 f"a session id must be a non-empty string of at most {MAX_SESSION_ID_LENGTH} characters",
             )
         meta = normalize_metadata("", metadata)
+        meta_bytes = _map_bytes(meta)
+        if meta_bytes > self.limits.max_session_metadata_bytes:
+            raise LimitExceededError("session metadata bytes", meta_bytes, self.limits.max_session_metadata_bytes)
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
         with self._lock:
@@ -161,6 +197,9 @@ class SessionStore:
                 ttl=float(ttl) if ttl is not None else self.default_ttl,
                 last_access=time.monotonic(),
             )
+            self._charge(record, _text_bytes(session_id) + meta_bytes)
+            record.bytes_used = _text_bytes(session_id) + meta_bytes
+            self._bytes_total += record.bytes_used
             self._storage.put_session(record)
             return self._info(record)
 
@@ -246,10 +285,11 @@ class SessionStore:
     ) -> Variable:
         """Define a variable. Raises :class:`VariableExistsError` for a duplicate name."""
         validate_name(name)
-        spec = compile_spec(name, type_, constraints)
+        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         normalised = spec.validate(value)
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
+        self._check_fields(name, description, meta, spec.constraints)
         with self._lock:
             session = self._session(session_id)
             if name in session.names:
@@ -257,6 +297,7 @@ class SessionStore:
             self._check_count(session, 1)
             now = self._creation_time(session)
             record = self._new_record(spec, normalised, description, meta, 1, now, now, source)
+            self._charge(session, record.fixed_bytes + record.history_bytes)
             self._insert(session, record)
             snapshot = self._snapshot(record)
             self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, meta, now)
@@ -275,12 +316,22 @@ class SessionStore:
             if var.name in seen:
                 raise VariableExistsError(var.name, session_id)
             seen.add(var.name)
-            spec = compile_spec(var.name, var.type, var.constraints)
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
             normalised = spec.validate(var.value)
             self._check_size(var.name, var.type, normalised)
-            if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
-                raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
-            prepared.append((spec, normalised, var, normalize_metadata(var.name, var.metadata)))
+            if isinstance(var.version, bool) or not isinstance(var.version, int) or not 1 <= var.version <= MAX_VERSION:
+                raise ValidationError(
+                    var.name, "version", var.version, f"a version must be an integer from 1 to {MAX_VERSION}"
+                )
+            for field_name in ("created_at", "updated_at"):
+                when = getattr(var, field_name)
+                if not isinstance(when, (int, float)) or not math.isfinite(when) or not MIN_TIME <= when <= MAX_TIME:
+                    raise ValidationError(
+                        var.name, field_name, when, f"{field_name} must be a time between years 1 and 9999"
+                    )
+            meta = normalize_metadata(var.name, var.metadata)
+            self._check_fields(var.name, var.description, meta, spec.constraints)
+            prepared.append((spec, normalised, var, meta))
         with self._lock:
             session = self._session(session_id)
             for _, _, var, _ in prepared:
@@ -288,6 +339,13 @@ class SessionStore:
                     raise VariableExistsError(var.name, session_id)
             self._check_count(session, len(prepared))
             now = self._clock()
+            adding = sum(
+                self._fixed_bytes(var.name, var.description, meta, spec.constraints)
+                + value_size(spec.type, normalised)
+                + _map_bytes(meta)
+                for spec, normalised, var, meta in prepared
+            )
+            self._charge(session, adding)
             out = []
             for spec, normalised, var, meta in prepared:
                 record = self._new_record(
@@ -362,7 +420,7 @@ class SessionStore:
                 forced = self._leases.admit(record.id, record.name, meta, force=force)
                 if forced:
                     meta = {**(meta or {}), **forced}
-            return self._apply(session_id, record, normalised, meta, source)
+            return self._apply(session, record, normalised, meta, source)
 
     def set_variables(
         self,
@@ -401,10 +459,28 @@ class SessionStore:
                 checked.append((ident, record, normalised))
             if atomic and errors:
                 return BatchResult({}, errors)
-            versions = {
-                ident: self._apply(session_id, record, normalised, forced_meta.get(ident, meta), source).version
-                for ident, record, normalised in checked
-            }
+            versions: dict[str, int] = {}
+            if atomic:
+                try:
+                    self._charge(
+                        session,
+                        sum(self._plan(r, v, forced_meta.get(ident, meta)).delta for ident, r, v in checked),
+                    )
+                except DSPexError as exc:
+                    return BatchResult({}, {ident: exc for ident, _, _ in checked})
+                for ident, record, normalised in checked:
+                    written = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False
+                    )
+                    versions[ident] = written.version
+                return BatchResult(versions, errors)
+            for ident, record, normalised in checked:
+                try:
+                    versions[ident] = self._apply(
+                        session, record, normalised, forced_meta.get(ident, meta), source
+                    ).version
+                except DSPexError as exc:
+                    errors[ident] = exc
             return BatchResult(versions, errors)
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
@@ -417,7 +493,8 @@ class SessionStore:
                 session.unordered = False
             records = list(session.variables.values())
         if pattern and pattern != "*":
-            records = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
+            matcher = compile_glob(pattern)
+            records = [r for r in records if matcher.match(r.name) is not None]
         return [self._snapshot(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
@@ -430,6 +507,9 @@ class SessionStore:
                 self._leases.forget([record.id])
             del session.variables[record.id]
             del session.names[record.name]
+            freed = record.fixed_bytes + record.history_bytes
+            session.bytes_used -= freed
+            self._bytes_total -= freed
             self._notify(session_id, record.id, self._snapshot(record), UpdateType.DELETED, source, {}, self._clock())
 
     def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
@@ -459,7 +539,7 @@ class SessionStore:
                 )
             value = record.spec.validate(entry.value)
             meta = {"rolled_back_to": str(target_version)}
-            return self._apply(session_id, record, value, meta, source)
+            return self._apply(session, record, value, meta, source)
 
     # ------------------------------------------------------------------ optimization leases
 
@@ -575,6 +655,7 @@ class SessionStore:
 
     def _drop_session(self, record: SessionRecord) -> int:
         self._storage.delete_session(record.id)
+        self._bytes_total -= record.bytes_used
         if self._leases:
             self._leases.forget(list(record.variables))
         for watch in self._watchers.pop(record.id, []):
@@ -644,7 +725,48 @@ class SessionStore:
             history=deque(maxlen=self.limits.history_limit),
         )
         record.history.append(HistoryEntry(version, value, updated_at, source, dict(metadata)))
+        record.fixed_bytes = self._fixed_bytes(spec.name, record.description, metadata, spec.constraints)
+        record.history_bytes = self._entry_bytes(spec.type, record.history[-1])
         return record
+
+    @staticmethod
+    def _fixed_bytes(name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]) -> int:
+        # The name is stored twice (the record and the name index) and the id is var_<name>_<n>.
+        return (
+            3 * _text_bytes(name)
+            + 32
+            + _text_bytes(description or "")
+            + _map_bytes(metadata)
+            + _constraints_bytes(constraints)
+        )
+
+    @staticmethod
+    def _entry_bytes(type_: str, entry: HistoryEntry) -> int:
+        return value_size(type_, entry.value) + _map_bytes(entry.metadata)
+
+    def _check_fields(
+        self, name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]
+    ) -> None:
+        """Refuse a description, metadata or constraints larger than their limits."""
+        limits = self.limits
+        for what, size, maximum in (
+            ("description bytes", _text_bytes(description or ""), limits.max_description_bytes),
+            ("metadata bytes", _map_bytes(metadata), limits.max_variable_metadata_bytes),
+            ("constraints bytes", _constraints_bytes(constraints), limits.max_constraints_bytes),
+        ):
+            if size > maximum:
+                raise LimitExceededError(f"{name}: {what}", size, maximum)
+
+    def _charge(self, session: SessionRecord, adding: int) -> None:
+        """Refuse ``adding`` more bytes past the session's or the store's limit (nothing is counted)."""
+        if adding <= 0:
+            return
+        if session.bytes_used + adding > self.limits.max_session_bytes:
+            raise LimitExceededError(
+                "bytes held by the session", session.bytes_used + adding, self.limits.max_session_bytes
+            )
+        if self._bytes_total + adding > self.limits.max_total_bytes:
+            raise LimitExceededError("bytes held by the store", self._bytes_total + adding, self.limits.max_total_bytes)
 
     def _creation_time(self, session: SessionRecord) -> float:
         """Now, but strictly after the session's newest variable, so creation times order creation."""
@@ -654,14 +776,51 @@ class SessionStore:
             now = last.created_at + 1e-6
         return float(now)
 
-    @staticmethod
-    def _insert(session: SessionRecord, record: VariableRecord) -> None:
+    def _insert(self, session: SessionRecord, record: VariableRecord) -> None:
         session.variables[record.id] = record
         session.names[record.name] = record.id
+        added = record.fixed_bytes + record.history_bytes
+        session.bytes_used += added
+        self._bytes_total += added
+
+    def _plan(self, record: VariableRecord, value: Any, metadata: dict[str, str] | None) -> _WritePlan:
+        """What a write would cost; raises when it would break a limit that no trimming can meet."""
+        if record.version >= MAX_VERSION:
+            raise LimitExceededError(f"{record.name}: version", record.version + 1, MAX_VERSION)
+        fixed_delta = 0
+        if metadata:
+            merged = {**record.metadata, **metadata}
+            merged_bytes = _map_bytes(merged)
+            if merged_bytes > self.limits.max_variable_metadata_bytes:
+                raise LimitExceededError(
+                    f"{record.name}: metadata bytes", merged_bytes, self.limits.max_variable_metadata_bytes
+                )
+            fixed_delta = merged_bytes - _map_bytes(record.metadata)
+        entry_bytes = value_size(record.spec.type, value) + _map_bytes(metadata or {})
+        history = record.history
+        kept = len(history) + 1
+        history_bytes = record.history_bytes + entry_bytes
+        drop = 0
+        while kept > 1 and (kept > self.limits.history_limit or history_bytes > self.limits.max_history_bytes):
+            history_bytes -= self._entry_bytes(record.spec.type, history[drop])
+            drop += 1
+            kept -= 1
+        delta = fixed_delta + history_bytes - record.history_bytes
+        return _WritePlan(delta, fixed_delta, drop, history_bytes)
 
     def _apply(
-        self, session_id: str, record: VariableRecord, value: Any, metadata: dict[str, str] | None, source: str
+        self,
+        session: SessionRecord,
+        record: VariableRecord,
+        value: Any,
+        metadata: dict[str, str] | None,
+        source: str,
+        *,
+        charge: bool = True,
     ) -> Variable:
+        plan = self._plan(record, value, metadata)
+        if charge:
+            self._charge(session, plan.delta)
         now = self._clock()
         record.value = value
         record.version += 1
@@ -669,9 +828,15 @@ class SessionStore:
         record.source = source
         if metadata:
             record.metadata = {**record.metadata, **metadata}
+        for _ in range(plan.drop):
+            record.history.popleft()
         record.history.append(HistoryEntry(record.version, value, now, source, dict(metadata or {})))
+        record.fixed_bytes += plan.fixed_delta
+        record.history_bytes = plan.history_bytes
+        session.bytes_used += plan.delta
+        self._bytes_total += plan.delta
         snapshot = self._snapshot(record)
-        self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
+        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
         return snapshot
 
     def _notify(

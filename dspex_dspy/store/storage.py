@@ -44,6 +44,10 @@ class VariableRecord:
     updated_at: float
     source: str
     history: deque[HistoryEntry]
+    #: Bytes counted for the name, id, description, constraints and metadata (see StoreLimits).
+    fixed_bytes: int = 0
+    #: Bytes counted for the remembered writes (their values and metadata).
+    history_bytes: int = 0
 
 
 @dataclass
@@ -59,6 +63,8 @@ class SessionRecord:
     names: dict[str, str] = field(default_factory=dict)
     #: True when an import arrived out of creation order; listing re-sorts once by ``created_at``.
     unordered: bool = False
+    #: Bytes counted against ``StoreLimits.max_session_bytes`` (metadata plus every variable).
+    bytes_used: int = 0
 
 
 class Storage(Protocol):

@@ -30,6 +30,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.guard import MAX_IDENTIFIER_LENGTH
 from dspex_dspy.server import BridgeServer, ServerLimits, create_server
 from dspex_dspy.store import SessionStore
 from dspex_dspy.types import TYPE_URL_PREFIX
@@ -98,7 +99,7 @@ def test_a_plain_client_reads_the_reason_of_a_missing_variable(stub: Any, sessio
     assert dict(info.metadata) == {"variable": "ghost", "session_id": session}
 
 
-@pytest.mark.parametrize("length", [1000, 5000, 8000])
+@pytest.mark.parametrize("length", [200, MAX_IDENTIFIER_LENGTH])
 def test_a_long_identifier_still_gets_its_status(stub: Any, session: str, length: int) -> None:
     ident = "x" * length
     err = failure(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=session, variable_identifier=ident)))
@@ -107,6 +108,16 @@ def test_a_long_identifier_still_gets_its_status(stub: Any, session: str, length
     rebuilt = error_from_rpc(err, identifier=ident, session_id=session)
     assert isinstance(rebuilt, VariableNotFoundError)
     assert (rebuilt.identifier, rebuilt.session_id, str(rebuilt)) == (ident, session, err.details())
+
+
+@pytest.mark.parametrize("length", [MAX_IDENTIFIER_LENGTH + 1, 8000, 20_000])
+def test_an_identifier_past_the_bound_is_refused_without_being_echoed(stub: Any, session: str, length: int) -> None:
+    ident = "x" * length
+    err = failure(lambda: stub.GetVariable(pb.GetVariableRequest(session_id=session, variable_identifier=ident)))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"is {length} characters long" in err.details() and len(err.details()) < 300
+    rebuilt = error_from_rpc(err, identifier=ident, session_id=session)
+    assert isinstance(rebuilt, ValidationError) and rebuilt.rule == "variable_identifier"
 
 
 def test_a_non_ascii_identifier_keeps_its_details(stub: Any, session: str) -> None:

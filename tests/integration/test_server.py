@@ -495,7 +495,8 @@ def test_too_many_sessions_is_resource_exhausted(make_bridge: Callable[..., Brid
 
 
 def test_too_many_watchers_is_resource_exhausted(make_bridge: Callable[..., Bridge]) -> None:
-    bridge = make_bridge(limits=ServerLimits(max_watchers=2))
+    limits = ServerLimits(max_watchers=2, max_watchers_per_session=2, max_watchers_per_principal=2)
+    bridge = make_bridge(limits=limits)
     bridge.register("x", "integer", 0)
     first, second = bridge.watch(["x"]), bridge.watch(["x"])
     assert first.update().update_type == "initial_value"

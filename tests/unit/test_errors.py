@@ -6,11 +6,14 @@ import pytest
 
 from dspex_dspy import errors
 from dspex_dspy.errors import (
+    AuthenticationError,
     BatchUpdateError,
     BridgeError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
+    PermissionDeniedError,
+    RateLimitError,
     SessionExistsError,
     SessionNotFoundError,
     ValidationError,
@@ -33,6 +36,9 @@ EXAMPLES: list[tuple[DSPexError, type[Exception]]] = [
     (LimitExceededError("sessions", 11, 10), RuntimeError),
     (VariableLockedError("temperature", "tuner-1"), RuntimeError),
     (BridgeUnavailableError("the session store is closed"), ConnectionError),
+    (RateLimitError("worker-1", 0.25), RuntimeError),
+    (AuthenticationError("the token has expired"), PermissionError),
+    (PermissionDeniedError("SetVariable needs the 'write' permission"), PermissionError),
     (BridgeError("UNIMPLEMENTED: ExecuteTool is not implemented", code="UNIMPLEMENTED"), RuntimeError),
 ]
 IDS = [type(error).__name__ for error, _ in EXAMPLES]

@@ -32,11 +32,14 @@ PUBLIC = {
 }
 
 ERRORS = {
+    "AuthenticationError",
     "BatchUpdateError",
     "BridgeError",
     "BridgeUnavailableError",
     "DSPexError",
     "LimitExceededError",
+    "PermissionDeniedError",
+    "RateLimitError",
     "SessionExistsError",
     "SessionNotFoundError",
     "ValidationError",
@@ -60,18 +63,24 @@ ALLOWED = {
     "variables": {"errors", "types", "leases", "context"},
     "wire_errors": {"errors"},
     "wire": {"errors", "types", "store", "wire_errors", "_proto"},
-    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "_proto"},
-    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "_proto"},
-    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "_proto"},
+    "guard": {"errors", "types", "store", "wire_errors", "_proto"},
+    "tokens": {"errors"},
+    "tls": {"errors"},
+    "auth": {"errors", "tls", "tokens", "_proto"},
+    "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "guard", "auth", "tls", "_proto"},
+    "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
     "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
-    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "_proto"},
+    "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "auth", "tls", "tokens", "_proto"},
     "offline": set(),
     "demo": {"errors", "context", "variables"},
 }
 # The only lazy (function-level) edges from a lower layer: a context starts the embedded bridge or
 # connects to a remote one only when it switches, so a purely local program never loads gRPC.
-LAZY_ALLOWED = {("context", "server"), ("context", "remote")} | {("demo", n) for n in ("client", "modules", "offline")}
+LAZY_ALLOWED = {("context", "server"), ("context", "remote"), ("context", "tokens")} | {
+    ("demo", n) for n in ("client", "modules", "offline")
+}
 
 
 def _layer(path: Path) -> str:
