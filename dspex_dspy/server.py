@@ -783,6 +783,13 @@ def create_server(
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        # Worker clients ping every 10 s to notice dead connections: permit pings every 5 s, also
+        # on connections without calls; ping clients every 20 s (10 s to answer) to free the
+        # watch slots of clients that vanished without a reset.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),

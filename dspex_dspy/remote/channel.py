@@ -33,6 +33,7 @@ def open_channel(
     address: str,
     *,
     timeout: float = 5.0,
+    options: tuple[tuple[str, int], ...] = CHANNEL_OPTIONS,
     root_certificates: Pem | None = None,
     token: str | None = None,
     certificate_chain: Pem | None = None,
@@ -44,6 +45,8 @@ def open_channel(
     and carries a bearer token when one is given (or ``DSPEX_BRIDGE_TOKEN`` is set); see
     :func:`~dspex_dspy.tls.resolve_security`.
 
+    ``options`` are the channel's options (the worker clients add keepalive and message sizes).
+
     Raises:
         BridgeUnavailableError: the address is malformed or nothing answered in time (the message
             carries gRPC's last connection error, e.g. a failed TLS handshake).
@@ -51,7 +54,7 @@ def open_channel(
     if not isinstance(address, str) or ":" not in address:
         raise BridgeUnavailableError(f"a bridge address must be 'host:port', got {address!r}")
     security = resolve_security(root_certificates, token, certificate_chain=certificate_chain, private_key=private_key)
-    transport, channel = secure_channel(address, security, CHANNEL_OPTIONS)
+    transport, channel = secure_channel(address, security, options)
     try:
         grpc.channel_ready_future(transport).result(timeout=timeout)
     except grpc.FutureTimeoutError:

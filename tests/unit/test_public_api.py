@@ -69,7 +69,7 @@ ALLOWED = {
     "auth": {"errors", "tls", "tokens", "_proto"},
     "server": {"errors", "types", "leases", "store", "wire", "wire_errors", "guard", "auth", "tls", "_proto"},
     "remote": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
-    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto"},
+    "client": {"errors", "types", "leases", "store", "wire", "wire_errors", "remote", "tls", "_proto", "client"},
     "modules": {"errors", "types", "reader", "modules", "context", "variables"},
     "tune": {"errors", "types", "leases", "reader", "modules", "context", "variables", "tune"},
     "cli": {"errors", "types", "store", "server", "wire", "wire_errors", "auth", "tls", "tokens", "_proto"},

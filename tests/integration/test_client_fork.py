@@ -1,0 +1,76 @@
+"""Worker clients across ``fork``: a child never uses the channel it inherited.
+
+The parent uses a client, then a ``multiprocessing`` pool of 4 forked children each uses that same
+client object (inherited, not pickled): it must reconnect in the child, on a channel of its own,
+and never hang. 20 pools in a row. (An inherited asyncio
+client refuses use in a child with a clear error: grpc.aio does not support fork at all, see
+``docs/multiprocessing.md``.)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from dspex_dspy.client import SessionContext
+from dspex_dspy.server import BridgeServer, create_server
+
+pytestmark = pytest.mark.integration
+
+ROUNDS = 20
+CHILDREN = 4
+POOL_DEADLINE_S = 60.0
+
+# The client the forked children inherit (set by the test before each pool starts).
+INHERITED: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def bridge() -> Iterator[BridgeServer]:
+    server, _ = create_server(heartbeat_interval=0.5)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+def use_sync(i: int) -> tuple[int, Any, bool]:
+    ctx: SessionContext = INHERITED["ctx"]
+    version = ctx.set_variable("x", i)
+    record = ctx.get_variable_record("x")
+    return version, ctx.get_versioned_many(["y"])["y"][0], record.version >= version
+
+
+def new_session(bridge: BridgeServer) -> str:
+    session = "fork_" + secrets.token_hex(4)
+    bridge.store.create_session(session)
+    bridge.store.register_variable(session, "x", "integer", 0)
+    bridge.store.register_variable(session, "y", "integer", 7)
+    return session
+
+
+def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: BridgeServer) -> None:
+    session = new_session(bridge)
+    fork = multiprocessing.get_context("fork")
+    client = SessionContext.connect(bridge.address, session)
+    INHERITED["ctx"] = client
+    try:
+        for round_ in range(ROUNDS):
+            client.set_variable("x", -round_)
+            watch = client.watch_variables(["y"])
+            assert next(watch).value == client["y"] == 7
+            with fork.Pool(CHILDREN) as pool:
+                results = pool.map_async(use_sync, range(CHILDREN * 2)).get(timeout=POOL_DEADLINE_S)
+            watch.close()
+            assert [value for _, value, _ in results] == [7] * (CHILDREN * 2), results
+            assert all(fresh for _, _, fresh in results), results
+            # The parent's client still works, and its cache follows the children's writes.
+            last = bridge.store.get_variable(session, "x").version
+            assert last > 2 * CHILDREN * round_
+            assert client.wait_cached("x", last, POOL_DEADLINE_S)
+    finally:
+        INHERITED.clear()
+        client.close()
