@@ -13,7 +13,6 @@ import math
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -23,6 +22,7 @@ from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import BridgeUnavailableError, ValidationError
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
+from dspex_dspy.tls import ChannelSecurity, secure_aio_channel, secure_channel
 from dspex_dspy.types import Variable
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
@@ -101,11 +101,6 @@ def parse_value(name: str, type_: str, text: str) -> Any:
         raise ValidationError(name, "type", text, f"{name}: {text!r} is not a {type_}") from None
 
 
-@dataclass(frozen=True)
-class _Credentials:
-    root_certificates: bytes | None
-
-
 class BridgeLink:
     """Clients of one bridge, kept per token (a small LRU), for the dashboard's requests.
 
@@ -118,7 +113,7 @@ class BridgeLink:
 
     def __init__(self, address: str, *, root_certificates: bytes | None = None, connect_timeout: float = 5.0) -> None:
         self.address = address
-        self._credentials = _Credentials(root_certificates)
+        self._root_certificates = root_certificates
         self._connect_timeout = connect_timeout
         self._clients: OrderedDict[str, RemoteStore] = OrderedDict()
         self._lock = threading.Lock()
@@ -143,13 +138,22 @@ class BridgeLink:
                 evicted.close()
         return client
 
+    def _security(self, token: str | None) -> ChannelSecurity:
+        # Built here rather than resolved from the environment: a page without a token must not
+        # borrow the dashboard process's own DSPEX_BRIDGE_TOKEN.
+        return ChannelSecurity(root_certificates=self._root_certificates, token=token)
+
     def _connect(self, token: str | None) -> RemoteStore:
-        return RemoteStore.connect(
-            self.address,
-            timeout=self._connect_timeout,
-            root_certificates=self._credentials.root_certificates,
-            token=token,
-        )
+        target = self.address.split(",")[0].strip()
+        transport, channel = secure_channel(target, self._security(token), CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(transport).result(timeout=self._connect_timeout)
+        except grpc.FutureTimeoutError:
+            transport.close()
+            raise BridgeUnavailableError(
+                f"no bridge server answered at {target} within {self._connect_timeout:g} s"
+            ) from None
+        return RemoteStore(pb_grpc.BridgeServiceStub(channel), channel=channel, address=target)
 
     def close(self) -> None:
         """Close every client. Idempotent."""
@@ -159,23 +163,16 @@ class BridgeLink:
         for client in clients:
             client.close()
 
-    def _aio_channel(self) -> grpc.aio.Channel:
-        target = self.address.split(",")[0].strip()
-        if self._credentials.root_certificates is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self._credentials.root_certificates)
-            return grpc.aio.secure_channel(target, creds, options=CHANNEL_OPTIONS)
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-
     async def updates(self, session_id: str, token: str | None) -> AsyncIterator[dict[str, Any] | None]:
         """Live changes of a session's variables, as page records; ``None`` marks a heartbeat.
 
         Ends when the session goes away; raises the bridge's error (e.g. an expired token).
         """
-        metadata = (("authorization", f"Bearer {token}"),) if token else None
-        async with self._aio_channel() as channel:
+        target = self.address.split(",")[0].strip()
+        async with secure_aio_channel(target, self._security(token), CHANNEL_OPTIONS) as channel:
             stub = pb_grpc.BridgeServiceStub(channel)
             request = pb.WatchVariablesRequest(session_id=session_id, include_initial_values=False)
-            call = stub.WatchVariables(request, metadata=metadata)
+            call = stub.WatchVariables(request)
             try:
                 async for message in call:
                     update = proto_to_update(message)

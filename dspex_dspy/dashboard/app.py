@@ -39,7 +39,7 @@ from starlette.staticfiles import StaticFiles
 
 from dspex_dspy import errors
 from dspex_dspy.dashboard._bridge import BridgeLink, jsonable, parse_value, variable_record
-from dspex_dspy.remote import RemoteStore
+from dspex_dspy.remote import BridgeCalls, RemoteStore
 
 __all__ = ["create_app"]
 
@@ -304,7 +304,7 @@ def _session_record(info: Any) -> dict[str, Any]:
 
 def _bridge_wants_token(link: BridgeLink) -> bool:
     try:
-        link.store(None).ping()
+        link.store(None).call(BridgeCalls.ping("dashboard"))
     except errors.DSPexError as exc:
         auth_error = getattr(errors, "AuthenticationError", None)
         if auth_error is not None and isinstance(exc, auth_error):

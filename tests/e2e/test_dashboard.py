@@ -24,6 +24,7 @@ from dspex_dspy import Context, Variables
 from dspex_dspy.dashboard import DashboardServer
 from dspex_dspy.errors import VariableLockedError
 from dspex_dspy.remote import RemoteStore
+from dspex_dspy.tokens import mint_token
 
 
 pytestmark = pytest.mark.e2e
@@ -235,3 +236,58 @@ def test_an_optimization_lease_shows_and_can_be_force_stopped(
     expect(lease).to_have_text("—")
     assert Variables.get_variable(session, "temperature").optimization_status is None
     assert Variables.set(session, "temperature", 1.0) == 2
+
+
+SECRET = "e2e-dashboard-secret-" + "x" * 32
+
+
+@pytest.fixture(scope="module")
+def auth_bridge(spawn_bridge: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    secret_file = tmp_path_factory.mktemp("auth") / "secret"
+    secret_file.write_text(SECRET)
+    process = spawn_bridge("--auth-secret-file", str(secret_file))
+    yield process
+    process.stop()
+
+
+def test_with_auth_a_read_only_token_sees_values_but_cannot_edit(browser: Browser, auth_bridge: Any) -> None:
+    ctx = Context(backend="bridged", bridge=auth_bridge.address, auth_secret=SECRET)
+    try:
+        Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0})
+        reader = mint_token(SECRET, sub="viewer", sessions=[ctx.id], perms="read,watch", ttl=600)
+        with DashboardServer(auth_bridge.address, port=0) as dashboard:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            try:
+                page.goto(dashboard.url)
+                dialog = page.locator("#token-dialog")
+                expect(dialog).to_be_visible()
+                page.fill("#token-input", reader)
+                page.click("#token-save")
+                expect(dialog).to_be_hidden()
+                expect(page.locator("#who")).to_contain_text("viewer")
+                page.goto(f"{dashboard.url}#/s/{ctx.id}")
+                row = _row(page, "temperature")
+                expect(row.locator("[data-role=value]")).to_have_text("0.7")
+                expect(row.locator("[data-role=value-input]")).to_be_disabled()
+                expect(row.locator("[data-role=save]")).to_be_disabled()
+                page.screenshot(path=str(SHOTS / "read-only.png"), full_page=True)
+                # The page greys the control out; the bridge refuses the write all the same.
+                refused = page.evaluate(
+                    """async ([sid, token]) => {
+                        const r = await fetch(`/api/sessions/${sid}/variables/temperature`, {
+                            method: "POST",
+                            headers: {"Content-Type": "application/json", "Authorization": `Bearer ${token}`},
+                            body: JSON.stringify({value: "1.5"}),
+                        });
+                        return [r.status, (await r.json()).error.kind];
+                    }""",
+                    [ctx.id, reader],
+                )
+                assert refused == [403, "PermissionDeniedError"]
+                anonymous = page.evaluate("async () => (await fetch('/api/sessions')).status")
+                assert anonymous == 401
+            finally:
+                page.close()
+        assert (Variables.get(ctx, "temperature"), Variables.get_variable(ctx, "temperature").version) == (0.7, 1)
+    finally:
+        ctx.stop()
