@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint proto clean
+.PHONY: demo test bench lint proto clean redis-server
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,12 +15,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m dspex_dspy.demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# The Redis tests start their own redis-server (never skipped): install it when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y redis-server; \
+	  else echo "redis-server is missing; run: sudo apt-get update && sudo apt-get install -y redis-server" >&2; exit 1; fi; }
+
+test: $(STAMP) redis-server
 	$(BIN)/python -m pytest --cov=dspex_dspy --cov-report=term $(PYTEST_ARGS) || exit $$?
 	$(BIN)/ruff check dspex_dspy tests benchmarks examples
 	$(BIN)/mypy
 
-bench: $(STAMP)
+bench: $(STAMP) redis-server
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 lint: $(STAMP)

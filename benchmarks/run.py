@@ -386,6 +386,216 @@ def bench_modules(rows: list[Row], quick: bool) -> None:
     ctx.stop()
 
 
+def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away redis-server on a free loopback port (no persistence)."""
+    import socket
+
+    import redis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--dir", directory, "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+_LOAD = """
+import sys, time
+import grpc
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.client import SessionContext
+kind, address, session, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
+if kind == "ping":
+    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
+    request = pb.PingRequest(message="ping")
+    call = lambda i: stub.Ping(request, timeout=10)
+else:
+    ctx = SessionContext.connect(address, session_id=session, cache=False)
+    call = lambda i: ctx.set_variable(name, i)
+for i in range(50):
+    call(i)
+print("ready", flush=True)
+sys.stdin.readline()
+count, end = 0, time.perf_counter() + seconds
+while time.perf_counter() < end:
+    call(count)
+    count += 1
+print(count, flush=True)
+"""
+
+
+def _sustained(kind: str, addresses: list[str], session: str, seconds: float) -> float:
+    """Calls per second from 4 processes, each on one of ``addresses`` in turn, started together."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _LOAD, kind, addresses[i % len(addresses)], session, f"load_{i}", str(seconds)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    total = 0
+    for proc in procs:
+        assert proc.stdout is not None
+        total += int(proc.stdout.readline())
+        proc.wait(30)
+    return total / seconds
+
+
+def bench_redis(rows: list[Row], quick: bool) -> None:
+    """Bridge nodes on Redis: a get through a node, and a write via node A seen by a watcher via B."""
+    import tempfile
+
+    import redis
+
+    from dspex_dspy import Context, Variables
+    from dspex_dspy.client import SessionContext
+    from dspex_dspy.remote import RemoteStore
+
+    rounds, batch = (8, 200) if quick else (20, 500)
+    with tempfile.TemporaryDirectory() as directory:
+        redis_proc, url = _start_redis(directory)
+        node_a, address_a = _start_remote_server("--storage", url)
+        node_b, address_b = _start_remote_server("--storage", url)
+        try:
+            channel, ping = _ping_baseline(address_a)
+            raw = redis.Redis.from_url(url)
+            raw.set("bench:key", "0.7")
+            ctx = Context(bridge=address_a, backend="bridged")
+            Variables.defvariable(ctx, "temperature", "float", 0.7)
+            Variables.defvariable(ctx, "signal", "integer", 0)
+            compare(
+                rows,
+                "Redis-backed bridged get (remote node)",
+                lambda: Variables.get(ctx, "temperature"),
+                "raw gRPC Ping",
+                ping,
+                target=1.3,
+                batch=batch,
+                rounds=rounds,
+            )
+            compare(
+                rows,
+                "Redis-backed bridged get (remote node)",
+                lambda: Variables.get(ctx, "temperature"),
+                "raw redis-py GET",
+                lambda: raw.get("bench:key"),
+                target=None,
+                batch=batch,
+                rounds=rounds,
+            )
+            compare(
+                rows,
+                "Redis-backed bridged set (remote node)",
+                lambda: Variables.set(ctx, "temperature", 0.5),
+                "raw gRPC Ping",
+                ping,
+                target=None,
+                batch=batch,
+                rounds=rounds,
+            )
+            writer = RemoteStore.connect(address_a)
+            watcher = SessionContext.connect(address_b, session_id=ctx.id)
+            watcher.wait_synced(30)
+            latencies, pings = [], []
+            for i in range(50 if quick else 300):
+                start = time.perf_counter()
+                version = writer.set_variable(ctx.id, "signal", i + 1).version
+                watcher.wait_cached("signal", version, timeout=30)
+                latencies.append((time.perf_counter() - start) * 1e6)
+                start = time.perf_counter()
+                ping()
+                pings.append((time.perf_counter() - start) * 1e6)
+            med, bmed = statistics.median(latencies), statistics.median(pings)
+            rows.append(
+                Row(
+                    "write via node A -> seen by a watcher via node B",
+                    med,
+                    p99(latencies),
+                    baseline="raw gRPC Ping",
+                    baseline_us=bmed,
+                    ratio=med / bmed,
+                    best_ratio=min(latencies) / min(pings),
+                    target="<= 2.5x",
+                    met=med / bmed <= 2.5,
+                )
+            )
+            print(f"  cross-node watch: {med:.1f} us vs Ping {bmed:.1f} us -> {med / bmed:.2f}x", flush=True)
+            watcher.close()
+            writer.close()
+            for i in range(4):
+                Variables.defvariable(ctx, f"load_{i}", "integer", 0)
+            seconds = 2.0 if quick else 5.0
+            for label, addresses in (("1 node", [address_a]), ("2 nodes", [address_a, address_b])):
+                pings = _sustained("ping", addresses, ctx.id, seconds)
+                writes = _sustained("set", addresses, ctx.id, seconds)
+                ratio = writes / pings
+                rows.append(
+                    Row(
+                        f"sustained writes, 4 processes, {label}",
+                        1e6 / writes,
+                        0.0,
+                        baseline=f"raw Ping calls/s, 4 processes, {label}",
+                        baseline_us=1e6 / pings,
+                        ratio=pings / writes,
+                        target="writes >= 0.7x Ping/s",
+                        met=ratio >= 0.7,
+                    )
+                )
+                print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
+            ctx.stop()
+
+            times = []
+            for _ in range(2 if quick else 3):
+                big = Context(bridge=address_b)
+                for i in range(10_000):
+                    Variables.defvariable(big, f"var_{i}", "integer", i, metadata={"index": str(i)})
+                start = time.perf_counter()
+                big.ensure_bridged()
+                times.append((time.perf_counter() - start) * 1e6)
+                big.stop()
+            med = statistics.median(times)
+            rows.append(
+                Row(
+                    "switch of 10,000 variables to a remote Redis node",
+                    med,
+                    max(times),
+                    target="<= 1000 ms",
+                    met=med <= 1e6,
+                )
+            )
+            print(f"  switch of 10,000 variables to a remote Redis node: {med / 1000:.1f} ms", flush=True)
+            raw.close()
+            channel.close()
+        finally:
+            for proc in (node_a, node_b):
+                proc.terminate()
+                proc.wait(10)
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
 def bench_security(rows: list[Row], quick: bool) -> None:
     """An uncached get through TLS with a bearer token vs the same get in plaintext, both remote."""
     import secrets
@@ -506,6 +716,7 @@ SECTIONS: dict[str, Callable[[list[Row], bool], None]] = {
     "switch": bench_switch,
     "workers": bench_workers,
     "modules": bench_modules,
+    "redis": bench_redis,
     "security": bench_security,
     "tuner": bench_tuner,
 }

@@ -64,6 +64,7 @@ RPC_PERMISSIONS: Final[Mapping[str, str | None]] = {
     "GetVariableHistory": "read",
     "GetExposedElixirTools": "read",
     "RegisterVariable": "write",
+    "ImportVariables": "write",
     "SetVariable": "write",
     "SetVariables": "write",
     "DeleteVariable": "write",
@@ -88,6 +89,7 @@ _AUDITED: Final = frozenset(
         "InitializeSession",
         "CleanupSession",
         "RegisterVariable",
+        "ImportVariables",
         "SetVariable",
         "SetVariables",
         "DeleteVariable",
@@ -220,6 +222,8 @@ def _audit(call: _Call, outcome: str, *, variable: Any = None, version: Any = No
 def _write_target(rpc: str, request: Any) -> Any:
     if rpc == "RegisterVariable":
         return request.name
+    if rpc == "ImportVariables":
+        return [item.name for item in request.variables]
     if rpc == "SetVariables":
         return sorted(request.updates.keys())
     return getattr(request, "variable_identifier", None)
@@ -232,6 +236,8 @@ def _write_version(rpc: str, request: Any, response: Any) -> Any:
         return response.new_version
     if rpc == "SetVariables":
         return dict(response.new_versions)
+    if rpc == "ImportVariables":
+        return {item.name: item.initial_version or 1 for item in request.variables}
     if rpc == "RollbackVariable":
         return response.variable.version
     return None

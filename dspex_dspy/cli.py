@@ -1,7 +1,9 @@
 """The ``dspex-bridge`` command: run a standalone bridge server, or ping one.
 
 ``dspex-bridge serve`` starts a :class:`~dspex_dspy.server.BridgeServer` over a fresh
-:class:`~dspex_dspy.store.SessionStore` (swept periodically), prints exactly one line
+:class:`~dspex_dspy.store.SessionStore` (swept periodically) whose records live in this process
+(``--storage memory``, the default) or in Redis (``--storage redis://HOST:PORT/DB``: any number of
+nodes started with the same URL serve the same sessions, and a restart loses nothing), prints exactly one line
 ``dspex-bridge listening on HOST:PORT`` once it accepts calls (with ``--port 0`` the port is the one
 the OS chose, so scripts and tests can read it), and stops gracefully on SIGTERM or SIGINT, exiting
 0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. ``dspex-bridge token``
@@ -28,7 +30,7 @@ from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.auth import RateLimiter
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
-from dspex_dspy.store import SessionStore, StoreLimits
+from dspex_dspy.store import SessionStore, Storage, StoreLimits
 from dspex_dspy.tls import ServerTLS, resolve_security, secure_channel
 from dspex_dspy.tokens import PERMISSIONS, load_secret, mint_token
 from dspex_dspy.wire import error_from_rpc, from_timestamp
@@ -126,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds calls in flight get to finish on stop (default: %(default)s)"
     )
+    serve.add_argument(
+        "--storage",
+        default="memory",
+        help="where sessions live: 'memory' (this process only) or redis://HOST:PORT/DB, shared by every "
+        "node started with the same URL (default: %(default)s)",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     serve.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve over TLS")
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -166,9 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _storage(spec: str) -> Storage | None:
+    """The storage engine named by ``--storage`` (None = the in-process default)."""
+    if spec == "memory":
+        return None
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from dspex_dspy.store.redis_storage import RedisStorage  # only nodes on Redis need redis-py
+
+        return RedisStorage(spec)
+    raise DSPexError(f"--storage must be 'memory' or a redis://HOST:PORT/DB URL, got {spec!r}")
+
+
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        storage = _storage(args.storage)
+    except DSPexError as exc:
+        print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+        return 1
     store = SessionStore(
+        storage=storage,
         default_ttl=args.ttl,
         limits=StoreLimits(
             max_sessions=args.max_sessions,
@@ -219,6 +244,7 @@ def _serve(args: argparse.Namespace) -> int:
         except DSPexError as exc:
             print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
             store.close()
+            store.storage.close()
             return 1
         store.start_sweeper(args.sweep_interval)
         server.start()
@@ -228,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
             pass
         server.stop(args.grace)
         store.close()
+        store.storage.close()
         logger.info("stopped")
         return 0
     finally:

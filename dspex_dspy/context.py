@@ -24,16 +24,24 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
+import math
 import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, SessionNotFoundError, ValidationError
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    DSPexError,
+    SessionExistsError,
+    SessionNotFoundError,
+    ValidationError,
+)
 from dspex_dspy.state import BridgedState, LocalState, StateProvider
 from dspex_dspy.types import Variable
 
@@ -117,6 +125,34 @@ def program_requires_python(spec: Mapping[str, Any]) -> bool:
     return False
 
 
+KEEPALIVE_MAX_INTERVAL = 30.0
+"""Longest pause between two heartbeats of an open bridged context (a third of the TTL if shorter)."""
+
+
+def _keep_alive(
+    store: Any, session_id: str, interval: float, stop: threading.Event, owner: weakref.ref[Context]
+) -> None:
+    """Heartbeat ``session_id`` every ``interval`` s until ``stop`` is set or the context is collected.
+
+    It holds only a weak reference to its context: a context dropped without ``stop()`` stops
+    keeping its session alive, which then expires as any idle session.
+    """
+    warned = False
+    while not stop.wait(interval):
+        if owner() is None:
+            return
+        try:
+            alive = store.heartbeat(session_id)
+        except DSPexError as exc:
+            logger.debug("heartbeat of session %s failed: %s", session_id, exc)
+            continue
+        if not alive and not warned:
+            logger.warning(
+                "session %s is gone from the bridge (deleted by its owner, or the bridge lost it)", session_id
+            )
+            warned = True
+
+
 class _Stopped:
     """Stands in for the provider of a stopped context: every use raises a clear error."""
 
@@ -186,12 +222,41 @@ class Context:
         self._programs: dict[str, dict[str, Any]] = {}
         self._owns_session = False
         self._remote: Any = None
+        self._keepalive_stop = threading.Event()
         # Marks the variables this context imports, so a retry can remove what a failed switch left.
         self._migration = secrets.token_hex(8)
         # What a failed switch may have left on the bridge: (session made by us, variable names).
         self._leftover: tuple[bool, frozenset[str]] | None = None
         if backend == "bridged":
             self._switch("requested at creation", count=False)
+
+    @classmethod
+    def attach(cls, session_id: str, *, bridge: str | None = None, **options: Any) -> Context:
+        """Join an existing bridge session (made by another context) without owning it.
+
+        The attached context reads and writes the session's variables and keeps the session
+        alive while open; its :meth:`stop` leaves the session to its owner.
+
+        Args:
+            session_id: the session to join (the owner's ``ctx.id``).
+            bridge: None for the embedded bridge, or the address(es) of a running bridge.
+            **options: the security options of :class:`Context` (``root_certificates``, ``token``,
+                ``auth_secret``).
+
+        Raises:
+            SessionNotFoundError: the bridge has no such session.
+            BridgeUnavailableError: the bridge cannot be reached.
+        """
+        if not isinstance(session_id, str) or not session_id:
+            raise ValidationError("", "session_id", session_id, "session_id must be a non-empty string")
+        ctx = cls(session_id, bridge=bridge, **options)
+        ctx._switch("attached to an existing session", count=False, join=True)
+        return ctx
+
+    @property
+    def owns_session(self) -> bool:
+        """Whether this context created its bridge session (and so deletes it on :meth:`stop`)."""
+        return self._owns_session
 
     # ------------------------------------------------------------------ backend
 
@@ -306,12 +371,14 @@ class Context:
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
-        """Release the context: its bridge session (if it created one) is cleaned up. Idempotent."""
+        """Release the context: its bridge session is cleaned up if it created it (an attached
+        context leaves the session to its owner). Idempotent."""
         with self._switch_lock:
             provider = self._provider
             if isinstance(provider, _Stopped):
                 return
             self._provider = _Stopped(self.id)
+            self._keepalive_stop.set()
             if isinstance(provider, BridgedState) and self._owns_session:
                 try:
                     provider.store.cleanup_session(self.id)  # type: ignore[attr-defined]
@@ -417,7 +484,7 @@ class Context:
         assert secret is not None
         return mint_token(secret, sub=sub, sessions=[self.id], perms=wanted, ttl=ttl)
 
-    def _switch(self, reason: str, *, count: bool = True) -> None:
+    def _switch(self, reason: str, *, count: bool = True, join: bool = False) -> None:
         with self._switch_lock:
             local = self._provider
             if not isinstance(local, LocalState):
@@ -435,10 +502,21 @@ class Context:
             try:
                 with self._deadline(store, self.switch_timeout):
                     self._clear_leftover(store)
-                    if not store.has_session(self.id):
+                    if join:
+                        store.get_session(self.id)
+                    else:
                         # Marked first: a create whose answer is lost may still have made the session.
                         self._leftover = (True, frozenset())
-                        store.create_session(self.id, {"context": self.id})
+                        try:
+                            store.create_session(self.id, {"context": self.id})
+                        except SessionExistsError as exc:
+                            self._leftover = None  # someone else's session: never ours to remove
+                            exc.message = (
+                                f"{exc.message}: another context owns it; join it with "
+                                f"Context.attach({self.id!r}, bridge=...) or pick another id"
+                            )
+                            exc.args = (exc.message,)
+                            raise
                         created = True
                     bridged = BridgedState(store, self.id, address)
                     moved = self._migrate(local, bridged, store, created)
@@ -450,12 +528,28 @@ class Context:
                 raise BridgeUnavailableError(f"switching context {self.id} to the bridge failed: {exc}") from exc
             self._owns_session = created
             self._remote = store if self._bridge is not None else None
+            self._start_keepalive(store)
             duration = time.perf_counter() - started
             if count:
                 self._history.append(SwitchEvent("local", "bridged", time.time(), len(moved), duration, reason))
             logger.info(
                 "context %s bridged at %s (%d variables, %.1f ms)", self.id, address, len(moved), duration * 1e3
             )
+
+    def _start_keepalive(self, store: Any) -> None:
+        """Heartbeat the session while the context is open, so an idle context never loses it."""
+        try:
+            ttl = float(store.get_session(self.id).ttl)
+        except DSPexError:
+            ttl = math.nan
+        interval = min(KEEPALIVE_MAX_INTERVAL, ttl / 3) if math.isfinite(ttl) else KEEPALIVE_MAX_INTERVAL
+        thread = threading.Thread(
+            target=_keep_alive,
+            args=(store, self.id, max(interval, 0.01), self._keepalive_stop, weakref.ref(self)),
+            name=f"dspex-keepalive-{self.id[:24]}",
+            daemon=True,
+        )
+        thread.start()
 
     @staticmethod
     def _deadline(store: Any, seconds: float) -> contextlib.AbstractContextManager[Any]:

@@ -275,6 +275,15 @@ class LeaseTable:
         lease = self.holder(variable_id)
         return None if lease is None else OptimizationStatus(lease.optimizer_id, lease.started_at)
 
+    def held(self) -> dict[str, tuple[OptimizationStatus, float]]:
+        """Every variable a live lease holds: id -> (its status, the lease's monotonic deadline)."""
+        out = {}
+        for variable_id in list(self._by_variable):
+            lease = self.holder(variable_id)
+            if lease is not None:
+                out[variable_id] = (OptimizationStatus(lease.optimizer_id, lease.started_at), lease.deadline)
+        return out
+
     def forget(self, variable_ids: Sequence[str]) -> None:
         """Drop deleted variables from their leases."""
         for variable_id in variable_ids:

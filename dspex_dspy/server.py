@@ -347,6 +347,8 @@ class BridgeServicer:
             created_at=timestamp(info.created_at),
             variable_count=info.variable_count,
             tool_count=0,
+            ttl_seconds=info.ttl,
+            expires_in_seconds=max(0.0, info.expires_in),
         )
 
     @_unary
@@ -393,6 +395,33 @@ class BridgeServicer:
                 source=source,
             )
         return pb.RegisterVariableResponse(success=True, variable_id=registered.id)
+
+    def _imported(self, request: pb.RegisterVariableRequest, source: str) -> Variable:
+        """The variable a ``RegisterVariableRequest`` of an import describes."""
+        name = request.name
+        constraints = decode_constraints(request.constraints_json, name=name)
+        compile_spec(name, request.type, constraints)  # a bad type or constraint is reported before the value
+        return Variable(
+            id="",
+            name=name,
+            type=request.type,
+            value=self._decode(request.initial_value, name, request.initial_binary_value),
+            constraints=constraints,
+            description=request.description,
+            metadata=dict(request.metadata),
+            version=request.initial_version or 1,
+            created_at=from_timestamp(request.created_at) if request.HasField("created_at") else 0.0,
+            source=source,
+        )
+
+    @_unary
+    def ImportVariables(
+        self, request: pb.ImportVariablesRequest, context: grpc.ServicerContext
+    ) -> pb.ImportVariablesResponse:
+        """Import many variables in one call, all or none (an extension RPC; see ``bridge/README.md``)."""
+        variables = [self._imported(item, self._writer(item.metadata, context)) for item in request.variables]
+        imported = self.store.import_variables(request.session_id, variables)
+        return pb.ImportVariablesResponse(variable_ids=[v.id for v in imported])
 
     @_unary
     def GetVariable(self, request: pb.GetVariableRequest, context: grpc.ServicerContext) -> pb.GetVariableResponse:
@@ -825,6 +854,19 @@ class EmbeddedBridge:
     _lock: Final = threading.Lock()
     _server: BridgeServer | None = None
     _atexit_registered = False
+    _storage_url = "memory"
+
+    @classmethod
+    def configure(cls, storage: str = "memory") -> None:
+        """Choose where the embedded bridge keeps sessions: ``"memory"`` or ``"redis://HOST:PORT/DB"``.
+
+        A running embedded bridge is shut down; the next :meth:`get` starts one on that storage.
+        """
+        if storage != "memory" and not storage.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"storage must be 'memory' or a redis:// URL, got {storage!r}")
+        cls.shutdown()
+        with cls._lock:
+            cls._storage_url = storage
 
     @classmethod
     def get(cls) -> BridgeServer:
@@ -832,7 +874,12 @@ class EmbeddedBridge:
         with cls._lock:
             if cls._server is not None and cls._server.running:
                 return cls._server
-            store = SessionStore()
+            if cls._storage_url == "memory":
+                store = SessionStore()
+            else:
+                from dspex_dspy.store.redis_storage import RedisStorage  # only Redis users need redis-py
+
+                store = SessionStore(storage=RedisStorage(cls._storage_url))
             store.start_sweeper()
             try:
                 server, _ = create_server(store, "127.0.0.1", 0)
@@ -860,3 +907,4 @@ class EmbeddedBridge:
         if server is not None:
             server.stop(grace)
             server.store.close()
+            server.store.storage.close()

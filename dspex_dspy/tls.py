@@ -98,6 +98,11 @@ def _host_of(address: str) -> str:
     return host.removeprefix("ipv4:").removeprefix("ipv6:")
 
 
+def _all_loopback(address: str) -> bool:
+    """Whether every host of a target (one address, or an ``ipv4:``/``ipv6:`` list) is loopback."""
+    return all(is_loopback(_host_of(part)) for part in address.removeprefix("ipv4:").removeprefix("ipv6:").split(","))
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     """A server's TLS material (PEM bytes).
@@ -216,7 +221,7 @@ def channel_credentials(address: str, security: ChannelSecurity) -> grpc.Channel
             private_key=security.private_key,
             certificate_chain=security.certificate_chain,
         )
-    if security.token and not is_loopback(_host_of(address)):
+    if security.token and not _all_loopback(address):
         raise BridgeUnavailableError(
             f"refusing to send a token in clear to {address}: give root certificates (root_certificates= "
             f"or {CA_ENV}) so the channel uses TLS"

@@ -32,6 +32,7 @@ from typing_extensions import TypedDict
 from dspex_dspy.errors import ValidationError
 
 __all__ = [
+    "BATCH_METADATA_KEY",
     "MAX_NAME_LENGTH",
     "MAX_PATTERN_LENGTH",
     "INT64_MAX",
@@ -43,6 +44,7 @@ __all__ = [
     "Variable",
     "VariableSpec",
     "VariableType",
+    "batch_marker",
     "compile_spec",
     "decode_constraints",
     "decode_value",
@@ -172,6 +174,25 @@ def validate_name(name: object) -> str:
             f"at most {MAX_NAME_LENGTH} characters)",
         )
     return name
+
+
+BATCH_METADATA_KEY: Final = "dspex.batch"
+"""Write metadata that marks the writes of one atomic batch: ``"<batch id>/<number of writes>"``.
+
+A worker's cache holds a batch's updates until all of them arrived and applies them together, so
+no read sees part of an atomic ``update_many``.
+"""
+
+
+def batch_marker(metadata: Mapping[str, str]) -> tuple[str, int] | None:
+    """``(batch id, number of writes)`` from a write's metadata, or None when it was no batch (or the mark is malformed)."""
+    text = metadata.get(BATCH_METADATA_KEY)
+    if not text:
+        return None
+    batch_id, _, size = text.rpartition("/")
+    if not batch_id or not size.isdigit() or int(size) < 2:
+        return None
+    return batch_id, int(size)
 
 
 def normalize_metadata(name: str, metadata: Mapping[str, Any] | None) -> dict[str, str]:

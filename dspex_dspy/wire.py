@@ -23,7 +23,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import ValidationError
-from dspex_dspy.store.watch import VariableUpdate
+from dspex_dspy.records import VariableUpdate
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     VARIABLE_TYPES,

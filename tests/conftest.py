@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.support.redis_server"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"dspex-bridge listening on (\S+:\d+)")
 START_DEADLINE_S = 60.0

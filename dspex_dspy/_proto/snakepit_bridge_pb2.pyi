@@ -101,7 +101,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session_id", "metadata", "created_at", "variable_count", "tool_count")
+    __slots__ = ("session_id", "metadata", "created_at", "variable_count", "tool_count", "ttl_seconds", "expires_in_seconds")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,12 +114,16 @@ class GetSessionResponse(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     VARIABLE_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOOL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     created_at: _timestamp_pb2.Timestamp
     variable_count: int
     tool_count: int
-    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variable_count: _Optional[int] = ..., tool_count: _Optional[int] = ...) -> None: ...
+    ttl_seconds: float
+    expires_in_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variable_count: _Optional[int] = ..., tool_count: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., expires_in_seconds: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session_id", "client_time")
@@ -788,3 +792,17 @@ class RollbackVariableResponse(_message.Message):
     variable: Variable
     error_message: str
     def __init__(self, success: _Optional[bool] = ..., variable: _Optional[_Union[Variable, _Mapping]] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class ImportVariablesRequest(_message.Message):
+    __slots__ = ("session_id", "variables")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    variables: _containers.RepeatedCompositeFieldContainer[RegisterVariableRequest]
+    def __init__(self, session_id: _Optional[str] = ..., variables: _Optional[_Iterable[_Union[RegisterVariableRequest, _Mapping]]] = ...) -> None: ...
+
+class ImportVariablesResponse(_message.Message):
+    __slots__ = ("variable_ids",)
+    VARIABLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    variable_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, variable_ids: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -149,6 +149,11 @@ class BridgeServiceStub:
                 request_serializer=snakepit__bridge__pb2.RollbackVariableRequest.SerializeToString,
                 response_deserializer=snakepit__bridge__pb2.RollbackVariableResponse.FromString,
                 _registered_method=True)
+        self.ImportVariables = channel.unary_unary(
+                '/snakepit.bridge.BridgeService/ImportVariables',
+                request_serializer=snakepit__bridge__pb2.ImportVariablesRequest.SerializeToString,
+                response_deserializer=snakepit__bridge__pb2.ImportVariablesResponse.FromString,
+                _registered_method=True)
 
 
 class BridgeServiceServicer:
@@ -298,6 +303,14 @@ class BridgeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportVariables(self, request, context):
+        """Extension beyond the snakepit 0.4.x contract: import many variables in one call, all or none
+        (a peer without it answers UNIMPLEMENTED; clients then register one by one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BridgeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -415,6 +428,11 @@ def add_BridgeServiceServicer_to_server(servicer, server):
                     servicer.RollbackVariable,
                     request_deserializer=snakepit__bridge__pb2.RollbackVariableRequest.FromString,
                     response_serializer=snakepit__bridge__pb2.RollbackVariableResponse.SerializeToString,
+            ),
+            'ImportVariables': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportVariables,
+                    request_deserializer=snakepit__bridge__pb2.ImportVariablesRequest.FromString,
+                    response_serializer=snakepit__bridge__pb2.ImportVariablesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1038,6 +1056,33 @@ class BridgeService:
             '/snakepit.bridge.BridgeService/RollbackVariable',
             snakepit__bridge__pb2.RollbackVariableRequest.SerializeToString,
             snakepit__bridge__pb2.RollbackVariableResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportVariables(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snakepit.bridge.BridgeService/ImportVariables',
+            snakepit__bridge__pb2.ImportVariablesRequest.SerializeToString,
+            snakepit__bridge__pb2.ImportVariablesResponse.FromString,
             options,
             channel_credentials,
             insecure,

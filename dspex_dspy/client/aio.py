@@ -32,7 +32,7 @@ from dspex_dspy.client.events import WatchEvent
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
-from dspex_dspy.remote import BridgeCall, BridgeCalls
+from dspex_dspy.remote import BridgeCall, BridgeCalls, channel_args
 from dspex_dspy.tls import secure_aio_channel
 from dspex_dspy.types import Variable
 
@@ -158,7 +158,8 @@ class AsyncSessionContext(ClientCore):
 
     def _open_channel(self) -> None:
         assert self.address is not None
-        self._channel = secure_aio_channel(self.address, self.security, CLIENT_CHANNEL_OPTIONS)
+        target, options = channel_args(self.address, CLIENT_CHANNEL_OPTIONS)
+        self._channel = secure_aio_channel(target, self.security, options)
         self.stub = pb_grpc.BridgeServiceStub(self._channel)
 
     def _notify(self) -> None:

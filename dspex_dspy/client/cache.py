@@ -18,7 +18,7 @@ from typing import Any, Final
 from dspex_dspy.client.events import WatchEvent, WatchTracker
 from dspex_dspy.client.policy import Silence, watch_is_over
 from dspex_dspy.errors import DSPexError, ValidationError
-from dspex_dspy.store import UpdateType, VariableUpdate
+from dspex_dspy.records import UpdateType, VariableUpdate
 from dspex_dspy.types import Variable, VariableSpec, compile_spec
 
 __all__ = ["WORKER", "Batch", "CacheState", "Subscription", "VariableCache"]
@@ -322,10 +322,10 @@ class VariableCache:
                 sub.push_listing(listed)
             self._changed()
 
-    def catch_up(self, variables: Iterable[Variable], seq: int, trigger: VariableUpdate) -> None:
-        """Replace the cache by a listing taken after ``trigger`` (an update :meth:`apply` held back) arrived.
+    def catch_up(self, variables: Iterable[Variable], seq: int, triggers: Sequence[VariableUpdate]) -> None:
+        """Replace the cache by a listing taken after ``triggers`` (updates :meth:`apply_all` held back) arrived.
 
-        The listing holds ``trigger`` and every write before it, and is newer than anything the
+        The listing holds the triggers and every write before them, and is newer than anything the
         stream delivered before it. Only the worker's own writes since ``seq`` (the listing may
         predate them) keep their cached state where it is newer.
         """
@@ -357,8 +357,9 @@ class VariableCache:
             self._provisional = kept_own
             self._registered_here &= kept_own
             self._touched = {name: self._touched[name] for name in touched}
-            if trigger.variable is not None:
-                self._publish(trigger, trigger.variable)
+            for trigger in triggers:
+                if trigger.variable is not None:
+                    self._publish(trigger, trigger.variable)
             self._changed()
 
     def apply(self, update: VariableUpdate, in_order: bool = True) -> bool:
@@ -370,45 +371,75 @@ class VariableCache:
         and is still handed on (the cache already holds a later state of the whole session), so
         watches see every update of the stream, with its source and metadata.
         """
-        var = update.variable
-        if var is None or update.update_type == UpdateType.HEARTBEAT:
-            return False
+        return self.apply_all([(update, in_order)])
+
+    def apply_all(self, updates: Sequence[tuple[VariableUpdate, bool]]) -> bool:
+        """Apply the updates of one atomic batch together: a reader sees all of them or none.
+
+        Each pair is an update and whether it arrived in write order. Returns True, applying
+        nothing, when any of them must wait for a listing (see :meth:`apply`); the caller then
+        calls :meth:`catch_up` with all of them.
+        """
         with self._cond:
             if not self._synced:
                 return False
-            entry = self._vars.get(var.name)
-            if entry is not None and entry.id != var.id:
-                # A message of an older incarnation of that name, queued before it was replaced.
-                if update.update_type == UpdateType.DELETED:
-                    self._deleted_ids.add(var.id)
-                return False
-            if update.update_type == UpdateType.DELETED:
-                changes = entry is not None
-                if not changes and not any(sub.wants(var) for sub in self._live()):
-                    self._deleted_ids.add(var.id)
-                    return False
-                if not in_order:
-                    return True
-                self._deleted_ids.add(var.id)
-                if entry is not None:
-                    del self._vars[var.name]
-                    self._provisional.discard(var.name)
-                    self._registered_here.discard(var.name)
-                    self._floors.pop(var.name, None)
-            else:
-                if var.id in self._deleted_ids:
-                    return False
-                own = var.name in self._provisional  # the worker's own write: ahead of the stream
-                changes = entry is None or var.version > entry.version or (var.version == entry.version and own)
-                if not in_order and (changes or (own and any(sub.wants(var) for sub in self._live()))):
-                    return True
-                if changes:
-                    self._vars[var.name] = var
-                    self._provisional.discard(var.name)
-                    self._registered_here.discard(var.name)
-            if self._publish(update, var) or changes:
+            if any(self._held_back(update, in_order) for update, in_order in updates):
+                return True
+            changed = False
+            for update, _ in updates:
+                changed = self._apply_locked(update) or changed
+            if changed:
                 self._changed()
             return False
+
+    def _held_back(self, update: VariableUpdate, in_order: bool) -> bool:
+        """Whether ``update`` would change the cache (or be reported) but may have overtaken earlier writes."""
+        var = update.variable
+        if in_order or var is None or update.update_type == UpdateType.HEARTBEAT:
+            return False
+        entry = self._vars.get(var.name)
+        if entry is not None and entry.id != var.id:
+            return False
+        if update.update_type == UpdateType.DELETED:
+            return entry is not None or any(sub.wants(var) for sub in self._live())
+        if var.id in self._deleted_ids:
+            return False
+        own = var.name in self._provisional
+        changes = entry is None or var.version > entry.version or (var.version == entry.version and own)
+        return changes or (own and any(sub.wants(var) for sub in self._live()))
+
+    def _apply_locked(self, update: VariableUpdate) -> bool:
+        """Apply one update known not to be held back (under the lock); True if anyone must be woken."""
+        var = update.variable
+        if var is None or update.update_type == UpdateType.HEARTBEAT:
+            return False
+        entry = self._vars.get(var.name)
+        if entry is not None and entry.id != var.id:
+            # A message of an older incarnation of that name, queued before it was replaced.
+            if update.update_type == UpdateType.DELETED:
+                self._deleted_ids.add(var.id)
+            return False
+        if update.update_type == UpdateType.DELETED:
+            changes = entry is not None
+            if not changes and not any(sub.wants(var) for sub in self._live()):
+                self._deleted_ids.add(var.id)
+                return False
+            self._deleted_ids.add(var.id)
+            if entry is not None:
+                del self._vars[var.name]
+                self._provisional.discard(var.name)
+                self._registered_here.discard(var.name)
+                self._floors.pop(var.name, None)
+        else:
+            if var.id in self._deleted_ids:
+                return False
+            own = var.name in self._provisional  # the worker's own write: ahead of the stream
+            changes = entry is None or var.version > entry.version or (var.version == entry.version and own)
+            if changes:
+                self._vars[var.name] = var
+                self._provisional.discard(var.name)
+                self._registered_here.discard(var.name)
+        return self._publish(update, var) or changes
 
     # ------------------------------------------------------------------ the worker's own writes
 

@@ -30,8 +30,8 @@ from dspex_dspy.client.feed import CachedWatch, StreamWatch
 from dspex_dspy.client.policy import DEFAULT_RECONNECT_TIMEOUT, DEFAULT_SILENCE_TIMEOUT
 from dspex_dspy.errors import BatchUpdateError, BridgeUnavailableError, ValidationError, VariableNotFoundError
 from dspex_dspy.leases import OptimizationLease
+from dspex_dspy.records import BatchResult
 from dspex_dspy.remote import CHANNEL_OPTIONS, DEFAULT_CALL_TIMEOUT, BridgeCall, BridgeCalls, registered_variable
-from dspex_dspy.store import BatchResult
 from dspex_dspy.tls import Pem, resolve_security
 from dspex_dspy.types import Variable, normalize_metadata
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from dspex_dspy.store import UpdateType, VariableUpdate
+from dspex_dspy.records import UpdateType, VariableUpdate
 from dspex_dspy.types import OptimizationStatus, Variable
 
 __all__ = ["StreamOrder", "WatchEvent", "WatchTracker", "detached"]

@@ -26,9 +26,9 @@ from dspex_dspy.client.cache import Subscription, VariableCache
 from dspex_dspy.client.events import StreamOrder, WatchEvent, WatchTracker
 from dspex_dspy.client.policy import Reconnect, unlisted, watch_error
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError, VariableNotFoundError
+from dspex_dspy.records import UpdateType, VariableUpdate
 from dspex_dspy.remote import BridgeCall, BridgeCalls
-from dspex_dspy.store import VariableUpdate
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, batch_marker
 from dspex_dspy.wire import proto_to_update
 
 __all__ = ["CacheFeed", "CachedWatch", "Listing", "StreamWatch", "WatchStep"]
@@ -58,6 +58,37 @@ def watch_request(session_id: str) -> pb.WatchVariablesRequest:
     return pb.WatchVariablesRequest(session_id=session_id, include_initial_values=True)
 
 
+class BatchAssembly:
+    """Holds the updates of an atomic batch until all of them arrived, so the cache applies them together.
+
+    A batch's updates carry :data:`~dspex_dspy.types.BATCH_METADATA_KEY` (``"<id>/<count>"``) and
+    reach a watcher one after another. A watcher that fell behind gets coalesced updates, so a
+    batch may arrive incomplete (a later write replaced one of its updates): what was held is then
+    released together with the next complete batch, the next plain update or the next heartbeat,
+    whichever comes first, so the cache only ever moves between states the server was in.
+    """
+
+    def __init__(self) -> None:
+        self._id = ""
+        self._count = 0
+        self._held: list[tuple[VariableUpdate, bool]] = []
+
+    def add(self, update: VariableUpdate, in_order: bool) -> list[tuple[VariableUpdate, bool]]:
+        """Take one streamed update; return the updates to apply now (in stream order), maybe none."""
+        marker = batch_marker(update.metadata) if update.update_type == UpdateType.VALUE_CHANGE else None
+        self._held.append((update, in_order))
+        if marker is not None:
+            batch_id, size = marker
+            if batch_id != self._id:
+                self._id, self._count = batch_id, 0
+            self._count += 1
+            if self._count < size:
+                return []
+        released, self._held = self._held, []
+        self._id, self._count = "", 0
+        return released
+
+
 class CacheFeed:
     """The cache's feed across connections: resync after each (re)connect, catch up on reordering.
 
@@ -80,12 +111,14 @@ class CacheFeed:
         self._order = StreamOrder()
         self._first = True
         self._seq = 0
-        self._trigger: VariableUpdate | None = None
+        self._trigger: list[VariableUpdate] | None = None
+        self._batch = BatchAssembly()
         self._outage = False
 
     def opened(self) -> None:
         """A new stream was opened."""
         self._order = StreamOrder()
+        self._batch = BatchAssembly()
         self._first = True
         self.cache.heard()
 
@@ -100,10 +133,11 @@ class CacheFeed:
         in_order = self._order.in_order(update)
         if self._first:
             self._first, self._trigger = False, None
-        elif self.cache.apply(update, in_order):
-            self._trigger = update
         else:
-            return None
+            ready = self._batch.add(update, in_order)
+            if not ready or not self.cache.apply_all(ready):
+                return None
+            self._trigger = [held for held, _ in ready]
         self._seq = self.cache.resync_started()
         return _listing_call(self.session_id, ())
 

@@ -12,16 +12,18 @@ The status <-> exception mapping both the server and the clients use is in
 from __future__ import annotations
 
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, encode_write, infer_type, registered_variable
-from dspex_dspy.remote.channel import CHANNEL_OPTIONS, DEFAULT_CALL_TIMEOUT, open_channel
+from dspex_dspy.remote.channel import BALANCE_ENV, CHANNEL_OPTIONS, DEFAULT_CALL_TIMEOUT, channel_args, open_channel
 from dspex_dspy.remote.store import IMPORT_WINDOW, RemoteStore
 
 __all__ = [
+    "BALANCE_ENV",
     "CHANNEL_OPTIONS",
     "DEFAULT_CALL_TIMEOUT",
     "IMPORT_WINDOW",
     "BridgeCall",
     "BridgeCalls",
     "RemoteStore",
+    "channel_args",
     "encode_write",
     "infer_type",
     "open_channel",

@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import BridgeError, DSPexError, ValidationError
 from dspex_dspy.leases import OptimizationLease, lease_request_options, validate_lease_request
-from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,
@@ -177,14 +177,15 @@ def _entry_error(response: pb.BatchSetVariablesResponse, ident: str, session_id:
 
 
 def _session_info(response: pb.GetSessionResponse) -> SessionInfo:
-    # The wire contract does not report a session's TTL, so it is NaN (unknown) on this side.
+    # The contract does not report a session's TTL; this bridge's extension fields do (0 = a peer
+    # that does not), else it is NaN (unknown) on this side.
     return SessionInfo(
         id=response.session_id,
         metadata=dict(response.metadata),
         created_at=from_timestamp(response.created_at),
-        ttl=math.nan,
+        ttl=response.ttl_seconds or math.nan,
         variable_count=response.variable_count,
-        expires_in=math.nan,
+        expires_in=response.expires_in_seconds if response.ttl_seconds else math.nan,
     )
 
 

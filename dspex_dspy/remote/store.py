@@ -21,10 +21,11 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import grpc
 
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -34,15 +35,19 @@ from dspex_dspy.errors import (
     VariableExistsError,
 )
 from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
-from dspex_dspy.store import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.tls import Pem
 from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata
+from dspex_dspy.wire_errors import error_from_rpc
 
 __all__ = ["IMPORT_WINDOW", "UNDO_TIMEOUT", "RemoteStore"]
 
 logger = logging.getLogger(__name__)
+
+_BATCH_IMPORT_BYTES: Final = 8 * 1024 * 1024
+"""Largest import sent as one ``ImportVariables`` call (bigger ones register one by one)."""
 
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
@@ -91,6 +96,7 @@ class RemoteStore:
         # encodes writes as the right type and lets set_variable return a record without a 2nd RPC.
         self._known: dict[tuple[str, str], Variable] = {}
         self._known_lock = threading.Lock()
+        self._batch_import: bool | None = None  # False once the bridge said it has no ImportVariables
         self._deadlines = threading.local()
 
     @classmethod
@@ -311,8 +317,10 @@ class RemoteStore:
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
         """Import whole variables (value, version, created_at, description, metadata), all or nothing.
 
-        Every variable is checked here first; then the ``RegisterVariable`` calls are pipelined,
-        :data:`IMPORT_WINDOW` in flight at a time. If any of them fails, the variables already made
+        Every variable is checked here first; then they travel in one ``ImportVariables`` call
+        (an extension RPC, applied all or none by the bridge). A bridge without it answers
+        ``UNIMPLEMENTED``, and the ``RegisterVariable`` calls are pipelined instead,
+        :data:`IMPORT_WINDOW` in flight at a time; if any of them fails, the variables already made
         are deleted again and the first failure (in input order) is raised.
 
         The wire contract carries no ``updated_at`` for a registration, so an imported variable's
@@ -342,6 +350,47 @@ class RemoteStore:
             )
         if self._closed:
             raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+        ids = self._import_batch(session_id, calls) if calls else []
+        made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
+        now = time.time()
+        out = []
+        for (_, var_id), var in zip(sorted(made), variables, strict=True):
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
+            imported = replace(
+                var,
+                id=var_id,
+                value=spec.validate(var.value),
+                constraints=dict(spec.constraints),
+                metadata=normalize_metadata(var.name, var.metadata),
+                created_at=var.created_at or now,
+                updated_at=now,
+            )
+            out.append(self._learn(session_id, imported))
+        return out
+
+    def _import_batch(self, session_id: str, calls: list[BridgeCall[str]]) -> list[str] | None:
+        """One ``ImportVariables`` call; None when the bridge does not have that extension RPC."""
+        if self._batch_import is False or sum(c.request.ByteSize() for c in calls) > _BATCH_IMPORT_BYTES:
+            return None
+        entries = [cast(pb.RegisterVariableRequest, c.request) for c in calls]
+        request = pb.ImportVariablesRequest(session_id=session_id, variables=entries)
+        try:
+            response = self.stub.ImportVariables(request, timeout=self._timeout(), metadata=calls[0].metadata)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._batch_import = False  # an older bridge: register one by one from now on
+                return None
+            raise error_from_rpc(err, session_id=session_id) from err
+        except ValueError as err:  # grpc raises this for a call on a closed channel
+            raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
+        if len(response.variable_ids) != len(calls):
+            raise BridgeUnavailableError(
+                f"the bridge answered {len(response.variable_ids)} ids for an import of {len(calls)} variables"
+            )
+        return list(response.variable_ids)
+
+    def _import_one_by_one(self, session_id: str, calls: list[BridgeCall[str]]) -> list[tuple[int, str]]:
+        """Pipelined ``RegisterVariable`` calls (bridges without ``ImportVariables``); undone on failure."""
         made: list[tuple[int, str]] = []
         failure: tuple[int, DSPexError] | None = None
         for start in range(0, len(calls), IMPORT_WINDOW):
@@ -369,21 +418,7 @@ class RemoteStore:
         if failure is not None:
             self._undo_import(session_id, [var_id for _, var_id in made])
             raise failure[1]
-        now = time.time()
-        out = []
-        for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
-            imported = replace(
-                var,
-                id=var_id,
-                value=spec.validate(var.value),
-                constraints=dict(spec.constraints),
-                metadata=normalize_metadata(var.name, var.metadata),
-                created_at=var.created_at or now,
-                updated_at=now,
-            )
-            out.append(self._learn(session_id, imported))
-        return out
+        return made
 
     def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
         """Delete the variables a failed import made (pipelined); failures are logged, not raised.

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
 from dspex_dspy.leases import OptimizationLease
-from dspex_dspy.store import BatchResult
+from dspex_dspy.records import BatchResult
 from dspex_dspy.types import Variable
 
 __all__ = ["BridgedState", "SessionAccess"]

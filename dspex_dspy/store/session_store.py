@@ -13,30 +13,31 @@ Rules kept here, for every caller:
 - a write merges metadata and records who wrote (``source``) and when;
 - each variable keeps a bounded history of its writes;
 - an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
-  its optimizer stops it or it expires;
+  its optimizer stops it or it expires (leases are held by the node that granted them);
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
-- watchers are registered before their initial snapshot is taken, under the same lock as writes,
-  so no write can fall between the snapshot and the stream.
+- watchers are registered (and, on a shared engine, the session's change log followed) before
+  their initial snapshot is read, so no write can fall between the snapshot and the stream.
+
+Records live in a storage engine (:mod:`dspex_dspy.store.storage`): in process by default, or in
+Redis, where several bridge nodes serve the same sessions. The store holds no lock while it
+validates or copies values; engines lock per session (or run a script atomically).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
 import threading
 import time
-from collections import deque
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 from dspex_dspy.errors import (
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
-    SessionExistsError,
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
@@ -44,11 +45,30 @@ from dspex_dspy.errors import (
     VersionConflictError,
 )
 from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
-from dspex_dspy.limits import StoreLimits, check_count, check_value_size, value_size
+from dspex_dspy.limits import StoreLimits, check_value_size
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.store.glob import compile_glob
-from dspex_dspy.store.storage import HistoryEntry, MemoryStorage, SessionRecord, Storage, VariableRecord
-from dspex_dspy.store.watch import UpdateType, VariableUpdate, Watch
-from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata, validate_name
+from dspex_dspy.store.storage import (
+    MAX_VERSION,
+    MemoryStorage,
+    NewVariable,
+    Storage,
+    Write,
+    constraints_bytes,
+    map_bytes,
+    text_bytes,
+)
+from dspex_dspy.store.watch import Watch
+from dspex_dspy.types import (
+    BATCH_METADATA_KEY,
+    OptimizationStatus,
+    Variable,
+    VariableSpec,
+    compile_spec,
+    is_secret,
+    normalize_metadata,
+    validate_name,
+)
 
 __all__ = ["BatchResult", "SessionInfo", "SessionStore", "StoreLimits"]
 
@@ -56,67 +76,34 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 3600.0
 MAX_SESSION_ID_LENGTH = 256
-MAX_VERSION = 2**31 - 1
-"""The highest version a variable can reach: versions travel as ``int32`` on the wire."""
 MIN_TIME = -62_135_596_800.0
 MAX_TIME = 253_402_300_799.0
 """Timestamps a store keeps lie in years 1..9999 (what ``google.protobuf.Timestamp`` can carry)."""
 
 
-@dataclass(frozen=True)
-class _WritePlan:
-    """What one write costs: bytes added overall, to the fixed part, and history entries dropped."""
-
-    delta: int
-    fixed_delta: int
-    drop: int
-    history_bytes: int
+def _monotonic() -> float:
+    # Looked up at call time, so tests can stand in for this module's ``time``.
+    return time.monotonic()
 
 
-@dataclass(frozen=True)
-class SessionInfo:
-    """What :meth:`SessionStore.get_session` reports about a session."""
-
-    id: str
-    metadata: Mapping[str, str]
-    created_at: float
-    ttl: float
-    variable_count: int
-    expires_in: float
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """The outcome of :meth:`SessionStore.set_variables`.
-
-    Attributes:
-        new_versions: identifier -> new version, for each write applied.
-        errors: identifier -> the error that rejected it. With ``atomic=True`` any error means
-            nothing was applied and ``new_versions`` is empty.
-    """
-
-    new_versions: dict[str, int] = field(default_factory=dict)
-    errors: dict[str, DSPexError] = field(default_factory=dict)
-
-    @property
-    def success(self) -> bool:
-        """True when every write was applied."""
-        return not self.errors
+def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variable:
+    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps) the caller may
+    change, reporting the optimization lease that holds it (if any)."""
+    value = var.value
+    if isinstance(value, list):
+        value = list(value)
+    elif isinstance(value, dict):
+        value = {"shape": list(value["shape"]), "data": list(value["data"])}
+    return replace(
+        var, value=value, constraints=dict(var.constraints), metadata=dict(var.metadata), optimization_status=status
+    )
 
 
-def _text_bytes(text: str) -> int:
-    """UTF-8 size of ``text`` (its length when that is all ASCII, which is the common case)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+_lease_clock = time.monotonic  # the real clock, whatever tests do to this module's ``time``
 
 
-def _map_bytes(mapping: Mapping[str, str]) -> int:
-    return sum(_text_bytes(k) + _text_bytes(v) for k, v in mapping.items())
-
-
-def _constraints_bytes(constraints: Mapping[str, Any]) -> int:
-    if not constraints:
-        return 0
-    return _text_bytes(json.dumps(dict(constraints), default=str, separators=(",", ":")))
+_ROLLBACK_ATTEMPTS = 16
+_FOLLOW_WAIT_S = 1.0
 
 
 class SessionStore:
@@ -125,7 +112,8 @@ class SessionStore:
     Args:
         default_ttl: seconds a session lives without being used (sliding).
         limits: the limits to enforce.
-        storage: where records live (:class:`MemoryStorage` by default).
+        storage: where records live (:class:`MemoryStorage` by default; a
+            :class:`~dspex_dspy.store.redis_storage.RedisStorage` for several nodes and durability).
         clock: wall clock used for timestamps (seconds since the epoch).
 
     Example:
@@ -149,17 +137,31 @@ class SessionStore:
             raise ValueError(f"default_ttl must be positive, got {default_ttl}")
         self.default_ttl = float(default_ttl)
         self.limits = limits or StoreLimits()
-        self._storage: Storage = storage if storage is not None else MemoryStorage()
+        self._storage: Storage = (
+            storage if storage is not None else MemoryStorage(monotonic=_monotonic, limits=self.limits)
+        )
         self._clock = clock
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # guards the watcher table (never held while calling storage)
         self._watchers: dict[str, list[Watch]] = {}
         self._watcher_count = 0
-        self._bytes_total = 0
+        self._followers: dict[str, threading.Thread] = {}
+        self._specs: dict[tuple[str, str, float], VariableSpec] = {}
+        self._known: dict[tuple[str, str], Variable] = {}  # (session, identifier) -> a read of it
+        # Leases: the table is changed under _lease_lock, which a write holds from its admission to
+        # its application while any lease exists; readers use the lock-free copy in _lease_view
+        # (variable id -> (status, deadline)), replaced whole after every change of the table.
+        self._leases = LeaseTable()
+        self._lease_lock = threading.Lock()
+        self._lease_view: dict[str, tuple[OptimizationStatus, float]] = {}
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
-        self._leases = LeaseTable()
+        self._storage.add_listener(self)
+
+    @property
+    def storage(self) -> Storage:
+        """The storage engine under this store."""
+        return self._storage
 
     # ------------------------------------------------------------------ sessions
 
@@ -175,76 +177,60 @@ class SessionStore:
                 f"a session id must be a non-empty string of at most {MAX_SESSION_ID_LENGTH} characters",
             )
         meta = normalize_metadata("", metadata)
-        meta_bytes = _map_bytes(meta)
+        meta_bytes = map_bytes(meta)
         if meta_bytes > self.limits.max_session_metadata_bytes:
             raise LimitExceededError("session metadata bytes", meta_bytes, self.limits.max_session_metadata_bytes)
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
-        with self._lock:
-            self._check_open()
-            existing = self._storage.get_session(session_id)
-            if existing is not None and not self._expired(existing):
-                raise SessionExistsError(session_id)
-            if existing is not None:
-                self._drop_session(existing)
-            if self._storage.session_count() >= self.limits.max_sessions:
-                raise LimitExceededError("sessions", self._storage.session_count() + 1, self.limits.max_sessions)
-            now = self._clock()
-            record = SessionRecord(
-                id=session_id,
-                metadata=meta,
-                created_at=now,
-                ttl=float(ttl) if ttl is not None else self.default_ttl,
-                last_access=time.monotonic(),
-            )
-            self._charge(record, _text_bytes(session_id) + meta_bytes)
-            record.bytes_used = _text_bytes(session_id) + meta_bytes
-            self._bytes_total += record.bytes_used
-            self._storage.put_session(record)
-            return self._info(record)
+        self._check_open()
+        return self._storage.create_session(
+            session_id,
+            meta,
+            float(ttl) if ttl is not None else self.default_ttl,
+            self._clock(),
+            self.limits.max_sessions,
+        )
 
     def get_session(self, session_id: str) -> SessionInfo:
         """Describe a session (and refresh its TTL)."""
-        with self._lock:
-            return self._info(self._session(session_id))
+        self._check_open()
+        info = self._storage.get_session(session_id)
+        if info is None:
+            raise SessionNotFoundError(session_id)
+        return info
 
     def has_session(self, session_id: str) -> bool:
         """Whether the session exists and has not expired (does not refresh its TTL)."""
-        with self._lock:
-            record = self._storage.get_session(session_id)
-            return record is not None and not self._expired(record)
+        self._check_open()
+        return self._storage.get_session(session_id, touch=False) is not None
 
     def heartbeat(self, session_id: str) -> bool:
         """Refresh a session's TTL; return False if it does not exist (or expired)."""
-        with self._lock:
-            try:
-                self._session(session_id)
-            except SessionNotFoundError:
-                return False
-            return True
+        self._check_open()
+        return self._storage.touch_session(session_id)
 
     def cleanup_session(self, session_id: str) -> int:
         """Remove a session, close its watchers, and return how many variables it held."""
-        with self._lock:
-            record = self._storage.get_session(session_id)
-            if record is None:
-                raise SessionNotFoundError(session_id)
-            return self._drop_session(record)
+        self._check_open()
+        count = self._storage.delete_session(session_id)
+        if count is None:
+            raise SessionNotFoundError(session_id)
+        self.ended(session_id)
+        return count
 
     def session_ids(self) -> list[str]:
         """The ids of the live sessions."""
-        with self._lock:
-            return [s.id for s in self._storage.sessions() if not self._expired(s)]
+        self._check_open()
+        return self._storage.session_ids()
 
     def sweep(self) -> list[str]:
         """Remove every expired session now; return their ids."""
-        with self._lock:
-            expired = [s for s in self._storage.sessions() if self._expired(s)]
-            for record in expired:
-                self._drop_session(record)
+        expired = self._storage.sweep()
+        for session_id in expired:
+            self.ended(session_id)
         if expired:
-            logger.info("expired %d session(s): %s", len(expired), ", ".join(s.id for s in expired))
-        return [s.id for s in expired]
+            logger.info("expired %d session(s): %s", len(expired), ", ".join(expired))
+        return expired
 
     def start_sweeper(self, interval: float = 60.0) -> None:
         """Sweep expired sessions every ``interval`` seconds in a daemon thread until :meth:`close`."""
@@ -253,7 +239,10 @@ class SessionStore:
 
         def run() -> None:
             while not self._stop_sweeper.wait(interval):
-                self.sweep()
+                try:
+                    self.sweep()
+                except DSPexError as exc:
+                    logger.warning("session sweep failed: %s", exc)
 
         self._sweeper = threading.Thread(target=run, name="dspex-session-sweeper", daemon=True)
         self._sweeper.start()
@@ -290,18 +279,18 @@ class SessionStore:
         meta = normalize_metadata(name, metadata)
         self._check_size(name, type_, normalised)
         self._check_fields(name, description, meta, spec.constraints)
-        with self._lock:
-            session = self._session(session_id)
-            if name in session.names:
-                raise VariableExistsError(name, session_id)
-            self._check_count(session, 1)
-            now = self._creation_time(session)
-            record = self._new_record(spec, normalised, description, meta, 1, now, now, source)
-            self._charge(session, record.fixed_bytes + record.history_bytes)
-            self._insert(session, record)
-            snapshot = self._snapshot(record)
-            self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, meta, now)
-            return snapshot
+        self._check_open()
+        new = NewVariable(
+            name, spec.type, normalised, dict(spec.constraints), description or "", meta, 1, 0.0, 0.0, source
+        )
+        (var,) = self._storage.insert_variables(
+            session_id,
+            [new],
+            now=self._clock(),
+            max_variables=self.limits.max_variables_per_session,
+            history_limit=self.limits.history_limit,
+        )
+        return self._view(var)
 
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
         """Import whole variables (value, version, timestamps, metadata), all or nothing.
@@ -309,8 +298,9 @@ class SessionStore:
         Used to migrate a context's state into a session: every variable is validated first and
         a single failure imports none of them.
         """
-        prepared: list[tuple[Any, Any, Variable, dict[str, str]]] = []
+        prepared: list[NewVariable] = []
         seen: set[str] = set()
+        now = self._clock()
         for var in variables:
             validate_name(var.name)
             if var.name in seen:
@@ -331,61 +321,41 @@ class SessionStore:
                     )
             meta = normalize_metadata(var.name, var.metadata)
             self._check_fields(var.name, var.description, meta, spec.constraints)
-            prepared.append((spec, normalised, var, meta))
-        with self._lock:
-            session = self._session(session_id)
-            for _, _, var, _ in prepared:
-                if var.name in session.names:
-                    raise VariableExistsError(var.name, session_id)
-            self._check_count(session, len(prepared))
-            now = self._clock()
-            adding = sum(
-                self._fixed_bytes(var.name, var.description, meta, spec.constraints)
-                + value_size(spec.type, normalised)
-                + _map_bytes(meta)
-                for spec, normalised, var, meta in prepared
-            )
-            self._charge(session, adding)
-            out = []
-            for spec, normalised, var, meta in prepared:
-                record = self._new_record(
-                    spec,
+            prepared.append(
+                NewVariable(
+                    var.name,
+                    spec.type,
                     normalised,
-                    var.description,
+                    dict(spec.constraints),
+                    var.description or "",
                     meta,
                     var.version,
                     var.created_at or now,
                     var.updated_at or now,
                     var.source,
                 )
-                last = next(reversed(session.variables.values()), None)
-                if last is not None and last.created_at > record.created_at:
-                    session.unordered = True
-                self._insert(session, record)
-                snapshot = self._snapshot(record)
-                self._notify(session_id, record.id, snapshot, UpdateType.VALUE_CHANGE, var.source, meta, now)
-                out.append(snapshot)
-            return out
+            )
+        self._check_open()
+        made = self._storage.insert_variables(
+            session_id,
+            prepared,
+            now=now,
+            max_variables=self.limits.max_variables_per_session,
+            history_limit=self.limits.history_limit,
+        )
+        return [self._view(v) for v in made]
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""
-        with self._lock:
-            session = self._session(session_id)
-            return self._snapshot(self._lookup(session, identifier))
+        return self._view(self._lookup(session_id, identifier))
 
     def get_variables(self, session_id: str, identifiers: Iterable[str]) -> tuple[dict[str, Variable], list[str]]:
         """Return ``(found keyed by identifier as given, missing identifiers)``."""
-        found: dict[str, Variable] = {}
-        missing: list[str] = []
-        with self._lock:
-            session = self._session(session_id)
-            for ident in identifiers:
-                record = self._find(session, ident)
-                if record is None:
-                    missing.append(ident)
-                else:
-                    found[ident] = self._snapshot(record)
-        return found, missing
+        idents = list(identifiers)
+        self._check_open()
+        found = self._storage.read_variables(session_id, idents)
+        missing = [i for i in idents if i not in found]
+        return {i: self._view(v) for i, v in found.items()}, missing
 
     def set_variable(
         self,
@@ -407,20 +377,56 @@ class SessionStore:
             VersionConflictError: ``expected_version`` (non-zero) is not the current version.
             VariableLockedError: an optimization lease holds the variable and the write is not forced.
         """
-        meta = normalize_metadata(identifier, metadata) if metadata else None
+        meta = normalize_metadata(identifier, metadata) if metadata else {}
         force = pop_force(meta) or force
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            normalised = record.spec.validate(value)
-            self._check_size(record.name, record.spec.type, normalised)
-            if expected_version and expected_version != record.version:
-                raise VersionConflictError(record.name, expected_version, record.version)
-            if self._leases:
-                forced = self._leases.admit(record.id, record.name, meta, force=force)
-                if forced:
-                    meta = {**(meta or {}), **forced}
-            return self._apply(session, record, normalised, meta, source)
+        # The definition known from an earlier read saves a round trip to a remote engine: ids are
+        # never reused, so a write to a known id is a write to that very variable, and the engine
+        # checks the version and that the id still exists. A stale entry is read afresh once.
+        known = self._known.get((session_id, identifier))
+        if known is not None:
+            try:
+                normalised = self._spec(session_id, known).validate(value)
+                self._check_size(known.name, known.type, normalised)
+                return self._view(self._write_one(session_id, known, normalised, expected_version, meta, source, force))
+            except (ValidationError, VariableNotFoundError, LimitExceededError):
+                self._known.pop((session_id, identifier), None)
+        var = self._lookup(session_id, identifier)
+        normalised = self._spec(session_id, var).validate(value)
+        self._check_size(var.name, var.type, normalised)
+        if expected_version and expected_version != var.version:
+            raise VersionConflictError(var.name, expected_version, var.version)
+        written = self._write_one(session_id, var, normalised, expected_version, meta, source, force)
+        self._remember(session_id, identifier, var)
+        return self._view(written)
+
+    def _write_one(
+        self,
+        session_id: str,
+        var: Variable,
+        value: Any,
+        expected_version: int | None,
+        meta: dict[str, str],
+        source: str,
+        force: bool,
+    ) -> Variable:
+        """One write, admitted by the leases first (the admission and the write are one step)."""
+        if var.version >= MAX_VERSION:
+            raise LimitExceededError(f"{var.name}: version", var.version + 1, MAX_VERSION)
+        if meta:
+            merged = map_bytes({**var.metadata, **meta})
+            if merged > self.limits.max_variable_metadata_bytes:
+                raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
+        if not self._lease_view:
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            return self._write(session_id, [write], {var.id: var.name})[0]
+        with self._lease_lock:
+            if all(_lease_clock() >= deadline for _, deadline in self._lease_view.values()):
+                self._refresh_lease_view()  # every lease expired: later writes take the fast path
+            forced = self._leases.admit(var.id, var.name, meta, force=force)
+            if forced:
+                meta = {**meta, **forced}
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            return self._write(session_id, [write], {var.id: var.name})[0]
 
     def set_variables(
         self,
@@ -437,109 +443,147 @@ class SessionStore:
         A variable held by another optimizer's lease is rejected with ``VariableLockedError``
         unless ``force``.
         """
-        meta = normalize_metadata("", metadata) if metadata else None
+        meta = normalize_metadata("", metadata) if metadata else {}
         force = pop_force(meta) or force
-        forced_meta: dict[str, dict[str, str]] = {}
-        with self._lock:
-            session = self._session(session_id)
-            checked: list[tuple[str, VariableRecord, Any]] = []
-            errors: dict[str, DSPexError] = {}
-            for ident, value in updates.items():
+        self._check_open()
+        idents = list(updates)
+        bad = [i for i in idents if not isinstance(i, str) or not i]
+        found = self._storage.read_variables(session_id, [i for i in idents if i not in bad])
+        checked: list[tuple[str, Variable, Any]] = []
+        errors: dict[str, DSPexError] = {}
+        for ident, value in updates.items():
+            try:
+                var = found.get(ident)
+                if var is None:
+                    if ident in bad:
+                        raise ValidationError(
+                            "", "identifier", ident, "a variable identifier must be a non-empty string"
+                        )
+                    raise VariableNotFoundError(ident, session_id)
+                normalised = self._spec(session_id, var).validate(value)
+                self._check_size(var.name, var.type, normalised)
+            except DSPexError as exc:
+                errors[ident] = exc
+                continue
+            checked.append((ident, var, normalised))
+        if atomic and errors:
+            return BatchResult({}, errors)
+        if not self._lease_view:
+            return self._apply_batch(session_id, checked, errors, meta, {}, atomic, source)
+        with self._lease_lock:
+            metas: dict[str, dict[str, str]] = {}
+            admitted = []
+            for ident, var, normalised in checked:
                 try:
-                    record = self._lookup(session, ident)
-                    normalised = record.spec.validate(value)
-                    self._check_size(record.name, record.spec.type, normalised)
-                    if self._leases:
-                        forced = self._leases.admit(record.id, record.name, meta, force=force)
-                        if forced:
-                            forced_meta[ident] = {**(meta or {}), **forced}
+                    forced = self._leases.admit(var.id, var.name, meta, force=force)
                 except DSPexError as exc:
                     errors[ident] = exc
                     continue
-                checked.append((ident, record, normalised))
+                if forced:
+                    metas[ident] = {**meta, **forced}
+                admitted.append((ident, var, normalised))
             if atomic and errors:
                 return BatchResult({}, errors)
-            versions: dict[str, int] = {}
-            if atomic:
-                try:
-                    self._charge(
-                        session,
-                        sum(self._plan(r, v, forced_meta.get(ident, meta)).delta for ident, r, v in checked),
-                    )
-                except DSPexError as exc:
-                    return BatchResult({}, {ident: exc for ident, _, _ in checked})
-                for ident, record, normalised in checked:
-                    written = self._apply(
-                        session, record, normalised, forced_meta.get(ident, meta), source, charge=False
-                    )
-                    versions[ident] = written.version
-                return BatchResult(versions, errors)
-            for ident, record, normalised in checked:
-                try:
-                    versions[ident] = self._apply(
-                        session, record, normalised, forced_meta.get(ident, meta), source
-                    ).version
-                except DSPexError as exc:
-                    errors[ident] = exc
-            return BatchResult(versions, errors)
+            return self._apply_batch(session_id, admitted, errors, meta, metas, atomic, source)
+
+    def _apply_batch(
+        self,
+        session_id: str,
+        checked: list[tuple[str, Variable, Any]],
+        errors: dict[str, DSPexError],
+        meta: dict[str, str],
+        metas: Mapping[str, dict[str, str]],
+        atomic: bool,
+        source: str,
+    ) -> BatchResult:
+        now = self._clock()
+        names = {var.id: var.name for _, var, _ in checked}
+        if atomic:
+            # Watchers learn which updates are one batch, so a worker's cache applies them together.
+            announce = {BATCH_METADATA_KEY: f"{uuid.uuid4().hex[:16]}/{len(checked)}"} if len(checked) > 1 else {}
+            writes = [
+                Write(var.id, value, None, metas.get(ident, meta), source, now, var, announce)
+                for ident, var, value in checked
+            ]
+            try:
+                written = self._write(session_id, writes, names) if writes else []
+            except (SessionNotFoundError, BridgeUnavailableError):
+                raise
+            except DSPexError as exc:  # e.g. the batch as a whole passes a byte limit: nothing applied
+                return BatchResult({}, {ident: exc for ident, _, _ in checked})
+            return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
+        versions: dict[str, int] = {}
+        for ident, var, value in checked:
+            write = Write(var.id, value, None, metas.get(ident, meta), source, now, var)
+            try:
+                (w,) = self._write(session_id, [write], names)
+            except (SessionNotFoundError, BridgeUnavailableError):
+                raise
+            except DSPexError as exc:
+                errors[ident] = exc
+                continue
+            versions[ident] = w.version
+        return BatchResult(versions, errors)
 
     def list_variables(self, session_id: str, pattern: str | None = None) -> list[Variable]:
         """Variables in creation order; ``pattern`` is a ``*`` glob matched against the whole name."""
-        with self._lock:
-            session = self._session(session_id)
-            if session.unordered:
-                # Imports sent concurrently (a pipelined migration) may arrive out of order.
-                session.variables = dict(sorted(session.variables.items(), key=lambda item: item[1].created_at))
-                session.unordered = False
-            records = list(session.variables.values())
+        self._check_open()
+        records = self._storage.list_variables(session_id)
         if pattern and pattern != "*":
             matcher = compile_glob(pattern)
             records = [r for r in records if matcher.match(r.name) is not None]
-        return [self._snapshot(r) for r in records]
+        return [self._view(r) for r in records]
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
         """Delete a variable; watchers receive a ``deleted`` update."""
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            if self._leases:
-                self._leases.refuse_if_held(record.id, record.name, "deleting it")
-                self._leases.forget([record.id])
-            del session.variables[record.id]
-            del session.names[record.name]
-            freed = record.fixed_bytes + record.history_bytes
-            session.bytes_used -= freed
-            self._bytes_total -= freed
-            self._notify(session_id, record.id, self._snapshot(record), UpdateType.DELETED, source, {}, self._clock())
+        var = self._lookup(session_id, identifier)
+        if self._lease_view:
+            with self._lease_lock:
+                self._leases.refuse_if_held(var.id, var.name, "deleting it")
+                self._leases.forget([var.id])
+                self._refresh_lease_view()
+        try:
+            self._storage.delete_variable(
+                session_id, var.id, source=source, timestamp=self._clock(), history_limit=self.limits.history_limit
+            )
+        except VariableNotFoundError:
+            raise VariableNotFoundError(identifier, session_id) from None
 
     def get_history(self, session_id: str, identifier: str, limit: int = 0) -> list[HistoryEntry]:
         """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
-        with self._lock:
-            record = self._lookup(self._session(session_id), identifier)
-            entries = list(reversed(record.history))
+        var = self._lookup(session_id, identifier)
+        entries = list(reversed(self._storage.history(session_id, var.id, limit=self.limits.history_limit)))
         return entries[:limit] if limit > 0 else entries
 
     def rollback_variable(
         self, session_id: str, identifier: str, target_version: int, *, source: str = "orchestrator"
     ) -> Variable:
-        """Write the value the variable had at ``target_version`` as a new version."""
-        with self._lock:
-            session = self._session(session_id)
-            record = self._lookup(session, identifier)
-            if self._leases:
-                self._leases.refuse_if_held(record.id, record.name, "rolling it back")
-            entry = next((e for e in record.history if e.version == target_version), None)
+        """Write the value the variable had at ``target_version`` as a new version (a compare-and-swap)."""
+        for _ in range(_ROLLBACK_ATTEMPTS):
+            var = self._lookup(session_id, identifier)
+            if self._lease_view:
+                with self._lease_lock:
+                    self._leases.refuse_if_held(var.id, var.name, "rolling it back")
+            history = self._storage.history(session_id, var.id, limit=self.limits.history_limit)
+            entry = next((e for e in history if e.version == target_version), None)
             if entry is None:
-                known = ", ".join(str(e.version) for e in record.history)
+                known = ", ".join(str(e.version) for e in history)
                 raise ValidationError(
-                    record.name,
+                    var.name,
                     "target_version",
                     target_version,
                     f"version {target_version} is not in the remembered history (versions {known})",
                 )
-            value = record.spec.validate(entry.value)
-            meta = {"rolled_back_to": str(target_version)}
-            return self._apply(session, record, value, meta, source)
+            value = self._spec(session_id, var).validate(entry.value)
+            write = Write(
+                var.id, value, var.version, {"rolled_back_to": str(target_version)}, source, self._clock(), var
+            )
+            try:
+                (written,) = self._write(session_id, [write], {var.id: var.name})
+            except VersionConflictError:
+                continue  # written meanwhile: read again and roll back over the newer state
+            return self._view(written)
+        raise VersionConflictError(identifier, 0, 0)
 
     # ------------------------------------------------------------------ optimization leases
 
@@ -553,16 +597,20 @@ class SessionStore:
     ) -> OptimizationLease:
         """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
 
+        Leases are held by this store (this bridge node); they are not shared through a storage
+        engine with other nodes.
+
         Raises:
             VariableNotFoundError: a variable does not exist.
             VariableLockedError: another optimizer holds one of them (nothing changes).
             ValidationError: a bad optimizer id, ttl or variable list.
         """
         ttl = validate_lease_request(optimizer_id, ttl, identifiers)
-        with self._lock:
-            session = self._session(session_id)
-            records = [self._lookup(session, ident) for ident in identifiers]
-            return self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+        records = [self._lookup(session_id, ident) for ident in identifiers]
+        with self._lease_lock:
+            lease = self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
+            self._refresh_lease_view()
+            return lease
 
     def stop_optimization(self, session_id: str, identifier: str, *, force: bool = False) -> None:
         """End a lease, named by its id (the holder) or by a variable it holds (``force`` needed).
@@ -573,15 +621,33 @@ class SessionStore:
             VariableLockedError: a variable is named without ``force`` while a lease holds it.
             VariableNotFoundError: neither a lease id nor a variable of the session.
         """
-        with self._lock:
-            session = self._session(session_id)
-            if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+        if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+            if self._storage.get_session(session_id) is None:
+                raise SessionNotFoundError(session_id)
+            with self._lease_lock:
                 lease = self._leases.lease_by_id(identifier, session_id)
                 if lease is not None:
                     self._leases.stop(lease)
-                return
-            record = self._lookup(session, identifier)
+                self._refresh_lease_view()
+            return
+        record = self._lookup(session_id, identifier)
+        with self._lease_lock:
             self._leases.stop_variable(record.id, record.name, force=force)
+            self._refresh_lease_view()
+
+    def _refresh_lease_view(self) -> None:
+        """Rebuild the lock-free copy of the leases (lease lock held)."""
+        self._lease_view = self._leases.held()
+
+    def _status(self, variable_id: str) -> OptimizationStatus | None:
+        entry = self._lease_view.get(variable_id)
+        if entry is None or _lease_clock() >= entry[1]:
+            return None
+        return entry[0]
+
+    def _view(self, var: Variable) -> Variable:
+        """What callers get: a detached copy with the lease status of the moment."""
+        return _detached(var, self._status(var.id) if self._lease_view else None)
 
     # ------------------------------------------------------------------ watching
 
@@ -590,30 +656,58 @@ class SessionStore:
     ) -> Watch:
         """Register a watcher for some variables (None or empty = every variable, now and later).
 
-        The watcher is registered before the initial snapshot is queued, under the write lock, so
-        it misses no write. Close it with :meth:`unwatch` (or ``watch.close()``).
+        The watcher is registered (and, on a shared engine, the session's change log followed from
+        its current position) before the initial snapshot is read, so it misses no write; a write
+        seen both ways is delivered once (a watch drops versions it already took in). Close it with
+        :meth:`unwatch` (or ``watch.close()``).
         """
         idents = list(identifiers or [])
+        self._check_open()
+        if idents:
+            found = self._storage.read_variables(session_id, idents)
+            for ident in idents:
+                if not isinstance(ident, str) or not ident:
+                    raise ValidationError("", "identifier", ident, "a variable identifier must be a non-empty string")
+                if ident not in found:
+                    raise VariableNotFoundError(ident, session_id)
+            ids: frozenset[str] | None = frozenset(v.id for v in found.values())
+        else:
+            ids = None
+        position = self._storage.position(session_id) if self._storage.shared else 0
         with self._lock:
-            session = self._session(session_id)
+            self._check_open()
             if self._watcher_count >= self.limits.max_watchers:
                 self._prune_watchers()
                 if self._watcher_count >= self.limits.max_watchers:
                     raise LimitExceededError("watchers", self._watcher_count + 1, self.limits.max_watchers)
-            records = [self._lookup(session, i) for i in idents] if idents else None
-            ids = frozenset(r.id for r in records) if records is not None else None
             watch = Watch(session_id, ids)
             self._watchers.setdefault(session_id, []).append(watch)
             self._watcher_count += 1
+            if self._storage.shared and session_id not in self._followers:
+                follower = threading.Thread(
+                    target=self._follow,
+                    args=(session_id, position),
+                    name=f"dspex-follow-{session_id[:24]}",
+                    daemon=True,
+                )
+                self._followers[session_id] = follower
+                follower.start()
+        try:
             if include_initial:
+                if idents:
+                    snapshot = list(self._storage.read_variables(session_id, idents).values())
+                else:
+                    snapshot = self._storage.list_variables(session_id)
                 now = self._clock()
-                for record in records if records is not None else list(session.variables.values()):
-                    watch.offer(
-                        VariableUpdate(
-                            record.id, self._snapshot(record), UpdateType.INITIAL_VALUE, record.source, {}, now
-                        )
-                    )
-            return watch
+                for var in snapshot:
+                    if watch.wants(var.id):
+                        watch.offer(VariableUpdate(var.id, var, UpdateType.INITIAL_VALUE, var.source, {}, now))
+            elif not self._storage.touch_session(session_id):
+                raise SessionNotFoundError(session_id)
+        except BaseException:
+            self.unwatch(watch)
+            raise
+        return watch
 
     def unwatch(self, watch: Watch) -> None:
         """Close a watcher and forget it."""
@@ -623,6 +717,8 @@ class SessionStore:
             if watchers and watch in watchers:
                 watchers.remove(watch)
                 self._watcher_count -= 1
+                if not watchers:
+                    del self._watchers[watch.session_id]
 
     @property
     def watcher_count(self) -> int:
@@ -631,37 +727,116 @@ class SessionStore:
             self._prune_watchers()
             return self._watcher_count
 
-    # ------------------------------------------------------------------ internals (lock held)
+    # ------------------------------------------------------------------ storage listener
+
+    def changed(self, session_id: str, updates: Sequence[VariableUpdate]) -> None:
+        """Fan changes out to the session's watchers (called by the engine, in the order applied)."""
+        watchers = self._watchers.get(session_id)
+        if not watchers:
+            return
+        if self._lease_view:
+            updates = [
+                replace(u, variable=replace(u.variable, optimization_status=self._status(u.variable_id)))
+                if u.variable is not None
+                else u
+                for u in updates
+            ]
+        for watch in list(watchers):
+            for update in updates:
+                if watch.wants(update.variable_id):
+                    watch.offer(update)
+
+    def ended(self, session_id: str) -> None:
+        """Close the watchers of a session that ended."""
+        with self._lock:
+            watchers = self._watchers.pop(session_id, [])
+            self._watcher_count -= len(watchers)
+        for watch in watchers:
+            watch.close()
+
+    def _follow(self, session_id: str, position: int) -> None:
+        """Follow a session's change log for this node's watchers (shared engines), until none is left."""
+        try:
+            first = self._storage.get_session(session_id, touch=False)
+        except DSPexError:
+            first = None  # the engine is unreachable (or closing): the loop below retries or ends
+        incarnation = first.created_at if first is not None else None
+        while True:
+            with self._lock:
+                alive = [w for w in self._watchers.get(session_id, []) if not w.closed]
+                if self._closed or not alive:
+                    self._followers.pop(session_id, None)
+                    return
+            try:
+                batch = self._storage.read_changes(session_id, position, _FOLLOW_WAIT_S)
+                if batch.resync:
+                    now = self._clock()
+                    listing = self._storage.list_variables(session_id)
+                    updates: Sequence[VariableUpdate] = [
+                        VariableUpdate(v.id, v, UpdateType.VALUE_CHANGE, v.source, {}, now) for v in listing
+                    ]
+                else:
+                    updates = batch.updates
+                    if not updates:
+                        info = self._storage.get_session(session_id, touch=False)
+                        if info is not None and incarnation is None:
+                            incarnation = info.created_at
+                        if info is None or info.created_at != incarnation:
+                            raise SessionNotFoundError(session_id)  # gone, or deleted and made anew
+                position = batch.position
+                self.changed(session_id, updates)
+            except SessionNotFoundError:
+                self.ended(session_id)
+            except DSPexError as exc:
+                if self._closed:
+                    return
+                # The engine is unreachable: keep the position and resume from it when it is back.
+                logger.warning("following the changes of session %s failed (retrying): %s", session_id, exc)
+                self._stop_sweeper.wait(_FOLLOW_WAIT_S)
+            except Exception:
+                if self._closed:
+                    return
+                logger.exception("following the changes of session %s failed unexpectedly (retrying)", session_id)
+                self._stop_sweeper.wait(_FOLLOW_WAIT_S)
+
+    # ------------------------------------------------------------------ internals
 
     def _check_open(self) -> None:
         if self._closed:
             raise BridgeUnavailableError("the session store is closed")
 
-    def _expired(self, record: SessionRecord) -> bool:
-        return time.monotonic() - record.last_access > record.ttl
+    def _lookup(self, session_id: str, identifier: str) -> Variable:
+        if not isinstance(identifier, str) or not identifier:
+            raise ValidationError("", "identifier", identifier, "a variable identifier must be a non-empty string")
+        self._check_open()
+        var = self._storage.read_variables(session_id, [identifier]).get(identifier)
+        if var is None:
+            raise VariableNotFoundError(identifier, session_id)
+        return var
 
-    def _session(self, session_id: str) -> SessionRecord:
-        if self._closed:
-            raise BridgeUnavailableError("the session store is closed")
-        record = self._storage.get_session(session_id)
-        if record is None:
-            raise SessionNotFoundError(session_id)
-        now = time.monotonic()
-        if now - record.last_access > record.ttl:
-            self._drop_session(record)
-            raise SessionNotFoundError(session_id)
-        record.last_access = now
-        return record
+    def _spec(self, session_id: str, var: Variable) -> VariableSpec:
+        """The compiled spec of a variable (cached per incarnation: a spec never changes)."""
+        key = (session_id, var.id, var.created_at)
+        spec = self._specs.get(key)
+        if spec is None or spec.name != var.name:
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
+            if len(self._specs) >= 100_000:
+                self._specs.clear()
+            self._specs[key] = spec
+        return spec
 
-    def _drop_session(self, record: SessionRecord) -> int:
-        self._storage.delete_session(record.id)
-        self._bytes_total -= record.bytes_used
-        if self._leases:
-            self._leases.forget(list(record.variables))
-        for watch in self._watchers.pop(record.id, []):
-            watch.close()
-            self._watcher_count -= 1
-        return len(record.variables)
+    def _remember(self, session_id: str, identifier: str, var: Variable) -> None:
+        if len(self._known) >= 100_000:
+            self._known.clear()
+        self._known[(session_id, identifier)] = var
+
+    def _write(self, session_id: str, writes: Sequence[Write], names: Mapping[str, str]) -> list[Variable]:
+        """Apply writes; a variable gone meanwhile is reported under its name."""
+        self._check_open()
+        try:
+            return self._storage.apply_writes(session_id, writes, history_limit=self.limits.history_limit)
+        except VariableNotFoundError as exc:
+            raise VariableNotFoundError(names.get(exc.identifier, exc.identifier), session_id) from None
 
     def _prune_watchers(self) -> None:
         for session_id, watchers in list(self._watchers.items()):
@@ -672,208 +847,18 @@ class SessionStore:
             else:
                 del self._watchers[session_id]
 
-    def _info(self, record: SessionRecord) -> SessionInfo:
-        remaining = record.ttl - (time.monotonic() - record.last_access)
-        return SessionInfo(
-            record.id, dict(record.metadata), record.created_at, record.ttl, len(record.variables), remaining
-        )
-
-    @staticmethod
-    def _find(session: SessionRecord, identifier: str) -> VariableRecord | None:
-        record = session.variables.get(identifier)
-        if record is None:
-            var_id = session.names.get(identifier)
-            record = session.variables.get(var_id) if var_id is not None else None
-        return record
-
-    def _lookup(self, session: SessionRecord, identifier: str) -> VariableRecord:
-        if not isinstance(identifier, str) or not identifier:
-            raise ValidationError("", "identifier", identifier, "a variable identifier must be a non-empty string")
-        record = self._find(session, identifier)
-        if record is None:
-            raise VariableNotFoundError(identifier, session.id)
-        return record
-
-    def _check_count(self, session: SessionRecord, adding: int) -> None:
-        check_count(self.limits, len(session.variables), adding)
-
-    def _check_size(self, name: str, type_: str, value: Any) -> None:
-        check_value_size(self.limits, name, type_, value)
-
-    def _new_record(
-        self,
-        spec: Any,
-        value: Any,
-        description: str,
-        metadata: dict[str, str],
-        version: int,
-        created_at: float,
-        updated_at: float,
-        source: str,
-    ) -> VariableRecord:
-        record = VariableRecord(
-            id=f"var_{spec.name}_{next(self._ids)}",
-            name=spec.name,
-            spec=spec,
-            value=value,
-            description=description or "",
-            metadata=metadata,
-            version=version,
-            created_at=created_at,
-            updated_at=updated_at,
-            source=source,
-            history=deque(maxlen=self.limits.history_limit),
-        )
-        record.history.append(HistoryEntry(version, value, updated_at, source, dict(metadata)))
-        record.fixed_bytes = self._fixed_bytes(spec.name, record.description, metadata, spec.constraints)
-        record.history_bytes = self._entry_bytes(spec.type, record.history[-1])
-        return record
-
-    @staticmethod
-    def _fixed_bytes(name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]) -> int:
-        # The name is stored twice (the record and the name index) and the id is var_<name>_<n>.
-        return (
-            3 * _text_bytes(name)
-            + 32
-            + _text_bytes(description or "")
-            + _map_bytes(metadata)
-            + _constraints_bytes(constraints)
-        )
-
-    @staticmethod
-    def _entry_bytes(type_: str, entry: HistoryEntry) -> int:
-        return value_size(type_, entry.value) + _map_bytes(entry.metadata)
-
     def _check_fields(
         self, name: str, description: str, metadata: Mapping[str, str], constraints: Mapping[str, Any]
     ) -> None:
         """Refuse a description, metadata or constraints larger than their limits."""
         limits = self.limits
         for what, size, maximum in (
-            ("description bytes", _text_bytes(description or ""), limits.max_description_bytes),
-            ("metadata bytes", _map_bytes(metadata), limits.max_variable_metadata_bytes),
-            ("constraints bytes", _constraints_bytes(constraints), limits.max_constraints_bytes),
+            ("description bytes", text_bytes(description or ""), limits.max_description_bytes),
+            ("metadata bytes", map_bytes(metadata), limits.max_variable_metadata_bytes),
+            ("constraints bytes", constraints_bytes(constraints), limits.max_constraints_bytes),
         ):
             if size > maximum:
                 raise LimitExceededError(f"{name}: {what}", size, maximum)
 
-    def _charge(self, session: SessionRecord, adding: int) -> None:
-        """Refuse ``adding`` more bytes past the session's or the store's limit (nothing is counted)."""
-        if adding <= 0:
-            return
-        if session.bytes_used + adding > self.limits.max_session_bytes:
-            raise LimitExceededError(
-                "bytes held by the session", session.bytes_used + adding, self.limits.max_session_bytes
-            )
-        if self._bytes_total + adding > self.limits.max_total_bytes:
-            raise LimitExceededError("bytes held by the store", self._bytes_total + adding, self.limits.max_total_bytes)
-
-    def _creation_time(self, session: SessionRecord) -> float:
-        """Now, but strictly after the session's newest variable, so creation times order creation."""
-        now = self._clock()
-        last = next(reversed(session.variables.values()), None)
-        if last is not None and now <= last.created_at:
-            now = last.created_at + 1e-6
-        return float(now)
-
-    def _insert(self, session: SessionRecord, record: VariableRecord) -> None:
-        session.variables[record.id] = record
-        session.names[record.name] = record.id
-        added = record.fixed_bytes + record.history_bytes
-        session.bytes_used += added
-        self._bytes_total += added
-
-    def _plan(self, record: VariableRecord, value: Any, metadata: dict[str, str] | None) -> _WritePlan:
-        """What a write would cost; raises when it would break a limit that no trimming can meet."""
-        if record.version >= MAX_VERSION:
-            raise LimitExceededError(f"{record.name}: version", record.version + 1, MAX_VERSION)
-        fixed_delta = 0
-        if metadata:
-            merged = {**record.metadata, **metadata}
-            merged_bytes = _map_bytes(merged)
-            if merged_bytes > self.limits.max_variable_metadata_bytes:
-                raise LimitExceededError(
-                    f"{record.name}: metadata bytes", merged_bytes, self.limits.max_variable_metadata_bytes
-                )
-            fixed_delta = merged_bytes - _map_bytes(record.metadata)
-        entry_bytes = value_size(record.spec.type, value) + _map_bytes(metadata or {})
-        history = record.history
-        kept = len(history) + 1
-        history_bytes = record.history_bytes + entry_bytes
-        drop = 0
-        while kept > 1 and (kept > self.limits.history_limit or history_bytes > self.limits.max_history_bytes):
-            history_bytes -= self._entry_bytes(record.spec.type, history[drop])
-            drop += 1
-            kept -= 1
-        delta = fixed_delta + history_bytes - record.history_bytes
-        return _WritePlan(delta, fixed_delta, drop, history_bytes)
-
-    def _apply(
-        self,
-        session: SessionRecord,
-        record: VariableRecord,
-        value: Any,
-        metadata: dict[str, str] | None,
-        source: str,
-        *,
-        charge: bool = True,
-    ) -> Variable:
-        plan = self._plan(record, value, metadata)
-        if charge:
-            self._charge(session, plan.delta)
-        now = self._clock()
-        record.value = value
-        record.version += 1
-        record.updated_at = now
-        record.source = source
-        if metadata:
-            record.metadata = {**record.metadata, **metadata}
-        for _ in range(plan.drop):
-            record.history.popleft()
-        record.history.append(HistoryEntry(record.version, value, now, source, dict(metadata or {})))
-        record.fixed_bytes += plan.fixed_delta
-        record.history_bytes = plan.history_bytes
-        session.bytes_used += plan.delta
-        self._bytes_total += plan.delta
-        snapshot = self._snapshot(record)
-        self._notify(session.id, record.id, snapshot, UpdateType.VALUE_CHANGE, source, metadata or {}, now)
-        return snapshot
-
-    def _notify(
-        self,
-        session_id: str,
-        variable_id: str,
-        snapshot: Variable,
-        update_type: str,
-        source: str,
-        metadata: Mapping[str, str],
-        now: float,
-    ) -> None:
-        watchers = self._watchers.get(session_id)
-        if not watchers:
-            return
-        update = VariableUpdate(variable_id, snapshot, update_type, source, dict(metadata), now)
-        for watch in watchers:
-            if watch.wants(variable_id):
-                watch.offer(update)
-
-    def _snapshot(self, record: VariableRecord) -> Variable:
-        value = record.value
-        if isinstance(value, list):
-            value = list(value)
-        elif isinstance(value, dict):
-            value = {"shape": list(value["shape"]), "data": list(value["data"])}
-        return Variable(
-            id=record.id,
-            name=record.name,
-            type=record.spec.type,
-            value=value,
-            constraints=dict(record.spec.constraints),
-            description=record.description,
-            metadata=dict(record.metadata),
-            version=record.version,
-            created_at=record.created_at,
-            updated_at=record.updated_at,
-            source=record.source,
-            optimization_status=self._leases.status(record.id) if self._leases else None,
-        )
+    def _check_size(self, name: str, type_: str, value: Any) -> None:
+        check_value_size(self.limits, name, type_, value)

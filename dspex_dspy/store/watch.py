@@ -4,53 +4,18 @@ A :class:`Watch` holds at most one pending update per variable. A new update for
 still has one pending replaces it (keeping its place in line), so a slow consumer receives
 coalesced updates — always ending on the latest value — and a watcher's memory is bounded by the
 number of variables it watches, never by the number of writes. Per variable, the versions it
-delivers strictly increase.
+delivers strictly increase: an update at a version the watch already took in (from a write seen
+both directly and through a change log, or a snapshot older than a change) is dropped.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
-from dspex_dspy.types import Variable
+from dspex_dspy.records import UpdateType, VariableUpdate
 
 __all__ = ["UpdateType", "VariableUpdate", "Watch"]
-
-
-class UpdateType:
-    """The ``update_type`` strings of the wire contract."""
-
-    INITIAL_VALUE = "initial_value"
-    VALUE_CHANGE = "value_change"
-    DELETED = "deleted"
-    HEARTBEAT = "heartbeat"
-
-
-@dataclass(frozen=True)
-class VariableUpdate:
-    """One change of one variable, as a watcher sees it.
-
-    Attributes:
-        variable_id: the variable's id (empty for a heartbeat).
-        variable: the variable after the change (for ``deleted``: its last state).
-        update_type: ``initial_value``, ``value_change``, ``deleted`` or ``heartbeat``.
-        source: who made the change (``orchestrator`` / ``worker``).
-        metadata: metadata given with the write.
-        timestamp: wall-clock seconds since the epoch.
-    """
-
-    variable_id: str
-    variable: Variable | None
-    update_type: str
-    source: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    timestamp: float = 0.0
-
-    @property
-    def name(self) -> str:
-        """The variable's name (empty for a heartbeat)."""
-        return self.variable.name if self.variable is not None else ""
 
 
 class Watch:
@@ -64,6 +29,8 @@ class Watch:
         self.variable_ids = variable_ids
         self.coalesced = 0
         self._pending: dict[str, VariableUpdate] = {}
+        # variable id -> (highest version offered, whether that offer was a deletion)
+        self._offered: dict[str, tuple[int, bool]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
 
@@ -72,11 +39,23 @@ class Watch:
         return self.variable_ids is None or variable_id in self.variable_ids
 
     def offer(self, update: VariableUpdate) -> None:
-        """Queue an update, replacing a pending one of the same variable (called by the store)."""
+        """Queue an update, replacing a pending one of the same variable (called by the store).
+
+        A replacing update takes the place of the newest write, not of the one it replaces, so
+        the queue stays in the order of the writes it holds: the updates of one atomic batch stay
+        together, after every write that came before them.
+        """
         with self._cond:
             if self._closed:
                 return
-            if update.variable_id in self._pending:
+            if update.variable is not None:
+                deleted = update.update_type == UpdateType.DELETED
+                last = self._offered.get(update.variable_id)
+                version = update.variable.version
+                if last is not None and (version < last[0] or (version == last[0] and (last[1] or not deleted))):
+                    return
+                self._offered[update.variable_id] = (version, deleted)
+            if self._pending.pop(update.variable_id, None) is not None:
                 self.coalesced += 1
             self._pending[update.variable_id] = update
             self._cond.notify()

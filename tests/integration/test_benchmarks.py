@@ -38,3 +38,23 @@ def test_quick_benchmark_run_writes_every_row(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["ratio"] > 0 and row["baseline"]
     assert "benchmark" in proc.stdout and "ratio" in proc.stdout
+
+
+def test_quick_redis_benchmark_run_writes_its_rows(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "redis", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["name"] for r in json.loads(out.read_text())["rows"]}
+    assert {
+        "Redis-backed bridged get (remote node)",
+        "write via node A -> seen by a watcher via node B",
+        "switch of 10,000 variables to a remote Redis node",
+        "sustained writes, 4 processes, 1 node",
+        "sustained writes, 4 processes, 2 nodes",
+    } <= rows

@@ -122,6 +122,11 @@ CONTRACT_FIELDS, CONTRACT_ENUMS = _contract_fields(_MARKDOWN)
 CONTRACT_RPCS = _contract_rpcs(_MARKDOWN)
 # Fields we add beyond the contract (new numbers only), as documented in the vendored contract.
 EXTENSION_FIELDS, _ = _contract_fields(_MARKDOWN, EXTENSIONS_HEADING.removeprefix("## "))
+# RPCs we add beyond the contract (peers without them answer UNIMPLEMENTED), and their messages.
+EXTENSION_RPCS = [
+    RpcRow(name, request, response, False) for name, request, response in _table_rows(_MARKDOWN, "Extension RPCs")
+]
+EXTENSION_MESSAGES = {row.message for row in EXTENSION_FIELDS} - {row.message for row in CONTRACT_FIELDS}
 
 _SCALAR_NAMES = {
     FieldDescriptor.TYPE_DOUBLE: "double",
@@ -217,8 +222,18 @@ def test_rpc_signature(rpc: RpcRow) -> None:
     assert method.client_streaming is False
 
 
-def test_service_has_no_rpcs_beyond_the_contract() -> None:
-    assert sorted(SERVICE.methods_by_name) == sorted(rpc.name for rpc in EMBEDDED_RPCS)
+@pytest.mark.parametrize("rpc", EXTENSION_RPCS, ids=lambda rpc: rpc.name)
+def test_extension_rpc_signature(rpc: RpcRow) -> None:
+    method = SERVICE.methods_by_name[rpc.name]
+    assert method.input_type.full_name == f"{PACKAGE}.{rpc.request}"
+    assert method.output_type.full_name == f"{PACKAGE}.{rpc.response}"
+    assert not method.server_streaming and not method.client_streaming
+
+
+def test_service_has_no_rpcs_beyond_the_contract_and_documented_extensions() -> None:
+    assert EXTENSION_RPCS, "the 'Extension RPCs' table of bridge/PROTOCOL.md was not read"
+    expected = [rpc.name for rpc in EMBEDDED_RPCS] + [rpc.name for rpc in EXTENSION_RPCS]
+    assert sorted(SERVICE.methods_by_name) == sorted(expected)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +257,7 @@ def test_enum_matches_the_contract(enum_name: str) -> None:
 def test_no_fields_beyond_the_contract_and_documented_extensions() -> None:
     allowed = {(row.message, row.number) for row in [*CONTRACT_FIELDS, *EXTENSION_FIELDS]}
     contract_messages = {row.message for row in CONTRACT_FIELDS}
-    assert set(snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name) == contract_messages
+    assert set(snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name) == contract_messages | EXTENSION_MESSAGES
     actual = {
         (message.name, field.number)
         for message in snakepit_bridge_pb2.DESCRIPTOR.message_types_by_name.values()

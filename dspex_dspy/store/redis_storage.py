@@ -1,0 +1,615 @@
+"""RedisStorage: sessions in Redis, so several bridge nodes serve them and a restart loses nothing.
+
+Each session is a handful of keys sharing the hash tag ``{session}`` (a Redis Cluster keeps them in
+one slot): ``s`` (the session: metadata, creation time, TTL, change position, id counter), per
+variable fields in ``d`` (definition), ``x`` (value, time, writer), ``r`` (version), ``m``
+(metadata), ``n`` (name -> id), ``h`` (history, field ``<id>:<version>``) and ``l``, a stream that is
+the session's change log (entry id ``<position>-0``, bounded with ``XADD MAXLEN ~``).
+
+Every operation is one Lua script run with ``EVALSHA`` (redis-py's ``register_script``): a write,
+an atomic batch or a rollback checks every version, writes the variable, trims its history and
+appends to the stream in one atomic step. The session's TTL is key expiry: every operation that
+uses a session refreshes the expiry of all its keys. Values are stored as the same JSON the wire
+contract uses (NaN and infinities as strings).
+
+Watchers on any node follow the stream with ``XREAD BLOCK`` from their last position (see
+:meth:`RedisStorage.read_changes`); a reader behind the trimmed part is told to resync, and so is
+a reader that meets a bulk import (logged as one entry rather than one per variable).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import redis
+
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    LimitExceededError,
+    SessionExistsError,
+    SessionNotFoundError,
+    VariableExistsError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from dspex_dspy.records import HistoryEntry, SessionInfo, UpdateType, VariableUpdate
+from dspex_dspy.store.storage import DEFAULT_CHANGELOG_LIMIT, ChangeBatch, NewVariable, StorageListener, Write
+from dspex_dspy.types import TYPE_URL_PREFIX, Variable, decode_value, encode_value
+
+__all__ = ["RedisStorage"]
+
+PREFIX: Final = "dspex"
+_SESSIONS_INDEX: Final = f"{PREFIX}:sessions"
+_ID_COUNTER: Final = f"{PREFIX}:ids"
+_ALL_HISTORY: Final = 1 << 30  # "every entry there is": the history of a version is at most that version long
+_KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l")
+
+# Shared by every script: refresh the expiry of all of a session's keys (KEYS[1..8]).
+_TOUCH = """
+local function touch()
+  local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
+  for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+"""
+
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, 8 do redis.call('DEL', KEYS[i]) end
+redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'created_at', ARGV[2], 'ttl', ARGV[3], 'pos', 0, 'ids', 0)
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
+return 1
+"""
+
+_SESSION = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[1] == '1' then touch() end
+local s = redis.call('HMGET', KEYS[1], 'meta', 'created_at', 'ttl')
+return {s[1], s[2], s[3], redis.call('HLEN', KEYS[4]), redis.call('PTTL', KEYS[1])}
+"""
+)
+
+_DELETE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local count = redis.call('HLEN', KEYS[4])
+for i = 1, 8 do redis.call('DEL', KEYS[i]) end
+return count
+"""
+
+# Resolve an identifier: an id first, then a name.
+_RESOLVE = """
+local function resolve(ident)
+  if redis.call('HEXISTS', KEYS[4], ident) == 1 then return ident end
+  return redis.call('HGET', KEYS[6], ident)
+end
+local function record(id)
+  return {id, redis.call('HGET', KEYS[2], id), redis.call('HGET', KEYS[3], id),
+          redis.call('HGET', KEYS[4], id), redis.call('HGET', KEYS[5], id)}
+end
+"""
+
+_READ = (
+    _TOUCH
+    + _RESOLVE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+touch()
+local out = {}
+for i = 1, #ARGV do
+  local id = resolve(ARGV[i])
+  if id then out[i] = record(id) else out[i] = 0 end
+end
+return out
+"""
+)
+
+_LIST = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+touch()
+return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+        redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5])}
+"""
+)
+
+# Append one change to the stream (the change log) at the next position.
+_APPEND = """
+local function append(kind, id, version, def, state, meta, wmeta, extra)
+  local pos = redis.call('HINCRBY', KEYS[1], 'pos', 1)
+  redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[1], pos .. '-0', 'k', kind, 'id', id, 'v', version,
+             'd', def, 'x', state, 'm', meta, 'w', wmeta, 'e', extra)
+  return pos
+end
+"""
+
+# ARGV: maxlen, max_variables, then per variable: name, id, def, state, version, meta, history entry.
+_INSERT = (
+    _TOUCH
+    + _APPEND
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local n = (#ARGV - 2) / 7
+for i = 0, n - 1 do
+  local name = ARGV[3 + i * 7]
+  if redis.call('HEXISTS', KEYS[6], name) == 1 then return {'exists', name} end
+end
+local total = redis.call('HLEN', KEYS[4]) + n
+if total > tonumber(ARGV[2]) then return {'limit', total} end
+for i = 0, n - 1 do
+  local b = 3 + i * 7
+  local id = ARGV[b + 1]
+  redis.call('HSET', KEYS[6], ARGV[b], id)
+  redis.call('HSET', KEYS[2], id, ARGV[b + 2])
+  redis.call('HSET', KEYS[3], id, ARGV[b + 3])
+  redis.call('HSET', KEYS[4], id, ARGV[b + 4])
+  redis.call('HSET', KEYS[5], id, ARGV[b + 5])
+  redis.call('HSET', KEYS[7], id .. ':' .. ARGV[b + 4], ARGV[b + 6])
+  if n == 1 then append('c', id, ARGV[b + 4], ARGV[b + 2], ARGV[b + 3], ARGV[b + 5], ARGV[b + 5], '') end
+end
+-- A bulk import is one change: readers of the log re-read the variables (a resync).
+if n > 1 then append('i', '', 0, '', '', '', '', n) end
+touch()
+return {'ok'}
+"""
+)
+
+# ARGV: maxlen, history limit, then per write: id, expected version (0 = none), def, state,
+# write metadata, history entry. All versions are checked before anything is written.
+_WRITE = (
+    _TOUCH
+    + _APPEND
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local n = (#ARGV - 2) / 6
+local limit = tonumber(ARGV[2])
+local current = {}
+for i = 0, n - 1 do
+  local b = 3 + i * 6
+  local id = ARGV[b]
+  local v = current[id] or tonumber(redis.call('HGET', KEYS[4], id) or '-1')
+  if v < 0 then return {'novar', id} end
+  local expected = tonumber(ARGV[b + 1])
+  if expected ~= 0 and expected ~= v then return {'conflict', id, v} end
+  current[id] = v + 1
+end
+local out = {'ok'}
+for i = 0, n - 1 do
+  local b = 3 + i * 6
+  local id = ARGV[b]
+  local version = redis.call('HINCRBY', KEYS[4], id, 1)
+  redis.call('HSET', KEYS[3], id, ARGV[b + 3])
+  local meta = redis.call('HGET', KEYS[5], id) or '{}'
+  if ARGV[b + 4] ~= '{}' then
+    local merged = cjson.decode(meta)
+    for k, v in pairs(cjson.decode(ARGV[b + 4])) do merged[k] = v end
+    meta = cjson.encode(merged)
+    redis.call('HSET', KEYS[5], id, meta)
+  end
+  redis.call('HSET', KEYS[7], id .. ':' .. version, ARGV[b + 5])
+  if version - limit >= 1 then redis.call('HDEL', KEYS[7], id .. ':' .. (version - limit)) end
+  append('c', id, version, ARGV[b + 2], ARGV[b + 3], meta, ARGV[b + 4], '')
+  out[#out + 1] = version
+  out[#out + 1] = meta
+end
+touch()
+return out
+"""
+)
+
+# ARGV: maxlen, history limit, id, deletion (JSON [source, timestamp]).
+_DELETE = (
+    _TOUCH
+    + _APPEND
+    + _RESOLVE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local id = ARGV[3]
+if redis.call('HEXISTS', KEYS[4], id) == 0 then return {'novar', id} end
+local r = record(id)
+local version = tonumber(r[4])
+local name = cjson.decode(r[2])[1]
+for k, key in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}) do redis.call('HDEL', key, id) end
+redis.call('HDEL', KEYS[6], name)
+for v = math.max(1, version - tonumber(ARGV[2]) + 1), version do redis.call('HDEL', KEYS[7], id .. ':' .. v) end
+append('d', id, version, r[2], r[3], r[5], '{}', ARGV[4])
+touch()
+return {'ok', r[1], r[2], r[3], r[4], r[5]}
+"""
+)
+
+# ARGV: id, history limit.
+_HISTORY = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local version = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '-1')
+if version < 0 then return {'novar'} end
+touch()
+local out = {'ok'}
+for v = math.max(1, version - tonumber(ARGV[2]) + 1), version do
+  local entry = redis.call('HGET', KEYS[7], ARGV[1] .. ':' .. v)
+  if entry then out[#out + 1] = v; out[#out + 1] = entry end
+end
+return out
+"""
+)
+
+
+def _keys(session_id: str) -> list[str]:
+    return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in _KEY_SUFFIXES]
+
+
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _dumps(value: Any) -> str:
+    return _ENCODER.encode(value)
+
+
+def _value_json(type_: str, value: Any) -> str:
+    return encode_value(type_, value)[1].decode()
+
+
+def _definition(var: NewVariable | Variable, created_at: float) -> str:
+    return _dumps([var.name, var.type, dict(var.constraints), var.description, created_at])
+
+
+def _state(type_: str, value: Any, updated_at: float, source: str) -> str:
+    """``[value JSON, updated_at, source]``."""
+    return _dumps([_value_json(type_, value), updated_at, source])
+
+
+def _history_entry(state: str, metadata: str) -> str:
+    """``[value JSON, timestamp, source, metadata]``: a write's state plus the metadata it came with."""
+    return f"{state[:-1]},{metadata}]"
+
+
+def _variable(var_id: str, definition: str, state: str, version: Any, meta: str) -> Variable:
+    name, type_, constraints, description, created_at = json.loads(definition)
+    value_json, updated_at, source = json.loads(state)
+    return Variable(
+        id=var_id,
+        name=name,
+        type=type_,
+        value=decode_value(TYPE_URL_PREFIX + type_, value_json.encode(), name=name),
+        constraints=constraints,
+        description=description,
+        metadata=json.loads(meta) if meta else {},
+        version=int(version),
+        created_at=created_at,
+        updated_at=updated_at,
+        source=source,
+    )
+
+
+def _creation_order(var: Variable) -> tuple[float, int]:
+    tail = var.id.rsplit("_", 1)[-1]
+    return var.created_at, int(tail) if tail.isdigit() else 0
+
+
+class RedisStorage:
+    """Sessions and variables in Redis (redis-py, with hiredis when installed).
+
+    Args:
+        url: ``redis://HOST:PORT/DB`` (or ``rediss://`` / ``unix://``).
+        changelog_limit: changes each session's stream keeps (approximately, at least this many).
+        client: an existing ``redis.Redis`` (with ``decode_responses=True``) instead of ``url``.
+
+    Raises:
+        BridgeUnavailableError: Redis cannot be reached.
+
+    Example:
+        >>> storage = RedisStorage("redis://127.0.0.1:6379/0")  # doctest: +SKIP
+        >>> store = SessionStore(storage=storage)  # doctest: +SKIP
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        changelog_limit: int = DEFAULT_CHANGELOG_LIMIT,
+        client: redis.Redis | None = None,
+    ) -> None:
+        if changelog_limit < 1:
+            raise ValueError(f"changelog_limit must be at least 1, got {changelog_limit}")
+        self.url = url
+        self._redis: redis.Redis = (
+            client
+            if client is not None
+            else redis.Redis.from_url(url, decode_responses=True, health_check_interval=30, socket_keepalive=True)
+        )
+        self._changelog_limit = changelog_limit
+        self._listeners: list[StorageListener] = []
+        self._closed = False
+        register = self._redis.register_script
+        self._create = register(_CREATE)
+        self._session = register(_SESSION)
+        self._delete_session = register(_DELETE_SESSION)
+        self._read = register(_READ)
+        self._list = register(_LIST)
+        self._insert = register(_INSERT)
+        self._write = register(_WRITE)
+        self._delete = register(_DELETE)
+        self._history = register(_HISTORY)
+        self._call(self._redis.ping)
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self.url!r})"
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
+        except Exception as exc:
+            if self._closed:  # a call still running when the pool was closed under it
+                raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
+            raise
+
+    def add_listener(self, listener: StorageListener) -> None:
+        self._listeners.append(listener)
+
+    def _changed(self, session_id: str, updates: list[VariableUpdate]) -> None:
+        for listener in self._listeners:
+            listener.changed(session_id, updates)
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(
+        self, session_id: str, metadata: Mapping[str, str], ttl: float, created_at: float, max_sessions: int
+    ) -> SessionInfo:
+        count = self._call(self._redis.scard, _SESSIONS_INDEX)
+        if count >= max_sessions:
+            self.sweep()
+            count = self._call(self._redis.scard, _SESSIONS_INDEX)
+            if count >= max_sessions:
+                raise LimitExceededError("sessions", count + 1, max_sessions)
+        made = self._call(
+            self._create, keys=_keys(session_id), args=[_dumps(dict(metadata)), repr(created_at), repr(ttl)]
+        )
+        if not made:
+            raise SessionExistsError(session_id)
+        self._call(self._redis.sadd, _SESSIONS_INDEX, session_id)
+        return SessionInfo(session_id, dict(metadata), created_at, ttl, 0, ttl)
+
+    def get_session(self, session_id: str, *, touch: bool = True) -> SessionInfo | None:
+        got = self._call(self._session, keys=_keys(session_id), args=["1" if touch else "0"])
+        if not got:
+            return None
+        meta, created_at, ttl, count, pttl = got
+        return SessionInfo(session_id, json.loads(meta), float(created_at), float(ttl), int(count), int(pttl) / 1000)
+
+    def touch_session(self, session_id: str) -> bool:
+        return self.get_session(session_id) is not None
+
+    def delete_session(self, session_id: str) -> int | None:
+        count = int(self._call(self._delete_session, keys=_keys(session_id)))
+        self._call(self._redis.srem, _SESSIONS_INDEX, session_id)
+        if count < 0:
+            return None
+        for listener in self._listeners:
+            listener.ended(session_id)
+        return count
+
+    def session_ids(self) -> list[str]:
+        ids = sorted(self._call(self._redis.smembers, _SESSIONS_INDEX))
+        pipe = self._redis.pipeline(transaction=False)
+        for session_id in ids:
+            pipe.exists(_keys(session_id)[0])
+        alive = self._call(pipe.execute)
+        return [sid for sid, live in zip(ids, alive, strict=True) if live]
+
+    def sweep(self) -> list[str]:
+        """Forget expired sessions in the index (Redis itself expired their keys); return their ids."""
+        ids = sorted(self._call(self._redis.smembers, _SESSIONS_INDEX))
+        alive = set(self.session_ids())
+        gone = [sid for sid in ids if sid not in alive]
+        if gone:
+            self._call(self._redis.srem, _SESSIONS_INDEX, *gone)
+        return gone
+
+    # ------------------------------------------------------------------ variables
+
+    def read_variables(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable]:
+        got = self._call(self._read, keys=_keys(session_id), args=list(identifiers))
+        if got is None:
+            raise SessionNotFoundError(session_id)
+        return {ident: _variable(*rec) for ident, rec in zip(identifiers, got, strict=True) if rec}
+
+    def list_variables(self, session_id: str) -> list[Variable]:
+        got = self._call(self._list, keys=_keys(session_id))
+        if got is None:
+            raise SessionNotFoundError(session_id)
+        defs, states, versions, metas = (dict(zip(h[::2], h[1::2], strict=True)) for h in got)
+        out = [_variable(i, defs[i], states[i], versions[i], metas.get(i, "{}")) for i in versions]
+        out.sort(key=_creation_order)
+        return out
+
+    def insert_variables(
+        self, session_id: str, variables: Sequence[NewVariable], *, now: float, max_variables: int, history_limit: int
+    ) -> list[Variable]:
+        args: list[Any] = [self._changelog_limit, max_variables]
+        stamped: list[tuple[NewVariable, float, float]] = []
+        # Ids come from one counter for all sessions: unique and increasing, never reused by a
+        # session made anew under an old id (a gap after a refused insert is harmless).
+        last = int(self._call(self._redis.incrby, _ID_COUNTER, max(1, len(variables))))
+        ids = [
+            f"var_{new.name}_{n}" for new, n in zip(variables, range(last - len(variables) + 1, last + 1), strict=True)
+        ]
+        for var_id, new in zip(ids, variables, strict=True):
+            created = new.created_at or now
+            updated = new.updated_at or created
+            stamped.append((new, created, updated))
+            meta = _dumps(dict(new.metadata))
+            state = _state(new.type, new.value, updated, new.source)
+            args += [new.name, var_id, _definition(new, created), state, new.version, meta, _history_entry(state, meta)]
+        got = self._call(self._insert, keys=_keys(session_id), args=args)
+        status = got[0]
+        if status == "nosession":
+            raise SessionNotFoundError(session_id)
+        if status == "exists":
+            raise VariableExistsError(got[1], session_id)
+        if status == "limit":
+            raise LimitExceededError("variables per session", int(got[1]), max_variables)
+        out = [
+            Variable(
+                id=var_id,
+                name=new.name,
+                type=new.type,
+                value=new.value,
+                constraints=dict(new.constraints),
+                description=new.description,
+                metadata=dict(new.metadata),
+                version=new.version,
+                created_at=created,
+                updated_at=updated,
+                source=new.source,
+            )
+            for var_id, (new, created, updated) in zip(ids, stamped, strict=True)
+        ]
+        self._changed(
+            session_id, [VariableUpdate(v.id, v, UpdateType.VALUE_CHANGE, v.source, dict(v.metadata), now) for v in out]
+        )
+        return out
+
+    def apply_writes(self, session_id: str, writes: Sequence[Write], *, history_limit: int) -> list[Variable]:
+        # The definitions travel with the writes (for the change log): the store's read, or one more.
+        found = {w.variable_id: w.variable for w in writes if w.variable is not None}
+        unknown = [w.variable_id for w in writes if w.variable_id not in found]
+        if unknown:
+            found.update(self.read_variables(session_id, list(dict.fromkeys(unknown))))
+        args: list[Any] = [self._changelog_limit, history_limit]
+        for write in writes:
+            var = found.get(write.variable_id)
+            if var is None:
+                raise VariableNotFoundError(write.variable_id, session_id)
+            state = _state(var.type, write.value, write.timestamp, write.source)
+            meta = _dumps(dict(write.metadata))
+            args += [
+                write.variable_id,
+                write.expected_version or 0,
+                _definition(var, var.created_at),
+                state,
+                meta,
+                _history_entry(state, meta),
+            ]
+        got = self._call(self._write, keys=_keys(session_id), args=args)
+        status = got[0]
+        if status == "nosession":
+            raise SessionNotFoundError(session_id)
+        if status == "novar":
+            raise VariableNotFoundError(got[1], session_id)
+        if status == "conflict":
+            var = found[got[1]]
+            raise VersionConflictError(
+                var.name, next(w.expected_version for w in writes if w.variable_id == got[1]) or 0, int(got[2])
+            )
+        out: list[Variable] = []
+        updates: list[VariableUpdate] = []
+        for i, write in enumerate(writes):
+            base = found[write.variable_id]
+            var = Variable(
+                id=base.id,
+                name=base.name,
+                type=base.type,
+                value=write.value,
+                constraints=base.constraints,
+                description=base.description,
+                metadata=json.loads(got[2 + 2 * i]),
+                version=int(got[1 + 2 * i]),
+                created_at=base.created_at,
+                updated_at=write.timestamp,
+                source=write.source,
+            )
+            out.append(var)
+            updates.append(
+                VariableUpdate(
+                    var.id,
+                    var,
+                    UpdateType.VALUE_CHANGE,
+                    write.source,
+                    {**write.metadata, **write.announce},
+                    write.timestamp,
+                )
+            )
+        self._changed(session_id, updates)
+        return out
+
+    def delete_variable(
+        self, session_id: str, variable_id: str, *, source: str, timestamp: float, history_limit: int = 0
+    ) -> Variable:
+        got = self._call(
+            self._delete,
+            keys=_keys(session_id),
+            args=[self._changelog_limit, history_limit or _ALL_HISTORY, variable_id, _dumps([source, timestamp])],
+        )
+        if got[0] == "nosession":
+            raise SessionNotFoundError(session_id)
+        if got[0] == "novar":
+            raise VariableNotFoundError(variable_id, session_id)
+        var = _variable(*got[1:])
+        for listener in self._listeners:
+            listener.changed(session_id, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])
+        return var
+
+    def history(self, session_id: str, variable_id: str, *, limit: int = 0) -> list[HistoryEntry]:
+        got = self._call(self._history, keys=_keys(session_id), args=[variable_id, limit or _ALL_HISTORY])
+        if got[0] == "nosession":
+            raise SessionNotFoundError(session_id)
+        if got[0] == "novar":
+            raise VariableNotFoundError(variable_id, session_id)
+        found = self.read_variables(session_id, [variable_id])
+        if variable_id not in found:
+            raise VariableNotFoundError(variable_id, session_id)
+        type_url = TYPE_URL_PREFIX + found[variable_id].type
+        out = []
+        for version, raw in zip(got[1::2], got[2::2], strict=True):
+            value_json, ts, source, meta = json.loads(raw)
+            out.append(HistoryEntry(int(version), decode_value(type_url, value_json.encode()), ts, source, meta))
+        return out
+
+    # ------------------------------------------------------------------ change log
+
+    def position(self, session_id: str) -> int:
+        pos = self._call(self._redis.hget, _keys(session_id)[0], "pos")
+        if pos is None:
+            raise SessionNotFoundError(session_id)
+        return int(pos)
+
+    def read_changes(self, session_id: str, after: int, timeout: float) -> ChangeBatch:
+        """Changes after ``after`` (``XREAD BLOCK``); a gap (trimmed entries) answers ``resync``."""
+        stream = _keys(session_id)[7]
+        got = self._call(self._redis.xread, {stream: f"{after}-0"}, count=1000, block=max(1, int(timeout * 1000)))
+        if not got:
+            return ChangeBatch(after)
+        entries = got[0][1]
+        first = int(entries[0][0].split("-")[0])
+        if first != after + 1:
+            return ChangeBatch(self.position(session_id), resync=True)
+        if any(fields["k"] == "i" for _, fields in entries):
+            return ChangeBatch(int(entries[-1][0].split("-")[0]), resync=True)  # a bulk import: re-read all
+        updates = []
+        for _, fields in entries:
+            definition, state = fields["d"], fields["x"]
+            var = _variable(fields["id"], definition, state, fields["v"], fields["m"])
+            if fields["k"] == "d":
+                source, ts = json.loads(fields["e"])
+                updates.append(VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, ts))
+            else:
+                updates.append(
+                    VariableUpdate(
+                        var.id, var, UpdateType.VALUE_CHANGE, var.source, json.loads(fields["w"]), var.updated_at
+                    )
+                )
+        return ChangeBatch(int(entries[-1][0].split("-")[0]), tuple(updates))
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._closed = True
+        self._redis.close()

@@ -1,0 +1,146 @@
+"""Sessions that do not vanish under their owner, and switching many variables to a remote bridge.
+
+A bridged Context keeps its session alive while open (heartbeats), even idle past the TTL; a second
+Context with the same id raises instead of merging; ``Context.attach`` joins explicitly; only the
+owner's ``stop()`` deletes the session. Bridges are real ``dspex-bridge serve`` subprocesses, on
+memory and on Redis storage.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from dspex_dspy import Context, Variables
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.errors import SessionExistsError, SessionNotFoundError
+from dspex_dspy.remote import RemoteStore
+from dspex_dspy.server import BridgeServicer
+from dspex_dspy.store import SessionStore
+from dspex_dspy.types import Variable
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 1.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+def short_ttl_bridge(request: pytest.FixtureRequest, spawn_bridge: Callable[..., Any]) -> Any:
+    storage = request.getfixturevalue("redis_url") if request.param == "redis" else "memory"
+    return spawn_bridge("--storage", storage, "--ttl", str(TTL_S), "--sweep-interval", "0.1")
+
+
+def test_an_idle_context_keeps_its_session_past_the_ttl(short_ttl_bridge: Any) -> None:
+    with Context(bridge=short_ttl_bridge.address) as ctx, RemoteStore.connect(short_ttl_bridge.address) as probe:
+        Variables.defvariable(ctx, "temperature", "float", 0.7)
+        ctx.ensure_bridged()
+        probe.create_session("unowned")  # the same TTL, but nobody keeps it alive
+        time.sleep(4 * TTL_S)  # the context stays idle (any look at "unowned" would refresh it)
+        assert not probe.has_session("unowned")  # the TTL really passed ...
+        assert Variables.get(ctx, "temperature") == 0.7  # ... yet the context's session is there
+        assert probe.get_session(ctx.id).variable_count == 1
+
+
+def test_same_id_twice_raises_attach_joins_and_only_the_owner_deletes(short_ttl_bridge: Any) -> None:
+    address = short_ttl_bridge.address
+    owner = Context(bridge=address, backend="bridged")
+    Variables.defvariable(owner, "x", "integer", 1)
+    with pytest.raises(SessionExistsError, match=r"Context\.attach"):
+        Context(owner.id, bridge=address, backend="bridged")
+    twin = Context(owner.id, bridge=address)
+    Variables.defvariable(twin, "y", "integer", 2)
+    with pytest.raises(SessionExistsError):
+        twin.ensure_bridged()
+    assert twin.get_backend().type == "local" and Variables.get(twin, "y") == 2  # nothing merged, nothing lost
+    twin.stop()
+
+    guest = Context.attach(owner.id, bridge=address)
+    assert not guest.owns_session and owner.owns_session
+    assert Variables.get(guest, "x") == 1
+    Variables.set(guest, "x", 5)
+    assert Variables.get(owner, "x") == 5
+    guest.stop()
+    assert Variables.get(owner, "x") == 5  # the guest's stop left the session alone
+    with RemoteStore.connect(address) as probe:
+        owner.stop()
+        assert not probe.has_session(owner.id)
+    with pytest.raises(SessionNotFoundError):
+        Context.attach("no-such-session", bridge=address)
+
+
+def test_attach_on_the_embedded_bridge() -> None:
+    with Context(backend="bridged") as owner:
+        Variables.defvariable(owner, "x", "integer", 1)
+        guest = Context.attach(owner.id)
+        assert Variables.get(guest, "x") == 1
+        guest.stop()
+        assert Variables.get(owner, "x") == 1
+
+
+def test_switching_ten_thousand_variables_to_a_remote_bridge_is_one_import(remote_bridge: Any) -> None:
+    ctx = Context(bridge=remote_bridge.address)
+    try:
+        for i in range(10_000):
+            Variables.defvariable(ctx, f"v{i}", "integer", i, description=f"#{i}")
+        Variables.set(ctx, "v7", 70)
+        started = time.perf_counter()
+        ctx.ensure_bridged()
+        took = time.perf_counter() - started
+        listed = Variables.list(ctx)
+        assert [v.name for v in listed] == [f"v{i}" for i in range(10_000)]
+        assert (listed[7].value, listed[7].version, listed[7].description) == (70, 2, "#7")
+        print(f"switch of 10,000 variables to a remote bridge: {took:.3f} s")
+        assert ctx.get_backend().history[-1].variables == 10_000
+    finally:
+        ctx.stop()
+
+
+class _OldBridge(BridgeServicer):
+    """A bridge without the ImportVariables extension (as a peer of the plain contract)."""
+
+    def ImportVariables(self, request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+
+def test_import_falls_back_to_registering_one_by_one_on_an_older_bridge() -> None:
+    store = SessionStore()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_BridgeServiceServicer_to_server(_OldBridge(store), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        _import_through(port, store)
+    finally:
+        server.stop(None)
+        store.close()
+
+
+def _import_through(port: int, store: SessionStore) -> None:
+    with RemoteStore(pb_grpc.BridgeServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))) as remote:
+        remote.create_session("s")
+        variables = [Variable("", f"v{i}", "integer", i, version=3, created_at=100.0 + i) for i in range(50)]
+        made = remote.import_variables("s", variables)
+        assert [v.version for v in made] == [3] * 50
+        assert [v.name for v in store.list_variables("s")] == [f"v{i}" for i in range(50)]
+        stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ImportVariables(pb.ImportVariablesRequest(session_id="s"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_context_dropped_without_stop_stops_keeping_its_session_alive(short_ttl_bridge: Any) -> None:
+    ctx = Context(bridge=short_ttl_bridge.address, backend="bridged")
+    session_id = ctx.id
+    with RemoteStore.connect(short_ttl_bridge.address) as probe:
+        assert probe.get_session(session_id).ttl == TTL_S
+        del ctx
+        gc.collect()
+        time.sleep(4 * TTL_S)  # idle: no look at the session until the end
+        assert not probe.has_session(session_id)
