@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("dspex_dspy.dashboard")
 
 _MISSING_EXTRA = (
-    "the dashboard needs its extra: pip install \"dspex-dspy[dashboard]\" (it adds starlette, uvicorn and PyJWT)"
+    'the dashboard needs its extra: pip install "dspex-dspy[dashboard]" (it adds starlette, uvicorn and PyJWT)'
 )
 
 

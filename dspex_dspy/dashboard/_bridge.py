@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -20,13 +21,15 @@ import grpc.aio
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.admin import SessionSummary, list_sessions
 from dspex_dspy.errors import BridgeUnavailableError, ValidationError
+from dspex_dspy.records import SessionInfo
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
 from dspex_dspy.tls import ChannelSecurity, secure_aio_channel, secure_channel
 from dspex_dspy.types import Variable
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
-__all__ = ["BridgeLink", "jsonable", "parse_value", "variable_record"]
+__all__ = ["BridgeLink", "jsonable", "parse_value", "session_record", "variable_record"]
 
 _CLIENTS_PER_LINK = 16
 
@@ -74,6 +77,22 @@ def _lease_of(var: Variable) -> dict[str, Any] | None:
     return {"optimizer_id": status.optimizer_id, "started_at": status.started_at}
 
 
+def session_record(session: SessionSummary | SessionInfo) -> dict[str, Any]:
+    """What the page shows of one session (from a listing or from ``GetSession``)."""
+    metadata = dict(session.metadata)
+    count = session.variables if isinstance(session, SessionSummary) else session.variable_count
+    idle = session.ttl - session.expires_in  # seconds since the session was last used
+    return {
+        "id": session.id,
+        "variables": count,
+        "created_at": session.created_at,
+        "last_access": time.time() - idle if math.isfinite(idle) and idle >= 0 else None,
+        "expires_in": session.expires_in if math.isfinite(session.expires_in) else None,
+        "owner": metadata.get("owner") or metadata.get("created_by"),
+        "metadata": metadata,
+    }
+
+
 def parse_value(name: str, type_: str, text: str) -> Any:
     """Turn what a person typed into a value of the variable's type.
 
@@ -116,6 +135,7 @@ class BridgeLink:
         self._root_certificates = root_certificates
         self._connect_timeout = connect_timeout
         self._clients: OrderedDict[str, RemoteStore] = OrderedDict()
+        self._channels: dict[int, grpc.Channel] = {}
         self._lock = threading.Lock()
 
     def store(self, token: str | None) -> RemoteStore:
@@ -135,6 +155,7 @@ class BridgeLink:
             self._clients[key] = client
             while len(self._clients) > _CLIENTS_PER_LINK:
                 _, evicted = self._clients.popitem(last=False)
+                self._channels.pop(id(evicted), None)
                 evicted.close()
         return client
 
@@ -153,13 +174,21 @@ class BridgeLink:
             raise BridgeUnavailableError(
                 f"no bridge server answered at {target} within {self._connect_timeout:g} s"
             ) from None
-        return RemoteStore(pb_grpc.BridgeServiceStub(channel), channel=channel, address=target)
+        store = RemoteStore(pb_grpc.BridgeServiceStub(channel), channel=channel, address=target)
+        self._channels[id(store)] = channel
+        return store
+
+    def sessions(self, token: str | None, pattern: str = "") -> list[SessionSummary]:
+        """The bridge's sessions (its ``BridgeAdmin.ListSessions``), as the token may see them."""
+        store = self.store(token)
+        return list_sessions(self._channels[id(store)], pattern=pattern, timeout=store.call_timeout)
 
     def close(self) -> None:
         """Close every client. Idempotent."""
         with self._lock:
             clients = list(self._clients.values())
             self._clients.clear()
+            self._channels.clear()
         for client in clients:
             client.close()
 

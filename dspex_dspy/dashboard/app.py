@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dspex_dspy import errors
-from dspex_dspy.dashboard._bridge import BridgeLink, jsonable, parse_value, variable_record
+from dspex_dspy.dashboard._bridge import BridgeLink, jsonable, parse_value, session_record, variable_record
 from dspex_dspy.remote import BridgeCalls, RemoteStore
 
 __all__ = ["create_app"]
@@ -141,8 +141,9 @@ def create_app(
         query = request.query_params.get("q", "").strip().lower()
 
         async def handler() -> dict[str, Any]:
-            infos = await call(request, lambda store: store.list_sessions())
-            rows = [_session_record(info) for info in infos if query in info.id.lower()]
+            token = _token(request)
+            infos = await run_in_threadpool(bridge_link.sessions, token)
+            rows = [session_record(info) for info in infos if query in info.id.lower()]
             return {"sessions": rows}
 
         return await guarded(request, handler)
@@ -154,7 +155,7 @@ def create_app(
             def read(store: RemoteStore) -> dict[str, Any]:
                 info = store.get_session(sid)
                 variables = store.list_variables(sid)
-                return {"session": _session_record(info), "variables": [variable_record(v) for v in variables]}
+                return {"session": session_record(info), "variables": [variable_record(v) for v in variables]}
 
             return await call(request, read)
 
@@ -268,6 +269,7 @@ def create_app(
         Route("/api/sessions/{sid}/variables/{name}/lease/stop", stop_lease, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(_static_dir())), name="static"),
     ]
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
@@ -287,19 +289,6 @@ async def _json_body(request: Request) -> Any:
         return await request.json()
     except ValueError:
         return None
-
-
-def _session_record(info: Any) -> dict[str, Any]:
-    metadata = dict(getattr(info, "metadata", {}) or {})
-    return {
-        "id": info.id,
-        "variables": info.variable_count,
-        "watchers": getattr(info, "watchers", None),
-        "created_at": info.created_at,
-        "last_access": getattr(info, "last_access", None),
-        "owner": getattr(info, "owner", None) or metadata.get("owner"),
-        "metadata": metadata,
-    }
 
 
 def _bridge_wants_token(link: BridgeLink) -> bool:
@@ -329,4 +318,9 @@ def _claims(token: str | None) -> dict[str, Any]:
     perms = claims.get("perms", [])
     if isinstance(perms, str):
         perms = [p for p in perms.replace(",", " ").split() if p]
-    return {"sub": claims.get("sub"), "perms": list(perms), "sessions": claims.get("sessions", []), "exp": claims.get("exp")}
+    return {
+        "sub": claims.get("sub"),
+        "perms": list(perms),
+        "sessions": claims.get("sessions", []),
+        "exp": claims.get("exp"),
+    }

@@ -26,7 +26,6 @@ from dspex_dspy.errors import VariableLockedError
 from dspex_dspy.remote import RemoteStore
 from dspex_dspy.tokens import mint_token
 
-
 pytestmark = pytest.mark.e2e
 
 CHROMIUM = "/usr/bin/chromium"
