@@ -84,6 +84,10 @@ RPC_PERMISSIONS: Final[Mapping[str, str | None]] = {
 """The permission each ``BridgeService`` RPC needs on the request's session (None: any valid
 token). An RPC missing here, or any other service, needs ``admin``."""
 
+OPEN_ADMIN_RPCS: Final = frozenset({"/dspex.bridge.v1.BridgeAdmin/ListSessions"})
+"""Operator RPCs any valid token may call: the service itself narrows the answer to what the
+token may see (``ListSessions`` lists only the sessions a token without ``admin`` names)."""
+
 SESSION_RPCS: Final = frozenset({"InitializeSession", "CleanupSession", "GetSession", "Heartbeat"})
 """RPCs about a whole session: ``admin`` allows them on sessions the token does not name."""
 
@@ -279,7 +283,9 @@ class _GuardCore:
             return None
         if self.secret is None and self.limiter is None and rpc not in _AUDITED:
             return None  # nothing to check or record
-        return rpc, (RPC_PERMISSIONS.get(rpc, "admin") if service == _SERVICE else "admin")
+        if service == _SERVICE:
+            return rpc, RPC_PERMISSIONS.get(rpc, "admin")
+        return rpc, (None if method in OPEN_ADMIN_RPCS else "admin")
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any] | None, handler_call_details: grpc.HandlerCallDetails

@@ -1,4 +1,4 @@
-"""The ``dspex-bridge`` command: run a standalone bridge server, or ping one.
+"""The ``dspex-bridge`` command: run a standalone bridge server, ping one, or operate one.
 
 ``dspex-bridge serve`` starts a :class:`~dspex_dspy.server.BridgeServer` over a fresh
 :class:`~dspex_dspy.store.SessionStore` (swept periodically) whose records live in this process
@@ -9,8 +9,10 @@ the OS chose, so scripts and tests can read it), and stops gracefully on SIGTERM
 0. ``dspex-bridge ping ADDRESS`` sends a ``Ping`` and prints the reply. ``dspex-bridge token``
 prints a signed session token. ``serve`` takes TLS material (``--tls-cert``, ``--tls-key``,
 ``--tls-client-ca``), a token secret (``--auth-secret-file``) and a rate limit, and refuses to bind a
-non-loopback address without both TLS and tokens unless ``--insecure`` is given. Also runnable as
-``python -m dspex_dspy.cli``.
+non-loopback address without both TLS and tokens unless ``--insecure`` is given. The operator commands
+``sessions``, ``list``, ``get``, ``set``, ``history``, ``rollback`` and ``watch`` (with ``--json``
+for scripts, and exit codes that say what went wrong) are in :mod:`dspex_dspy.commands`. Also
+runnable as ``python -m dspex_dspy`` or ``python -m dspex_dspy.cli``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.auth import RateLimiter
+from dspex_dspy.commands import COMMANDS, add_commands, run
 from dspex_dspy.errors import DSPexError
+from dspex_dspy.logs import configure_logging
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, Storage, StoreLimits
 from dspex_dspy.tls import ServerTLS, resolve_security, secure_channel
@@ -65,9 +69,10 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dspex-bridge`` argument parser (``serve``, ``ping`` and ``token`` subcommands)."""
+    """The ``dspex-bridge`` argument parser (``serve``, ``ping``, ``token`` and the operator subcommands)."""
     parser = argparse.ArgumentParser(
-        prog="dspex-bridge", description="Serve or ping a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC)."
+        prog="dspex-bridge",
+        description="Serve, ping or operate a dspex-dspy bridge (snakepit.bridge.BridgeService over gRPC).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -153,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow a non-loopback --host without TLS and tokens (logs a warning at every start)",
     )
+    serve.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="log lines as text or one JSON object each"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)",
+    )
 
     ping = commands.add_parser("ping", help="send a Ping to a bridge and print the reply")
     ping.add_argument("address", help="HOST:PORT of the bridge")
@@ -171,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--perms", required=True, help=f"comma-separated, from {','.join(PERMISSIONS)}")
     token.add_argument("--ttl", type=_positive_float, default=3600.0, help="seconds of validity (default: %(default)s)")
+
+    add_commands(commands)
     return parser
 
 
@@ -186,7 +202,7 @@ def _storage(spec: str) -> Storage | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
     try:
         storage = _storage(args.storage)
     except DSPexError as exc:
@@ -229,7 +245,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        metrics = None
         try:
+            interceptors = []
+            if args.metrics_port is not None:
+                try:
+                    from dspex_dspy.metrics import BridgeMetrics
+                except ImportError as exc:
+                    print(
+                        f"dspex-bridge: --metrics-port needs prometheus-client ({exc}); "
+                        'install it with: pip install "dspex-dspy[metrics]"',
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    store.close()
+                    return 1
+                metrics = BridgeMetrics()
+                interceptors.append(metrics.interceptor())
             server, _ = create_server(
                 store,
                 args.host,
@@ -240,8 +272,12 @@ def _serve(args: argparse.Namespace) -> int:
                 auth_secret=secret,
                 rate_limit=limiter,
                 insecure=args.insecure,
+                interceptors=interceptors,
             )
-        except DSPexError as exc:
+            if metrics is not None:
+                metrics.watch_server(server)
+                metrics.serve(args.host, args.metrics_port)
+        except (DSPexError, OSError) as exc:
             print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
             store.close()
             store.storage.close()
@@ -249,12 +285,16 @@ def _serve(args: argparse.Namespace) -> int:
         store.start_sweeper(args.sweep_interval)
         server.start()
         print(f"dspex-bridge listening on {server.address}", flush=True)
+        if metrics is not None:
+            print(f"dspex-bridge metrics on {metrics.url}", flush=True)
         # Wait in short slices so the signal handler runs promptly on the main thread.
         while not stop_requested.wait(0.5):
             pass
         server.stop(args.grace)
         store.close()
         store.storage.close()
+        if metrics is not None:
+            metrics.close()
         logger.info("stopped")
         return 0
     finally:
@@ -305,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command in COMMANDS:
+        return run(args)
     return _ping(args)
 
 

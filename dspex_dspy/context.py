@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from dspex_dspy.display import VariableList, context_html, context_text
 from dspex_dspy.errors import (
     BridgeUnavailableError,
     DSPexError,
@@ -413,7 +414,27 @@ class Context:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"Context(id={self.id!r}, backend={self._provider.kind!r})"
+        kind = self._provider.kind
+        if kind == "stopped":
+            return f"Context(id={self.id!r}, stopped)"
+        try:
+            variables = self._provider.list()
+        except DSPexError as exc:
+            return f"Context(id={self.id!r}, backend={kind!r}, unreadable: {exc})"
+        return context_text(self.id, kind, self.bridge_address, variables)
+
+    def _repr_html_(self) -> str:
+        kind = self._provider.kind
+        variables = [] if kind == "stopped" else self._provider.list()
+        return context_html(self.id, kind, self.bridge_address, variables)
+
+    def to_records(self) -> builtins.list[dict[str, Any]]:
+        """Every variable as a plain dict, in creation order (see ``Variable.to_record``)."""
+        return VariableList(self._provider.list()).to_records()
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame, one row per variable (needs pandas)."""
+        return VariableList(self._provider.list()).to_dataframe()
 
     # ------------------------------------------------------------------ switching
 

@@ -22,7 +22,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as aio_health  # type: ignore[attr-defined]
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy.admin import add_admin_service
 from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
 from dspex_dspy.auth import AsyncBridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
@@ -803,6 +804,7 @@ def create_server(
     auth_secret: bytes | None = None,
     rate_limit: RateLimiter | None = None,
     insecure: bool = False,
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -817,6 +819,8 @@ def create_server(
         auth_secret: require on every call (health aside) a token signed with this secret.
         rate_limit: a per-principal rate limit.
         insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
+        interceptors: ``grpc.aio`` server interceptors, run before the token checks (e.g.
+            :meth:`dspex_dspy.metrics.BridgeMetrics.interceptor`).
 
     Returns:
         ``(server, port)`` with the real bound port.
@@ -855,10 +859,13 @@ def create_server(
     target = _format_address(host, port)
 
     async def build() -> tuple[grpc.aio.Server, Any, int]:
-        server = grpc.aio.server(options=options, interceptors=[AsyncBridgeGuard(auth_secret, rate_limit)])
+        server = grpc.aio.server(
+            options=options, interceptors=[*interceptors, AsyncBridgeGuard(auth_secret, rate_limit)]
+        )
         # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
         # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
         server.add_generic_rpc_handlers((guarded_async_handler(AsyncBridgeServicer(servicer, executor)),))
+        add_admin_service(server, served, executor)
         health_servicer = aio_health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for service in ("", SERVICE_NAME):

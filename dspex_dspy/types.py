@@ -72,6 +72,8 @@ TYPE_URL_PREFIX: Final = "type.googleapis.com/snakepit."
 MAX_NAME_LENGTH: Final = 128
 MAX_PATTERN_LENGTH: Final = 1024
 MAX_TENSOR_RANK: Final = 32
+#: The deepest nesting of lists and objects a value's JSON may have.
+MAX_JSON_DEPTH: Final = 256
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
 
@@ -124,6 +126,22 @@ class Variable:
     source: str = "orchestrator"
     optimization_status: OptimizationStatus | None = None
 
+    def __repr__(self) -> str:
+        from dspex_dspy.display import variable_repr
+
+        return variable_repr(self)
+
+    def _repr_html_(self) -> str:
+        from dspex_dspy.display import variable_html
+
+        return variable_html(self)
+
+    def to_record(self) -> dict[str, Any]:
+        """The variable as a plain dict (JSON-ready; times as ISO-8601 UTC)."""
+        from dspex_dspy.display import variable_record
+
+        return variable_record(self)
+
     def json_schema(self) -> dict[str, Any]:
         """The JSON Schema of this variable's values (type and constraints), titled with its name.
 
@@ -136,15 +154,6 @@ class Variable:
         if self.description:
             schema["description"] = self.description
         return schema
-
-    def __repr__(self) -> str:
-        value = "<secret>" if is_secret(self.metadata) else repr(self.value)
-        return (
-            f"Variable(id={self.id!r}, name={self.name!r}, type={self.type!r}, value={value}, "
-            f"constraints={dict(self.constraints)!r}, description={self.description!r}, "
-            f"metadata={dict(self.metadata)!r}, version={self.version!r}, created_at={self.created_at!r}, "
-            f"updated_at={self.updated_at!r}, source={self.source!r})"
-        )
 
 
 def is_secret(metadata: Mapping[str, Any] | None) -> bool:
@@ -791,6 +800,9 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
         raise ValidationError(name, "encoding", data[:60], f"the value is not valid JSON: {exc}") from None
     if raw is None:
         raise ValidationError(name, "encoding", raw, "the value is empty (null)")
+    # Python 3.13's json decoder nests far deeper before a RecursionError: bound the depth ourselves.
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _deeper_than(raw, MAX_JSON_DEPTH):
+        raise ValidationError(name, "encoding", data[:60], "the value is nested too deeply")
     if type_ == "float":
         return _decode_float(name, raw)
     if type_ == "embedding" and isinstance(raw, list):
@@ -799,6 +811,18 @@ def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
         data_list = raw["data"]
         return {**raw, "data": _decode_nested(name, data_list, 0)}
     return raw
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests lists/objects more than ``limit`` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (list, dict)))
+    return False
 
 
 def _decode_nested(name: str, raw: list[Any], depth: int) -> list[Any]:

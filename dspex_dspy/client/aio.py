@@ -28,10 +28,12 @@ from dspex_dspy.client.core import (
     connect_options,
     resolve_address,
 )
-from dspex_dspy.client.events import WatchEvent
+from dspex_dspy.client.events import WatchEvent, deprecated, detached
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
+from dspex_dspy.ops import AsyncCallbackWatch, acas_update
+from dspex_dspy.records import HistoryEntry
 from dspex_dspy.remote import BridgeCall, BridgeCalls, channel_args
 from dspex_dspy.tls import secure_aio_channel
 from dspex_dspy.types import Variable
@@ -340,10 +342,18 @@ class AsyncSessionContext(ClientCore):
     async def update_variable(
         self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None
     ) -> int:
-        """Alias of :meth:`set_variable` (the snakepit name)."""
+        """Deprecated alias of :meth:`set_variable` (it *sets*; :meth:`update` is read-modify-write)."""
+        deprecated("update_variable", "set_variable")
         return await self._run(self._set_op(name, value, metadata, expected_version))
 
     async def update_variables(
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
+    ) -> dict[str, int]:
+        """Deprecated alias of :meth:`set_variables` (kept for one release; it warns)."""
+        deprecated("update_variables", "set_variables")
+        return await self._run(self._batch_op(updates, atomic, metadata))
+
+    async def set_variables(
         self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
     ) -> dict[str, int]:
         """Write several variables; ``{name: new version}`` or :class:`BatchUpdateError`."""
@@ -371,6 +381,48 @@ class AsyncSessionContext(ClientCore):
             ...     print(event.value)
         """
         return AsyncVariableWatch(self, list(names or ()), include_initial)
+
+    # ------------------------------------------------------------------ history, rollback, update, watch
+
+    async def history(self, name: str, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, newest first (see ``SessionContext.history``)."""
+        return await self._call(BridgeCalls.get_history(self.session_id, name, limit))
+
+    async def rollback(self, name: str, version: int) -> int:
+        """Write a remembered version's value as a new version (see ``SessionContext.rollback``)."""
+        var = await self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
+        return self._written(name, var.version, var.value, None)
+
+    async def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
+        """Atomically replace the value with ``fn(value)`` (see ``SessionContext.update``)."""
+
+        async def read(attempt: int) -> tuple[Any, int]:
+            if attempt == 0:
+                return await self.get_versioned(name)
+            var = await self._call(BridgeCalls.get_variable(self.session_id, name))
+            return detached(var.value), var.version
+
+        async def write(value: Any, version: int) -> int:
+            return await self.set_variable(name, value, expected_version=version)
+
+        return await acas_update(name, read, write, fn, max_attempts=max_attempts)
+
+    def watch(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        callback: Callable[[WatchEvent], Any] | None = None,
+        include_initial: bool = True,
+    ) -> AsyncVariableWatch | AsyncCallbackWatch:
+        """An async iterator over changes, or with ``callback`` (plain or async) a running task.
+
+        The callback form must be called inside the running event loop. Watches coalesce; the
+        change log is :meth:`history`.
+        """
+        events = self.watch_variables(names, include_initial)
+        if callback is None:
+            return events
+        return AsyncCallbackWatch(events, callback)
 
 
 class AsyncVariableWatch(AsyncIterator[WatchEvent]):

@@ -196,6 +196,14 @@ class VariableCache:
         with self._cond:
             return self._lookup(name)
 
+    def lookup_record(self, name: str) -> Variable | None:
+        """Like :meth:`lookup`, but None for the worker's own write not yet confirmed by the stream.
+
+        Such a record has the right value and version, but the server decides its metadata.
+        """
+        with self._cond:
+            return None if name in self._provisional else self._lookup(name)
+
     def _lookup(self, name: str) -> Variable | None:
         if not self._synced:  # (a silent stream is marked down by its driver at the deadline)
             return None

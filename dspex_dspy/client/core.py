@@ -368,7 +368,7 @@ class ClientCore:
         return None if var is None else (detached(var.value), var.version)
 
     def _record_op(self, name: str) -> Op[Variable]:
-        var = self._lookup(name)
+        var = self._cache.lookup_record(name) if self._cache is not None else None
         if var is not None:
             return Op(None, lambda _: _record(var))
         return Op(BridgeCalls.get_variable(self.session_id, name), _record)

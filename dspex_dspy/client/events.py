@@ -8,12 +8,13 @@ whether one stream delivered an update in write order (see :mod:`dspex_dspy.clie
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
+from dspex_dspy.ops import WatchEvent
 from dspex_dspy.records import UpdateType, VariableUpdate
-from dspex_dspy.types import OptimizationStatus, Variable
+from dspex_dspy.types import Variable
 
 __all__ = ["StreamOrder", "WatchEvent", "WatchTracker", "detached"]
 
@@ -22,31 +23,15 @@ __all__ = ["StreamOrder", "WatchEvent", "WatchTracker", "detached"]
 _SAME_CREATION: Final = 1e-3
 
 
-@dataclass(frozen=True)
-class WatchEvent:
-    """One change of one variable, as :meth:`SessionContext.watch_variables` yields it.
+def deprecated(old: str, new: str) -> None:
+    """Warn that the client method ``old`` is deprecated in favour of ``new``."""
+    import warnings
 
-    Attributes:
-        name: the variable's name.
-        value: its value after the change (for ``deleted``: its last value).
-        version: its version after the change (for ``deleted``: its last version).
-        update_type: ``initial_value``, ``value_change`` or ``deleted``.
-        source: who made the change (``orchestrator`` / ``worker``).
-        timestamp: wall-clock seconds since the epoch.
-        variable_id: the variable's id on the server.
-        metadata: the metadata given with the write.
-        optimization_status: the optimization lease holding the variable at that version, or None.
-    """
-
-    name: str
-    value: Any
-    version: int
-    update_type: str
-    source: str
-    timestamp: float
-    variable_id: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
-    optimization_status: OptimizationStatus | None = None
+    warnings.warn(
+        f"{old}() is deprecated and will be removed in the next release; use {new}()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def detached(value: Any) -> Any:

@@ -175,6 +175,7 @@ class CacheFeed:
                 "the cache of session %s is down (%s); reads go to the server until it resyncs",
                 self.session_id,
                 error,
+                extra={"event": "cache_degraded", "session_id": self.session_id},
             )
         else:
             logger.debug("cache watch of session %s broke again: %s", self.session_id, error)

@@ -29,10 +29,12 @@ from dspex_dspy.client.core import (
     finalizing,
     resolve_address,
 )
-from dspex_dspy.client.events import WatchEvent
+from dspex_dspy.client.events import WatchEvent, deprecated, detached
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
+from dspex_dspy.ops import CallbackWatch, cas_update
+from dspex_dspy.records import HistoryEntry
 from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore, open_channel
 from dspex_dspy.tls import ChannelSecurity, resolve_security, secure_channel
 from dspex_dspy.types import Variable
@@ -467,7 +469,8 @@ class SessionContext(ClientCore):
         Args:
             name: the variable's name (or id).
             value: the new value (checked by the server against the type and constraints).
-            metadata: ``str -> str`` merged into the variable's metadata.
+            metadata: ``str -> str`` describing this write: kept in its history entry, sent to
+                watchers and shown on this version only (it never sticks to later versions).
             expected_version: a non-zero version makes the write a compare-and-swap.
 
         Raises:
@@ -480,10 +483,21 @@ class SessionContext(ClientCore):
     def update_variable(
         self, name: str, value: Any, *, metadata: Meta = None, expected_version: int | None = None
     ) -> int:
-        """Alias of :meth:`set_variable` (the snakepit name)."""
+        """Deprecated alias of :meth:`set_variable` (it *sets*; :meth:`update` is read-modify-write).
+
+        Kept for one release; it warns with a :class:`DeprecationWarning`.
+        """
+        deprecated("update_variable", "set_variable")
         return self._run(self._set_op(name, value, metadata, expected_version))
 
     def update_variables(
+        self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
+    ) -> dict[str, int]:
+        """Deprecated alias of :meth:`set_variables` (kept for one release; it warns)."""
+        deprecated("update_variables", "set_variables")
+        return self._run(self._batch_op(updates, atomic, metadata))
+
+    def set_variables(
         self, updates: Mapping[str, Any], *, atomic: bool = True, metadata: Meta = None
     ) -> dict[str, int]:
         """Write several variables; return ``{name: new version}``.
@@ -547,6 +561,65 @@ class SessionContext(ClientCore):
         if self._forked():
             self._adopt()
         return VariableWatch(self, list(names or ()), include_initial)
+
+    # ------------------------------------------------------------------ history, rollback, update, watch
+
+    def history(self, name: str, limit: int = 0) -> list[HistoryEntry]:
+        """The variable's remembered writes, newest first (``limit`` > 0 keeps that many).
+
+        Each entry has the version, value, timestamp, writer and the metadata of that write.
+        """
+        return self._call(BridgeCalls.get_history(self.session_id, name, limit))
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value the variable had at a remembered ``version`` as a new version; return it.
+
+        Raises:
+            ValidationError: ``version`` is not in the remembered history (nothing changes).
+        """
+        var = self._call(BridgeCalls.rollback_variable(self.session_id, name, version, source=WORKER))
+        return self._written(name, var.version, var.value, None)
+
+    def update(self, name: str, fn: Callable[[Any], Any], *, max_attempts: int = 64) -> int:
+        """Atomically replace the value with ``fn(value)``; return the new version.
+
+        A compare-and-swap loop with jittered backoff: concurrent writers (in any process) never
+        lose an update. ``fn`` may run more than once, so it must have no side effects.
+
+        Raises:
+            VersionConflictError: ``max_attempts`` attempts all lost the race.
+        """
+
+        def read(attempt: int) -> tuple[Any, int]:
+            if attempt == 0:
+                return self.get_versioned(name)
+            var = self._call(BridgeCalls.get_variable(self.session_id, name))
+            return detached(var.value), var.version
+
+        return cas_update(
+            name,
+            read,
+            lambda value, version: self.set_variable(name, value, expected_version=version),
+            fn,
+            max_attempts=max_attempts,
+        )
+
+    def watch(
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        callback: Callable[[WatchEvent], Any] | None = None,
+        include_initial: bool = True,
+    ) -> VariableWatch | CallbackWatch:
+        """Watch some variables (None: all): an iterator, or with ``callback`` a running thread.
+
+        Watches coalesce (a slow reader gets the latest value of each variable, not every write);
+        the change log is :meth:`history`. See :meth:`watch_variables`.
+        """
+        events = self.watch_variables(names, include_initial)
+        if callback is None:
+            return events
+        return CallbackWatch(events, callback, name=f"dspex-watch-{self.session_id[:24]}")
 
 
 class VariableWatch(Iterator[WatchEvent]):

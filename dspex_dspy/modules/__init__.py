@@ -16,6 +16,17 @@ Example:
     {'temperature': 'temperature'}
 """
 
+try:
+    import dspy as _dspy  # noqa: F401
+except ModuleNotFoundError as _missing:  # pragma: no cover - exercised in a fresh venv by the packaging test
+    if _missing.name != "dspy":
+        raise
+    raise ImportError(
+        "dspex_dspy.modules (VariableAwarePredict and its siblings) needs DSPy, which is not installed. "
+        'Install the extra: pip install "dspex-dspy[dspy]"   (Context, Variables, the bridge and the '
+        "worker clients work without it)"
+    ) from None
+
 from dspex_dspy.modules._binding import (
     BINDABLE_ATTRIBUTES,
     OWNER_STATE_KEY,

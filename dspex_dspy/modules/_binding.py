@@ -54,9 +54,11 @@ from dspy.dsp.utils.settings import thread_local_overrides
 from dspy.dsp.utils.utils import dotdict
 from dspy.primitives.base_module import BaseModule
 
+from dspex_dspy.display import Provenance, bindings_html, bindings_text
 from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError
 from dspex_dspy.modules._source import VariableSource
 from dspex_dspy.reader import AnyVariableReader
+from dspex_dspy.telemetry import active_tracer, atraced, traced
 
 __all__ = [
     "BINDABLE_ATTRIBUTES",
@@ -258,7 +260,7 @@ def get_provenance(prediction: Any) -> dict[str, BoundValue]:
     found = getattr(prediction, _PROVENANCE_ATTR, None)
     if found is None:
         raise DSPexError("this prediction was not returned by a variable-aware module, so it carries no provenance")
-    return dict(found)
+    return Provenance(found)
 
 
 class _ProvenanceSlot:
@@ -782,6 +784,37 @@ class VariableBindingMixin:
         """A copy of the bindings: attribute -> variable name."""
         return dict(self.__dict__.get("_dspex_bindings") or {})
 
+    # ------------------------------------------------------------------ display
+
+    def bindings_records(self) -> list[dict[str, Any]]:
+        """One plain dict per binding: attribute, variable, its current value and version.
+
+        A value that cannot be read now (no session context, an asyncio-only client, a missing
+        variable) is reported in ``error`` instead.
+        """
+        records: list[dict[str, Any]] = []
+        source: VariableSource | None = self.__dict__.get("_dspex_source")
+        for attr, variable in self.get_bindings().items():
+            record: dict[str, Any] = {"attribute": attr, "variable": variable, "value": None, "version": None}
+            try:
+                if source is None:
+                    raise DSPexError("no session context")
+                record["value"], record["version"] = source.read(variable)
+            except Exception as exc:
+                record["error"] = f"{type(exc).__name__}: {exc}"
+            records.append(record)
+        return records
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """The bindings with their current values (see :meth:`bindings_records`)."""
+        return self.bindings_records()
+
+    def __repr__(self) -> str:
+        return bindings_text(super().__repr__(), self.bindings_records())
+
+    def _repr_html_(self) -> str:
+        return bindings_html(f"{type(self).__name__}: bound variables", self.bindings_records())
+
     @property
     def session_context(self) -> AnyVariableReader | None:
         """The Context or session client bound values are read from (None when detached)."""
@@ -845,7 +878,7 @@ class VariableBindingMixin:
         (:func:`get_provenance`).
         """
         found = self._dspex_provenance_slot().var.get()
-        return None if found is None else dict(found)
+        return None if found is None else Provenance(found)
 
     def _dspex_provenance_slot(self) -> _ProvenanceSlot:
         slot: _ProvenanceSlot | None = self.__dict__.get("_dspex_slot")
@@ -883,6 +916,18 @@ class VariableBindingMixin:
     # module runs DSPy's Python-level ``__getattribute__``, and this path runs on every call.
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        tracer = active_tracer()
+        if tracer is not None:
+            return traced(tracer, self, lambda: self._dspex_call(*args, **kwargs), lambda: self.last_provenance)
+        return self._dspex_call(*args, **kwargs)
+
+    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+        tracer = active_tracer()
+        if tracer is not None:
+            return await atraced(tracer, self, lambda: self._dspex_acall(*args, **kwargs), lambda: self.last_provenance)
+        return await self._dspex_acall(*args, **kwargs)
+
+    def _dspex_call(self, *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         if d.get("_dspex_pending"):
             self._dspex_apply_defaults(skip={})
@@ -906,7 +951,7 @@ class VariableBindingMixin:
                 thread_local_overrides.reset(token)
         return _finish(d, result, provenance)
 
-    async def acall(self, *args: Any, **kwargs: Any) -> Any:
+    async def _dspex_acall(self, *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         if d.get("_dspex_pending"):
             await self._dspex_aresolve_pending()

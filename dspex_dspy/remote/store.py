@@ -33,13 +33,15 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableNotFoundError,
 )
 from dspex_dspy.leases import FORCE_METADATA_KEY, OptimizationLease
-from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
+from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, Watch
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.tls import Pem
 from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata
+from dspex_dspy.wire import proto_to_update
 from dspex_dspy.wire_errors import error_from_rpc
 
 __all__ = ["IMPORT_WINDOW", "UNDO_TIMEOUT", "RemoteStore"]
@@ -520,7 +522,6 @@ class RemoteStore:
             version=version,
             updated_at=time.time(),
             source=source,
-            metadata={**known.metadata, **normalize_metadata(identifier, metadata)},
         )
         return self._learn(session_id, written)
 
@@ -574,6 +575,72 @@ class RemoteStore:
         """Write the value the variable had at ``target_version`` as a new version."""
         call = BridgeCalls.rollback_variable(session_id, identifier, target_version, source=source)
         return self._learn(session_id, self.call(call))
+
+    def watch(
+        self, session_id: str, identifiers: Iterable[str] | None = None, *, include_initial: bool = True
+    ) -> Watch:
+        """Open a ``WatchVariables`` stream; its updates fill a coalescing :class:`Watch`.
+
+        Like :meth:`SessionStore.watch`: an unknown variable or session raises at once, and the
+        watcher is registered on the server when this returns (it waits, up to the call deadline,
+        for the stream's first message, which the server sends only after registering; an empty,
+        idle session sends none, and then it returns after the deadline). A reader thread feeds
+        the watch until it is closed or the stream ends; then the watch closes and its ``error``
+        attribute holds the error that ended the stream, if any (heartbeats are not passed on).
+        """
+        idents = list(identifiers or ())
+        if idents:
+            _, missing = self.get_variables(session_id, idents)
+            if missing:
+                raise VariableNotFoundError(", ".join(missing), session_id)
+        # Initial values are always asked for: the first one proves the watcher is registered.
+        # When the caller did not want them they are dropped; a write after registration
+        # replaces a pending initial value with a value_change, so none is lost.
+        request = pb.WatchVariablesRequest(
+            session_id=session_id, variable_identifiers=idents, include_initial_values=True
+        )
+        stream = self.stub.WatchVariables(request, metadata=(("source", "orchestrator"),))
+        watch = _RemoteWatch(session_id, stream, include_initial)
+        watch.ready.wait(self.call_timeout)
+        if watch.error is not None:
+            watch.close()
+            raise watch.error
+        return watch
+
+
+class _RemoteWatch(Watch):
+    """A :class:`Watch` fed by a ``WatchVariables`` stream in a daemon thread."""
+
+    def __init__(self, session_id: str, stream: Any, include_initial: bool = True) -> None:
+        super().__init__(session_id, None)
+        self.error: DSPexError | None = None
+        self.ready = threading.Event()
+        self._include_initial = include_initial
+        self._stream = stream
+        self._reader = threading.Thread(target=self._read, name=f"dspex-watch-{session_id[:24]}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._stream:
+                self.ready.set()
+                update = proto_to_update(message)
+                if update.update_type == UpdateType.HEARTBEAT:
+                    continue
+                if update.update_type == UpdateType.INITIAL_VALUE and not self._include_initial:
+                    continue
+                self.offer(update)
+        except grpc.RpcError as err:
+            if not self.closed and err.code() != grpc.StatusCode.CANCELLED:
+                self.error = error_from_rpc(err, session_id=self.session_id)
+        finally:
+            super().close()
+            self.ready.set()
+
+    def close(self) -> None:
+        """Cancel the stream and end the watch. Idempotent."""
+        super().close()
+        self._stream.cancel()
 
 
 def _forcing(metadata: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from dspex_dspy.leases import OptimizationLease
+from dspex_dspy.records import HistoryEntry, Watch
 from dspex_dspy.types import Variable
 
 __all__ = ["StateProvider"]
@@ -116,6 +117,18 @@ class StateProvider(Protocol):
 
     def exists(self, name: str) -> bool:
         """Whether a variable of that name exists."""
+        ...
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        """The variable's remembered writes, newest first (``limit`` > 0 keeps that many)."""
+        ...
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value of a remembered ``version`` as a new version; return it."""
+        ...
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        """Register a coalescing watcher of some variables (None: all); close it when done."""
         ...
 
     def export_state(self) -> builtins.list[Variable]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from dspex_dspy.errors import BatchUpdateError, VariableNotFoundError
 from dspex_dspy.leases import OptimizationLease
-from dspex_dspy.records import BatchResult
+from dspex_dspy.records import BatchResult, HistoryEntry, Watch
 from dspex_dspy.types import Variable
 
 __all__ = ["BridgedState", "SessionAccess"]
@@ -69,6 +69,15 @@ class SessionAccess(Protocol):
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = ...) -> None: ...
 
+    def get_history(self, session_id: str, identifier: str, limit: int = ...) -> builtins.list[HistoryEntry]: ...
+
+    def rollback_variable(
+        self, session_id: str, identifier: str, target_version: int, *, source: str = ...
+    ) -> Variable: ...
+
+    def watch(
+        self, session_id: str, identifiers: Iterable[str] | None = ..., *, include_initial: bool = ...
+    ) -> Watch: ...
     def start_optimization(
         self, session_id: str, identifiers: Sequence[str], optimizer_id: str, *, ttl: float
     ) -> OptimizationLease: ...
@@ -173,6 +182,15 @@ class BridgedState:
     def exists(self, name: str) -> bool:
         found, _ = self.store.get_variables(self.session_id, [name])
         return bool(found)
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        return self.store.get_history(self.session_id, name, limit)
+
+    def rollback(self, name: str, version: int) -> int:
+        return self.store.rollback_variable(self.session_id, name, version).version
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        return self.store.watch(self.session_id, list(names or ()), include_initial=include_initial)
 
     def start_optimization(self, names: Sequence[str], optimizer_id: str, *, ttl: float) -> OptimizationLease:
         return self.store.start_optimization(self.session_id, list(names), optimizer_id, ttl=ttl)

@@ -1,8 +1,10 @@
 """LocalState: the in-process backend a Context starts on.
 
 A dict of small records behind one lock. Reads take the lock, look the record up and return the
-value; writes validate through the variable's compiled spec. No I/O, no history, no watchers:
-that is what makes it sub-microsecond.
+value; writes validate through the variable's compiled spec. No I/O: that is what makes it
+sub-microsecond. Like a bridge session it keeps a bounded history of each variable's writes (so
+``rollback`` works), and it tells watchers about changes; with no watcher registered a write pays
+one attribute check for that.
 
 It enforces the same :class:`~dspex_dspy.limits.Limits` as a bridge's store (value size,
 variables per context), so whatever a local context holds can always be moved to a bridge.
@@ -23,6 +25,7 @@ import builtins
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -43,18 +46,21 @@ from dspex_dspy.leases import (
     validate_lease_request,
 )
 from dspex_dspy.limits import Limits, check_count, check_value_size
+from dspex_dspy.records import HistoryEntry, UpdateType, VariableUpdate, Watch
 from dspex_dspy.state.base import StateProvider
 from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata, validate_name
 
 __all__ = ["LocalState"]
 
 _MUTABLE_TYPES = frozenset({"embedding", "tensor"})
+_ORCHESTRATOR = "orchestrator"
 
 
 class _Record:
     __slots__ = (
         "created_at",
         "description",
+        "history",
         "id",
         "metadata",
         "mutable",
@@ -76,6 +82,7 @@ class _Record:
         created_at: float,
         updated_at: float,
         source: str,
+        history_limit: int,
     ) -> None:
         self.id = id_
         self.spec = spec
@@ -87,9 +94,15 @@ class _Record:
         self.updated_at = updated_at
         self.source = source
         self.mutable = spec.type in _MUTABLE_TYPES
+        # (version, value, timestamp, metadata of that write); HistoryEntry records are built on read.
+        self.history: deque[tuple[int, Any, float, dict[str, str] | None]] = deque(
+            [(version, value, updated_at, dict(metadata))], maxlen=history_limit
+        )
 
 
 def _copy_value(value: Any) -> Any:
+    if not isinstance(value, (list, dict)):
+        return value
     if isinstance(value, list):
         return list(value)
     return {"shape": list(value["shape"]), "data": list(value["data"])}
@@ -100,7 +113,7 @@ class LocalState:
 
     Args:
         owner: the owning context's id (used in error messages only).
-        limits: the value-size and variable-count limits (the store's defaults when None).
+        limits: the value-size, variable-count and history limits (the store's defaults when None).
 
     Example:
         >>> state = LocalState()
@@ -117,6 +130,8 @@ class LocalState:
     def __init__(self, owner: str | None = None, *, limits: Limits | None = None) -> None:
         self.owner = owner
         self.limits = limits or Limits()
+        self.history_limit = self.limits.history_limit
+        self._watchers: list[Watch] = []
         self._lock = threading.Lock()
         self._unfenced = threading.Condition(self._lock)
         self._fenced = False
@@ -130,7 +145,7 @@ class LocalState:
 
     @property
     def capabilities(self) -> frozenset[str]:
-        return frozenset({"cas", "atomic_batch", "in_process"})
+        return frozenset({"cas", "atomic_batch", "in_process", "history", "rollback", "watch"})
 
     # ---------------------------------------------------------------- reads
 
@@ -248,11 +263,15 @@ class LocalState:
                     1,
                     now,
                     now,
-                    "orchestrator",
+                    _ORCHESTRATOR,
+                    self.history_limit,
                 )
                 self._vars[name] = rec
                 self._by_id[rec.id] = name
-                return self._snapshot(name, rec)
+                snapshot = self._snapshot(name, rec)
+                if self._watchers:
+                    self._notify(snapshot, UpdateType.VALUE_CHANGE, None, now)
+                return snapshot
         return forward.register(name, type_, value, constraints=constraints, description=description, metadata=metadata)
 
     def set(
@@ -283,9 +302,10 @@ class LocalState:
                 self._writes += 1
                 rec.value = normalised
                 rec.version += 1
-                rec.updated_at = time.time()
-                if meta:
-                    rec.metadata = {**rec.metadata, **meta}
+                now = rec.updated_at = time.time()
+                rec.history.append((rec.version, normalised, now, meta))
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.VALUE_CHANGE, meta, now)
                 return rec.version
         target, key = self._miss(name)
         return target.set(key, value, metadata=metadata, expected_version=expected_version, force=force)
@@ -328,9 +348,10 @@ class LocalState:
                     rec.value = normalised
                     rec.version += 1
                     rec.updated_at = now
-                    if write_meta:
-                        rec.metadata = {**rec.metadata, **write_meta}
+                    rec.history.append((rec.version, normalised, now, write_meta))
                     versions[name] = rec.version
+                    if self._watchers:
+                        self._notify(self._snapshot(self._by_id[rec.id], rec), UpdateType.VALUE_CHANGE, write_meta, now)
                 if errors:
                     raise BatchUpdateError(errors, versions)
                 return versions
@@ -348,6 +369,8 @@ class LocalState:
                 del self._vars[name]
                 self._writes += 1
                 del self._by_id[rec.id]
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.DELETED, None, time.time())
                 return
         target, key = self._miss(name)
         target.delete(key)
@@ -382,6 +405,7 @@ class LocalState:
                         var.created_at,
                         var.updated_at,
                         var.source,
+                        self.history_limit,
                     )
                     self._by_id[rec.id] = var.name
                     self._last_created = max(self._last_created, var.created_at)
@@ -392,6 +416,110 @@ class LocalState:
         with self._lock:
             self._vars.clear()
             self._by_id.clear()
+            self._close_watchers()
+
+    # ---------------------------------------------------------------- history, rollback, watch
+
+    def history(self, name: str, limit: int = 0) -> builtins.list[HistoryEntry]:
+        """The variable's remembered writes, newest first; ``limit`` > 0 keeps that many."""
+        with self._lock:
+            rec = self._vars.get(name)
+            entries = list(rec.history) if rec is not None else None
+        if rec is None or entries is None:
+            target, key = self._miss(name)
+            return target.history(key, limit)
+        entries.reverse()
+        if limit > 0:
+            entries = entries[:limit]
+        return [
+            HistoryEntry(version, _copy_value(value), at, _ORCHESTRATOR, dict(meta or {}))
+            for version, value, at, meta in entries
+        ]
+
+    def rollback(self, name: str, version: int) -> int:
+        """Write the value the variable had at ``version`` as a new version; return that version.
+
+        Raises:
+            ValidationError: ``version`` is not in the remembered history (nothing changes).
+        """
+        with self._lock:
+            if self._fenced:
+                self._wait_unfenced()
+            rec = self._vars.get(name)
+            if rec is not None:
+                entry = next((e for e in rec.history if e[0] == version), None)
+                if entry is None:
+                    known = ", ".join(str(e[0]) for e in rec.history)
+                    raise ValidationError(
+                        name,
+                        "target_version",
+                        version,
+                        f"version {version} is not in the remembered history (versions {known})",
+                    )
+                value = rec.spec.validate(entry[1])
+                meta = {"rolled_back_to": str(version)}
+                self._writes += 1
+                rec.value = value
+                rec.version += 1
+                now = rec.updated_at = time.time()
+                rec.history.append((rec.version, value, now, meta))
+                if self._watchers:
+                    self._notify(self._snapshot(name, rec), UpdateType.VALUE_CHANGE, meta, now)
+                return rec.version
+        target, key = self._miss(name)
+        return target.rollback(key, version)
+
+    def watch(self, names: Iterable[str] | None = None, *, include_initial: bool = True) -> Watch:
+        """Register a watcher of some variables (None or empty: every variable, now and later).
+
+        Returns a store :class:`~dspex_dspy.store.Watch` (coalescing). It is registered under the
+        write lock before its initial values are queued, so no write is missed. It closes when
+        this state is retired by a switch (a context's watch then reopens on the new backend).
+        """
+        idents = list(names or [])
+        with self._lock:
+            forward = self._retired
+            if forward is None:
+                records = []
+                for ident in idents:
+                    rec = self._find(ident)
+                    if rec is None:
+                        raise VariableNotFoundError(ident, self.owner)
+                    records.append(rec)
+                watch = Watch(self.owner or "", frozenset(r.id for r in records) if idents else None)
+                self._watchers = [*(w for w in self._watchers if not w.closed), watch]
+                if include_initial:
+                    now = time.time()
+                    for rec in records if idents else list(self._vars.values()):
+                        watch.offer(
+                            VariableUpdate(
+                                rec.id,
+                                self._snapshot(self._by_id[rec.id], rec),
+                                UpdateType.INITIAL_VALUE,
+                                rec.source,
+                                {},
+                                now,
+                            )
+                        )
+                return watch
+        return forward.watch(idents, include_initial=include_initial)
+
+    def _notify(self, snapshot: Variable, update_type: str, meta: Mapping[str, str] | None, now: float) -> None:
+        """Offer a change to the watchers that follow it (lock held)."""
+        update = VariableUpdate(snapshot.id, snapshot, update_type, _ORCHESTRATOR, dict(meta or {}), now)
+        closed = False
+        for watch in self._watchers:
+            if watch.closed:
+                closed = True
+            elif watch.wants(snapshot.id):
+                watch.offer(update)
+        if closed:
+            self._watchers = [w for w in self._watchers if not w.closed]
+
+    def _close_watchers(self) -> None:
+        for watch in self._watchers:
+            watch.close()
+        self._watchers = []
 
     # ---------------------------------------------------------------- optimization leases
 
@@ -440,7 +568,7 @@ class LocalState:
         with self._lock:
             if self._retired is not None:
                 raise DSPexError(f"the local state of {self.owner} was already moved")
-            return [self._snapshot(n, r) for n, r in self._vars.items()], self._writes
+            return [self._snapshot(n, r, overlay=False) for n, r in self._vars.items()], self._writes
 
     def retire_if_unchanged(self, successor: StateProvider, writes: int) -> bool:
         """Retire in favour of ``successor`` if no write was accepted since the export at ``writes``.
@@ -471,6 +599,8 @@ class LocalState:
         self._retired = successor
         self._vars.clear()
         self._by_id.clear()
+        # Watchers of this state end here; a context's watch reopens on the successor.
+        self._close_watchers()
 
     def _wait_unfenced(self) -> None:
         """Wait (lock held, released while waiting) until a migration's fence is lifted."""
@@ -498,7 +628,13 @@ class LocalState:
             raise VariableNotFoundError(name, self.owner)
         return self, real
 
-    def _snapshot(self, name: str, rec: _Record) -> Variable:
+    def _snapshot(self, name: str, rec: _Record, *, overlay: bool = True) -> Variable:
+        """The record as a Variable; ``overlay``: with the current version's write metadata on top."""
+        metadata = dict(rec.metadata)
+        if overlay and rec.version > 1:
+            last = rec.history[-1] if rec.history else None
+            if last is not None and last[0] == rec.version and last[3]:
+                metadata.update(last[3])
         return Variable(
             id=rec.id,
             name=name,
@@ -506,7 +642,7 @@ class LocalState:
             value=_copy_value(rec.value) if rec.mutable else rec.value,
             constraints=dict(rec.spec.constraints),
             description=rec.description,
-            metadata=dict(rec.metadata),
+            metadata=metadata,
             version=rec.version,
             created_at=rec.created_at,
             updated_at=rec.updated_at,

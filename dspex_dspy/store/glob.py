@@ -115,7 +115,7 @@ def _compiled(pattern: str) -> Any:
 
 
 def compile_glob(pattern: str) -> Any:
-    """Return the compiled matcher of ``pattern`` (``.fullmatch(name)``), from a bounded cache.
+    """Return the compiled matcher of ``pattern`` (``.match(name)`` on the whole name), from a bounded cache.
 
     Raises:
         ValidationError: the pattern is not a string or is longer than :data:`MAX_GLOB_LENGTH`.

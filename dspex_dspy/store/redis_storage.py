@@ -181,13 +181,13 @@ for i = 0, n - 1 do
   local b = 3 + i * 6
   local id = ARGV[b]
   local version = redis.call('HINCRBY', KEYS[4], id, 1)
-  redis.call('HSET', KEYS[3], id, ARGV[b + 3])
+  -- The state keeps this write's metadata: it shows on this version only, never on later ones.
+  redis.call('HSET', KEYS[3], id, ARGV[b + 5])
   local meta = redis.call('HGET', KEYS[5], id) or '{}'
   if ARGV[b + 4] ~= '{}' then
     local merged = cjson.decode(meta)
     for k, v in pairs(cjson.decode(ARGV[b + 4])) do merged[k] = v end
     meta = cjson.encode(merged)
-    redis.call('HSET', KEYS[5], id, meta)
   end
   redis.call('HSET', KEYS[7], id .. ':' .. version, ARGV[b + 5])
   if version - limit >= 1 then redis.call('HDEL', KEYS[7], id .. ':' .. (version - limit)) end
@@ -270,7 +270,11 @@ def _history_entry(state: str, metadata: str) -> str:
 
 def _variable(var_id: str, definition: str, state: str, version: Any, meta: str) -> Variable:
     name, type_, constraints, description, created_at = json.loads(definition)
-    value_json, updated_at, source = json.loads(state)
+    # A written state is a history entry: ``[value JSON, updated_at, source, write metadata]``.
+    value_json, updated_at, source, *written = json.loads(state)
+    metadata = json.loads(meta) if meta else {}
+    if written and written[0]:
+        metadata = {**metadata, **written[0]}
     return Variable(
         id=var_id,
         name=name,
@@ -278,7 +282,7 @@ def _variable(var_id: str, definition: str, state: str, version: Any, meta: str)
         value=decode_value(TYPE_URL_PREFIX + type_, value_json.encode(), name=name),
         constraints=constraints,
         description=description,
-        metadata=json.loads(meta) if meta else {},
+        metadata=metadata,
         version=int(version),
         created_at=created_at,
         updated_at=updated_at,

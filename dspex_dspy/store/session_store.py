@@ -10,8 +10,12 @@ Rules kept here, for every caller:
   as an id first, then as a name;
 - versions start at 1 and grow by 1 per accepted write (a rollback is a write); a non-zero
   ``expected_version`` makes a write a compare-and-swap;
-- a write merges metadata and records who wrote (``source``) and when;
-- each variable keeps a bounded history of its writes;
+- a variable's own metadata is set when it is defined (or imported); the metadata given with one
+  write belongs to that write: it is kept in the write's history entry, sent to watchers, and
+  shown on top of the variable's own metadata for the version that write made only (the next
+  write replaces it; it never sticks to later versions);
+- each write records who wrote (``source``) and when, and each variable keeps a bounded history
+  of its writes;
 - an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
   its optimizer stops it or it expires (leases are held by the node that granted them);
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
@@ -183,13 +187,20 @@ class SessionStore:
         if ttl is not None and ttl <= 0:
             raise ValidationError("", "ttl", ttl, f"ttl must be positive, got {ttl}")
         self._check_open()
-        return self._storage.create_session(
+        info = self._storage.create_session(
             session_id,
             meta,
             float(ttl) if ttl is not None else self.default_ttl,
             self._clock(),
             self.limits.max_sessions,
         )
+        logger.info(
+            "session %s created (ttl %gs)",
+            session_id,
+            info.ttl,
+            extra={"event": "session_created", "session_id": session_id, "ttl": info.ttl},
+        )
+        return info
 
     def get_session(self, session_id: str) -> SessionInfo:
         """Describe a session (and refresh its TTL)."""
@@ -216,6 +227,12 @@ class SessionStore:
         if count is None:
             raise SessionNotFoundError(session_id)
         self.ended(session_id)
+        logger.info(
+            "session %s cleaned up (%d variables)",
+            session_id,
+            count,
+            extra={"event": "session_cleanup", "session_id": session_id, "variables": count},
+        )
         return count
 
     def session_ids(self) -> list[str]:
@@ -223,13 +240,26 @@ class SessionStore:
         self._check_open()
         return self._storage.session_ids()
 
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, oldest first (does not refresh any TTL)."""
+        self._check_open()
+        infos = [self._storage.get_session(sid, touch=False) for sid in self._storage.session_ids()]
+        return sorted((info for info in infos if info is not None), key=lambda info: info.created_at)
+
+    def variable_total(self) -> int:
+        """Variables over every live session (for metrics)."""
+        return sum(info.variable_count for info in self.list_sessions())
+
     def sweep(self) -> list[str]:
         """Remove every expired session now; return their ids."""
         expired = self._storage.sweep()
         for session_id in expired:
             self.ended(session_id)
-        if expired:
-            logger.info("expired %d session(s): %s", len(expired), ", ".join(expired))
+            logger.info(
+                "session %s expired (idle longer than its ttl)",
+                session_id,
+                extra={"event": "session_expired", "session_id": session_id},
+            )
         return expired
 
     def start_sweeper(self, interval: float = 60.0) -> None:
@@ -833,9 +863,26 @@ class SessionStore:
         """Apply writes; a variable gone meanwhile is reported under its name."""
         self._check_open()
         try:
-            return self._storage.apply_writes(session_id, writes, history_limit=self.limits.history_limit)
+            written = self._storage.apply_writes(session_id, writes, history_limit=self.limits.history_limit)
         except VariableNotFoundError as exc:
             raise VariableNotFoundError(names.get(exc.identifier, exc.identifier), session_id) from None
+        if logger.isEnabledFor(logging.DEBUG):
+            for var in written:
+                logger.debug(
+                    "write %s/%s v%d by %s",
+                    session_id,
+                    var.name,
+                    var.version,
+                    var.source,
+                    extra={
+                        "event": "variable_write",
+                        "session_id": session_id,
+                        "variable": var.name,
+                        "version": var.version,
+                        "source": var.source,
+                    },
+                )
+        return written
 
     def _prune_watchers(self) -> None:
         for session_id, watchers in list(self._watchers.items()):

@@ -241,6 +241,9 @@ class _Session:
         self.variables: dict[str, Variable] = {}
         self.names: dict[str, str] = {}
         self.histories: dict[str, deque[HistoryEntry]] = {}
+        # Each variable's own metadata (from its definition); a write's metadata shows on the
+        # version that write made only, on top of this.
+        self.own_metadata: dict[str, dict[str, str]] = {}
         self.unordered = False
         self.position = 0
         self.ended = False
@@ -484,6 +487,7 @@ class MemoryStorage:
                 session.variables[var.id] = var
                 session.names[var.name] = var.id
                 session.histories[var.id] = deque([_entry(var, var.metadata)], maxlen=history_limit)
+                session.own_metadata[var.id] = dict(var.metadata)
                 session.fixed[var.id] = fixed
                 session.history_bytes[var.id] = first_entry
                 out.append(var)
@@ -512,17 +516,14 @@ class MemoryStorage:
                 if current >= MAX_VERSION:
                     raise LimitExceededError(f"{var.name}: version", current + 1, MAX_VERSION)
                 versions[var.id] = current + 1
-                meta = metas.get(var.id, var.metadata)
                 if write.metadata:
-                    merged = {**meta, **write.metadata}
-                    merged_bytes = map_bytes(merged)
-                    if merged_bytes > self._limits.max_variable_metadata_bytes:
+                    # A write's metadata belongs to the write (its history entry), never to the variable.
+                    write_bytes = map_bytes(write.metadata)
+                    if write_bytes > self._limits.max_variable_metadata_bytes:
                         raise LimitExceededError(
-                            f"{var.name}: metadata bytes", merged_bytes, self._limits.max_variable_metadata_bytes
+                            f"{var.name}: metadata bytes", write_bytes, self._limits.max_variable_metadata_bytes
                         )
-                    fixed_now[var.id] += merged_bytes - map_bytes(meta)
-                    meta = merged
-                metas[var.id] = meta
+                metas[var.id] = write.metadata
                 history = histories.setdefault(var.id, list(session.histories[var.id]))
                 history.append(
                     HistoryEntry(current + 1, write.value, write.timestamp, write.source, dict(write.metadata))
@@ -549,7 +550,7 @@ class MemoryStorage:
                     version=old.version + 1,
                     updated_at=write.timestamp,
                     source=write.source,
-                    metadata={**old.metadata, **write.metadata} if write.metadata else old.metadata,
+                    metadata={**session.own_metadata.get(old.id, {}), **write.metadata},
                 )
                 session.variables[var.id] = var
                 out.append(var)
@@ -580,6 +581,7 @@ class MemoryStorage:
                 raise VariableNotFoundError(variable_id, session_id)
             del session.names[var.name]
             del session.histories[var.id]
+            session.own_metadata.pop(var.id, None)
             freed = session.fixed.pop(var.id, 0) + session.history_bytes.pop(var.id, 0)
             self._reserve(session, -freed)
             self._publish(session, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])

@@ -162,7 +162,7 @@ class _Session:
     def publish(self, values: Mapping[str, Any], metadata: Mapping[str, str]) -> dict[str, int]:
         if isinstance(self.target, Context):
             return Variables.update_many(self.target, values, metadata=metadata)
-        versions: dict[str, int] = self.target.update_variables(values, metadata=metadata)
+        versions: dict[str, int] = self.target.set_variables(values, metadata=metadata)
         return versions
 
 

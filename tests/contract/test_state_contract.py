@@ -167,11 +167,15 @@ def test_set_missing(ctx: Context) -> None:
     assert names(ctx) == []
 
 
-def test_set_merges_metadata(ctx: Context) -> None:
+def test_write_metadata_does_not_stick_to_the_variable(ctx: Context) -> None:
     Variables.defvariable(ctx, "x", "integer", 0, metadata={"a": "1", "b": "2"})
     Variables.set(ctx, "x", 1, metadata={"b": "two", "c": 3})
     meta = Variables.get_variable(ctx, "x").metadata
-    assert (meta["a"], meta["b"], meta["c"]) == ("1", "two", "3")
+    assert (meta["a"], meta["b"], meta["c"]) == ("1", "two", "3")  # on the version that write made
+    Variables.set(ctx, "x", 2)
+    meta = Variables.get_variable(ctx, "x").metadata
+    assert (meta["a"], meta["b"], "c" in meta) == ("1", "2", False)  # and on no later one
+    assert Variables.history(ctx, "x", limit=2)[1].metadata == {"b": "two", "c": "3"}
 
 
 def test_cas(ctx: Context) -> None:

@@ -108,6 +108,7 @@ def test_a_write_is_visible_to_the_server_and_recorded_as_a_worker_write(
     stored = server.store.get_variable(session, "temperature")
     assert (stored.value, stored.version, stored.source) == (0.9, 2, "worker")
     assert stored.metadata["reason"] == "tuning"
+    assert server.store.get_history(session, "temperature")[0].metadata == {"reason": "tuning"}
     assert server.store.get_variable(session, "max_tokens").value == 512
 
 

@@ -40,7 +40,7 @@ def test_a_worker_sees_the_lease_in_listings_and_watches_and_is_refused(ctx: Con
             worker.set_variable("temperature", 0.1)
         assert info.value.optimizer_id == "tuner-1"
         with pytest.raises(BatchUpdateError) as batch:
-            worker.update_variables({"temperature": 0.1, "model": "b"})
+            worker.set_variables({"temperature": 0.1, "model": "b"})
         assert all(isinstance(e, VariableLockedError) for e in batch.value.errors.values())
         with pytest.raises(VariableLockedError):
             worker.start_optimization(["model"], "tuner-2", ttl=60)

@@ -9,6 +9,7 @@ unless a test names a bridge itself. Assertions are on what each prints, never o
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import subprocess
@@ -147,25 +148,80 @@ def test_notebook_shows_the_rejected_write(executed_notebook: Any) -> None:
     assert "temperature is still 0.7 (v1)" in text
 
 
-def test_notebook_table_shows_calls_before_and_after_the_change(executed_notebook: Any) -> None:
-    tables = [
+def _html_outputs(notebook: Any) -> list[str]:
+    return [
         output["data"]["text/html"]
-        for cell in executed_notebook.cells
+        for cell in notebook.cells
         for output in cell.get("outputs", [])
-        if output["output_type"] == "display_data" and "text/html" in output.get("data", {})
+        if output["output_type"] in ("display_data", "execute_result") and "text/html" in output.get("data", {})
     ]
-    assert len(tables) == 1
-    rows = re.findall(r"<tr>(.*?)</tr>", tables[0])[1:]
-    cells = [re.findall(r"<td>(.*?)</td>", row) for row in rows]
-    assert [c[:3] for c in cells] == [
+
+
+def _rows(table: str) -> list[list[str]]:
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)
+    return [
+        [html.unescape(re.sub(r"<[^>]+>", "", c)).strip() for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", r, re.S)]
+        for r in rows
+    ]
+
+
+def test_notebook_table_shows_calls_before_and_after_the_change(executed_notebook: Any) -> None:
+    frames = [html for html in _html_outputs(executed_notebook) if 'class="dataframe' in html]
+    assert len(frames) == 1
+    body = [row for row in _rows(frames[0]) if row and row[0].isdigit()]
+    assert [row[:3] for row in body] == [
         ["1", "0.7 (v1)", "gpt-4o-mini (v1)"],
         ["2", "0.7 (v1)", "gpt-4o-mini (v1)"],
         ["3", "0.2 (v2)", "gpt-4o (v2)"],
         ["4", "0.2 (v2)", "gpt-4o (v2)"],
     ]
     # The answers come from the LM, which states the settings it was called with.
-    assert all("model=gpt-4o-mini temperature=0.7 " in c[3] for c in cells[:2])
-    assert all("model=gpt-4o temperature=0.2 " in c[3] for c in cells[2:])
+    assert all("model=gpt-4o-mini temperature=0.7 " in row[3] for row in body[:2])
+    assert all("model=gpt-4o temperature=0.2 " in row[3] for row in body[2:])
+
+
+def test_notebook_shows_variables_bindings_provenance_and_history_as_tables(executed_notebook: Any) -> None:
+    captioned = [
+        (re.search(r"<caption[^>]*>(.*?)</caption>", h).group(1), h)
+        for h in _html_outputs(executed_notebook)
+        if "<caption" in h
+    ]
+    tables = dict(captioned)
+    variables = _rows(tables["3 variable(s)"])
+    assert [r[:4] for r in variables[1:]] == [
+        ["temperature", "float", "0.7", "1"],
+        ["max_tokens", "integer", "256", "1"],
+        ["model", "string", '"gpt-4o-mini"', "1"],
+    ]
+    bindings = {r[0]: r for r in _rows(tables["VariableAwarePredict: bound variables"])[1:]}
+    assert bindings["temperature"][1:] == ["temperature", "0.7", "1"]
+    assert bindings["model"][1:] == ["model", '"gpt-4o-mini"', "1"]
+    provenance = {r[0]: r for r in _rows(tables["provenance of one call"])[1:]}
+    assert provenance["temperature"][1:4] == ["temperature", "0.7", "1"]
+    history = [h for caption, h in captioned if caption.startswith("history of temperature")]
+    assert [r[:2] for r in _rows(history[0])[1:]] == [["2", "0.2"], ["1", "0.7"]]
+    assert [r[:2] for r in _rows(history[1])[1:]] == [["3", "0.7"], ["2", "0.2"]]
+    assert "rolled_back_to=1" in _rows(history[1])[1][4]
+    bridged = [
+        h for caption, h in tables.items() if caption.startswith("context ctx_") and "bridged at 127.0.0.1:" in caption
+    ]
+    assert len(bridged) == 1
+
+
+def test_notebook_draws_the_history_plot(executed_notebook: Any) -> None:
+    images = [
+        output["data"]["image/png"]
+        for cell in executed_notebook.cells
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "display_data" and "image/png" in output.get("data", {})
+    ]
+    assert len(images) == 1
+    assert len(images[0]) > 1000  # a real picture (base64 PNG), not an empty canvas
+
+
+def test_notebook_rolls_back(executed_notebook: Any) -> None:
+    text = "".join(t for cell in executed_notebook.cells for t in _outputs(cell))
+    assert "temperature rolled back to 0.7 (v3)" in text
 
 
 def test_notebook_prints_the_bridge_address(executed_notebook: Any) -> None:

@@ -22,6 +22,7 @@ import pytest
 from dspex_dspy import Context, Variables
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.admin import list_sessions
 from dspex_dspy.auth import AUDIT_LOGGER, RateLimiter
 from dspex_dspy.client import AsyncSessionContext, SessionContext
 from dspex_dspy.errors import (
@@ -357,6 +358,21 @@ def test_admin_lists_and_cleans_up_sessions_it_does_not_name(auth_bridge: Bridge
         with pytest.raises(PermissionDeniedError):
             remote.get_variable(SID, "x")
     assert not auth_bridge.store.has_session(OTHER_SID)
+
+
+def test_session_listing_shows_a_token_only_the_sessions_it_may_see(auth_bridge: BridgeServer) -> None:
+    def listed(token: str | None) -> list[str]:
+        channel = open_channel(auth_bridge.address, token=token)
+        try:
+            return sorted(s.id for s in list_sessions(channel))
+        finally:
+            channel.close()
+
+    assert listed(ADMIN) == sorted([SID, OTHER_SID])
+    assert listed(_token("read", sessions=[SID])) == [SID]
+    assert listed(_token("admin", sessions=["unrelated"])) == sorted([SID, OTHER_SID])
+    with pytest.raises(AuthenticationError):
+        listed(None)
 
 
 def test_the_writer_is_the_token_subject_not_what_the_request_claims(auth_bridge: BridgeServer) -> None:

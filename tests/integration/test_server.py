@@ -699,6 +699,10 @@ def test_writers_are_workers_unless_they_say_orchestrator(tuned: Bridge) -> None
     var = tuned.get("temperature")
     assert var.source == "orchestrator"
     assert var.metadata["note"] == "n"
+    history = tuned.stub.GetVariableHistory(
+        pb.GetVariableHistoryRequest(session_id=SID, variable_identifier="temperature", limit=1)
+    )
+    assert dict(history.entries[0].metadata) == {"source": "elixir", "note": "n"}
     raw = tuned.stub.GetVariable(pb.GetVariableRequest(session_id=SID, variable_identifier="temperature"))
     assert raw.variable.source == pb.Variable.ELIXIR
 

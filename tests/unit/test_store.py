@@ -363,11 +363,15 @@ class TestVariables:
         assert store.set_variable(session, "x", 3, expected_version=0).version == 3
         assert store.set_variable(session, "x", 4, expected_version=None).version == 4
 
-    def test_metadata_merges(self, store: SessionStore, session: str) -> None:
+    def test_write_metadata_belongs_to_the_write_not_the_variable(self, store: SessionStore, session: str) -> None:
         store.register_variable(session, "x", "integer", 0, metadata={"a": "1", "b": "2"})
         var = store.set_variable(session, "x", 1, metadata={"b": "two", "c": 3})
-        assert var.metadata == {"a": "1", "b": "two", "c": "3"}
-        assert store.set_variable(session, "x", 2).metadata == {"a": "1", "b": "two", "c": "3"}
+        assert var.metadata == {"a": "1", "b": "two", "c": "3"}  # shown on the version it made
+        assert store.set_variable(session, "x", 2).metadata == {"a": "1", "b": "2"}  # and on no later one
+        newest, first_write = store.get_history(session, "x")[:2]
+        assert (newest.version, newest.metadata) == (3, {})
+        assert (first_write.version, first_write.metadata) == (2, {"b": "two", "c": "3"})
+        assert store.get_variable(session, "x").metadata == {"a": "1", "b": "2"}
 
     def test_bad_metadata_changes_nothing(self, store: SessionStore, session: str) -> None:
         store.register_variable(session, "x", "integer", 0)
@@ -421,6 +425,7 @@ class TestVariables:
         assert (var.value, var.version) == ("first", 4)
         assert var.metadata.get("rolled_back_to") == "1"
         assert store.get_history(session, "x")[0].value == "first"
+        assert store.get_history(session, "x")[0].metadata == {"rolled_back_to": "1"}
 
     def test_rollback_to_an_unknown_version_changes_nothing(self) -> None:
         s = SessionStore(limits=StoreLimits(history_limit=2))
@@ -467,6 +472,9 @@ class TestVariables:
         result = store.set_variables(session, {a.id: 1}, metadata={"batch": "1"})
         assert result.new_versions == {a.id: 2}
         assert store.get_variable(session, "a").metadata["batch"] == "1"
+        assert store.get_history(session, "a")[0].metadata == {"batch": "1"}
+        store.set_variable(session, "a", 2)
+        assert "batch" not in store.get_variable(session, "a").metadata
 
     def test_get_variables(self, store: SessionStore, session: str) -> None:
         a = store.register_variable(session, "a", "integer", 1)

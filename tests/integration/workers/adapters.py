@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+import pytest
+
 from dspex_dspy.client import AsyncSessionContext, AsyncVariableWatch, SessionContext, VariableWatch, WatchEvent
 from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.types import Variable
@@ -107,10 +109,11 @@ class SyncClient:
         return self.ctx.set_variable(name, value, **kwargs)
 
     def update(self, name: str, value: Any, **kwargs: Any) -> int:
-        return self.ctx.update_variable(name, value, **kwargs)
+        with pytest.warns(DeprecationWarning, match="use set_variable"):
+            return self.ctx.update_variable(name, value, **kwargs)
 
     def set_many(self, updates: Mapping[str, Any], **kwargs: Any) -> dict[str, int]:
-        return self.ctx.update_variables(updates, **kwargs)
+        return self.ctx.set_variables(updates, **kwargs)
 
     def delete(self, name: str) -> None:
         self.ctx.delete_variable(name)
@@ -231,10 +234,11 @@ class AsyncClient:
         return self._await(self.ctx.set_variable(name, value, **kwargs))
 
     def update(self, name: str, value: Any, **kwargs: Any) -> int:
-        return self._await(self.ctx.update_variable(name, value, **kwargs))
+        with pytest.warns(DeprecationWarning, match="use set_variable"):
+            return self._await(self.ctx.update_variable(name, value, **kwargs))
 
     def set_many(self, updates: Mapping[str, Any], **kwargs: Any) -> dict[str, int]:
-        return self._await(self.ctx.update_variables(updates, **kwargs))
+        return self._await(self.ctx.set_variables(updates, **kwargs))
 
     def delete(self, name: str) -> None:
         self._await(self.ctx.delete_variable(name))

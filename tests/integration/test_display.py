@@ -1,0 +1,120 @@
+"""What a person sees: readable reprs, Jupyter HTML, records and DataFrames for every record type."""
+
+from __future__ import annotations
+
+import dspy
+import pandas as pd
+import pytest
+from support.recording_lm import RecordingEngine, recording_lm
+
+from dspex_dspy import Context, VariableAwarePredict, Variables
+from dspex_dspy.display import History, Provenance, VariableList, format_value
+from dspex_dspy.modules import get_provenance
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ctx() -> Context:
+    ctx = Context("ctx_display")
+    Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"min": 0.0, "max": 2.0})
+    Variables.defvariable(ctx, "note", "string", "<script>alert(1)</script>", metadata={"owner": "ops"})
+    Variables.defvariable(ctx, "weights", "tensor", [[1, 2], [3, 4]])
+    Variables.set(ctx, "temperature", 0.9, metadata={"reason": "warmer"})
+    return ctx
+
+
+def test_a_variable_list_is_a_table(ctx: Context) -> None:
+    variables = Variables.list(ctx)
+    assert isinstance(variables, VariableList) and isinstance(variables, list)
+    lines = repr(variables).splitlines()
+    assert lines[0].split() == ["name", "type", "value", "version", "updated", "by"]
+    assert lines[1].split()[:4] == ["temperature", "float", "0.9", "2"]
+    assert lines[3].split()[:3] == ["weights", "tensor", "tensor[2x2]"]
+    html = variables._repr_html_()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("<tr>") == 4
+
+
+def test_records_and_dataframes(ctx: Context) -> None:
+    records = Variables.list(ctx).to_records()
+    assert records[0]["name"] == "temperature" and records[0]["value"] == 0.9
+    assert records[0]["updated_at"].endswith("+00:00")
+    assert records[1]["metadata"] == {"owner": "ops", "source": "orchestrator", "backend": "local"}
+    frame = Variables.list(ctx).to_dataframe()
+    assert list(frame["name"]) == ["temperature", "note", "weights"]
+    assert pd.api.types.is_datetime64_any_dtype(frame["updated_at"])
+    assert ctx.to_records() == records
+    assert list(ctx.to_dataframe()["version"]) == [2, 1, 1]
+    assert Variables.get_variable(ctx, "temperature").to_record() == records[0]
+
+
+def test_history_shows_each_writes_metadata(ctx: Context) -> None:
+    history = Variables.history(ctx, "temperature")
+    assert isinstance(history, History) and history.name == "temperature"
+    text = repr(history)
+    assert text.startswith("History of 'temperature' (2 writes, newest first)")
+    assert "reason=warmer" in text.splitlines()[2]
+    assert "history of temperature" in history._repr_html_()
+    records = history.to_records()
+    assert [(r["name"], r["version"], r["value"]) for r in records] == [
+        ("temperature", 2, 0.9),
+        ("temperature", 1, 0.7),
+    ]
+    frame = history.to_dataframe()
+    assert list(frame["version"]) == [2, 1]
+    assert pd.api.types.is_datetime64_any_dtype(frame["timestamp"])
+
+
+def test_a_variable_and_a_context_read_well(ctx: Context) -> None:
+    var = Variables.get_variable(ctx, "temperature")
+    assert repr(var).startswith("Variable(temperature: float = 0.9, v2, updated 20")
+    assert "<caption style='text-align:left'>variable temperature</caption>" in var._repr_html_()
+    text = repr(ctx)
+    assert text.startswith("Context ctx_display (local, 3 variable(s))")
+    assert "temperature" in text.splitlines()[2]
+    assert "context ctx_display (local, 3 variable(s))" in ctx._repr_html_()
+    ctx.stop()
+    assert repr(ctx) == "Context(id='ctx_display', stopped)"
+
+
+def test_a_bound_module_shows_its_bindings_and_provenance(ctx: Context) -> None:
+    qa = VariableAwarePredict("question -> answer", session_context=ctx)
+    qa.bind_to_variable("instructions", "note")
+    text = repr(qa)
+    assert text.startswith("VariableAwarePredict(")
+    rows = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert ["temperature", "temperature", "0.9", "2"] in rows
+    assert qa.to_records()[0] == {"attribute": "temperature", "variable": "temperature", "value": 0.9, "version": 2}
+    assert "&lt;script&gt;" in qa._repr_html_()
+    with dspy.context(lm=recording_lm(RecordingEngine())):
+        prediction = qa(question="hi")
+    provenance = get_provenance(prediction)
+    assert isinstance(provenance, Provenance) and isinstance(provenance, dict)
+    assert provenance["temperature"].version == 2
+    assert repr(provenance).splitlines()[0] == "Provenance"
+    assert {"attribute": "temperature", "variable": "temperature", "value": 0.9, "version": 2, "applied": True} in (
+        provenance.to_records()
+    )
+    assert list(provenance.to_dataframe()["attribute"]) == list(provenance)
+    assert isinstance(qa.last_provenance, Provenance)
+    Variables.delete(ctx, "note")
+    assert "VariableNotFoundError" in qa.to_records()[1]["error"]
+
+
+def test_values_are_shortened_for_display_only() -> None:
+    assert format_value("x" * 100).endswith("…") and len(format_value("x" * 100)) == 48
+    assert format_value(list(range(20))).endswith('"..."]')
+    assert format_value(True) == "true"
+
+
+def test_a_watch_event_is_a_record(ctx: Context) -> None:
+    with Variables.watch(ctx, ["temperature"]) as events:  # type: ignore[attr-defined]
+        record = next(events).to_record()
+    assert (record["name"], record["value"], record["version"], record["update_type"]) == (
+        "temperature",
+        0.9,
+        2,
+        "initial_value",
+    )
+    assert record["timestamp"].endswith("+00:00")
