@@ -89,6 +89,7 @@ def session_record(session: SessionSummary | SessionInfo) -> dict[str, Any]:
         "last_access": time.time() - idle if math.isfinite(idle) and idle >= 0 else None,
         "expires_in": session.expires_in if math.isfinite(session.expires_in) else None,
         "owner": metadata.get("owner") or metadata.get("created_by"),
+        "watchers": session.watchers if isinstance(session, SessionSummary) else None,
         "metadata": metadata,
     }
 
