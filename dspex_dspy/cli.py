@@ -34,7 +34,7 @@ import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.auth import RateLimiter
-from dspex_dspy.commands import ADDRESS_ENV, COMMANDS, DEFAULT_ADDRESS, add_commands, run
+from dspex_dspy.commands import COMMANDS, add_bridge_option, add_commands, run
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.logs import configure_logging
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
@@ -188,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     dashboard = commands.add_parser("dashboard", help="serve the live dashboard of a bridge until SIGTERM/SIGINT")
-    dashboard.add_argument(
-        "--bridge",
-        "-b",
-        metavar="HOST:PORT",
-        default=os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
-        help=f"the bridge to show (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
-    )
+    add_bridge_option(dashboard, "the bridge to show")
     dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback)")
     dashboard.add_argument("--port", type=_port, default=8765, help="port to bind (default: %(default)s)")
     dashboard.add_argument("--ca", metavar="PEM", help="root certificates of a TLS bridge (default: $DSPEX_BRIDGE_CA)")

@@ -130,7 +130,7 @@ ALLOWED = {
         "_proto",
     },
     "metrics": {"errors", "types", "records", "store", "server", "wire"},
-    "dashboard": {"errors", "types", "records", "admin", "remote", "tls", "wire", "_proto", "dashboard"},
+    "dashboard": {"errors", "types", "records", "admin", "commands", "remote", "tls", "wire", "_proto", "dashboard"},
     "logs": set(),
     "display": {"errors", "types", "records"},
     "__main__": {"cli"},
