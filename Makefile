@@ -13,7 +13,7 @@ PYTHONS ?= 3.10 3.11 3.12 3.13
 PKG_LIST := $(VENV)/.package-files
 PKG_FILES := $(sort $(wildcard dspex_dspy/*.py dspex_dspy/*/*.py dspex_dspy/*/*/*.py))
 
-.PHONY: demo test test-pythons bench lint proto clean system-packages FORCE
+.PHONY: demo test test-pythons bench lint proto clean system-packages dashboard-screenshot FORCE
 
 $(PKG_LIST): FORCE | $(BIN)/python
 	@echo "$(PKG_FILES)" | cmp -s - $@ || echo "$(PKG_FILES)" > $@
@@ -37,21 +37,30 @@ demo: $(DEMO_STAMP)
 	@echo "==> running the demo on the embedded bridge with an offline LM (no network, no API key)"
 	$(BIN)/python -m dspex_dspy.demo $(DEMO_ARGS)
 
-# Tests start their own redis-server (never skipped): install the system packages they need
-# when missing (as root), or stop with the exact command to run.
-SYSTEM_PACKAGES := redis-server
+# Tests start their own redis-server and drive Debian's headless Chromium (never skipped): install
+# the system packages they need when missing (as root), or stop with the exact command to run.
+# Each entry is COMMAND:PACKAGES (packages joined by +).
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium+chromium-driver chromedriver:chromium-driver
 system-packages:
-	@missing=""; for cmd in $(SYSTEM_PACKAGES); do command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$cmd"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then echo "==> installing system packages:$$missing"; \
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  cmd=$${entry%%:*}; pkgs=$$(echo $${entry#*:} | tr '+' ' '); \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkgs"; done; \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${missing% }" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "==> installing system packages: $$missing"; \
 	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
-	  else echo "missing system packages:$$missing; run: sudo apt-get update && sudo apt-get install -y$$missing" >&2; exit 1; fi; \
+	  else echo "missing system packages: $$missing"; \
+	    echo "run: sudo apt-get update && sudo apt-get install -y $$missing" >&2; exit 1; fi; \
 	fi
 
 test: $(DEV_STAMP) system-packages
 	$(BIN)/python -m pytest --cov=dspex_dspy --cov-report=term $(PYTEST_ARGS) || exit $$?
 	$(BIN)/ruff check dspex_dspy tests benchmarks examples
 	$(BIN)/mypy
+
+# Refresh the dashboard screenshot the README shows (from the end-to-end test's session view).
+dashboard-screenshot: $(DEV_STAMP) system-packages
+	DSPEX_DASHBOARD_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(BIN)/python -m pytest -q tests/e2e -k lists_a_session
 
 # The suite on every Python of $(PYTHONS) found (pyenv versions or python3.X on PATH), one venv each.
 test-pythons:

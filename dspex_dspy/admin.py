@@ -4,7 +4,7 @@ The snakepit ``BridgeService`` contract has no call that lists sessions, and it 
 This module adds a second, small gRPC service beside it, ``dspex.bridge.v1.BridgeAdmin``, built on
 protobuf's well-known ``Struct`` message (so it needs no generated code): ``ListSessions`` takes an
 optional ``{"pattern": "<glob>"}`` and answers ``{"sessions": [{id, created_at, ttl, expires_in,
-variables, metadata}, ...]}``. Listing does not refresh any session's TTL.
+variables, metadata, watchers}, ...]}``. Listing does not refresh any session's TTL.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class SessionSummary:
         expires_in: seconds left before it expires unless used.
         variables: how many variables it holds.
         metadata: the session's metadata.
+        watchers: open watch streams on it at the node that answered.
     """
 
     id: str
@@ -52,6 +53,7 @@ class SessionSummary:
     expires_in: float
     variables: int
     metadata: dict[str, str]
+    watchers: int = 0
 
 
 def _summaries(store: SessionStore, pattern: str) -> list[SessionSummary]:
@@ -66,7 +68,13 @@ def _summaries(store: SessionStore, pattern: str) -> list[SessionSummary]:
             continue
         out.append(
             SessionSummary(
-                info.id, info.created_at, info.ttl, max(0.0, info.expires_in), info.variable_count, dict(info.metadata)
+                info.id,
+                info.created_at,
+                info.ttl,
+                max(0.0, info.expires_in),
+                info.variable_count,
+                dict(info.metadata),
+                store.session_watchers(info.id),
             )
         )
     return out
@@ -157,6 +165,7 @@ def list_sessions(
             expires_in=float(item.get("expires_in", math.nan)),
             variables=int(item.get("variables", 0)),
             metadata={str(k): str(v) for k, v in (item.get("metadata") or {}).items()},
+            watchers=int(item.get("watchers", 0)),
         )
         for item in data.get("sessions", [])
     ]

@@ -11,7 +11,9 @@ prints a signed session token. ``serve`` takes TLS material (``--tls-cert``, ``-
 ``--tls-client-ca``), a token secret (``--auth-secret-file``) and a rate limit, and refuses to bind a
 non-loopback address without both TLS and tokens unless ``--insecure`` is given. The operator commands
 ``sessions``, ``list``, ``get``, ``set``, ``history``, ``rollback`` and ``watch`` (with ``--json``
-for scripts, and exit codes that say what went wrong) are in :mod:`dspex_dspy.commands`. Also
+for scripts, and exit codes that say what went wrong) are in :mod:`dspex_dspy.commands`.
+``dspex-bridge dashboard --bridge ADDRESS`` serves the live dashboard of a bridge, and ``serve
+--dashboard-port N`` serves it beside the bridge (both need the ``dashboard`` extra). Also
 runnable as ``python -m dspex_dspy`` or ``python -m dspex_dspy.cli``.
 """
 
@@ -19,23 +21,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.auth import RateLimiter
-from dspex_dspy.commands import COMMANDS, add_commands, run
+from dspex_dspy.commands import COMMANDS, add_bridge_option, add_commands, run
 from dspex_dspy.errors import DSPexError
 from dspex_dspy.logs import configure_logging
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, Storage, StoreLimits
-from dspex_dspy.tls import ServerTLS, resolve_security, secure_channel
+from dspex_dspy.tls import CA_ENV, ServerTLS, resolve_security, secure_channel
 from dspex_dspy.tokens import PERMISSIONS, load_secret, mint_token
 from dspex_dspy.wire import error_from_rpc, from_timestamp
 
@@ -168,6 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port; default: off)",
     )
 
+    serve.add_argument(
+        "--dashboard-port",
+        type=_port,
+        default=None,
+        help="serve the live dashboard beside the bridge on this port (0 picks one; needs the dashboard extra)",
+    )
+    serve.add_argument(
+        "--dashboard-host", default="127.0.0.1", help="interface the dashboard binds (default: %(default)s, loopback)"
+    )
+    serve.add_argument(
+        "--dashboard-ca",
+        metavar="PEM",
+        help="root certificates the dashboard trusts to reach this bridge over TLS (default: $DSPEX_BRIDGE_CA)",
+    )
+
+    dashboard = commands.add_parser("dashboard", help="serve the live dashboard of a bridge until SIGTERM/SIGINT")
+    add_bridge_option(dashboard, "the bridge to show")
+    dashboard.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s, loopback)")
+    dashboard.add_argument("--port", type=_port, default=8765, help="port to bind (default: %(default)s)")
+    dashboard.add_argument("--ca", metavar="PEM", help="root certificates of a TLS bridge (default: $DSPEX_BRIDGE_CA)")
+
     ping = commands.add_parser("ping", help="send a Ping to a bridge and print the reply")
     ping.add_argument("address", help="HOST:PORT of the bridge")
     ping.add_argument("--message", default="ping", help="text to send (default: %(default)s)")
@@ -287,15 +312,95 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dspex-bridge listening on {server.address}", flush=True)
         if metrics is not None:
             print(f"dspex-bridge metrics on {metrics.url}", flush=True)
+        dashboard = None
+        if args.dashboard_port is not None:
+            try:
+                dashboard = _start_dashboard(
+                    _local_address(server.address), args.dashboard_host, args.dashboard_port, args.dashboard_ca
+                )
+            except DSPexError as exc:
+                print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+                server.stop(0)
+                store.close()
+                store.storage.close()
+                if metrics is not None:
+                    metrics.close()
+                return 1
+            print(f"dspex-bridge dashboard on {dashboard.url}", flush=True)
         # Wait in short slices so the signal handler runs promptly on the main thread.
         while not stop_requested.wait(0.5):
             pass
+        if dashboard is not None:
+            dashboard.stop()
         server.stop(args.grace)
         store.close()
         store.storage.close()
         if metrics is not None:
             metrics.close()
         logger.info("stopped")
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _dashboard_roots(path: str | None) -> bytes | None:
+    """The PEM bytes at ``path`` (or at ``$DSPEX_BRIDGE_CA``), None for a plaintext bridge.
+
+    Raises:
+        DSPexError: the file cannot be read.
+    """
+    path = path or os.environ.get(CA_ENV) or None
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise DSPexError(f"cannot read the CA file {path!r}: {exc.strerror}") from None
+
+
+def _start_dashboard(bridge: str, host: str, port: int, ca: str | None) -> Any:
+    """Start the dashboard on a background thread (see :class:`~dspex_dspy.dashboard.DashboardServer`).
+
+    Raises:
+        DSPexError: the dashboard extra is missing, the CA is unreadable or the port is taken.
+    """
+    from dspex_dspy.dashboard import DashboardServer
+
+    try:
+        server = DashboardServer(bridge, host=host, port=port, root_certificates=_dashboard_roots(ca))
+        return server.start()
+    except (ImportError, RuntimeError) as exc:
+        raise DSPexError(str(exc)) from None
+
+
+def _local_address(address: str) -> str:
+    """``address`` with a wildcard host replaced by loopback (what a process beside the server dials)."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        return f"127.0.0.1:{port}"
+    return address
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    configure_logging("INFO")
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server = _start_dashboard(args.bridge, args.host, args.port, args.ca)
+        except DSPexError as exc:
+            print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
+            return 1
+        print(f"dspex-bridge dashboard on {server.url} (bridge {args.bridge})", flush=True)
+        while not stop_requested.wait(0.5):
+            pass
+        server.stop()
         return 0
     finally:
         for sig, handler in previous.items():
@@ -345,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "dashboard":
+        return _dashboard(args)
     if args.command in COMMANDS:
         return run(args)
     return _ping(args)

@@ -103,6 +103,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def add_bridge_option(parser: Any, what: str) -> None:
+    """Add ``--bridge/-b HOST:PORT`` (default ``$DSPEX_BRIDGE_ADDRESS`` or loopback:50051) to ``parser``."""
+    parser.add_argument(
+        "--bridge",
+        "-b",
+        metavar="HOST:PORT",
+        default=os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
+        help=f"{what} (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
+    )
+
+
 def connection_parser() -> argparse.ArgumentParser:
     """The parent parser holding every option about reaching a bridge (and ``--json``).
 
@@ -111,13 +122,7 @@ def connection_parser() -> argparse.ArgumentParser:
     """
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
-    group.add_argument(
-        "--bridge",
-        "-b",
-        metavar="HOST:PORT",
-        default=os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS,
-        help=f"the bridge to talk to (default: ${ADDRESS_ENV} or {DEFAULT_ADDRESS})",
-    )
+    add_bridge_option(group, "the bridge to talk to")
     group.add_argument(
         "--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="connect and call deadline (default: 5)"
     )

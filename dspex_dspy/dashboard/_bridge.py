@@ -8,7 +8,6 @@ versions, audits and authorises each one exactly as it would any other client's.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -22,14 +21,14 @@ import grpc.aio
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.admin import SessionSummary, list_sessions
-from dspex_dspy.errors import BridgeUnavailableError, ValidationError
+from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.records import SessionInfo
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
 from dspex_dspy.tls import ChannelSecurity, secure_aio_channel, secure_channel
 from dspex_dspy.types import Variable
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
-__all__ = ["BridgeLink", "jsonable", "parse_value", "session_record", "variable_record"]
+__all__ = ["BridgeLink", "jsonable", "session_record", "variable_record"]
 
 _CLIENTS_PER_LINK = 16
 
@@ -89,35 +88,9 @@ def session_record(session: SessionSummary | SessionInfo) -> dict[str, Any]:
         "last_access": time.time() - idle if math.isfinite(idle) and idle >= 0 else None,
         "expires_in": session.expires_in if math.isfinite(session.expires_in) else None,
         "owner": metadata.get("owner") or metadata.get("created_by"),
+        "watchers": session.watchers if isinstance(session, SessionSummary) else None,
         "metadata": metadata,
     }
-
-
-def parse_value(name: str, type_: str, text: str) -> Any:
-    """Turn what a person typed into a value of the variable's type.
-
-    Strings, choices and modules take the text as it is; numbers, booleans, embeddings and
-    tensors parse it. Whether the value is *allowed* is the bridge's call, not this function's.
-
-    Raises:
-        ValidationError: the text is not a value of that type at all (rule ``type``).
-    """
-    if type_ in ("string", "choice", "module"):
-        return text
-    stripped = text.strip()
-    try:
-        if type_ == "float":
-            return float(stripped)
-        if type_ == "integer":
-            return int(stripped)
-        if type_ == "boolean":
-            lowered = stripped.lower()
-            if lowered in ("true", "false"):
-                return lowered == "true"
-            raise ValueError(stripped)
-        return json.loads(stripped)
-    except ValueError:
-        raise ValidationError(name, "type", text, f"{name}: {text!r} is not a {type_}") from None
 
 
 class BridgeLink:

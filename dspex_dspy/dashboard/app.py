@@ -38,7 +38,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dspex_dspy import errors
-from dspex_dspy.dashboard._bridge import BridgeLink, jsonable, parse_value, session_record, variable_record
+from dspex_dspy.commands import parse_value
+from dspex_dspy.dashboard._bridge import BridgeLink, jsonable, session_record, variable_record
 from dspex_dspy.remote import BridgeCalls, RemoteStore
 
 __all__ = ["create_app"]
@@ -198,7 +199,7 @@ def create_app(
         async def handler() -> dict[str, Any]:
             def apply(store: RemoteStore) -> dict[str, Any]:
                 current = store.get_variable(sid, name)
-                value = parse_value(name, current.type, text)
+                value = parse_value(text, current.type, name)
                 updated = store.set_variable(
                     sid, name, value, metadata={"via": "dashboard"}, expected_version=expected or None
                 )

@@ -757,6 +757,12 @@ class SessionStore:
             self._prune_watchers()
             return self._watcher_count
 
+    def session_watchers(self, session_id: str) -> int:
+        """Open watchers of one session on this node (a shared engine's other nodes hold their own)."""
+        with self._lock:
+            self._prune_watchers()
+            return len(self._watchers.get(session_id, ()))
+
     # ------------------------------------------------------------------ storage listener
 
     def changed(self, session_id: str, updates: Sequence[VariableUpdate]) -> None:

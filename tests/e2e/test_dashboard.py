@@ -168,6 +168,8 @@ def test_an_edit_in_range_reaches_a_watching_worker_process(
     try:
         assert watcher.stdout is not None
         assert watcher.stdout.readline().strip() == "ready"
+        page.goto(dashboard.url)
+        expect(page.locator(f'#session-list a[data-session="{session.id}"]')).to_contain_text("1 watching")
         _open_session(page, dashboard, session.id)
         row = _row(page, "max_tokens")
         row.locator("[data-role=value-input]").fill("1024")
@@ -210,6 +212,7 @@ def test_the_page_is_usable_on_a_narrow_window_and_by_keyboard(
     page = context.new_page()
     try:
         page.goto(dashboard.url)
+        expect(page.locator(f'#session-list a[data-session="{session.id}"]')).to_be_visible()
         search = page.locator("#session-search")
         search.focus()
         page.keyboard.press("Tab")

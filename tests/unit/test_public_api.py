@@ -132,6 +132,7 @@ ALLOWED = {
         "_proto",
     },
     "metrics": {"errors", "types", "records", "store", "server", "wire"},
+    "dashboard": {"errors", "types", "records", "admin", "commands", "remote", "tls", "wire", "_proto", "dashboard"},
     "logs": set(),
     "display": {"errors", "types", "records"},
     "__main__": {"cli"},
@@ -145,6 +146,7 @@ LAZY_ALLOWED = {
     ("context", "remote"),
     ("context", "tokens"),
     ("cli", "metrics"),
+    ("cli", "dashboard"),
     ("types", "display"),
 } | {("demo", n) for n in ("client", "modules", "offline")}
 
