@@ -5,6 +5,8 @@ This module adds a second, small gRPC service beside it, ``dspex.bridge.v1.Bridg
 protobuf's well-known ``Struct`` message (so it needs no generated code): ``ListSessions`` takes an
 optional ``{"pattern": "<glob>"}`` and answers ``{"sessions": [{id, created_at, ttl, expires_in,
 variables, metadata, watchers}, ...]}``. Listing does not refresh any session's TTL.
+:func:`add_admin_service` serves it on the bridge's ``grpc.aio`` server (the store calls run in a
+thread pool) or on a blocking ``grpc.server``.
 """
 
 from __future__ import annotations
