@@ -97,10 +97,10 @@ def test_a_blocking_server_lists_each_token_its_sessions_and_feeds_the_metrics(
         )
     assert _count("dspex_writes_total", method="RegisterVariable") == written + 1
     assert _count("dspex_rpc_duration_seconds_count", method="SetVariable", code="PERMISSION_DENIED") == refused + 1
+    sent = _count("dspex_watch_messages_total", update_type="initial_value")
     call = stub.WatchVariables(
         pb.WatchVariablesRequest(session_id="a", include_initial_values=True), metadata=admin, timeout=DEADLINE
     )
-    sent = _count("dspex_watch_messages_total", update_type="initial_value")
     assert next(call).variable.version == 1
     call.cancel()
     assert _count("dspex_watch_messages_total", update_type="initial_value") == sent + 1
