@@ -2,7 +2,8 @@
 
 The parent uses a client, then a ``multiprocessing`` pool of 4 forked children each uses that same
 client object (inherited, not pickled): it must reconnect in the child, on a channel of its own,
-and never hang. 20 pools in a row. The bridge runs in a process of its own: a process serving a
+and never hang. 20 pools in a row. The parent is a process spawned for the test, a plain client
+program. The bridge runs in a process of its own: a process serving a
 bridge in process runs grpc.aio, which does not support fork. (An inherited asyncio
 client refuses use in a child with a clear error: grpc.aio does not support fork at all, see
 ``docs/multiprocessing.md``.)
@@ -13,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
@@ -61,10 +63,15 @@ def new_session(bridge: Bridge) -> str:
     return session
 
 
-def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) -> None:
-    session = new_session(bridge)
+def fork_pools(address: str, session: str) -> None:
+    """20 rounds: the client is used, then inherited by a fork pool whose children use it too.
+
+    Runs in a freshly spawned process (the pools' parent), so threads that other code of the test
+    process may have left inside gRPC (a fork skips gRPC's fork handlers then) cannot interfere.
+    """
     fork = multiprocessing.get_context("fork")
-    client = SessionContext.connect(bridge.address, session)
+    store = RemoteStore.connect(address)
+    client = SessionContext.connect(address, session)
     INHERITED["ctx"] = client
     try:
         for round_ in range(ROUNDS):
@@ -77,9 +84,19 @@ def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) 
             assert [value for _, value, _ in results] == [7] * (CHILDREN * 2), results
             assert all(fresh for _, _, fresh in results), results
             # The parent's client still works, and its cache follows the children's writes.
-            last = bridge.store.get_variable(session, "x").version
+            last = store.get_variable(session, "x").version
             assert last > 2 * CHILDREN * round_
             assert client.wait_cached("x", last, POOL_DEADLINE_S)
     finally:
         INHERITED.clear()
         client.close()
+        store.close()
+
+
+def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) -> None:
+    session = new_session(bridge)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as parent:
+        # Raises here whatever failed in the parent process (its traceback attached).
+        parent.submit(fork_pools, bridge.address, session).result(timeout=ROUNDS * POOL_DEADLINE_S)
+    assert bridge.store.get_variable(session, "x").version > 2 * CHILDREN * (ROUNDS - 1)
