@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import multiprocessing
 import secrets
+import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 ROUNDS = 20
 CHILDREN = 4
 POOL_DEADLINE_S = 60.0
+PARENT_DEADLINE_S = 240.0
 
 # The client the forked children inherit (set by the test before each pool starts).
 INHERITED: dict[str, Any] = {}
@@ -93,10 +95,27 @@ def fork_pools(address: str, session: str) -> None:
         store.close()
 
 
+def run_fork_pools(address: str, session: str, report: Connection) -> None:
+    """:func:`fork_pools` in the spawned parent; sends None, or the traceback of what failed."""
+    try:
+        fork_pools(address, session)
+    except BaseException:
+        report.send(traceback.format_exc())
+        raise
+    report.send(None)
+
+
 def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) -> None:
     session = new_session(bridge)
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=spawn) as parent:
-        # Raises here whatever failed in the parent process (its traceback attached).
-        parent.submit(fork_pools, bridge.address, session).result(timeout=ROUNDS * POOL_DEADLINE_S)
+    receive, send = spawn.Pipe(duplex=False)
+    parent = spawn.Process(target=run_fork_pools, args=(bridge.address, session, send), name="fork-pools")
+    parent.start()
+    try:
+        assert receive.poll(PARENT_DEADLINE_S), f"the fork pools did not finish in {PARENT_DEADLINE_S} s"
+        failure = receive.recv()
+        assert failure is None, failure
+    finally:
+        parent.kill()
+        parent.join()
     assert bridge.store.get_variable(session, "x").version > 2 * CHILDREN * (ROUNDS - 1)
