@@ -52,7 +52,7 @@ DEADLINE = 30.0  # generous bound on waits; never an assertion on speed
 
 
 def _token(
-    perms: str, *, sessions: Any = (SID,), ttl: float = 600.0, sub: str = "tester", secret: bytes = SECRET
+    perms: str, *, sessions: Any = (SID,), ttl: float = 86_400.0, sub: str = "tester", secret: bytes = SECRET
 ) -> str:
     return mint_token(secret, sub=sub, sessions=list(sessions) if sessions != "*" else "*", perms=perms, ttl=ttl)
 
