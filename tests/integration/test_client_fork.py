@@ -2,9 +2,7 @@
 
 The parent uses a client, then a ``multiprocessing`` pool of 4 forked children each uses that same
 client object (inherited, not pickled): it must reconnect in the child, on a channel of its own,
-and never hang. 20 pools in a row. The parent is a process spawned for the test, a plain client
-program. The bridge runs in a process of its own: a process serving a
-bridge in process runs grpc.aio, which does not support fork. (An inherited asyncio
+and never hang. 20 pools in a row, in a spawned process that serves the bridge itself. (An inherited asyncio
 client refuses use in a child with a clear error: grpc.aio does not support fork at all, see
 ``docs/multiprocessing.md``.)
 """
@@ -14,15 +12,13 @@ from __future__ import annotations
 import multiprocessing
 import secrets
 import traceback
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
 
 from dspex_dspy.client import SessionContext
-from dspex_dspy.remote import RemoteStore
-from tests.conftest import BridgeProcess
+from dspex_dspy.server import BridgeServer, create_server
 
 pytestmark = pytest.mark.integration
 
@@ -35,21 +31,6 @@ PARENT_DEADLINE_S = 240.0
 INHERITED: dict[str, Any] = {}
 
 
-class Bridge:
-    """A bridge process, and a store client of it."""
-
-    def __init__(self, process: BridgeProcess) -> None:
-        self.address = process.address or ""
-        self.store = RemoteStore.connect(self.address)
-
-
-@pytest.fixture(scope="module")
-def bridge(remote_bridge: BridgeProcess) -> Iterator[Bridge]:
-    served = Bridge(remote_bridge)
-    yield served
-    served.store.close()
-
-
 def use_sync(i: int) -> tuple[int, Any, bool]:
     ctx: SessionContext = INHERITED["ctx"]
     version = ctx.set_variable("x", i)
@@ -57,7 +38,7 @@ def use_sync(i: int) -> tuple[int, Any, bool]:
     return version, ctx.get_versioned_many(["y"])["y"][0], record.version >= version
 
 
-def new_session(bridge: Bridge) -> str:
+def new_session(bridge: BridgeServer) -> str:
     session = "fork_" + secrets.token_hex(4)
     bridge.store.create_session(session)
     bridge.store.register_variable(session, "x", "integer", 0)
@@ -65,15 +46,13 @@ def new_session(bridge: Bridge) -> str:
     return session
 
 
-def fork_pools(address: str, session: str) -> None:
-    """20 rounds: the client is used, then inherited by a fork pool whose children use it too.
-
-    Runs in a freshly spawned process (the pools' parent), so threads that other code of the test
-    process may have left inside gRPC (a fork skips gRPC's fork handlers then) cannot interfere.
-    """
+def fork_pools() -> None:
+    """20 rounds: the parent uses its client, then a fork pool's children use the same object."""
+    bridge, _ = create_server(heartbeat_interval=0.5)
+    bridge.start()
+    session = new_session(bridge)
     fork = multiprocessing.get_context("fork")
-    store = RemoteStore.connect(address)
-    client = SessionContext.connect(address, session)
+    client = SessionContext.connect(bridge.address, session)
     INHERITED["ctx"] = client
     try:
         for round_ in range(ROUNDS):
@@ -86,36 +65,41 @@ def fork_pools(address: str, session: str) -> None:
             assert [value for _, value, _ in results] == [7] * (CHILDREN * 2), results
             assert all(fresh for _, _, fresh in results), results
             # The parent's client still works, and its cache follows the children's writes.
-            last = store.get_variable(session, "x").version
+            last = bridge.store.get_variable(session, "x").version
             assert last > 2 * CHILDREN * round_
             assert client.wait_cached("x", last, POOL_DEADLINE_S)
     finally:
         INHERITED.clear()
         client.close()
-        store.close()
+        bridge.stop(0)
 
 
-def run_fork_pools(address: str, session: str, report: Connection) -> None:
-    """:func:`fork_pools` in the spawned parent; sends None, or the traceback of what failed."""
+def run_fork_pools(report: Connection) -> None:
+    """:func:`fork_pools` in a spawned process; sends None, or the traceback of what failed."""
     try:
-        fork_pools(address, session)
+        fork_pools()
     except BaseException:
         report.send(traceback.format_exc())
         raise
     report.send(None)
 
 
-def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(bridge: Bridge) -> None:
-    session = new_session(bridge)
+def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row() -> None:
+    # The pools' parent is a fresh process of its own: what forking leaves inside gRPC stays there,
+    # away from the test process and the tests after this one.
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
-    parent = spawn.Process(target=run_fork_pools, args=(bridge.address, session, send), name="fork-pools")
+    parent = spawn.Process(target=run_fork_pools, args=(send,), name="fork-pools")
     parent.start()
+    send.close()
     try:
-        assert receive.poll(PARENT_DEADLINE_S), f"the fork pools did not finish in {PARENT_DEADLINE_S} s"
+        assert receive.poll(PARENT_DEADLINE_S), f"the fork pools did not finish within {PARENT_DEADLINE_S:g} s"
         failure = receive.recv()
         assert failure is None, failure
+        parent.join(PARENT_DEADLINE_S)
+        assert parent.exitcode == 0
     finally:
-        parent.kill()
-        parent.join()
-    assert bridge.store.get_variable(session, "x").version > 2 * CHILDREN * (ROUNDS - 1)
+        if parent.is_alive():
+            parent.kill()
+            parent.join()
+        receive.close()

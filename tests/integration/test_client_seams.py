@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -179,6 +180,7 @@ def test_versioned_many_without_cache_never_mixes_atomic_writes(
         while not stop.is_set():
             i += 1
             store.set_variables(session, {"a": i, "b": i})
+            time.sleep(0.0002)  # interleave with the reads instead of starving them of the session lock
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
