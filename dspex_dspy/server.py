@@ -31,13 +31,13 @@ from typing import Any, Final, NoReturn
 import grpc
 import grpc.aio
 from google.protobuf import any_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as aio_health  # type: ignore[attr-defined]
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.admin import add_admin_service
 from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
-from dspex_dspy.auth import AsyncBridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
+from dspex_dspy.auth import AsyncBridgeGuard, BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
     AuthenticationError,
     BridgeUnavailableError,
@@ -45,7 +45,14 @@ from dspex_dspy.errors import (
     LimitExceededError,
     SessionNotFoundError,
 )
-from dspex_dspy.guard import Abort, WatchSlots, failure_status, guarded_async_handler, peer_principal
+from dspex_dspy.guard import (
+    Abort,
+    WatchSlots,
+    failure_status,
+    guarded_async_handler,
+    guarded_handler,
+    peer_principal,
+)
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.tls import ServerTLS
@@ -678,11 +685,11 @@ def _serving_loop() -> EventLoopThread:
 
 
 class BridgeServer:
-    """A running (or ready to run) bridge: the ``grpc.aio`` server, its servicer, health service and store.
+    """A running (or ready to run) bridge: the gRPC server, its servicer, health service and store.
 
-    Build one with :func:`create_server`. The server runs on an event loop thread of its own, so
-    every method here is a plain blocking call. Usable as a context manager (starts on enter,
-    stops on exit).
+    Build one with :func:`create_server`. A ``grpc.aio`` server runs on an event loop thread of
+    its own, so every method here is a plain blocking call whichever kind of server it wraps.
+    Usable as a context manager (starts on enter, stops on exit).
 
     Attributes:
         store: the served :class:`SessionStore`.
@@ -693,14 +700,14 @@ class BridgeServer:
 
     def __init__(
         self,
-        server: grpc.aio.Server,
+        server: grpc.aio.Server | grpc.Server,
         servicer: BridgeServicer,
         health_servicer: Any,
         *,
         host: str,
         port: int,
         owns_store: bool,
-        loop: EventLoopThread,
+        loop: EventLoopThread | None,
         executor: futures.ThreadPoolExecutor,
     ) -> None:
         self._server = server
@@ -727,6 +734,11 @@ class BridgeServer:
         """True between :meth:`start` and :meth:`stop`."""
         return self._started and not self._stopped.is_set()
 
+    @property
+    def asyncio(self) -> bool:
+        """Whether this is a ``grpc.aio`` server (False: a blocking, thread-per-call ``grpc.server``)."""
+        return self._loop is not None
+
     def start(self) -> BridgeServer:
         """Start serving (idempotent); returns ``self``."""
         with self._lock:
@@ -734,7 +746,12 @@ class BridgeServer:
                 raise BridgeUnavailableError(f"the bridge server at {self.address} was stopped; create a new one")
             if self._started:
                 return self
-            self._loop.run(self._start())
+            if self._loop is not None:
+                self._loop.run(self._start())
+            else:
+                self._server.start()
+                for service in ("", SERVICE_NAME):
+                    self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self._started = True
             if self._owns_store:
                 self.store.start_sweeper()
@@ -742,7 +759,7 @@ class BridgeServer:
         return self
 
     async def _start(self) -> None:
-        await self._server.start()
+        await self._server.start()  # type: ignore[misc]
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
@@ -759,7 +776,10 @@ class BridgeServer:
             self._stopped.set()
         self.servicer.begin_shutdown()
         try:
-            if self._loop.alive:
+            if self._loop is None:
+                self._health.enter_graceful_shutdown()
+                self._server.stop(grace).wait()  # type: ignore[union-attr]
+            elif self._loop.alive:
                 self._loop.run(self._stop(grace))
         finally:
             self._executor.shutdown(wait=False)
@@ -770,7 +790,7 @@ class BridgeServer:
 
     async def _stop(self, grace: float | None) -> None:
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        await self._server.stop(grace)  # type: ignore[misc]
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True if it stopped."""
@@ -784,7 +804,8 @@ class BridgeServer:
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self._stopped.is_set() else "created")
-        return f"BridgeServer(address={self.address!r}, {state})"
+        kind = "" if self.asyncio else ", blocking"
+        return f"BridgeServer(address={self.address!r}, {state}{kind})"
 
 
 def _token_or_peer(context: grpc.ServicerContext) -> str:
@@ -804,7 +825,8 @@ def create_server(
     auth_secret: bytes | None = None,
     rate_limit: RateLimiter | None = None,
     insecure: bool = False,
-    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    interceptors: Sequence[Any] = (),
+    asyncio: bool = True,
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -819,8 +841,14 @@ def create_server(
         auth_secret: require on every call (health aside) a token signed with this secret.
         rate_limit: a per-principal rate limit.
         insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
-        interceptors: ``grpc.aio`` server interceptors, run before the token checks (e.g.
-            :meth:`dspex_dspy.metrics.BridgeMetrics.interceptor`).
+        interceptors: server interceptors run before the token checks: ``grpc.aio`` ones for an
+            asyncio server (e.g. :meth:`dspex_dspy.metrics.BridgeMetrics.interceptor`), blocking
+            ones otherwise (:meth:`~dspex_dspy.metrics.BridgeMetrics.blocking_interceptor`).
+        asyncio: serve on ``grpc.aio`` (the default): an open watch stream holds no thread, so
+            one server holds thousands of them. False serves on a blocking ``grpc.server`` with
+            a thread per call (``limits.max_watchers + limits.workers`` threads at most, so
+            watches never starve unary calls); a process that forks children while it serves
+            a bridge needs this, since gRPC's fork support does not cover ``grpc.aio``.
 
     Returns:
         ``(server, port)`` with the real bound port.
@@ -842,7 +870,7 @@ def create_server(
     served = store if store is not None else SessionStore()
     servicer = BridgeServicer(served, limits=limits, heartbeat_interval=heartbeat_interval)
     servicer.principal_of = _token_or_peer
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -854,9 +882,13 @@ def create_server(
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
+    target = _format_address(host, port)
+    if not asyncio:
+        return _blocking_server(
+            servicer, served, options, target, tls, auth_secret, rate_limit, interceptors, host, owns_store
+        )
     loop = _serving_loop()
     executor = futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge")
-    target = _format_address(host, port)
 
     async def build() -> tuple[grpc.aio.Server, Any, int]:
         server = grpc.aio.server(
@@ -870,13 +902,7 @@ def create_server(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
-        except RuntimeError as exc:
-            raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
-        if not bound:
-            raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
-        return server, health_servicer, bound
+        return server, health_servicer, _bind(server, target, tls)
 
     try:
         server, health_servicer, bound = loop.run(build())
@@ -892,6 +918,52 @@ def create_server(
         owns_store=owns_store,
         loop=loop,
         executor=executor,
+    )
+    return bridge, bound
+
+
+def _bind(server: grpc.aio.Server | grpc.Server, target: str, tls: ServerTLS | None) -> int:
+    """Add the listening port; the bound port number."""
+    try:
+        bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
+    except RuntimeError as exc:
+        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
+    if not bound:
+        raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
+    return bound
+
+
+def _blocking_server(
+    servicer: BridgeServicer,
+    served: SessionStore,
+    options: list[tuple[str, Any]],
+    target: str,
+    tls: ServerTLS | None,
+    auth_secret: bytes | None,
+    rate_limit: RateLimiter | None,
+    interceptors: Sequence[Any],
+    host: str,
+    owns_store: bool,
+) -> tuple[BridgeServer, int]:
+    """The bridge on a blocking ``grpc.server``: a thread per call, open watch streams included."""
+    limits = servicer.limits
+    executor = futures.ThreadPoolExecutor(
+        max_workers=limits.max_watchers + limits.workers, thread_name_prefix="dspex-bridge"
+    )
+    server = grpc.server(executor, options=options, interceptors=[*interceptors, BridgeGuard(auth_secret, rate_limit)])
+    server.add_generic_rpc_handlers((guarded_handler(servicer),))
+    add_admin_service(server, served)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        bound = _bind(server, target, tls)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    bridge = BridgeServer(
+        server, servicer, health_servicer, host=host, port=bound, owns_store=owns_store, loop=None, executor=executor
     )
     return bridge, bound
 
@@ -935,7 +1007,10 @@ class EmbeddedBridge:
                 store = SessionStore(storage=RedisStorage(cls._storage_url))
             store.start_sweeper()
             try:
-                server, _ = create_server(store, "127.0.0.1", 0)
+                # Blocking, not grpc.aio: the process that embeds the bridge (a notebook, a script)
+                # may fork children (multiprocessing's default on Linux), which gRPC supports only
+                # without grpc.aio.
+                server, _ = create_server(store, "127.0.0.1", 0, asyncio=False)
                 server.start()
             except BaseException:
                 store.close()

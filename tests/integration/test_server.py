@@ -141,9 +141,11 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def make_bridge() -> Iterator[Callable[..., Bridge]]:
+@pytest.fixture(params=["aio", "blocking"])
+def make_bridge(request: pytest.FixtureRequest) -> Iterator[Callable[..., Bridge]]:
+    """Bridges of one kind: every test here runs on the grpc.aio server and on the blocking one."""
     made: list[Bridge] = []
+    asyncio = request.param == "aio"
 
     def make(
         *,
@@ -153,8 +155,9 @@ def make_bridge() -> Iterator[Callable[..., Bridge]]:
         session: bool = True,
     ) -> Bridge:
         served = store if store is not None else SessionStore()
-        server, port = create_server(served, limits=limits, heartbeat_interval=heartbeat_interval)
+        server, port = create_server(served, limits=limits, heartbeat_interval=heartbeat_interval, asyncio=asyncio)
         assert port == server.port > 0
+        assert server.asyncio is asyncio
         server.start()
         channel = grpc.insecure_channel(server.address)
         bridge = Bridge(server, served, channel, pb_grpc.BridgeServiceStub(channel))
