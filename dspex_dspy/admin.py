@@ -5,16 +5,22 @@ This module adds a second, small gRPC service beside it, ``dspex.bridge.v1.Bridg
 protobuf's well-known ``Struct`` message (so it needs no generated code): ``ListSessions`` takes an
 optional ``{"pattern": "<glob>"}`` and answers ``{"sessions": [{id, created_at, ttl, expires_in,
 variables, metadata, watchers}, ...]}``. Listing does not refresh any session's TTL.
+:func:`add_admin_service` serves it on the bridge's ``grpc.aio`` server (the store calls run in a
+thread pool) or on a blocking ``grpc.server``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import math
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
+import grpc.aio
 from google.protobuf import json_format, struct_pb2
 
 from dspex_dspy.auth import current_principal
@@ -76,29 +82,53 @@ def _summaries(store: SessionStore, pattern: str) -> list[SessionSummary]:
     return out
 
 
-def add_admin_service(server: grpc.Server, store: SessionStore) -> None:
-    """Serve ``BridgeAdmin`` for ``store`` on ``server`` (before it starts)."""
+def _answer(store: SessionStore, request: struct_pb2.Struct) -> struct_pb2.Struct | tuple[grpc.StatusCode, str]:
+    """The reply to ``ListSessions``, or the status that refuses it."""
+    pattern = json_format.MessageToDict(request).get("pattern", "")
+    if not isinstance(pattern, str):
+        return grpc.StatusCode.INVALID_ARGUMENT, "pattern must be a string"
+    try:
+        sessions = _summaries(store, pattern)
+    except ValidationError as exc:
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    except DSPexError as exc:
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    reply = struct_pb2.Struct()
+    reply.update({"sessions": [s.__dict__ for s in sessions]})
+    return reply
+
+
+def add_admin_service(
+    server: grpc.Server | grpc.aio.Server, store: SessionStore, executor: Executor | None = None
+) -> None:
+    """Serve ``BridgeAdmin`` for ``store`` on ``server`` (before it starts).
+
+    Args:
+        server: a blocking ``grpc.Server`` or a ``grpc.aio`` server.
+        store: the store whose sessions are listed.
+        executor: on a ``grpc.aio`` server, the pool that runs the store calls (None: the event
+            loop's default pool); the event loop itself never waits on the store.
+    """
 
     def list_handler(request: struct_pb2.Struct, context: grpc.ServicerContext) -> struct_pb2.Struct:
-        query = json_format.MessageToDict(request)
-        pattern = query.get("pattern", "")
-        if not isinstance(pattern, str):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pattern must be a string")
-        try:
-            sessions = _summaries(store, pattern)
-        except ValidationError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DSPexError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        reply = struct_pb2.Struct()
-        reply.update({"sessions": [s.__dict__ for s in sessions]})
-        return reply
+        answer = _answer(store, request)
+        if isinstance(answer, tuple):
+            context.abort(*answer)
+        return answer
+
+    async def list_async(request: struct_pb2.Struct, context: grpc.aio.ServicerContext[Any, Any]) -> struct_pb2.Struct:
+        # In a copy of this call's context, so the pool thread sees the caller's token.
+        call = contextvars.copy_context()
+        answer = await asyncio.get_running_loop().run_in_executor(executor, call.run, _answer, store, request)
+        if isinstance(answer, tuple):
+            await context.abort(*answer)
+        return answer
 
     handler = grpc.method_handlers_generic_handler(
         ADMIN_SERVICE,
         {
             "ListSessions": grpc.unary_unary_rpc_method_handler(
-                list_handler,
+                list_async if isinstance(server, grpc.aio.Server) else list_handler,
                 request_deserializer=struct_pb2.Struct.FromString,
                 response_serializer=struct_pb2.Struct.SerializeToString,
             )

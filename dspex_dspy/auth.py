@@ -1,6 +1,7 @@
 """Who may do what on a bridge: token checks per RPC, a rate limit per principal, and an audit trail.
 
-:class:`BridgeGuard` is a ``grpc.ServerInterceptor`` in front of ``BridgeService``. With a secret
+:class:`AsyncBridgeGuard` (a ``grpc.aio`` server's interceptor; :class:`BridgeGuard` is the same
+for a blocking server) stands in front of ``BridgeService``. With a secret
 it requires a bearer token (:mod:`dspex_dspy.tokens`) on every call except the health service,
 checks the permission each RPC needs (:data:`RPC_PERMISSIONS`) on the session named by the
 request's ``session_id``, and makes the token's claims the call's principal
@@ -20,11 +21,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
+import grpc.aio
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import AuthenticationError, PermissionDeniedError, RateLimitError
@@ -33,6 +35,7 @@ from dspex_dspy.tokens import Claims, verify_token
 
 __all__ = [
     "AUDIT_LOGGER",
+    "AsyncBridgeGuard",
     "EXEMPT_SERVICES",
     "RPC_PERMISSIONS",
     "SESSION_RPCS",
@@ -247,13 +250,19 @@ def _write_version(rpc: str, request: Any, response: Any) -> Any:
     return None
 
 
-class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """The interceptor that authenticates, authorizes, rate-limits and audits bridge calls.
+@dataclass(frozen=True)
+class _Refusal:
+    """Why a call is refused: its status, message and trailing metadata (the refusal is audited already)."""
 
-    Args:
-        secret: the token secret; None serves everyone (loopback use, the snakepit contract).
-        limiter: a per-principal rate limit; None for no limit.
-    """
+    code: grpc.StatusCode
+    message: str
+    trailing: tuple[tuple[str, str], ...] = ()
+
+
+class _GuardCore:
+    """The decisions shared by the blocking and the asyncio guards: which calls to wrap, token
+    checks, permissions, the rate limit and the audit lines. The guards only add the calling
+    convention of their server."""
 
     def __init__(self, secret: bytes | None = None, limiter: RateLimiter | None = None) -> None:
         self.secret = secret
@@ -266,23 +275,26 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
         """Whether calls need a token."""
         return self.secret is not None
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Wrap the handler of every guarded call (health calls pass untouched)."""
-        handler = continuation(handler_call_details)
+    def _route(self, handler_call_details: grpc.HandlerCallDetails) -> tuple[str, str | None] | None:
+        """``(rpc, permission)`` of a call to guard, or None for one that runs untouched."""
         method: str = handler_call_details.method
         service, _, rpc = method.lstrip("/").rpartition("/")
-        if handler is None or service in EXEMPT_SERVICES:
-            return handler
+        if service in EXEMPT_SERVICES:
+            return None
         if self.secret is None and self.limiter is None and rpc not in _AUDITED:
-            return handler  # nothing to check or record: the call runs untouched
+            return None  # nothing to check or record
         if service == _SERVICE:
-            perm = RPC_PERMISSIONS.get(rpc, "admin")
-        else:
-            perm = None if method in OPEN_ADMIN_RPCS else "admin"
+            return rpc, RPC_PERMISSIONS.get(rpc, "admin")
+        return rpc, (None if method in OPEN_ADMIN_RPCS else "admin")
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any] | None, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """``handler`` behind the guard's ``_guard_unary`` / ``_guard_stream`` (health calls pass untouched)."""
+        route = self._route(handler_call_details)
+        if handler is None or route is None:
+            return handler
+        rpc, perm = route
         metadata: Sequence[tuple[str, Any]] = handler_call_details.invocation_metadata or ()
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -301,7 +313,18 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.unary_unary_rpc_method_handler(self._refuse_streaming(rpc))
         return handler
 
-    # ------------------------------------------------------------------ checks
+    def _guard_unary(
+        self, behavior: Callable[..., Any], rpc: str, perm: str | None, metadata: Sequence[tuple[str, Any]]
+    ) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _guard_stream(
+        self, behavior: Callable[..., Any], rpc: str, perm: str | None, metadata: Sequence[tuple[str, Any]]
+    ) -> Callable[..., Any]:
+        raise NotImplementedError
+
+    def _refuse_streaming(self, rpc: str) -> Callable[..., Any]:
+        raise NotImplementedError
 
     def _bearer(self, metadata: Sequence[tuple[str, Any]]) -> str | None:
         for key, value in metadata:
@@ -325,13 +348,14 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
             self._verified[token] = claims
         return claims
 
-    def _authorize(
+    def _decide(
         self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
-    ) -> tuple[_Call, Claims | None]:
-        """Check the call; on refusal audit it and end it with its status (raises)."""
+    ) -> tuple[_Call, Claims | None, _Refusal | None]:
+        """Check the call: who it is, and the refusal (audited here) if it may not run."""
         session = getattr(request, "session_id", "") if request is not None else ""
         call = _Call(rpc, context, session, "anonymous")
         claims: Claims | None = None
+        refusal: _Refusal | None = None
         try:
             if self.secret is not None:
                 token = self._bearer(metadata)
@@ -351,13 +375,16 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 if wait > 0:
                     raise RateLimitError(key, wait)
         except AuthenticationError as exc:
-            self._refuse(context, call, grpc.StatusCode.UNAUTHENTICATED, str(exc), _write_target(rpc, request))
+            refusal = _Refusal(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         except PermissionDeniedError as exc:
-            self._refuse(context, call, grpc.StatusCode.PERMISSION_DENIED, str(exc), _write_target(rpc, request))
+            refusal = _Refusal(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except RateLimitError as exc:
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after:.3f}"),))
-            self._refuse(context, call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), _write_target(rpc, request))
-        return call, claims
+            refusal = _Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), (("retry-after", f"{exc.retry_after:.3f}"),)
+            )
+        if refusal is not None:
+            _audit(call, refusal.code.name, variable=_write_target(rpc, request), reason=refusal.message)
+        return call, claims, refusal
 
     @staticmethod
     def _check(rpc: str, perm: str | None, session: str, claims: Claims) -> None:
@@ -371,19 +398,72 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
             return
         raise PermissionDeniedError(f"{rpc}: the token of {claims.sub} does not open session {session!r}")
 
-    @staticmethod
-    def _refuse(context: Any, call: _Call, code: grpc.StatusCode, message: str, variable: Any = None) -> None:
-        _audit(call, code.name, variable=variable, reason=message)
-        context.abort(code, message)
+    def _streaming_refusal(self, rpc: str, context: Any) -> _Refusal:
+        refusal = _Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{rpc} is not served to token holders")
+        _audit(_Call(rpc, context, "", "anonymous"), refusal.code.name, reason=refusal.message)
+        return refusal
+
+
+@contextlib.contextmanager
+def _serving(
+    claims: Claims | None, audited: _Call | None = None, request: Any = None, context: Any = None
+) -> Iterator[Callable[[Any], Any]]:
+    """Serve a call as ``claims``' principal; with ``audited``, audit its answer (passed to the
+    yielded function, which returns it) or its failure."""
+
+    def answered(response: Any) -> Any:
+        if audited is not None:
+            outcome = "OK" if getattr(response, "success", True) else "REJECTED"
+            target = _write_target(audited.rpc, request)
+            _audit(audited, outcome, variable=target, version=_write_version(audited.rpc, request, response))
+        return response
+
+    reset = _principal.set(claims)
+    try:
+        yield answered
+    except Exception:
+        if audited is not None:
+            code = context.code()
+            failed = code.name if isinstance(code, grpc.StatusCode) else "FAILED"
+            _audit(audited, failed, variable=_write_target(audited.rpc, request))
+        raise
+    finally:
+        _reset(reset)
+
+
+class BridgeGuard(_GuardCore, grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """The interceptor that authenticates, authorizes, rate-limits and audits calls of a blocking server.
+
+    Args:
+        secret: the token secret; None serves everyone (loopback use, the snakepit contract).
+        limiter: a per-principal rate limit; None for no limit.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Wrap the handler of every guarded call (health calls pass untouched)."""
+        return self._wrap(continuation(handler_call_details), handler_call_details)
+
+    def _authorize(
+        self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
+    ) -> tuple[_Call, Claims | None]:
+        """Check the call; on refusal end it with its status (raises)."""
+        call, claims, refusal = self._decide(rpc, perm, request, metadata, context)
+        if refusal is not None:
+            if refusal.trailing:
+                context.set_trailing_metadata(refusal.trailing)
+            context.abort(refusal.code, refusal.message)
+        return call, claims
 
     def _refuse_streaming(self, rpc: str) -> Callable[[Any, Any], Any]:
         def refuse(request: Any, context: Any) -> Any:
-            call = _Call(rpc, context, "", "anonymous")
-            self._refuse(context, call, grpc.StatusCode.PERMISSION_DENIED, f"{rpc} is not served to token holders")
+            refusal = self._streaming_refusal(rpc, context)
+            context.abort(refusal.code, refusal.message)
 
         return refuse
-
-    # ------------------------------------------------------------------ wrappers
 
     def _guard_unary(
         self, behavior: Callable[[Any, Any], Any], rpc: str, perm: str | None, metadata: Sequence[tuple[str, Any]]
@@ -392,27 +472,8 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
 
         def guarded(request: Any, context: Any) -> Any:
             call, claims = self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
-                if not audited:
-                    return behavior(request, context)
-                try:
-                    response = behavior(request, context)
-                except Exception:
-                    code = context.code()
-                    _audit(
-                        call,
-                        code.name if isinstance(code, grpc.StatusCode) else "FAILED",
-                        variable=_write_target(rpc, request),
-                    )
-                    raise
-                outcome = "OK" if getattr(response, "success", True) else "REJECTED"
-                _audit(
-                    call, outcome, variable=_write_target(rpc, request), version=_write_version(rpc, request, response)
-                )
-                return response
-            finally:
-                _reset(reset)
+            with _serving(claims, call if audited else None, request, context) as answered:
+                return answered(behavior(request, context))
 
         return guarded
 
@@ -425,10 +486,70 @@ class BridgeGuard(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Callable[[Any, Any], Iterator[Any]]:
         def guarded(request: Any, context: Any) -> Iterator[Any]:
             _, claims = self._authorize(rpc, perm, request, metadata, context)
-            reset = _principal.set(claims)
-            try:
+            with _serving(claims):
                 yield from behavior(request, context)
-            finally:
-                _reset(reset)
+
+        return guarded
+
+
+class AsyncBridgeGuard(_GuardCore, grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """:class:`BridgeGuard` for a ``grpc.aio`` server: the same decisions, awaited handlers.
+
+    Args:
+        secret: the token secret; None serves everyone (loopback use, the snakepit contract).
+        limiter: a per-principal rate limit; None for no limit.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Wrap the handler of every guarded call (health calls pass untouched)."""
+        return self._wrap(await continuation(handler_call_details), handler_call_details)  # type: ignore[return-value]
+
+    async def _authorize(
+        self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
+    ) -> tuple[_Call, Claims | None]:
+        call, claims, refusal = self._decide(rpc, perm, request, metadata, context)
+        if refusal is not None:
+            await context.abort(refusal.code, refusal.message, trailing_metadata=refusal.trailing)
+        return call, claims
+
+    def _refuse_streaming(self, rpc: str) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def refuse(request: Any, context: Any) -> Any:
+            refusal = self._streaming_refusal(rpc, context)
+            await context.abort(refusal.code, refusal.message)
+
+        return refuse
+
+    def _guard_unary(
+        self,
+        behavior: Callable[[Any, Any], Awaitable[Any]],
+        rpc: str,
+        perm: str | None,
+        metadata: Sequence[tuple[str, Any]],
+    ) -> Callable[[Any, Any], Awaitable[Any]]:
+        audited = rpc in _AUDITED
+
+        async def guarded(request: Any, context: Any) -> Any:
+            call, claims = await self._authorize(rpc, perm, request, metadata, context)
+            with _serving(claims, call if audited else None, request, context) as answered:
+                return answered(await behavior(request, context))
+
+        return guarded
+
+    def _guard_stream(
+        self,
+        behavior: Callable[[Any, Any], AsyncIterator[Any]],
+        rpc: str,
+        perm: str | None,
+        metadata: Sequence[tuple[str, Any]],
+    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+        async def guarded(request: Any, context: Any) -> AsyncIterator[Any]:
+            _, claims = await self._authorize(rpc, perm, request, metadata, context)
+            with _serving(claims):
+                async for item in behavior(request, context):
+                    yield item
 
         return guarded

@@ -19,8 +19,9 @@ cap), so one client cannot take every slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, Final
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Final, NoReturn
 
 import grpc
 
@@ -30,6 +31,7 @@ from dspex_dspy.store.glob import MAX_GLOB_LENGTH
 from dspex_dspy.wire_errors import rpc_status_for
 
 __all__ = [
+    "Abort",
     "INT32_MAX",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_STATUS_MESSAGE",
@@ -38,7 +40,10 @@ __all__ = [
     "WatchSlots",
     "check_request",
     "clip",
+    "abort_with",
     "clipped",
+    "failure_status",
+    "guarded_async_handler",
     "guarded_handler",
     "peer_principal",
 ]
@@ -54,6 +59,7 @@ TIMESTAMP_MAX_SECONDS: Final = 253_402_300_799
 """``9999-12-31T23:59:59Z``, the latest ``google.protobuf.Timestamp``."""
 
 _SERVICE: Final = "snakepit.bridge.BridgeService"
+logger = logging.getLogger("dspex_dspy.server")
 
 
 def clip(text: str, limit: int = MAX_STATUS_MESSAGE) -> str:
@@ -79,6 +85,35 @@ def clipped(exc: DSPexError, limit: int = MAX_STATUS_MESSAGE) -> DSPexError:
         exc.message = clip(exc.message, limit)
         exc.args = (exc.message,)
     return exc
+
+
+class Abort(Exception):
+    """Raised inside a handler to end the call with a given status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def failure_status(rpc: str, exc: Exception) -> grpc.Status:
+    """The status that reports ``exc`` raised by ``rpc``, its fields in the rich error details.
+
+    Bad input and every project error get their own code; anything else is ``INTERNAL`` (a bug in
+    the server) and is logged.
+    """
+    if isinstance(exc, Abort):
+        return rpc_status_for(code=exc.code, message=clip(exc.message))
+    if isinstance(exc, RecursionError):
+        # A value nested thousands of levels deep is bad input, not a bug.
+        exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
+    if isinstance(exc, DSPexError):
+        return rpc_status_for(clipped(exc))
+    logger.error("%s failed unexpectedly", rpc, exc_info=exc)
+    return rpc_status_for(
+        code=grpc.StatusCode.INTERNAL,
+        message=clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}"),
+    )
 
 
 def _preview(value: str) -> str:
@@ -202,31 +237,64 @@ def _stream_behaviour(method: Callable[[Any, grpc.ServicerContext], Iterator[Any
     return behaviour
 
 
-def guarded_handler(servicer: Any) -> grpc.GenericRpcHandler[Any, Any]:
-    """The RPC handlers of ``snakepit.bridge.BridgeService`` for ``servicer``, behind the door.
-
-    Register with ``server.add_generic_rpc_handlers((guarded_handler(servicer),))`` instead of the
-    generated ``add_BridgeServiceServicer_to_server``.
-    """
+def _handlers(
+    servicer: Any, unary: Callable[[Any], Callable[..., Any]], stream: Callable[[Any], Callable[..., Any]]
+) -> grpc.GenericRpcHandler[Any, Any]:
     service = pb.DESCRIPTOR.services_by_name["BridgeService"]
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
         response_class = getattr(pb, method.output_type.name)
         implementation = getattr(servicer, method.name)
-        if method.server_streaming:
-            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _stream_behaviour(implementation),
-                request_deserializer=_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary_behaviour(implementation),
-                request_deserializer=_deserializer(request_class),
-                response_serializer=response_class.SerializeToString,
-            )
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            (stream if method.server_streaming else unary)(implementation),
+            request_deserializer=_deserializer(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
     return grpc.method_handlers_generic_handler(_SERVICE, handlers)
+
+
+def guarded_handler(servicer: Any) -> grpc.GenericRpcHandler[Any, Any]:
+    """The RPC handlers of ``snakepit.bridge.BridgeService`` for ``servicer``, behind the door.
+
+    Register with ``server.add_generic_rpc_handlers((guarded_handler(servicer),))`` instead of the
+    generated ``add_BridgeServiceServicer_to_server``.
+    """
+    return _handlers(servicer, _unary_behaviour, _stream_behaviour)
+
+
+def _async_unary_behaviour(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def behaviour(request: Any, context: Any) -> Any:
+        refusal = _refusal(request)
+        if refusal is not None:
+            await abort_with(context, refusal)
+        return await method(request, context)
+
+    return behaviour
+
+
+def _async_stream_behaviour(method: Callable[[Any, Any], AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def behaviour(request: Any, context: Any) -> AsyncIterator[Any]:
+        refusal = _refusal(request)
+        if refusal is not None:
+            await abort_with(context, refusal)
+        async for item in method(request, context):
+            yield item
+
+    return behaviour
+
+
+def guarded_async_handler(servicer: Any) -> grpc.GenericRpcHandler[Any, Any]:
+    """:func:`guarded_handler` for a ``grpc.aio`` server: ``servicer``'s RPC methods are coroutines
+    (unary) and async generators (streams)."""
+    return _handlers(servicer, _async_unary_behaviour, _async_stream_behaviour)
+
+
+async def abort_with(context: Any, status: grpc.Status) -> NoReturn:
+    """End an asyncio call with ``status`` (its code, message and rich details)."""
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def peer_principal(context: grpc.ServicerContext) -> str:

@@ -46,7 +46,7 @@ class Limits:
     max_sessions: int = 10_000
     max_variables_per_session: int = 100_000
     max_value_bytes: int = 1 << 20
-    max_watchers: int = 256
+    max_watchers: int = 2048
     history_limit: int = 100
     max_history_bytes: int = 4 << 20
     max_session_metadata_bytes: int = 64 << 10

@@ -8,7 +8,7 @@ importing the store; :mod:`dspex_dspy.store` re-exports them under their old nam
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,9 @@ class BatchResult:
 class Watch:
     """A registered watcher: a coalescing queue of :class:`VariableUpdate` filled by the store.
 
-    Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed.
+    Use :meth:`next_update` to wait for the next update, or iterate (blocking) until closed. A
+    reader that must not block (an event loop) sets a waker with :meth:`set_waker` and takes
+    updates with :meth:`take_all` when woken.
     """
 
     def __init__(self, session_id: str, variable_ids: frozenset[str] | None) -> None:
@@ -110,6 +112,19 @@ class Watch:
         self._offered: dict[str, tuple[int, bool]] = {}
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._waker: Callable[[], None] | None = None
+
+    def set_waker(self, waker: Callable[[], None] | None) -> None:
+        """Call ``waker`` (it must not block) whenever an update arrives on an empty queue or the watch closes.
+
+        It is called at once if an update is already pending or the watch is already closed, so a
+        reader that sets it, then drains the queue whenever woken, misses nothing.
+        """
+        with self._cond:
+            self._waker = waker
+            due = bool(self._pending) or self._closed
+        if waker is not None and due:
+            waker()
 
     def wants(self, variable_id: str) -> bool:
         """Whether this watcher follows that variable."""
@@ -122,20 +137,37 @@ class Watch:
         the queue stays in the order of the writes it holds: the updates of one atomic batch stay
         together, after every write that came before them.
         """
+        self.offer_all((update,))
+
+    def offer_all(self, updates: Sequence[VariableUpdate]) -> None:
+        """Queue several updates at once (one atomic batch): :meth:`take_all` sees all of them or none."""
+        if not updates:
+            return
         with self._cond:
             if self._closed:
                 return
-            if update.variable is not None:
-                deleted = update.update_type == UpdateType.DELETED
-                last = self._offered.get(update.variable_id)
-                version = update.variable.version
-                if last is not None and (version < last[0] or (version == last[0] and (last[1] or not deleted))):
-                    return
-                self._offered[update.variable_id] = (version, deleted)
-            if self._pending.pop(update.variable_id, None) is not None:
-                self.coalesced += 1
-            self._pending[update.variable_id] = update
+            waker = self._waker if not self._pending else None
+            for update in updates:
+                if update.variable is not None:
+                    deleted = update.update_type == UpdateType.DELETED
+                    last = self._offered.get(update.variable_id)
+                    version = update.variable.version
+                    if last is not None and (version < last[0] or (version == last[0] and (last[1] or not deleted))):
+                        continue
+                    self._offered[update.variable_id] = (version, deleted)
+                if self._pending.pop(update.variable_id, None) is not None:
+                    self.coalesced += 1
+                self._pending[update.variable_id] = update
             self._cond.notify()
+        if waker is not None:
+            waker()
+
+    def take_all(self) -> list[VariableUpdate]:
+        """Take every pending update, oldest first, without waiting (an empty list when none)."""
+        with self._cond:
+            taken = list(self._pending.values())
+            self._pending.clear()
+        return taken
 
     def next_update(self, timeout: float | None = None) -> VariableUpdate | None:
         """Return the oldest pending update; wait up to ``timeout`` seconds (None = forever).
@@ -164,8 +196,11 @@ class Watch:
     def close(self) -> None:
         """Stop receiving updates and wake any waiting reader. Idempotent."""
         with self._cond:
+            waker = self._waker if not self._closed else None
             self._closed = True
             self._cond.notify_all()
+        if waker is not None:
+            waker()
 
     def __iter__(self) -> Iterator[VariableUpdate]:
         while True:

@@ -29,21 +29,30 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as aio_health  # type: ignore[attr-defined]
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.admin import add_admin_service
-from dspex_dspy.auth import BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
+from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
+from dspex_dspy.auth import AsyncBridgeGuard, BridgeGuard, RateLimiter, check_exposure, current_principal, seconds_left
 from dspex_dspy.errors import (
     AuthenticationError,
     BridgeUnavailableError,
     DSPexError,
     LimitExceededError,
     SessionNotFoundError,
-    ValidationError,
 )
-from dspex_dspy.guard import WatchSlots, clip, clipped, guarded_handler, peer_principal
+from dspex_dspy.guard import (
+    Abort,
+    WatchSlots,
+    failure_status,
+    guarded_async_handler,
+    guarded_handler,
+    peer_principal,
+)
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.tls import ServerTLS
@@ -64,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME: Final = "snakepit.bridge.BridgeService"
 DEFAULT_HEARTBEAT_INTERVAL: Final = 10.0
+_DEFAULT_WORKERS: Final = 16
 _ORCHESTRATOR_SOURCES: Final = frozenset({"orchestrator", "elixir"})
 _SHUTTING_DOWN: Final = "the bridge server is shutting down"
 
@@ -76,19 +86,21 @@ class ServerLimits:
         max_message_bytes: largest gRPC message received or sent.
         max_value_bytes: largest encoded value (``Any.value`` plus any binary part) accepted in a
             write; a larger one is ``RESOURCE_EXHAUSTED``.
-        max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``.
+        max_watchers: concurrent ``WatchVariables`` streams; one more is ``RESOURCE_EXHAUSTED``. An
+            open stream holds no thread (the server runs on ``grpc.aio``), only its coalescing
+            queue (at most one pending update per watched variable), so thousands are fine.
         max_watchers_per_session: concurrent streams on one session (None = half of
             ``max_watchers``, at least 1).
-        max_watchers_per_principal: concurrent streams of one client, a peer address (None = a
-            quarter of ``max_watchers``, at least 1). With these shares no single client or session
-            can take every stream.
-        max_workers: threads serving RPCs (None = ``max_watchers + 32``). Each open watch stream
-            holds a thread, so this must exceed ``max_watchers`` or watches could starve unary calls.
+        max_watchers_per_principal: concurrent streams of one client: the token's subject, else
+            a peer address (None = a quarter of ``max_watchers``, at least 1). With these shares
+            no single client or session can take every stream.
+        max_workers: threads running store calls for unary RPCs (None = 16). Watch streams do not
+            use them while they wait, so they can never starve unary calls.
     """
 
     max_message_bytes: int = 16 * 1024 * 1024
     max_value_bytes: int = 8 * 1024 * 1024
-    max_watchers: int = 64
+    max_watchers: int = 2048
     max_workers: int | None = None
     max_watchers_per_session: int | None = None
     max_watchers_per_principal: int | None = None
@@ -100,11 +112,8 @@ class ServerLimits:
         for name in ("max_watchers_per_session", "max_watchers_per_principal"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_workers is not None and self.max_workers <= self.max_watchers:
-            raise ValueError(
-                f"max_workers ({self.max_workers}) must exceed max_watchers ({self.max_watchers}), "
-                "or open watch streams could leave no thread for unary calls"
-            )
+        if self.max_workers is not None and self.max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {self.max_workers}")
 
     @property
     def watchers_per_session(self) -> int:
@@ -123,16 +132,10 @@ class ServerLimits:
     @property
     def workers(self) -> int:
         """The thread-pool size actually used."""
-        return self.max_workers if self.max_workers is not None else self.max_watchers + 32
+        return self.max_workers if self.max_workers is not None else _DEFAULT_WORKERS
 
 
-class _Abort(Exception):
-    """Raised inside a handler to end the call with a given status (caught by the handler wrapper)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+_Abort = Abort
 
 
 _Unary = Callable[["BridgeServicer", Any, grpc.ServicerContext], Any]
@@ -141,20 +144,8 @@ _Stream = Callable[["BridgeServicer", Any, grpc.ServicerContext], Iterator[Any]]
 
 def _fail(context: grpc.ServicerContext, rpc: str, exc: Exception) -> NoReturn:
     """End the call with the status that reports ``exc``, its fields in the rich error details."""
-    if isinstance(exc, _Abort):
-        context.abort_with_status(rpc_status_for(code=exc.code, message=clip(exc.message)))
-    if isinstance(exc, RecursionError):
-        # A value nested thousands of levels deep is bad input, not a bug.
-        exc = ValidationError("", "encoding", None, f"{rpc}: the value is nested too deeply")
-    if isinstance(exc, DSPexError):
-        context.abort_with_status(rpc_status_for(clipped(exc)))
-    logger.exception("%s failed unexpectedly", rpc)
-    context.abort_with_status(
-        rpc_status_for(
-            code=grpc.StatusCode.INTERNAL,
-            message=clip(f"{rpc}: internal error in the bridge server: {type(exc).__name__}: {exc}"),
-        )
-    )
+    context.abort_with_status(failure_status(rpc, exc))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def _unary(method: _Unary) -> _Unary:
@@ -286,11 +277,8 @@ class BridgeServicer:
             )
         return any_to_value(any_msg, name=name, binary=binary)
 
-    @contextmanager
-    def _watch_slot(
-        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
-    ) -> Iterator[Watch]:
-        """Open a watch within ``max_watchers`` and the fair shares; close and forget it on the way out."""
+    def open_watch(self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = "") -> Watch:
+        """Open a watch within ``max_watchers`` and the fair shares; give it back with :meth:`close_watch`."""
         with self._lock:
             if len(self._watches) >= self.limits.max_watchers:
                 raise LimitExceededError("watch streams", len(self._watches) + 1, self.limits.max_watchers)
@@ -301,13 +289,40 @@ class BridgeServicer:
                 self._slots.release(session_id, principal)
                 raise
             self._watches.add(watch)
+        return watch
+
+    def close_watch(self, watch: Watch, session_id: str = "", principal: str = "") -> None:
+        """Close a watch from :meth:`open_watch` and free its slot."""
+        with self._lock:
+            if watch not in self._watches:
+                return
+            self._watches.discard(watch)
+            self._slots.release(session_id, principal)
+        self.store.unwatch(watch)
+
+    def watch_wait(self, last_sent: float) -> float:
+        """Seconds a watch stream may wait for an update: until its next heartbeat or its token's expiry.
+
+        Raises:
+            AuthenticationError: the token of the call has expired (the stream ends ``UNAUTHENTICATED``).
+        """
+        wait = last_sent + self.heartbeat_interval - time.monotonic()
+        left = seconds_left()
+        if left is not None:
+            if left <= 0:
+                raise AuthenticationError("WatchVariables: the token of this watch has expired")
+            wait = min(wait, left)
+        return wait
+
+    @contextmanager
+    def _watch_slot(
+        self, watch_factory: Callable[[], Watch], session_id: str = "", principal: str = ""
+    ) -> Iterator[Watch]:
+        watch = self.open_watch(watch_factory, session_id, principal)
         try:
             yield watch
         finally:
-            with self._lock:
-                self._watches.discard(watch)
-                self._slots.release(session_id, principal)
-            self.store.unwatch(watch)
+            self.close_watch(watch, session_id, principal)
 
     # ------------------------------------------------------------------ sessions
 
@@ -557,13 +572,7 @@ class BridgeServicer:
             interval = self.heartbeat_interval
             last_sent = time.monotonic()
             while context.is_active() and not self._stopping.is_set():
-                wait = last_sent + interval - time.monotonic()
-                left = seconds_left()
-                if left is not None:
-                    if left <= 0:
-                        raise AuthenticationError("WatchVariables: the token of this watch has expired")
-                    wait = min(wait, left)
-                update = watch.next_update(timeout=max(0.0, wait))
+                update = watch.next_update(timeout=max(0.0, self.watch_wait(last_sent)))
                 if update is not None:
                     yield update_to_proto(update)
                     last_sent = time.monotonic()
@@ -662,11 +671,25 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+_LOOP_LOCK: Final = threading.Lock()
+_LOOP: EventLoopThread | None = None
+
+
+def _serving_loop() -> EventLoopThread:
+    """The event loop every bridge server of this process runs on (started on first use)."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or not _LOOP.alive:
+            _LOOP = EventLoopThread("dspex-bridge-loop")
+        return _LOOP
+
+
 class BridgeServer:
     """A running (or ready to run) bridge: the gRPC server, its servicer, health service and store.
 
-    Build one with :func:`create_server`. Usable as a context manager (starts on enter, stops on
-    exit).
+    Build one with :func:`create_server`. A ``grpc.aio`` server runs on an event loop thread of
+    its own, so every method here is a plain blocking call whichever kind of server it wraps.
+    Usable as a context manager (starts on enter, stops on exit).
 
     Attributes:
         store: the served :class:`SessionStore`.
@@ -677,13 +700,15 @@ class BridgeServer:
 
     def __init__(
         self,
-        server: grpc.Server,
+        server: grpc.aio.Server | grpc.Server,
         servicer: BridgeServicer,
         health_servicer: Any,
         *,
         host: str,
         port: int,
         owns_store: bool,
+        loop: EventLoopThread | None,
+        executor: futures.ThreadPoolExecutor,
     ) -> None:
         self._server = server
         self.servicer = servicer
@@ -692,9 +717,12 @@ class BridgeServer:
         self.host = host
         self.port = port
         self._owns_store = owns_store
+        self._loop = loop
+        self._executor = executor
         self._lock = threading.Lock()
         self._started = False
         self._stopped = threading.Event()
+        self._terminated = threading.Event()
 
     @property
     def address(self) -> str:
@@ -706,6 +734,11 @@ class BridgeServer:
         """True between :meth:`start` and :meth:`stop`."""
         return self._started and not self._stopped.is_set()
 
+    @property
+    def asyncio(self) -> bool:
+        """Whether this is a ``grpc.aio`` server (False: a blocking, thread-per-call ``grpc.server``)."""
+        return self._loop is not None
+
     def start(self) -> BridgeServer:
         """Start serving (idempotent); returns ``self``."""
         with self._lock:
@@ -713,14 +746,22 @@ class BridgeServer:
                 raise BridgeUnavailableError(f"the bridge server at {self.address} was stopped; create a new one")
             if self._started:
                 return self
-            self._server.start()
+            if self._loop is not None:
+                self._loop.run(self._start())
+            else:
+                self._server.start()
+                for service in ("", SERVICE_NAME):
+                    self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self._started = True
             if self._owns_store:
                 self.store.start_sweeper()
-            for service in ("", SERVICE_NAME):
-                self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("bridge server listening on %s", self.address)
         return self
+
+    async def _start(self) -> None:
+        await self._server.start()  # type: ignore[misc]
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop gracefully (idempotent).
@@ -734,17 +775,26 @@ class BridgeServer:
                 return
             self._stopped.set()
         self.servicer.begin_shutdown()
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        if self._owns_store:
-            self.store.close()
+        try:
+            if self._loop is None:
+                self._health.enter_graceful_shutdown()
+                self._server.stop(grace).wait()  # type: ignore[union-attr]
+            elif self._loop.alive:
+                self._loop.run(self._stop(grace))
+        finally:
+            self._executor.shutdown(wait=False)
+            if self._owns_store:
+                self.store.close()
+            self._terminated.set()
         logger.info("bridge server at %s stopped", self.address)
+
+    async def _stop(self, grace: float | None) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)  # type: ignore[misc]
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """Block until the server stops (or ``timeout`` passes); True if it stopped."""
-        # grpc's own return value is the opposite: True when the timeout was reached.
-        timed_out = self._server.wait_for_termination(timeout)
-        return not timed_out
+        return self._terminated.wait(timeout)
 
     def __enter__(self) -> BridgeServer:
         return self.start()
@@ -754,7 +804,8 @@ class BridgeServer:
 
     def __repr__(self) -> str:
         state = "running" if self.running else ("stopped" if self._stopped.is_set() else "created")
-        return f"BridgeServer(address={self.address!r}, {state})"
+        kind = "" if self.asyncio else ", blocking"
+        return f"BridgeServer(address={self.address!r}, {state}{kind})"
 
 
 def _token_or_peer(context: grpc.ServicerContext) -> str:
@@ -774,7 +825,8 @@ def create_server(
     auth_secret: bytes | None = None,
     rate_limit: RateLimiter | None = None,
     insecure: bool = False,
-    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    interceptors: Sequence[Any] = (),
+    asyncio: bool = True,
 ) -> tuple[BridgeServer, int]:
     """Build a bridge server bound to ``host:port`` (port 0 = a free port); call ``start()`` on it.
 
@@ -789,7 +841,14 @@ def create_server(
         auth_secret: require on every call (health aside) a token signed with this secret.
         rate_limit: a per-principal rate limit.
         insecure: allow a non-loopback ``host`` without both TLS and tokens (a warning is logged).
-        interceptors: gRPC server interceptors (e.g. :class:`dspex_dspy.metrics.MetricsInterceptor`).
+        interceptors: server interceptors run before the token checks: ``grpc.aio`` ones for an
+            asyncio server (e.g. :meth:`dspex_dspy.metrics.BridgeMetrics.interceptor`), blocking
+            ones otherwise (:meth:`~dspex_dspy.metrics.BridgeMetrics.blocking_interceptor`).
+        asyncio: serve on ``grpc.aio`` (the default): an open watch stream holds no thread, so
+            one server holds thousands of them. False serves on a blocking ``grpc.server`` with
+            a thread per call (``limits.max_watchers + limits.workers`` threads at most, so
+            watches never starve unary calls); a process that forks children while it serves
+            a bridge needs this, since gRPC's fork support does not cover ``grpc.aio``.
 
     Returns:
         ``(server, port)`` with the real bound port.
@@ -811,7 +870,7 @@ def create_server(
     served = store if store is not None else SessionStore()
     servicer = BridgeServicer(served, limits=limits, heartbeat_interval=heartbeat_interval)
     servicer.principal_of = _token_or_peer
-    options = [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -823,27 +882,89 @@ def create_server(
         ("grpc.keepalive_time_ms", 20_000),
         ("grpc.keepalive_timeout_ms", 10_000),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge"),
-        options=options,
-        interceptors=[*interceptors, BridgeGuard(auth_secret, rate_limit)],
-    )
-    # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
-    # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
-    server.add_generic_rpc_handlers((guarded_handler(servicer),))
-    add_admin_service(server, served)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     target = _format_address(host, port)
+    if not asyncio:
+        return _blocking_server(
+            servicer, served, options, target, tls, auth_secret, rate_limit, interceptors, host, owns_store
+        )
+    loop = _serving_loop()
+    executor = futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="dspex-bridge")
+
+    async def build() -> tuple[grpc.aio.Server, Any, int]:
+        server = grpc.aio.server(
+            options=options, interceptors=[*interceptors, AsyncBridgeGuard(auth_secret, rate_limit)]
+        )
+        # Not the generated add_BridgeServiceServicer_to_server: undecodable requests must be answered
+        # INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL), and fields are range-checked.
+        server.add_generic_rpc_handlers((guarded_async_handler(AsyncBridgeServicer(servicer, executor)),))
+        add_admin_service(server, served, executor)
+        health_servicer = aio_health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        return server, health_servicer, _bind(server, target, tls)
+
+    try:
+        server, health_servicer, bound = loop.run(build())
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    bridge = BridgeServer(
+        server,
+        servicer,
+        health_servicer,
+        host=host,
+        port=bound,
+        owns_store=owns_store,
+        loop=loop,
+        executor=executor,
+    )
+    return bridge, bound
+
+
+def _bind(server: grpc.aio.Server | grpc.Server, target: str, tls: ServerTLS | None) -> int:
+    """Add the listening port; the bound port number."""
     try:
         bound = server.add_secure_port(target, tls.credentials()) if tls else server.add_insecure_port(target)
     except RuntimeError as exc:
         raise BridgeUnavailableError(f"cannot bind the bridge server to {target}: {exc}") from exc
     if not bound:
         raise BridgeUnavailableError(f"cannot bind the bridge server to {target}")
-    bridge = BridgeServer(server, servicer, health_servicer, host=host, port=bound, owns_store=owns_store)
+    return bound
+
+
+def _blocking_server(
+    servicer: BridgeServicer,
+    served: SessionStore,
+    options: list[tuple[str, Any]],
+    target: str,
+    tls: ServerTLS | None,
+    auth_secret: bytes | None,
+    rate_limit: RateLimiter | None,
+    interceptors: Sequence[Any],
+    host: str,
+    owns_store: bool,
+) -> tuple[BridgeServer, int]:
+    """The bridge on a blocking ``grpc.server``: a thread per call, open watch streams included."""
+    limits = servicer.limits
+    executor = futures.ThreadPoolExecutor(
+        max_workers=limits.max_watchers + limits.workers, thread_name_prefix="dspex-bridge"
+    )
+    server = grpc.server(executor, options=options, interceptors=[*interceptors, BridgeGuard(auth_secret, rate_limit)])
+    server.add_generic_rpc_handlers((guarded_handler(servicer),))
+    add_admin_service(server, served)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        bound = _bind(server, target, tls)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    bridge = BridgeServer(
+        server, servicer, health_servicer, host=host, port=bound, owns_store=owns_store, loop=None, executor=executor
+    )
     return bridge, bound
 
 
@@ -886,7 +1007,10 @@ class EmbeddedBridge:
                 store = SessionStore(storage=RedisStorage(cls._storage_url))
             store.start_sweeper()
             try:
-                server, _ = create_server(store, "127.0.0.1", 0)
+                # Blocking, not grpc.aio: the process that embeds the bridge (a notebook, a script)
+                # may fork children (multiprocessing's default on Linux), which gRPC supports only
+                # without grpc.aio.
+                server, _ = create_server(store, "127.0.0.1", 0, asyncio=False)
                 server.start()
             except BaseException:
                 store.close()

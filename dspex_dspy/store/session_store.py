@@ -778,9 +778,8 @@ class SessionStore:
                 for u in updates
             ]
         for watch in list(watchers):
-            for update in updates:
-                if watch.wants(update.variable_id):
-                    watch.offer(update)
+            # Offered together: a watcher takes the updates of one atomic batch whole or not at all.
+            watch.offer_all([update for update in updates if watch.wants(update.variable_id)])
 
     def ended(self, session_id: str) -> None:
         """Close the watchers of a session that ended."""

@@ -48,7 +48,7 @@ def new_session(bridge: BridgeServer) -> str:
 
 def fork_pools() -> None:
     """20 rounds: the parent uses its client, then a fork pool's children use the same object."""
-    bridge, _ = create_server(heartbeat_interval=0.5)
+    bridge, _ = create_server(heartbeat_interval=0.5, asyncio=False)
     bridge.start()
     session = new_session(bridge)
     fork = multiprocessing.get_context("fork")

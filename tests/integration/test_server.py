@@ -141,9 +141,11 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.fixture
-def make_bridge() -> Iterator[Callable[..., Bridge]]:
+@pytest.fixture(params=["aio", "blocking"])
+def make_bridge(request: pytest.FixtureRequest) -> Iterator[Callable[..., Bridge]]:
+    """Bridges of one kind: every test here runs on the grpc.aio server and on the blocking one."""
     made: list[Bridge] = []
+    asyncio = request.param == "aio"
 
     def make(
         *,
@@ -153,8 +155,9 @@ def make_bridge() -> Iterator[Callable[..., Bridge]]:
         session: bool = True,
     ) -> Bridge:
         served = store if store is not None else SessionStore()
-        server, port = create_server(served, limits=limits, heartbeat_interval=heartbeat_interval)
+        server, port = create_server(served, limits=limits, heartbeat_interval=heartbeat_interval, asyncio=asyncio)
         assert port == server.port > 0
+        assert server.asyncio is asyncio
         server.start()
         channel = grpc.insecure_channel(server.address)
         bridge = Bridge(server, served, channel, pb_grpc.BridgeServiceStub(channel))
@@ -883,10 +886,26 @@ def test_server_created_without_a_store_owns_and_closes_it() -> None:
         server.store.create_session("after")
 
 
-def test_limits_reject_a_thread_pool_that_watches_could_starve() -> None:
-    with pytest.raises(ValueError, match="must exceed max_watchers"):
-        ServerLimits(max_watchers=8, max_workers=8)
-    assert ServerLimits(max_watchers=8).workers == 40
+def test_limits_validate_the_store_call_pool() -> None:
+    with pytest.raises(ValueError, match="max_workers must be at least 1"):
+        ServerLimits(max_workers=0)
+    # Watch streams hold no thread: a pool smaller than the watch cap is fine.
+    assert ServerLimits(max_watchers=8, max_workers=2).workers == 2
+    assert ServerLimits().max_watchers >= 1024
+
+
+def test_open_watches_hold_no_thread_of_the_store_call_pool(make_bridge: Callable[..., Bridge]) -> None:
+    bridge = make_bridge(limits=ServerLimits(max_watchers=64, max_workers=1))
+    bridge.register("x", "integer", 0)
+    watches = [bridge.watch(["x"]) for _ in range(16)]
+    for watch in watches:
+        assert watch.update().update_type == "initial_value"
+    # Sixteen idle streams and a one-thread pool: unary calls still run, and every stream sees the write.
+    assert bridge.set("x", "integer", 1) == 2
+    for watch in watches:
+        assert watch.update().variable.version == 2
+        watch.close()
+    bridge.still_serves()
 
 
 # -------------------------------------------------------------------------------------- embedded

@@ -82,7 +82,9 @@ ALLOWED = {
         "tls",
         "admin",
         "_proto",
+        "aio_server",
     },
+    "aio_server": {"errors", "types", "records", "store", "wire", "wire_errors", "guard", "auth", "_proto", "server"},
     "admin": {"auth", "errors", "types", "records", "store", "wire", "wire_errors"},
     "remote": {"errors", "types", "records", "leases", "wire", "wire_errors", "remote", "tls", "_proto"},
     "client": {
