@@ -14,6 +14,7 @@ as little-endian IEEE-754 float64 in the message's ``binary_value`` field (never
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -29,6 +30,7 @@ from dspex_dspy.types import (
     VARIABLE_TYPES,
     OptimizationStatus,
     Variable,
+    VariableSpec,
     compile_spec,
     decode_constraints,
     decode_value,
@@ -245,6 +247,13 @@ def variable_to_proto(var: Variable) -> pb.Variable:
     return msg
 
 
+@functools.lru_cache(maxsize=4096)
+def _received_spec(name: str, type_: str, constraints_json: str) -> VariableSpec:
+    """The compiled spec of a received definition: a worker reads the same few variables over and
+    over, and compiling pydantic checks costs more than the rest of decoding a message."""
+    return compile_spec(name, type_, decode_constraints(constraints_json, name=name))
+
+
 def proto_to_variable(msg: pb.Variable) -> Variable:
     """Convert a ``snakepit.bridge.Variable`` message to a validated, normalised record.
 
@@ -260,8 +269,7 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
         True
     """
     name = msg.name
-    constraints = decode_constraints(msg.constraints_json, name=name)
-    spec = compile_spec(name, msg.type, constraints)
+    spec = _received_spec(name, msg.type, msg.constraints_json)
     raw = any_to_value(msg.value if msg.HasField("value") else None, name=name, binary=msg.binary_value)
     return Variable(
         id=msg.id,
