@@ -39,7 +39,7 @@ from dspex_dspy.errors import DSPexError
 from dspex_dspy.logs import configure_logging
 from dspex_dspy.server import DEFAULT_HEARTBEAT_INTERVAL, ServerLimits, create_server
 from dspex_dspy.store import SessionStore, Storage, StoreLimits
-from dspex_dspy.tls import CA_ENV, ServerTLS, resolve_security, secure_channel
+from dspex_dspy.tls import CA_ENV, ServerTLS, read_pem, resolve_security, secure_channel
 from dspex_dspy.tokens import PERMISSIONS, load_secret, mint_token
 from dspex_dspy.wire import error_from_rpc, from_timestamp
 
@@ -344,20 +344,10 @@ def _serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-def _dashboard_roots(path: str | None) -> bytes | None:
-    """The PEM bytes at ``path`` (or at ``$DSPEX_BRIDGE_CA``), None for a plaintext bridge.
-
-    Raises:
-        DSPexError: the file cannot be read.
-    """
+def _roots(path: str | None) -> bytes | None:
+    """The CA at ``path`` (else ``$DSPEX_BRIDGE_CA``) for the dashboard's channel; None = plaintext."""
     path = path or os.environ.get(CA_ENV) or None
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError as exc:
-        raise DSPexError(f"cannot read the CA file {path!r}: {exc.strerror}") from None
+    return read_pem(path, "tls CA") if path is not None else None
 
 
 def _start_dashboard(bridge: str, host: str, port: int, ca: str | None) -> Any:
@@ -369,7 +359,7 @@ def _start_dashboard(bridge: str, host: str, port: int, ca: str | None) -> Any:
     from dspex_dspy.dashboard import DashboardServer
 
     try:
-        server = DashboardServer(bridge, host=host, port=port, root_certificates=_dashboard_roots(ca))
+        server = DashboardServer(bridge, host=host, port=port, root_certificates=_roots(ca))
         return server.start()
     except (ImportError, RuntimeError) as exc:
         raise DSPexError(str(exc)) from None
