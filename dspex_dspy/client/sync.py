@@ -151,12 +151,89 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
+class _ForkPause:
+    """Takes every cache feed out of gRPC while the process forks, and lets it back in after.
+
+    gRPC prepares a fork (so that the child may use gRPC) only when no other thread is inside
+    gRPC at that moment; a child forked while a feed's stream is open can crash inside gRPC. So
+    before a fork, each feed's stream is cancelled and the fork waits (at most
+    :attr:`LIMIT` seconds) until every feed thread has left gRPC; the feeds reopen their streams
+    once the parent is past the fork, and resync as after any reconnection (the cache serves no
+    read from its copy meanwhile: reads go to the server).
+    """
+
+    LIMIT = 2.0
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._forking = False
+        self._inside = 0
+        self._streams: set[Any] = set()
+
+    @contextlib.contextmanager
+    def inside(self) -> Iterator[None]:
+        """Hold while a feed thread uses gRPC; waits while a fork is under way."""
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside -= 1
+                self._cond.notify_all()
+
+    def track(self, stream: Any) -> bool:
+        """Register a feed's open stream for cancelling at a fork; False when one is under way."""
+        with self._cond:
+            if self._forking:
+                return False
+            self._streams.add(stream)
+            return True
+
+    def untrack(self, stream: Any) -> None:
+        with self._cond:
+            self._streams.discard(stream)
+
+    @property
+    def forking(self) -> bool:
+        return self._forking
+
+    def before(self) -> None:
+        with self._cond:
+            self._forking = True
+            streams = list(self._streams)
+        for stream in streams:
+            stream.cancel()
+        with self._cond:
+            self._cond.wait_for(lambda: self._inside == 0, self.LIMIT)
+
+    def after_in_parent(self) -> None:
+        with self._cond:
+            self._forking = False
+            self._cond.notify_all()
+
+    def after_in_child(self) -> None:
+        # The child's feeds are none (a client reconnects in a child on first use): start clean.
+        self._cond = threading.Condition(threading.Lock())
+        self._forking = False
+        self._inside = 0
+        self._streams = set()
+
+
+_FORK_PAUSE = _ForkPause()
+
+
 def _new_watchdog_in_child() -> None:
     global _WATCHDOG
     _WATCHDOG = _Watchdog()
+    _FORK_PAUSE.after_in_child()
 
 
-os.register_at_fork(after_in_child=_new_watchdog_in_child)
+os.register_at_fork(
+    before=_FORK_PAUSE.before, after_in_parent=_FORK_PAUSE.after_in_parent, after_in_child=_new_watchdog_in_child
+)
 
 
 def _feed_cache(link: _Link, feed: CacheFeed, streams: Streams) -> None:
@@ -168,21 +245,28 @@ def _feed_cache(link: _Link, feed: CacheFeed, streams: Streams) -> None:
         feed.opened()
         failure: BaseException | None = None
         stream: Any = None
-        try:
-            stream = link.stub.WatchVariables(feed.request, metadata=(("source", WORKER),))
-            streams.add(stream)
-            _WATCHDOG.guard(stream, feed)
-            for message in stream:
-                if (listing := feed.on_message(message)) is not None:
-                    feed.on_listing(link.remote.call(listing))
-        except Exception as exc:
-            failure = exc
-        finally:
-            if stream is not None:
-                _WATCHDOG.release(stream)
-                streams.discard(stream)
-                stream.cancel()
-        delay = feed.on_end(failure, closed=streams.closed)
+        paused = False
+        with _FORK_PAUSE.inside():
+            try:
+                stream = link.stub.WatchVariables(feed.request, metadata=(("source", WORKER),))
+                streams.add(stream)
+                if _FORK_PAUSE.track(stream):
+                    _WATCHDOG.guard(stream, feed)
+                    for message in stream:
+                        if (listing := feed.on_message(message)) is not None:
+                            feed.on_listing(link.remote.call(listing))
+            except Exception as exc:
+                failure = exc
+            finally:
+                if stream is not None:
+                    _WATCHDOG.release(stream)
+                    _FORK_PAUSE.untrack(stream)
+                    streams.discard(stream)
+                    stream.cancel()
+                paused = _FORK_PAUSE.forking
+        # A stream cancelled for a fork is no outage: the cache stops serving its copy, quietly,
+        # and the feed reconnects at once when the fork is done.
+        delay = feed.on_end(failure, closed=streams.closed or paused)
         if feed.cache.silence.dead() and not streams.closed:
             link.reopen(inherited=False)  # the connection is dead: do not wait for keepalive to notice
         if streams.wait_closed(delay):

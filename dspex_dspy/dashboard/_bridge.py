@@ -24,6 +24,7 @@ from dspex_dspy.admin import SessionSummary, list_sessions
 from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.records import SessionInfo
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
+from dspex_dspy.remote.channel import wait_ready
 from dspex_dspy.tls import ChannelSecurity, secure_aio_channel, secure_channel
 from dspex_dspy.types import Variable
 from dspex_dspy.wire import error_from_rpc, proto_to_update
@@ -140,9 +141,7 @@ class BridgeLink:
     def _connect(self, token: str | None) -> RemoteStore:
         target = self.address.split(",")[0].strip()
         transport, channel = secure_channel(target, self._security(token), CHANNEL_OPTIONS)
-        try:
-            grpc.channel_ready_future(transport).result(timeout=self._connect_timeout)
-        except grpc.FutureTimeoutError:
+        if not wait_ready(transport, self._connect_timeout)[0]:
             transport.close()
             raise BridgeUnavailableError(
                 f"no bridge server answered at {target} within {self._connect_timeout:g} s"

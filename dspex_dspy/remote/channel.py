@@ -13,13 +13,13 @@ import socket
 from typing import Any, Final
 
 import grpc
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
-from dspex_dspy._proto import snakepit_bridge_pb2 as pb
-from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.tls import CA_ENV, Pem, resolve_security, secure_channel
 
-__all__ = ["BALANCE_ENV", "CHANNEL_OPTIONS", "DEFAULT_CALL_TIMEOUT", "channel_args", "open_channel"]
+__all__ = ["BALANCE_ENV", "CHANNEL_OPTIONS", "DEFAULT_CALL_TIMEOUT", "channel_args", "open_channel", "wait_ready"]
 
 DEFAULT_CALL_TIMEOUT: Final = 10.0
 """Seconds a unary call may take before it fails with :class:`BridgeUnavailableError`."""
@@ -143,10 +143,8 @@ def open_channel(
     target, channel_options = channel_args(address, options)
     security = resolve_security(root_certificates, token, certificate_chain=certificate_chain, private_key=private_key)
     transport, channel = secure_channel(target, security, channel_options)
-    try:
-        grpc.channel_ready_future(transport).result(timeout=timeout)
-    except grpc.FutureTimeoutError:
-        reason = _connection_error(transport)
+    answered, reason = wait_ready(transport, timeout)
+    if not answered:
         transport.close()
         hint = "" if security.tls else f"; if the bridge uses TLS, pass root_certificates= or set {CA_ENV}"
         raise BridgeUnavailableError(
@@ -155,11 +153,32 @@ def open_channel(
     return channel
 
 
-def _connection_error(channel: grpc.Channel) -> str:
-    """gRPC's last connection error on a channel that never became ready, as a message suffix."""
+def wait_ready(transport: grpc.Channel, timeout: float) -> tuple[bool, str]:
+    """Wait up to ``timeout`` seconds for a bridge to answer on ``transport``.
+
+    One health check that waits for the connection, not ``grpc.channel_ready_future``: that
+    future polls connectivity on a thread that lingers inside gRPC after it resolves, and a
+    process forked meanwhile skips gRPC's fork handlers (its child may then crash inside gRPC).
+    Health checks need no token and are not audited; any answer counts (a peer without the
+    health service answers ``UNIMPLEMENTED``).
+
+    Returns:
+        ``(answered, reason)``: ``reason`` is gRPC's last connection error as a message suffix
+        (e.g. a failed TLS handshake), empty when it answered or said nothing.
+    """
     try:
-        pb_grpc.BridgeServiceStub(channel).Ping(pb.PingRequest(), timeout=1.0)
+        HealthStub(transport).Check(HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
+    except grpc.RpcError as err:
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return True, ""
+    else:
+        return True, ""
+    # A call that waited for the connection reports only its deadline: one that fails fast
+    # carries the reason the connection failed.
+    try:
+        HealthStub(transport).Check(HealthCheckRequest(), timeout=1.0)
     except grpc.RpcError as err:
         details = err.details() if callable(getattr(err, "details", None)) else ""
-        return f" (last error: {details})" if details else ""
-    return ""
+        return False, f" (last error: {details})" if details else ""
+    return True, ""
