@@ -40,11 +40,13 @@ import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.admin import list_sessions
 from dspex_dspy.display import (
+    HISTORY_HEADERS,
     SECRET,
     event_record,
     format_time,
     format_value,
     history_record,
+    history_row,
     iso_time,
     shown,
     text_table,
@@ -365,20 +367,11 @@ def _history(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     if args.limit < 0:
         raise ValidationError(args.name, "limit", args.limit, f"--limit must be >= 0, got {args.limit}")
     entries = conn.store.get_history(args.session, args.name, args.limit)
+    secret = is_secret(conn.store.get_variable(args.session, args.name).metadata)
     if args.json:
-        _emit(out, [history_record(e, args.name) for e in entries])
+        _emit(out, [history_record(e, args.name, secret=secret) for e in entries])
         return EXIT_OK
-    rows = [
-        [
-            str(e.version),
-            format_value(e.value),
-            format_time(e.timestamp),
-            e.changed_by,
-            ", ".join(f"{k}={v}" for k, v in sorted(e.metadata.items())),
-        ]
-        for e in entries
-    ]
-    print(text_table(rows, ("version", "value", "at", "by", "metadata")), file=out)
+    print(text_table([history_row(e, secret) for e in entries], HISTORY_HEADERS), file=out)
     return EXIT_OK
 
 

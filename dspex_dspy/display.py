@@ -21,6 +21,7 @@ from dspex_dspy.records import HistoryEntry
 from dspex_dspy.types import Variable, is_secret
 
 __all__ = [
+    "HISTORY_HEADERS",
     "SECRET",
     "History",
     "Provenance",
@@ -29,6 +30,7 @@ __all__ = [
     "format_time",
     "format_value",
     "history_record",
+    "history_row",
     "html_table",
     "records_to_dataframe",
     "shown",
@@ -103,13 +105,14 @@ def variable_record(var: Variable) -> dict[str, Any]:
     }
 
 
-def history_record(entry: HistoryEntry, name: str | None = None) -> dict[str, Any]:
-    """One history entry as a plain dict (with the variable's name when given)."""
+def history_record(entry: HistoryEntry, name: str | None = None, *, secret: bool = False) -> dict[str, Any]:
+    """One history entry as a plain dict (with the variable's name when given; ``<secret>`` for
+    the value of a secret variable)."""
     record: dict[str, Any] = {} if name is None else {"name": name}
     record.update(
         {
             "version": entry.version,
-            "value": _plain(entry.value),
+            "value": SECRET if secret else _plain(entry.value),
             "timestamp": iso_time(entry.timestamp),
             "changed_by": entry.changed_by,
             "metadata": dict(entry.metadata),
@@ -222,40 +225,47 @@ class VariableList(list[Variable]):
         return records_to_dataframe(self.to_records())
 
 
-_HISTORY_HEADERS = ("version", "value", "at", "by", "metadata")
+HISTORY_HEADERS = ("version", "value", "at", "by", "metadata")
 
 
-def _history_row(entry: HistoryEntry) -> list[str]:
+def history_row(entry: HistoryEntry, secret: bool = False) -> list[str]:
+    """One history entry as table cells (``<secret>`` for a secret variable's value)."""
     meta = ", ".join(f"{k}={v}" for k, v in sorted(entry.metadata.items()))
-    return [str(entry.version), format_value(entry.value), format_time(entry.timestamp), entry.changed_by, meta]
+    value = SECRET if secret else format_value(entry.value)
+    return [str(entry.version), value, format_time(entry.timestamp), entry.changed_by, meta]
 
 
 class History(list[HistoryEntry]):
     """A variable's remembered writes, newest first, that shows itself as a table.
 
+    The entries hold the real values; what it shows (its repr, HTML, records and DataFrame) hides
+    them as ``<secret>`` when the variable is secret, as a :class:`Variable` does.
+
     Attributes:
         name: the variable's name.
+        secret: the variable is secret.
     """
 
-    def __init__(self, entries: Iterable[HistoryEntry] = (), name: str = "") -> None:
+    def __init__(self, entries: Iterable[HistoryEntry] = (), name: str = "", *, secret: bool = False) -> None:
         super().__init__(entries)
         self.name = name
+        self.secret = secret
 
     def __repr__(self) -> str:
         title = f"History of {self.name!r}" if self.name else "History"
         if not self:
             return f"{title}: empty"
         return f"{title} ({len(self)} writes, newest first)\n" + text_table(
-            [_history_row(e) for e in self], _HISTORY_HEADERS
+            [history_row(e, self.secret) for e in self], HISTORY_HEADERS
         )
 
     def _repr_html_(self) -> str:
         caption = f"history of {self.name} (newest first)" if self.name else "history (newest first)"
-        return html_table([_history_row(e) for e in self], _HISTORY_HEADERS, caption)
+        return html_table([history_row(e, self.secret) for e in self], HISTORY_HEADERS, caption)
 
     def to_records(self) -> list[dict[str, Any]]:
         """One plain dict per write, newest first (see :func:`history_record`)."""
-        return [history_record(e, self.name or None) for e in self]
+        return [history_record(e, self.name or None, secret=self.secret) for e in self]
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame, one row per write (needs pandas)."""

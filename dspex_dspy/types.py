@@ -156,14 +156,20 @@ class Variable:
         return schema
 
 
+_SECRET_WORDS: Final = frozenset({"true", "1", "yes"})
+
+
 def is_secret(metadata: Mapping[str, Any] | None) -> bool:
-    """Whether metadata marks a variable secret (``{"secret": "true"}``): its value is never shown.
+    """Whether metadata marks a variable secret (``{"secret": "true"}``, or ``"1"``/``"yes"``): its
+    value is never shown.
 
     Example:
         >>> is_secret({"secret": "true"}), is_secret({"secret": "no"}), is_secret(None)
         (True, False, False)
     """
-    return bool(metadata) and str(metadata.get("secret", "")).strip().lower() == "true"  # type: ignore[union-attr]
+    if not metadata:
+        return False
+    return str(metadata.get("secret", "")).strip().lower() in _SECRET_WORDS
 
 
 def validate_name(name: object) -> str:

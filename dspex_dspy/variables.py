@@ -32,7 +32,7 @@ from dspex_dspy.errors import DSPexError, ValidationError, VariableNotFoundError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, FORCE_METADATA_KEY, OptimizationLease
 from dspex_dspy.ops import CallbackWatch, ContextWatch, EventStream, WatchEvent
 from dspex_dspy.records import HistoryEntry
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, is_secret
 
 if TYPE_CHECKING:
     from dspex_dspy.client import AsyncSessionContext, SessionContext
@@ -435,7 +435,8 @@ class Variables:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
-        return History(_target(ctx).history(name, limit), name)
+        entries = _target(ctx).history(name, limit)
+        return History(entries, name, secret=is_secret(Variables.get_variable(ctx, name).metadata))
 
     @staticmethod
     def rollback(ctx: AnyContext, name: str, version: int) -> int:
@@ -637,7 +638,9 @@ class Variables:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
         worker: Any = ctx
-        return History(await worker.history(name, limit), name)
+        entries = await worker.history(name, limit)
+        record = await worker.get_variable_record(name)
+        return History(entries, name, secret=is_secret(record.metadata))
 
     @staticmethod
     async def arollback(ctx: AnyContext | AsyncSessionContext, name: str, version: int) -> int:

@@ -26,7 +26,7 @@ from dspex_dspy.records import SessionInfo
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
 from dspex_dspy.remote.channel import wait_ready
 from dspex_dspy.tls import ChannelSecurity, secure_aio_channel, secure_channel
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, is_secret
 from dspex_dspy.wire import error_from_rpc, proto_to_update
 
 __all__ = ["BridgeLink", "jsonable", "session_record", "variable_record"]
@@ -45,13 +45,9 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _is_secret(metadata: Mapping[str, str]) -> bool:
-    return str(metadata.get("secret", "")).lower() in ("true", "1", "yes")
-
-
 def variable_record(var: Variable) -> dict[str, Any]:
     """What the page shows of one variable; a secret variable's value is never sent."""
-    secret = _is_secret(var.metadata)
+    secret = is_secret(var.metadata)
     metadata = dict(var.metadata)
     return {
         "id": var.id,

@@ -66,6 +66,29 @@ def test_history_shows_each_writes_metadata(ctx: Context) -> None:
     assert pd.api.types.is_datetime64_any_dtype(frame["timestamp"])
 
 
+@pytest.mark.parametrize("backend", ["local", "bridged"])
+def test_a_secret_variables_history_never_shows_its_values(backend: str) -> None:
+    ctx = Context(backend=backend)
+    try:
+        Variables.defvariable(ctx, "api_key", "string", "sk-first-0001", metadata={"secret": "true"})
+        Variables.set(ctx, "api_key", "sk-second-0002")
+        history = Variables.history(ctx, "api_key")
+        assert history.secret
+        # The entries keep the real values (a rollback needs them); nothing shown contains them.
+        assert [e.value for e in history] == ["sk-second-0002", "sk-first-0001"]
+        shown = [repr(history), history._repr_html_(), repr(history.to_records()), history.to_dataframe().to_string()]
+        for text in shown:
+            assert "sk-first" not in text and "sk-second" not in text, text
+            assert "<secret>" in text or "&lt;secret&gt;" in text, text
+        assert Variables.history(ctx, "api_key", limit=1).to_records()[0]["version"] == 2
+        # A variable that is not secret shows its values.
+        Variables.defvariable(ctx, "model", "string", "small")
+        assert not Variables.history(ctx, "model").secret
+        assert "small" in repr(Variables.history(ctx, "model"))
+    finally:
+        ctx.stop()
+
+
 def test_a_variable_and_a_context_read_well(ctx: Context) -> None:
     var = Variables.get_variable(ctx, "temperature")
     assert repr(var).startswith("Variable(temperature: float = 0.9, v2, updated 20")

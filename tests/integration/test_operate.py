@@ -148,6 +148,17 @@ def test_history(bridge: Any, session: Context) -> None:
     ]
 
 
+def test_history_of_a_secret_variable_hides_its_values(bridge: Any, session: Context) -> None:
+    Variables.defvariable(session, "api_key", "string", "sk-first-0001", metadata={"secret": "true"})
+    Variables.set(session, "api_key", "sk-second-0002")
+    text = cli("history", session.id, "api_key", *at(bridge))
+    assert text.returncode == 0, text.stderr
+    assert "sk-" not in text.stdout
+    assert [line.split()[:2] for line in text.stdout.splitlines()[1:]] == [["2", "<secret>"], ["1", "<secret>"]]
+    data = json.loads(cli("history", session.id, "api_key", *at(bridge), "--json").stdout)
+    assert [(e["version"], e["value"]) for e in data] == [(2, "<secret>"), (1, "<secret>")]
+
+
 def test_rollback(bridge: Any, session: Context) -> None:
     text = cli("rollback", session.id, "temperature", "1", *at(bridge))
     assert text.returncode == 0, text.stderr
