@@ -20,7 +20,10 @@ a reader that meets a bulk import (logged as one entry rather than one per varia
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 import redis
@@ -31,12 +34,14 @@ from dspex_dspy.errors import (
     SessionExistsError,
     SessionNotFoundError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import LEASE_ID_PREFIX, OptimizationLease
 from dspex_dspy.records import HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.store.storage import DEFAULT_CHANGELOG_LIMIT, ChangeBatch, NewVariable, StorageListener, Write
-from dspex_dspy.types import TYPE_URL_PREFIX, Variable, decode_value, encode_value
+from dspex_dspy.types import TYPE_URL_PREFIX, OptimizationStatus, Variable, decode_value, encode_value
 
 __all__ = ["RedisStorage"]
 
@@ -44,19 +49,19 @@ PREFIX: Final = "dspex"
 _SESSIONS_INDEX: Final = f"{PREFIX}:sessions"
 _ID_COUNTER: Final = f"{PREFIX}:ids"
 _ALL_HISTORY: Final = 1 << 30  # "every entry there is": the history of a version is at most that version long
-_KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l")
+_KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l", "a", "o")
 
 # Shared by every script: refresh the expiry of all of a session's keys (KEYS[1..8]).
 _TOUCH = """
 local function touch()
   local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
-  for i = 1, 8 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 """
 
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 2, 8 do redis.call('DEL', KEYS[i]) end
+for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
 redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'created_at', ARGV[2], 'ttl', ARGV[3], 'pos', 0, 'ids', 0)
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) * 1000))
 return 1
@@ -75,8 +80,33 @@ return {s[1], s[2], s[3], redis.call('HLEN', KEYS[4]), redis.call('PTTL', KEYS[1
 _DELETE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local count = redis.call('HLEN', KEYS[4])
-for i = 1, 8 do redis.call('DEL', KEYS[i]) end
+for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end
 return count
+"""
+
+# Optimization leases: ``a`` maps a variable id to ``[lease id]``; ``o`` maps a lease id to
+# ``[optimizer, deadline (Redis time, ms), started_at]`` and ``opt:<optimizer>`` to its lease id.
+# Deadlines are Redis's own clock, so every node agrees on when a lease ends.
+_LEASE = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function held(id, now)
+  local raw = redis.call('HGET', KEYS[9], id)
+  if not raw then return nil end
+  local lid = cjson.decode(raw)[1]
+  local lraw = redis.call('HGET', KEYS[10], lid)
+  if not lraw then return nil end
+  local l = cjson.decode(lraw)
+  if tonumber(l[2]) <= now then return nil end
+  return {lid, l[1], l[3]}
+end
+local function status(id, now)
+  local l = held(id, now)
+  if not l then return '' end
+  return cjson.encode({l[2], l[3]})
+end
 """
 
 # Resolve an identifier: an id first, then a name.
@@ -94,13 +124,21 @@ end
 _READ = (
     _TOUCH
     + _RESOLVE
+    + _LEASE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 touch()
+local leased = redis.call('EXISTS', KEYS[9]) == 1
+local now = leased and now_ms() or 0
 local out = {}
 for i = 1, #ARGV do
   local id = resolve(ARGV[i])
-  if id then out[i] = record(id) else out[i] = 0 end
+  if id then
+    out[i] = record(id)
+    out[i][6] = leased and status(id, now) or ''
+  else
+    out[i] = 0
+  end
 end
 return out
 """
@@ -108,11 +146,21 @@ return out
 
 _LIST = (
     _TOUCH
+    + _LEASE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 touch()
+local statuses = {}
+local assigned = redis.call('HKEYS', KEYS[9])
+if #assigned > 0 then
+  local now = now_ms()
+  for _, id in ipairs(assigned) do
+    local s = status(id, now)
+    if s ~= '' then statuses[#statuses + 1] = id; statuses[#statuses + 1] = s end
+  end
+end
 return {redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
-        redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5])}
+        redis.call('HGETALL', KEYS[4]), redis.call('HGETALL', KEYS[5]), statuses}
 """
 )
 
@@ -158,42 +206,78 @@ return {'ok'}
 )
 
 # ARGV: maxlen, history limit, then per write: id, expected version (0 = none), def, state,
-# write metadata, history entry. All versions are checked before anything is written.
+# write metadata, history entry, lease check ('' none, 'admit', 'force' or 'refuse'), the writer's
+# optimizer id. Every version and lease is checked before anything is written.
 _WRITE = (
     _TOUCH
     + _APPEND
+    + _LEASE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
-local n = (#ARGV - 2) / 6
+local n = (#ARGV - 2) / 8
 local limit = tonumber(ARGV[2])
 local current = {}
+local forced = {}
+local now = nil
+local leased = redis.call('EXISTS', KEYS[9]) == 1
+local locked = {'locked'}
 for i = 0, n - 1 do
-  local b = 3 + i * 6
+  local b = 3 + i * 8
   local id = ARGV[b]
   local v = current[id] or tonumber(redis.call('HGET', KEYS[4], id) or '-1')
   if v < 0 then return {'novar', id} end
   local expected = tonumber(ARGV[b + 1])
   if expected ~= 0 and expected ~= v then return {'conflict', id, v} end
   current[id] = v + 1
+  local mode = ARGV[b + 6]
+  if mode ~= '' then
+    now = now or now_ms()
+    local l = held(id, now)
+    if l and (mode == 'refuse' or l[2] ~= ARGV[b + 7]) then
+      if mode == 'force' then
+        forced[i] = l[2]
+      else
+        locked[#locked + 1] = id; locked[#locked + 1] = l[2]; locked[#locked + 1] = mode
+      end
+    end
+  end
 end
+if #locked > 1 then return locked end
 local out = {'ok'}
 for i = 0, n - 1 do
-  local b = 3 + i * 6
+  local b = 3 + i * 8
   local id = ARGV[b]
+  local wmeta = ARGV[b + 4]
+  local entry = ARGV[b + 5]
+  if forced[i] then
+    -- Written through another optimizer's lease: the write's metadata says over whose.
+    local m = cjson.decode(wmeta)
+    m['forced_over'] = forced[i]
+    wmeta = cjson.encode(m)
+    entry = string.sub(ARGV[b + 3], 1, -2) .. ',' .. wmeta .. ']'
+  end
   local version = redis.call('HINCRBY', KEYS[4], id, 1)
   -- The state keeps this write's metadata: it shows on this version only, never on later ones.
-  redis.call('HSET', KEYS[3], id, ARGV[b + 5])
+  redis.call('HSET', KEYS[3], id, entry)
   local meta = redis.call('HGET', KEYS[5], id) or '{}'
-  if ARGV[b + 4] ~= '{}' then
+  if wmeta ~= '{}' then
     local merged = cjson.decode(meta)
-    for k, v in pairs(cjson.decode(ARGV[b + 4])) do merged[k] = v end
+    for k, v in pairs(cjson.decode(wmeta)) do merged[k] = v end
     meta = cjson.encode(merged)
   end
-  redis.call('HSET', KEYS[7], id .. ':' .. version, ARGV[b + 5])
+  redis.call('HSET', KEYS[7], id .. ':' .. version, entry)
   if version - limit >= 1 then redis.call('HDEL', KEYS[7], id .. ':' .. (version - limit)) end
-  append('c', id, version, ARGV[b + 2], ARGV[b + 3], meta, ARGV[b + 4], '')
+  -- The lease holding the variable travels with the change, so watchers on every node see it.
+  local st = ''
+  if leased then
+    now = now or now_ms()
+    st = status(id, now)
+  end
+  append('c', id, version, ARGV[b + 2], ARGV[b + 3], meta, wmeta, st)
   out[#out + 1] = version
   out[#out + 1] = meta
+  out[#out + 1] = wmeta
+  out[#out + 1] = st
 end
 touch()
 return out
@@ -205,6 +289,7 @@ _DELETE = (
     _TOUCH
     + _APPEND
     + _RESOLVE
+    + _LEASE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
 local id = ARGV[3]
@@ -212,6 +297,9 @@ if redis.call('HEXISTS', KEYS[4], id) == 0 then return {'novar', id} end
 local r = record(id)
 local version = tonumber(r[4])
 local name = cjson.decode(r[2])[1]
+local l = held(id, now_ms())
+if l then return {'locked', name, l[2]} end
+redis.call('HDEL', KEYS[9], id)
 for k, key in ipairs({KEYS[2], KEYS[3], KEYS[4], KEYS[5]}) do redis.call('HDEL', key, id) end
 redis.call('HDEL', KEYS[6], name)
 for v = math.max(1, version - tonumber(ARGV[2]) + 1), version do redis.call('HDEL', KEYS[7], id .. ':' .. v) end
@@ -235,6 +323,71 @@ for v = math.max(1, version - tonumber(ARGV[2]) + 1), version do
   if entry then out[#out + 1] = v; out[#out + 1] = entry end
 end
 return out
+"""
+)
+
+
+# ARGV: optimizer, ttl (ms), a new lease id, started_at, then the variable ids. A live lease of the
+# same optimizer is renewed (same id and start, new deadline) and widened to these variables.
+_LEASE_START = (
+    _TOUCH
+    + _LEASE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local now = now_ms()
+local opt = ARGV[1]
+for i = 5, #ARGV do
+  if redis.call('HEXISTS', KEYS[4], ARGV[i]) == 0 then return {'novar', ARGV[i]} end
+  local l = held(ARGV[i], now)
+  if l and l[2] ~= opt then return {'locked', ARGV[i], l[2]} end
+end
+local lid = redis.call('HGET', KEYS[10], 'opt:' .. opt)
+local started = ARGV[4]
+local live = false
+if lid then
+  local lraw = redis.call('HGET', KEYS[10], lid)
+  if lraw then
+    local l = cjson.decode(lraw)
+    if tonumber(l[2]) > now then live = true; started = l[3] end
+  end
+end
+if not live then lid = ARGV[3] end
+redis.call('HSET', KEYS[10], lid, cjson.encode({opt, now + tonumber(ARGV[2]), tonumber(started)}), 'opt:' .. opt, lid)
+for i = 5, #ARGV do redis.call('HSET', KEYS[9], ARGV[i], cjson.encode({lid})) end
+touch()
+return {'ok', lid, tostring(started)}
+"""
+)
+
+# ARGV: 'id' and a lease id, or 'var', a variable id and '1' to force. Stopping what already ended
+# does nothing; naming a held variable without force is refused.
+_LEASE_STOP = (
+    _TOUCH
+    + _LEASE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local lid
+if ARGV[1] == 'id' then
+  lid = ARGV[2]
+  if redis.call('HEXISTS', KEYS[10], lid) == 0 then return {'ok'} end
+else
+  local l = held(ARGV[2], now_ms())
+  if not l then return {'ok'} end
+  if ARGV[3] ~= '1' then return {'locked', l[2]} end
+  lid = l[1]
+end
+local lraw = redis.call('HGET', KEYS[10], lid)
+if lraw then
+  local opt = cjson.decode(lraw)[1]
+  if redis.call('HGET', KEYS[10], 'opt:' .. opt) == lid then redis.call('HDEL', KEYS[10], 'opt:' .. opt) end
+  redis.call('HDEL', KEYS[10], lid)
+end
+local all = redis.call('HGETALL', KEYS[9])
+for i = 1, #all, 2 do
+  if cjson.decode(all[i + 1])[1] == lid then redis.call('HDEL', KEYS[9], all[i]) end
+end
+touch()
+return {'ok'}
 """
 )
 
@@ -268,7 +421,15 @@ def _history_entry(state: str, metadata: str) -> str:
     return f"{state[:-1]},{metadata}]"
 
 
-def _variable(var_id: str, definition: str, state: str, version: Any, meta: str) -> Variable:
+def _status(lease: str) -> OptimizationStatus | None:
+    """A lease status from a script (``[optimizer, started_at]`` as JSON; empty: no lease)."""
+    if not lease:
+        return None
+    optimizer_id, started_at = json.loads(lease)
+    return OptimizationStatus(optimizer_id, float(started_at))
+
+
+def _variable(var_id: str, definition: str, state: str, version: Any, meta: str, lease: str = "") -> Variable:
     name, type_, constraints, description, created_at = json.loads(definition)
     # A written state is a history entry: ``[value JSON, updated_at, source, write metadata]``.
     value_json, updated_at, source, *written = json.loads(state)
@@ -287,6 +448,7 @@ def _variable(var_id: str, definition: str, state: str, version: Any, meta: str)
         created_at=created_at,
         updated_at=updated_at,
         source=source,
+        optimization_status=_status(lease),
     )
 
 
@@ -341,6 +503,8 @@ class RedisStorage:
         self._write = register(_WRITE)
         self._delete = register(_DELETE)
         self._history = register(_HISTORY)
+        self._lease_start = register(_LEASE_START)
+        self._lease_stop = register(_LEASE_STOP)
         self._call(self._redis.ping)
 
     def __repr__(self) -> str:
@@ -430,8 +594,8 @@ class RedisStorage:
         got = self._call(self._list, keys=_keys(session_id))
         if got is None:
             raise SessionNotFoundError(session_id)
-        defs, states, versions, metas = (dict(zip(h[::2], h[1::2], strict=True)) for h in got)
-        out = [_variable(i, defs[i], states[i], versions[i], metas.get(i, "{}")) for i in versions]
+        defs, states, versions, metas, leases = (dict(zip(h[::2], h[1::2], strict=True)) for h in got)
+        out = [_variable(i, defs[i], states[i], versions[i], metas.get(i, "{}"), leases.get(i, "")) for i in versions]
         out.sort(key=_creation_order)
         return out
 
@@ -502,6 +666,8 @@ class RedisStorage:
                 state,
                 meta,
                 _history_entry(state, meta),
+                write.lease_check,
+                write.holder,
             ]
         got = self._call(self._write, keys=_keys(session_id), args=args)
         status = got[0]
@@ -514,6 +680,19 @@ class RedisStorage:
             raise VersionConflictError(
                 var.name, next(w.expected_version for w in writes if w.variable_id == got[1]) or 0, int(got[2])
             )
+        if status == "locked":
+            # Every refused variable is named (an atomic batch reports each one).
+            refusals = {
+                found[var_id].name: VariableLockedError(
+                    found[var_id].name,
+                    holder,
+                    "rolling it back needs the optimization stopped first" if mode == "refuse" else "",
+                )
+                for var_id, holder, mode in zip(got[1::3], got[2::3], got[3::3], strict=True)
+            }
+            first = next(iter(refusals.values()))
+            first.refusals = refusals  # type: ignore[attr-defined]
+            raise first
         out: list[Variable] = []
         updates: list[VariableUpdate] = []
         for i, write in enumerate(writes):
@@ -525,11 +704,12 @@ class RedisStorage:
                 value=write.value,
                 constraints=base.constraints,
                 description=base.description,
-                metadata=json.loads(got[2 + 2 * i]),
-                version=int(got[1 + 2 * i]),
+                metadata=json.loads(got[2 + 4 * i]),
+                version=int(got[1 + 4 * i]),
                 created_at=base.created_at,
                 updated_at=write.timestamp,
                 source=write.source,
+                optimization_status=_status(got[4 + 4 * i]),
             )
             out.append(var)
             updates.append(
@@ -538,7 +718,7 @@ class RedisStorage:
                     var,
                     UpdateType.VALUE_CHANGE,
                     write.source,
-                    {**write.metadata, **write.announce},
+                    {**json.loads(got[3 + 4 * i]), **write.announce},
                     write.timestamp,
                 )
             )
@@ -557,6 +737,8 @@ class RedisStorage:
             raise SessionNotFoundError(session_id)
         if got[0] == "novar":
             raise VariableNotFoundError(variable_id, session_id)
+        if got[0] == "locked":
+            raise VariableLockedError(got[1], got[2], "deleting it needs the optimization stopped first")
         var = _variable(*got[1:])
         for listener in self._listeners:
             listener.changed(session_id, [VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, timestamp)])
@@ -577,6 +759,52 @@ class RedisStorage:
             value_json, ts, source, meta = json.loads(raw)
             out.append(HistoryEntry(int(version), decode_value(type_url, value_json.encode()), ts, source, meta))
         return out
+
+    # ------------------------------------------------------------------ optimization leases
+
+    #: Leases live in Redis beside the variables: every node sees and enforces the same ones, and
+    #: the write scripts check them in the same atomic step as the versions.
+    shares_leases: Final = True
+
+    def start_lease(
+        self, session_id: str, variables: Mapping[str, str], optimizer_id: str, ttl: float
+    ) -> OptimizationLease:
+        """Take or renew ``optimizer_id``'s lease on ``variables`` (id -> name) for ``ttl`` seconds.
+
+        Raises:
+            SessionNotFoundError, VariableNotFoundError: the session or a variable is gone.
+            VariableLockedError: another optimizer holds one of them (nothing changes).
+        """
+        now = time.time()
+        args = [optimizer_id, max(1, round(ttl * 1000)), LEASE_ID_PREFIX + secrets.token_hex(12), repr(now), *variables]
+        got = self._call(self._lease_start, keys=_keys(session_id), args=args)
+        if got[0] == "nosession":
+            raise SessionNotFoundError(session_id)
+        if got[0] == "novar":
+            raise VariableNotFoundError(variables.get(got[1], got[1]), session_id)
+        if got[0] == "locked":
+            raise VariableLockedError(
+                variables[got[1]], got[2], f"optimizer {optimizer_id} cannot start on it until that lease ends"
+            )
+        return OptimizationLease(got[1], optimizer_id, tuple(variables.values()), ttl, now + ttl)
+
+    def stop_lease(self, session_id: str, lease_id: str) -> None:
+        """End the lease with that id (nothing happens if it already ended)."""
+        got = self._call(self._lease_stop, keys=_keys(session_id), args=["id", lease_id, "0"])
+        if got[0] == "nosession":
+            raise SessionNotFoundError(session_id)
+
+    def stop_variable_lease(self, session_id: str, variable_id: str, name: str, *, force: bool) -> None:
+        """End the lease holding a variable; without ``force`` a held variable is refused.
+
+        Raises:
+            VariableLockedError: a lease holds it and ``force`` is false.
+        """
+        got = self._call(self._lease_stop, keys=_keys(session_id), args=["var", variable_id, "1" if force else "0"])
+        if got[0] == "nosession":
+            raise SessionNotFoundError(session_id)
+        if got[0] == "locked":
+            raise VariableLockedError(name, got[1], "stop the optimization by its lease id, or with force=True")
 
     # ------------------------------------------------------------------ change log
 
@@ -606,6 +834,8 @@ class RedisStorage:
                 source, ts = json.loads(fields["e"])
                 updates.append(VariableUpdate(var.id, var, UpdateType.DELETED, source, {}, ts))
             else:
+                if fields["e"]:  # the lease that held the variable when it was written
+                    var = replace(var, optimization_status=_status(fields["e"]))
                 updates.append(
                     VariableUpdate(
                         var.id, var, UpdateType.VALUE_CHANGE, var.source, json.loads(fields["w"]), var.updated_at

@@ -17,7 +17,7 @@ Rules kept here, for every caller:
 - each write records who wrote (``source``) and when, and each variable keeps a bounded history
   of its writes;
 - an optimization lease (:mod:`dspex_dspy.leases`) refuses other writers, unless forced, until
-  its optimizer stops it or it expires (leases are held by the node that granted them);
+  its optimizer stops it or it expires (on an engine shared by several nodes, the engine holds them);
 - a session expires when it has not been used for its TTL; a sweep removes expired sessions;
 - watchers are registered (and, on a shared engine, the session's change log followed) before
   their initial snapshot is read, so no write can fall between the snapshot and the stream.
@@ -45,10 +45,18 @@ from dspex_dspy.errors import (
     SessionNotFoundError,
     ValidationError,
     VariableExistsError,
+    VariableLockedError,
     VariableNotFoundError,
     VersionConflictError,
 )
-from dspex_dspy.leases import LEASE_ID_PREFIX, LeaseTable, OptimizationLease, pop_force, validate_lease_request
+from dspex_dspy.leases import (
+    HOLDER_METADATA_KEY,
+    LEASE_ID_PREFIX,
+    LeaseTable,
+    OptimizationLease,
+    pop_force,
+    validate_lease_request,
+)
 from dspex_dspy.limits import StoreLimits, check_value_size
 from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.store.glob import compile_glob
@@ -88,6 +96,13 @@ MAX_TIME = 253_402_300_799.0
 def _monotonic() -> float:
     # Looked up at call time, so tests can stand in for this module's ``time``.
     return time.monotonic()
+
+
+def _lease_checked(write: Write, meta: Mapping[str, str], check: str) -> Write:
+    """``write`` with the lease check an engine that keeps the leases runs (none when ``check`` is empty)."""
+    if not check:
+        return write
+    return replace(write, lease_check=check, holder=str(meta.get(HOLDER_METADATA_KEY, "")))
 
 
 def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variable:
@@ -157,6 +172,8 @@ class SessionStore:
         self._leases = LeaseTable()
         self._lease_lock = threading.Lock()
         self._lease_view: dict[str, tuple[OptimizationStatus, float]] = {}
+        # An engine shared by several nodes keeps the leases itself and checks them in its writes.
+        self._shared_leases: Any = self._storage if getattr(self._storage, "shares_leases", False) else None
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
@@ -446,6 +463,10 @@ class SessionStore:
             merged = map_bytes({**var.metadata, **meta})
             if merged > self.limits.max_variable_metadata_bytes:
                 raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
+        if self._shared_leases is not None:
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            write = _lease_checked(write, meta, "force" if force else "admit")
+            return self._write(session_id, [write], {var.id: var.name})[0]
         if not self._lease_view:
             write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
             return self._write(session_id, [write], {var.id: var.name})[0]
@@ -498,8 +519,8 @@ class SessionStore:
             checked.append((ident, var, normalised))
         if atomic and errors:
             return BatchResult({}, errors)
-        if not self._lease_view:
-            return self._apply_batch(session_id, checked, errors, meta, {}, atomic, source)
+        if not self._lease_view or self._shared_leases is not None:
+            return self._apply_batch(session_id, checked, errors, meta, {}, atomic, source, force)
         with self._lease_lock:
             metas: dict[str, dict[str, str]] = {}
             admitted = []
@@ -514,7 +535,7 @@ class SessionStore:
                 admitted.append((ident, var, normalised))
             if atomic and errors:
                 return BatchResult({}, errors)
-            return self._apply_batch(session_id, admitted, errors, meta, metas, atomic, source)
+            return self._apply_batch(session_id, admitted, errors, meta, metas, atomic, source, force)
 
     def _apply_batch(
         self,
@@ -525,26 +546,33 @@ class SessionStore:
         metas: Mapping[str, dict[str, str]],
         atomic: bool,
         source: str,
+        force: bool = False,
     ) -> BatchResult:
         now = self._clock()
         names = {var.id: var.name for _, var, _ in checked}
+        check = ("force" if force else "admit") if self._shared_leases is not None else ""
         if atomic:
             # Watchers learn which updates are one batch, so a worker's cache applies them together.
             announce = {BATCH_METADATA_KEY: f"{uuid.uuid4().hex[:16]}/{len(checked)}"} if len(checked) > 1 else {}
             writes = [
-                Write(var.id, value, None, metas.get(ident, meta), source, now, var, announce)
+                _lease_checked(
+                    Write(var.id, value, None, metas.get(ident, meta), source, now, var, announce), meta, check
+                )
                 for ident, var, value in checked
             ]
             try:
                 written = self._write(session_id, writes, names) if writes else []
             except (SessionNotFoundError, BridgeUnavailableError):
                 raise
+            except VariableLockedError as exc:  # an engine's lease check: the variables it refused
+                refused = getattr(exc, "refusals", {exc.name: exc})
+                return BatchResult({}, {ident: refused[var.name] for ident, var, _ in checked if var.name in refused})
             except DSPexError as exc:  # e.g. the batch as a whole passes a byte limit: nothing applied
                 return BatchResult({}, {ident: exc for ident, _, _ in checked})
             return BatchResult({ident: w.version for (ident, _, _), w in zip(checked, written, strict=True)}, errors)
         versions: dict[str, int] = {}
         for ident, var, value in checked:
-            write = Write(var.id, value, None, metas.get(ident, meta), source, now, var)
+            write = _lease_checked(Write(var.id, value, None, metas.get(ident, meta), source, now, var), meta, check)
             try:
                 (w,) = self._write(session_id, [write], names)
             except (SessionNotFoundError, BridgeUnavailableError):
@@ -567,7 +595,7 @@ class SessionStore:
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "orchestrator") -> None:
         """Delete a variable; watchers receive a ``deleted`` update."""
         var = self._lookup(session_id, identifier)
-        if self._lease_view:
+        if self._lease_view and self._shared_leases is None:
             with self._lease_lock:
                 self._leases.refuse_if_held(var.id, var.name, "deleting it")
                 self._leases.forget([var.id])
@@ -591,7 +619,7 @@ class SessionStore:
         """Write the value the variable had at ``target_version`` as a new version (a compare-and-swap)."""
         for _ in range(_ROLLBACK_ATTEMPTS):
             var = self._lookup(session_id, identifier)
-            if self._lease_view:
+            if self._lease_view and self._shared_leases is None:
                 with self._lease_lock:
                     self._leases.refuse_if_held(var.id, var.name, "rolling it back")
             history = self._storage.history(session_id, var.id, limit=self.limits.history_limit)
@@ -608,6 +636,8 @@ class SessionStore:
             write = Write(
                 var.id, value, var.version, {"rolled_back_to": str(target_version)}, source, self._clock(), var
             )
+            if self._shared_leases is not None:
+                write = replace(write, lease_check="refuse")
             try:
                 (written,) = self._write(session_id, [write], {var.id: var.name})
             except VersionConflictError:
@@ -627,8 +657,8 @@ class SessionStore:
     ) -> OptimizationLease:
         """Take (or renew) ``optimizer_id``'s lease on some variables; see :mod:`dspex_dspy.leases`.
 
-        Leases are held by this store (this bridge node); they are not shared through a storage
-        engine with other nodes.
+        On an engine shared by several nodes (Redis) the engine holds the leases, so every node
+        enforces them; otherwise this store does.
 
         Raises:
             VariableNotFoundError: a variable does not exist.
@@ -637,6 +667,11 @@ class SessionStore:
         """
         ttl = validate_lease_request(optimizer_id, ttl, identifiers)
         records = [self._lookup(session_id, ident) for ident in identifiers]
+        if self._shared_leases is not None:
+            lease: OptimizationLease = self._shared_leases.start_lease(
+                session_id, {r.id: r.name for r in records}, optimizer_id, ttl
+            )
+            return lease
         with self._lease_lock:
             lease = self._leases.start(session_id, {r.id: r.name for r in records}, optimizer_id, ttl)
             self._refresh_lease_view()
@@ -652,6 +687,9 @@ class SessionStore:
             VariableNotFoundError: neither a lease id nor a variable of the session.
         """
         if isinstance(identifier, str) and identifier.startswith(LEASE_ID_PREFIX):
+            if self._shared_leases is not None:
+                self._shared_leases.stop_lease(session_id, identifier)
+                return
             if self._storage.get_session(session_id) is None:
                 raise SessionNotFoundError(session_id)
             with self._lease_lock:
@@ -661,6 +699,9 @@ class SessionStore:
                 self._refresh_lease_view()
             return
         record = self._lookup(session_id, identifier)
+        if self._shared_leases is not None:
+            self._shared_leases.stop_variable_lease(session_id, record.id, record.name, force=force)
+            return
         with self._lease_lock:
             self._leases.stop_variable(record.id, record.name, force=force)
             self._refresh_lease_view()
@@ -677,6 +718,8 @@ class SessionStore:
 
     def _view(self, var: Variable) -> Variable:
         """What callers get: a detached copy with the lease status of the moment."""
+        if self._shared_leases is not None:
+            return _detached(var, var.optimization_status)  # the engine read it with the variable
         return _detached(var, self._status(var.id) if self._lease_view else None)
 
     # ------------------------------------------------------------------ watching
@@ -770,7 +813,7 @@ class SessionStore:
         watchers = self._watchers.get(session_id)
         if not watchers:
             return
-        if self._lease_view:
+        if self._lease_view and self._shared_leases is None:
             updates = [
                 replace(u, variable=replace(u.variable, optimization_status=self._status(u.variable_id)))
                 if u.variable is not None

@@ -118,6 +118,11 @@ class Write:
             use its definition rather than read it again; the version check stays the engine's).
         announce: metadata told to watchers with the update but not stored (an atomic batch's
             marker, so a worker's cache applies the batch together).
+        lease_check: for an engine that keeps the optimization leases itself (``shares_leases``):
+            ``""`` none, ``"admit"`` (refused when another optimizer's lease holds the variable),
+            ``"force"`` (admitted, recording ``forced_over``) or ``"refuse"`` (refused when any
+            lease holds it: a rollback).
+        holder: the writer's optimizer id (the lease holder's own writes pass).
     """
 
     variable_id: str
@@ -128,6 +133,8 @@ class Write:
     timestamp: float = 0.0
     variable: Variable | None = None
     announce: Mapping[str, str] = field(default_factory=dict)
+    lease_check: str = ""
+    holder: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@
 - ``embedded-redis``: the embedded bridge with its sessions in a real redis-server;
 - ``remote-redis``: two ``dspex-bridge serve --storage redis://...`` nodes on one redis-server, the
   context's calls alternating between them (``DSPEX_BRIDGE_BALANCE=round_robin``), so every
-  operation also checks that a node holds no state the other one needs. Optimization leases are
-  the one thing a node holds itself (``docs/redis.md``): the lease contract runs through the same
-  two nodes with failover (every call to the first live node), as a tuner would connect.
+  operation also checks that a node holds no state the other one needs (optimization leases
+  included: Redis holds them).
 """
 
 from __future__ import annotations
@@ -49,8 +48,7 @@ def make_ctx(
         address = request.getfixturevalue("remote_bridge").address
     elif backend == "remote-redis":
         address = request.getfixturevalue("redis_nodes")
-        node_local = request.module.__name__.endswith("test_lease_contract")
-        monkeypatch.setenv(BALANCE_ENV, "failover" if node_local else "round_robin")
+        monkeypatch.setenv(BALANCE_ENV, "round_robin")
     elif backend == "embedded-redis":
         EmbeddedBridge.configure(request.getfixturevalue("redis_server").url)
     made: list[Context] = []

@@ -22,7 +22,13 @@ from workers.adapters import CLIENTS, DEADLINE_S
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.client import SessionContext
-from dspex_dspy.errors import BridgeUnavailableError, DSPexError, VersionConflictError
+from dspex_dspy.errors import (
+    BatchUpdateError,
+    BridgeUnavailableError,
+    DSPexError,
+    VariableLockedError,
+    VersionConflictError,
+)
 from dspex_dspy.remote import RemoteStore
 
 pytestmark = pytest.mark.integration
@@ -62,6 +68,64 @@ def test_a_context_made_through_one_node_is_read_written_and_watched_through_ano
                     seen.append(next(watch).version)
             assert seen == sorted(set(seen)) and seen[-1] == 5
             assert watcher.get_variable("temperature") == 1.2
+
+
+def test_an_optimization_lease_taken_through_one_node_holds_on_every_node(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    tuner = RemoteStore.connect(a.address)
+    tuner.create_session("leased")
+    tuner.register_variable("leased", "temperature", "float", 0.7)
+    tuner.register_variable("leased", "model", "string", "small")
+    # The worker reads without a cache: a lease starting or ending is not a write, so no watch
+    # carries it; the watcher's events carry the status of the lease holding each write.
+    worker = SessionContext.connect(b.address, "leased", cache=False)
+    other = SessionContext.connect(b.address, "leased")
+    with worker, other, other.watch_variables(["temperature"]) as watch:
+        assert next(watch).optimization_status is None
+        lease = tuner.start_optimization("leased", ["temperature", "model"], "tuner-1", ttl=60)
+
+        # Through node B: the lease shows, other writers are refused, nothing changes.
+        status = worker.get_variable_record("temperature").optimization_status
+        assert status is not None and status.optimizer_id == "tuner-1"
+        with pytest.raises(VariableLockedError, match="held by optimizer tuner-1"):
+            worker.set_variable("temperature", 0.1)
+        with pytest.raises(BatchUpdateError) as batch:
+            worker.set_variables({"temperature": 0.1, "model": "large"})
+        assert set(batch.value.errors) == {"temperature", "model"}
+        with pytest.raises(VariableLockedError):
+            worker.start_optimization(["model"], "tuner-2", ttl=60)
+        with pytest.raises(VariableLockedError, match="rolling it back"):
+            worker.rollback("temperature", 1)
+        assert tuner.get_variable("leased", "temperature").version == 1
+
+        # The holder writes through B; a watcher on B sees the write with the lease's status.
+        assert worker.set_variable("temperature", 0.2, metadata={"optimizer_id": "tuner-1"}) == 2
+        event = next(watch)
+        assert (event.value, event.version) == (0.2, 2)
+        assert event.optimization_status is not None and event.optimization_status.optimizer_id == "tuner-1"
+
+        # A forced write through B passes and says over whose lease.
+        assert worker.set_variable("temperature", 1.5, metadata={"dspex.force": "true"}) == 3
+        forced = tuner.get_variable("leased", "temperature")
+        assert forced.metadata["forced_over"] == "tuner-1" and "dspex.force" not in forced.metadata
+        assert worker.history("temperature", 1)[0].metadata == {"forced_over": "tuner-1"}
+
+        # Renewing through B keeps the lease's id; stopping it through B frees writes through A.
+        renewed = worker.start_optimization(["temperature"], "tuner-1", ttl=60)
+        assert renewed.id == lease.id
+        worker.stop_optimization(lease.id)
+        assert tuner.set_variable("leased", "model", "large").version == 2
+        assert worker.get_variable_record("temperature").optimization_status is None
+
+        # A lease whose optimizer died ends on every node when its ttl passes (Redis's clock).
+        tuner.start_optimization("leased", ["model"], "tuner-3", ttl=0.5)
+        with pytest.raises(VariableLockedError):
+            worker.set_variable("model", "small")
+        wait_for(lambda: worker.get_variable_record("model").optimization_status is None, "the lease to expire")
+        assert worker.set_variable("model", "small") == 3
+    tuner.close()
 
 
 @pytest.mark.parametrize("kind", sorted(CLIENTS))
