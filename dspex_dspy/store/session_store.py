@@ -62,6 +62,7 @@ from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateTyp
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import (
     MAX_VERSION,
+    LeaseCheck,
     MemoryStorage,
     NewVariable,
     Storage,
@@ -98,7 +99,7 @@ def _monotonic() -> float:
     return time.monotonic()
 
 
-def _lease_checked(write: Write, meta: Mapping[str, str], check: str) -> Write:
+def _lease_checked(write: Write, meta: Mapping[str, str], check: LeaseCheck) -> Write:
     """``write`` with the lease check an engine that keeps the leases runs (none when ``check`` is empty)."""
     if not check:
         return write
@@ -550,7 +551,7 @@ class SessionStore:
     ) -> BatchResult:
         now = self._clock()
         names = {var.id: var.name for _, var, _ in checked}
-        check = ("force" if force else "admit") if self._shared_leases is not None else ""
+        check: LeaseCheck = ("force" if force else "admit") if self._shared_leases is not None else ""
         if atomic:
             # Watchers learn which updates are one batch, so a worker's cache applies them together.
             announce = {BATCH_METADATA_KEY: f"{uuid.uuid4().hex[:16]}/{len(checked)}"} if len(checked) > 1 else {}

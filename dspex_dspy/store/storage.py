@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from dspex_dspy.errors import (
     LimitExceededError,
@@ -103,6 +103,10 @@ class NewVariable:
     source: str = "orchestrator"
 
 
+LeaseCheck = Literal["", "admit", "force", "refuse"]
+"""How an engine that keeps the optimization leases checks a write (see :class:`Write`)."""
+
+
 @dataclass(frozen=True)
 class Write:
     """One write of a variable's value, already validated and normalised by the store.
@@ -133,7 +137,7 @@ class Write:
     timestamp: float = 0.0
     variable: Variable | None = None
     announce: Mapping[str, str] = field(default_factory=dict)
-    lease_check: str = ""
+    lease_check: LeaseCheck = ""
     holder: str = ""
 
 
