@@ -410,14 +410,16 @@ def _watch(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
             event = event_from_update(update)
             if event is None:
                 continue
+            secret = update.variable is not None and is_secret(update.variable.metadata)
             if args.json:
-                _emit(out, event_record(event))
+                _emit(out, event_record(event, secret=secret))
             else:
                 meta = (
                     f" [{', '.join(f'{k}={v}' for k, v in sorted(event.metadata.items()))}]" if event.metadata else ""
                 )
                 print(
-                    f"{format_time(event.timestamp)}  {event.name} v{event.version} = {format_value(event.value)}"
+                    f"{format_time(event.timestamp)}  {event.name} v{event.version} = "
+                    f"{SECRET if secret else format_value(event.value)}"
                     f"  ({event.update_type} by {event.source}){meta}",
                     file=out,
                     flush=True,

@@ -121,11 +121,11 @@ def history_record(entry: HistoryEntry, name: str | None = None, *, secret: bool
     return record
 
 
-def event_record(event: Any) -> dict[str, Any]:
-    """A watch event as a plain dict."""
+def event_record(event: Any, *, secret: bool = False) -> dict[str, Any]:
+    """A watch event as a plain dict (``<secret>`` for the value of a secret variable)."""
     return {
         "name": event.name,
-        "value": _plain(event.value),
+        "value": SECRET if secret else _plain(event.value),
         "version": event.version,
         "update_type": event.update_type,
         "source": event.source,

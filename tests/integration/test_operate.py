@@ -168,9 +168,9 @@ def test_rollback(bridge: Any, session: Context) -> None:
     assert Variables.history(session, "temperature", limit=1)[0].metadata == {"rolled_back_to": "2"}
 
 
-@pytest.mark.parametrize("as_json", [False, True])
-def test_watch(bridge: Any, session: Context, as_json: bool) -> None:
-    args = ["watch", session.id, "temperature", *at(bridge), "--count", "2"] + (["--json"] if as_json else [])
+def _watch_two(bridge: Any, session: Context, name: str, value: Any, as_json: bool) -> tuple[str, str]:
+    """Run ``dspex-bridge watch`` on one variable for 2 events: its initial value, then ``value``."""
+    args = ["watch", session.id, name, *at(bridge), "--count", "2"] + (["--json"] if as_json else [])
     proc = subprocess.Popen(
         [sys.executable, "-m", "dspex_dspy", *args],
         stdout=subprocess.PIPE,
@@ -182,7 +182,7 @@ def test_watch(bridge: Any, session: Context, as_json: bool) -> None:
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the initial value: the watch is registered from here on
-        Variables.set(session, "temperature", 1.1, metadata={"by": "test"})
+        Variables.set(session, name, value, metadata={"by": "test"})
         second = proc.stdout.readline()
         assert proc.wait(DEADLINE) == 0
     finally:
@@ -193,6 +193,12 @@ def test_watch(bridge: Any, session: Context, as_json: bool) -> None:
             proc.stdout.close()
         if proc.stderr is not None:
             proc.stderr.close()
+    return first, second
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_watch(bridge: Any, session: Context, as_json: bool) -> None:
+    first, second = _watch_two(bridge, session, "temperature", 1.1, as_json)
     if as_json:
         events = [json.loads(first), json.loads(second)]
         assert [(e["version"], e["value"], e["update_type"]) for e in events] == [
@@ -203,6 +209,17 @@ def test_watch(bridge: Any, session: Context, as_json: bool) -> None:
     else:
         assert "temperature v2 = 0.9  (initial_value" in first
         assert "temperature v3 = 1.1  (value_change by orchestrator) [by=test]" in second
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_watching_a_secret_variable_never_prints_its_values(bridge: Any, session: Context, as_json: bool) -> None:
+    Variables.defvariable(session, "api_key", "string", "sk-first-0001", metadata={"secret": "true"})
+    first, second = _watch_two(bridge, session, "api_key", "sk-second-0002", as_json)
+    assert "sk-" not in first + second
+    if as_json:
+        assert [json.loads(line)["value"] for line in (first, second)] == ["<secret>", "<secret>"]
+    else:
+        assert "api_key v1 = <secret>" in first and "api_key v2 = <secret>" in second
 
 
 # ------------------------------------------------------------------ errors and exit codes
