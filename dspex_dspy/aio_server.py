@@ -162,7 +162,19 @@ class AsyncBridgeServicer:
         def open_watch() -> Watch:
             return store.watch(session_id, identifiers, include_initial=request.include_initial_values)
 
-        watch = await self._in_pool(servicer.open_watch, open_watch, session_id, principal)
+        # Opened in the pool: a client that cancels meanwhile must not leave the watch (and its
+        # slots) registered, so the opening finishes shielded and is closed if nobody took it.
+        opening = asyncio.ensure_future(self._in_pool(servicer.open_watch, open_watch, session_id, principal))
+        try:
+            watch = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+
+            def close_unclaimed(done: asyncio.Future[Watch]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    servicer.close_watch(done.result(), session_id, principal)
+
+            opening.add_done_callback(close_unclaimed)
+            raise
         try:
             loop = asyncio.get_running_loop()
             woken = asyncio.Event()

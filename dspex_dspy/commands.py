@@ -366,8 +366,8 @@ def _set(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
 def _history(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
     if args.limit < 0:
         raise ValidationError(args.name, "limit", args.limit, f"--limit must be >= 0, got {args.limit}")
-    entries = conn.store.get_history(args.session, args.name, args.limit)
     secret = is_secret(conn.store.get_variable(args.session, args.name).metadata)
+    entries = conn.store.get_history(args.session, args.name, args.limit)
     if args.json:
         _emit(out, [history_record(e, args.name, secret=secret) for e in entries])
         return EXIT_OK

@@ -112,7 +112,7 @@ def history_record(entry: HistoryEntry, name: str | None = None, *, secret: bool
     record.update(
         {
             "version": entry.version,
-            "value": SECRET if secret else _plain(entry.value),
+            "value": SECRET if secret or is_secret(entry.metadata) else _plain(entry.value),
             "timestamp": iso_time(entry.timestamp),
             "changed_by": entry.changed_by,
             "metadata": dict(entry.metadata),
@@ -231,7 +231,7 @@ HISTORY_HEADERS = ("version", "value", "at", "by", "metadata")
 def history_row(entry: HistoryEntry, secret: bool = False) -> list[str]:
     """One history entry as table cells (``<secret>`` for a secret variable's value)."""
     meta = ", ".join(f"{k}={v}" for k, v in sorted(entry.metadata.items()))
-    value = SECRET if secret else format_value(entry.value)
+    value = SECRET if secret or is_secret(entry.metadata) else format_value(entry.value)
     return [str(entry.version), value, format_time(entry.timestamp), entry.changed_by, meta]
 
 

@@ -747,6 +747,10 @@ class BridgeServer:
             if self._started:
                 return self
             if self._loop is not None:
+                if not self._loop.alive:  # e.g. a server object inherited by a forked child
+                    raise BridgeUnavailableError(
+                        f"the event loop of the bridge server at {self.address} is gone; create a new one"
+                    )
                 self._loop.run(self._start())
             else:
                 self._server.start()

@@ -435,8 +435,9 @@ class Variables:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
-        entries = _target(ctx).history(name, limit)
-        return History(entries, name, secret=is_secret(Variables.get_variable(ctx, name).metadata))
+        # The record first: a value written while the variable was secret never shows afterwards.
+        secret = is_secret(Variables.get_variable(ctx, name).metadata)
+        return History(_target(ctx).history(name, limit), name, secret=secret)
 
     @staticmethod
     def rollback(ctx: AnyContext, name: str, version: int) -> int:
@@ -638,9 +639,8 @@ class Variables:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"limit must be a non-negative integer, got {limit!r}")
         worker: Any = ctx
-        entries = await worker.history(name, limit)
         record = await worker.get_variable_record(name)
-        return History(entries, name, secret=is_secret(record.metadata))
+        return History(await worker.history(name, limit), name, secret=is_secret(record.metadata))
 
     @staticmethod
     async def arollback(ctx: AnyContext | AsyncSessionContext, name: str, version: int) -> int:

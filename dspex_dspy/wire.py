@@ -276,7 +276,8 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
         name=name,
         type=spec.type,
         value=spec.validate(raw),
-        constraints=dict(spec.constraints),
+        # A fresh copy: the spec (and its lists) is shared by every message of that definition.
+        constraints={k: list(v) if isinstance(v, list) else v for k, v in spec.constraints.items()},
         description=msg.description,
         metadata=dict(msg.metadata),
         version=msg.version,

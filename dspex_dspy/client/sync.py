@@ -8,6 +8,7 @@ watchdog thread cancels cache streams silent for longer than their ``silence_tim
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,7 @@ from dspex_dspy.types import Variable
 __all__ = ["SessionContext", "VariableWatch"]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("dspex_dspy.client")
 if TYPE_CHECKING:
     from dspex_dspy.client.core import DefineOptions, Meta, Unpack
 
@@ -166,7 +168,7 @@ class _ForkPause:
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._forking = False
+        self._forking = 0  # forks under way (two threads may fork at once)
         self._inside = 0
         self._streams: set[Any] = set()
 
@@ -174,7 +176,7 @@ class _ForkPause:
     def inside(self) -> Iterator[None]:
         """Hold while a feed thread uses gRPC; waits while a fork is under way."""
         with self._cond:
-            while self._forking:
+            while self._forking > 0:
                 self._cond.wait()
             self._inside += 1
         try:
@@ -187,7 +189,7 @@ class _ForkPause:
     def track(self, stream: Any) -> bool:
         """Register a feed's open stream for cancelling at a fork; False when one is under way."""
         with self._cond:
-            if self._forking:
+            if self._forking > 0:
                 return False
             self._streams.add(stream)
             return True
@@ -198,26 +200,33 @@ class _ForkPause:
 
     @property
     def forking(self) -> bool:
-        return self._forking
+        return self._forking > 0
 
     def before(self) -> None:
         with self._cond:
-            self._forking = True
+            self._forking += 1
             streams = list(self._streams)
         for stream in streams:
             stream.cancel()
         with self._cond:
-            self._cond.wait_for(lambda: self._inside == 0, self.LIMIT)
+            left = self._cond.wait_for(lambda: self._inside == 0, self.LIMIT)
+        if not left:
+            logger.warning(
+                "a cache feed was still inside a gRPC call after %g s; forking anyway (the child may "
+                "not be able to use gRPC): prefer the spawn or forkserver start method",
+                self.LIMIT,
+                extra={"event": "fork_unquiesced"},
+            )
 
     def after_in_parent(self) -> None:
         with self._cond:
-            self._forking = False
+            self._forking = max(0, self._forking - 1)
             self._cond.notify_all()
 
     def after_in_child(self) -> None:
         # The child's feeds are none (a client reconnects in a child on first use): start clean.
         self._cond = threading.Condition(threading.Lock())
-        self._forking = False
+        self._forking = 0
         self._inside = 0
         self._streams = set()
 

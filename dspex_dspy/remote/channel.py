@@ -170,7 +170,7 @@ def wait_ready(transport: grpc.Channel, timeout: float) -> tuple[bool, str]:
         HealthStub(transport).Check(HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
     except grpc.RpcError as err:
         code = err.code() if callable(getattr(err, "code", None)) else None
-        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             return True, ""
     else:
         return True, ""

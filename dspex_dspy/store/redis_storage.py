@@ -51,7 +51,7 @@ _ID_COUNTER: Final = f"{PREFIX}:ids"
 _ALL_HISTORY: Final = 1 << 30  # "every entry there is": the history of a version is at most that version long
 _KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l", "a", "o")
 
-# Shared by every script: refresh the expiry of all of a session's keys (KEYS[1..8]).
+# Shared by every script: refresh the expiry of all of a session's keys (every KEYS entry).
 _TOUCH = """
 local function touch()
   local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
@@ -351,11 +351,22 @@ if lid then
     if tonumber(l[2]) > now then live = true; started = l[3] end
   end
 end
-if not live then lid = ARGV[3] end
-redis.call('HSET', KEYS[10], lid, cjson.encode({opt, now + tonumber(ARGV[2]), tonumber(started)}), 'opt:' .. opt, lid)
+if not live then
+  if lid then
+    -- The optimizer's lease that lapsed: forget it and the variables it still names.
+    redis.call('HDEL', KEYS[10], lid)
+    local all = redis.call('HGETALL', KEYS[9])
+    for i = 1, #all, 2 do
+      if cjson.decode(all[i + 1])[1] == lid then redis.call('HDEL', KEYS[9], all[i]) end
+    end
+  end
+  lid = ARGV[3]
+end
+-- started_at stays the caller's text: cjson would keep only 14 significant digits of a number.
+redis.call('HSET', KEYS[10], lid, cjson.encode({opt, now + tonumber(ARGV[2]), started}), 'opt:' .. opt, lid)
 for i = 5, #ARGV do redis.call('HSET', KEYS[9], ARGV[i], cjson.encode({lid})) end
 touch()
-return {'ok', lid, tostring(started)}
+return {'ok', lid, started}
 """
 )
 

@@ -141,3 +141,18 @@ def test_a_watch_event_is_a_record(ctx: Context) -> None:
         "initial_value",
     )
     assert record["timestamp"].endswith("+00:00")
+
+
+def test_a_history_entry_written_as_secret_stays_hidden() -> None:
+    # Metadata of the write itself marks it secret, even if the variable is no longer marked so.
+    from dspex_dspy.records import HistoryEntry
+
+    history = History(
+        [
+            HistoryEntry(2, "public", 2.0, "orchestrator", {}),
+            HistoryEntry(1, "sk-hidden", 1.0, "orchestrator", {"secret": "true"}),
+        ],
+        "key",
+    )
+    assert "sk-hidden" not in repr(history) and "public" in repr(history)
+    assert [r["value"] for r in history.to_records()] == ["public", "<secret>"]

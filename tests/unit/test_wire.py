@@ -244,3 +244,13 @@ def test_updates_round_trip_including_heartbeats() -> None:
     msg = update_to_proto(heartbeat)
     assert not msg.HasField("variable")
     assert proto_to_update(msg) == heartbeat
+
+
+def test_decoded_variables_never_share_their_constraint_lists() -> None:
+    # The compiled spec of a definition is cached; the records built from it must not alias it.
+    var = Variable(id="var_m_1", name="m", type="string", value="a", constraints={"enum": ["a", "b"]})
+    message = variable_to_proto(var)
+    first = proto_to_variable(message)
+    first.constraints["enum"].append("zzz")
+    second = proto_to_variable(message)
+    assert second.constraints == {"enum": ["a", "b"]}
