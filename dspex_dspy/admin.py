@@ -31,7 +31,6 @@ from google.protobuf import json_format, struct_pb2
 
 from dspex_dspy.auth import current_principal
 from dspex_dspy.errors import DSPexError, ValidationError
-from dspex_dspy.guard import abort_with
 from dspex_dspy.store import SessionStore
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.wire_errors import error_from_rpc, rpc_status_for
@@ -180,7 +179,9 @@ def _serve_async(
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, call.run, handle, store, request)
         except DSPexError as exc:
-            await abort_with(context, rpc_status_for(exc))
+            status = rpc_status_for(exc)
+            await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+            raise  # pragma: no cover - abort raises
 
     return handler
 
