@@ -1,18 +1,26 @@
 """Recent module calls over the wire: ``ReportCalls`` / ``RecentCalls`` on real bridges (the
-asyncio server and a blocking one), who may call them, and their errors."""
+asyncio server and a blocking one), who may call them, their errors, and real worker processes
+reporting the provenance of their ``VariableAwarePredict`` calls (bridge nodes on a real Redis)."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from dspex_dspy import Context, Variables
 from dspex_dspy.admin import add_admin_service, recent_calls, report_calls
 from dspex_dspy.auth import BridgeGuard
+from dspex_dspy.client import SessionContext
 from dspex_dspy.errors import (
     AuthenticationError,
     PermissionDeniedError,
@@ -129,3 +137,79 @@ def test_a_blocking_server_serves_the_calls_behind_its_guard() -> None:
         channel.close()
         server.stop(0)
         store.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Workers that report their calls
+# --------------------------------------------------------------------------------------------
+
+WORKER = Path(__file__).parent / "workers" / "reporting.py"
+DEADLINE_S = 60.0
+
+
+def _run_worker(address: str, session: str, calls: int, *, env_on: bool, option: bool = False) -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k != "DSPEX_REPORT_CALLS"}
+    if env_on:
+        env["DSPEX_REPORT_CALLS"] = "1"
+    args = [sys.executable, str(WORKER), "--address", address, "--session", session, "--calls", str(calls)]
+    done = subprocess.run(
+        [*args, "--option"] if option else args, env=env, capture_output=True, text=True, timeout=DEADLINE_S
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _orchestrate(ctx: Context) -> None:
+    Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"max": 2.0})
+    Variables.defvariable(ctx, "system_prompt", "string", "Be terse.", metadata={"secret": "true"})
+    Variables.set(ctx, "temperature", 0.4)  # version 2
+    ctx.ensure_bridged()
+
+
+def test_a_reporting_worker_on_one_node_shows_its_calls_through_another(
+    spawn_bridge: Callable[..., Any], redis_url: str
+) -> None:
+    a = spawn_bridge("--storage", redis_url)
+    b = spawn_bridge("--storage", redis_url)
+    with Context(bridge=a.address) as ctx:
+        _orchestrate(ctx)
+        seen = _run_worker(b.address, ctx.id, 2, env_on=True)
+        assert [line["versions"] for line in seen] == [{"temperature": 2, "instructions": 1}] * 2
+        assert seen[0]["temperature"] == 0.4  # the bound value reached the real LM request
+        channel = open_channel(a.address)
+        try:
+            calls = recent_calls(channel, ctx.id)
+        finally:
+            channel.close()
+    assert len(calls) == 2
+    newest = calls[0]
+    assert newest["module"] == "VariableAwarePredict"
+    assert calls[1]["at"] <= newest["at"]
+    assert newest["bindings"]["temperature"] == {"variable": "temperature", "version": 2, "value": 0.4}
+    assert newest["bindings"]["instructions"] == {"variable": "system_prompt", "version": 1, "value": "<secret>"}
+    assert "Be terse." not in json.dumps(calls)
+
+
+def test_a_worker_reports_nothing_unless_asked_and_the_option_turns_it_on(remote_bridge: Any) -> None:
+    with Context(bridge=remote_bridge.address) as ctx:
+        _orchestrate(ctx)
+        channel = open_channel(remote_bridge.address)
+        try:
+            assert len(_run_worker(remote_bridge.address, ctx.id, 1, env_on=False)) == 1
+            assert recent_calls(channel, ctx.id) == []
+            assert len(_run_worker(remote_bridge.address, ctx.id, 1, env_on=False, option=True)) == 1
+            (call,) = recent_calls(channel, ctx.id)
+        finally:
+            channel.close()
+    assert call["bindings"]["temperature"]["version"] == 2
+
+
+def test_reporting_never_blocks_or_fails_a_call_when_the_bridge_is_gone(spawn_bridge: Callable[..., Any]) -> None:
+    bridge = spawn_bridge()
+    with Context(bridge=bridge.address) as ctx:
+        _orchestrate(ctx)
+        with SessionContext.connect(bridge.address, ctx.id, report_calls=True, cache=False) as worker:
+            assert worker.reporting_calls
+            bridge.kill()
+            for _ in range(5):
+                worker.report_call({"module": "M", "at": 1.0, "bindings": {}})  # returns; nothing raised
