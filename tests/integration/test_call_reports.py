@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.admin import add_admin_service, recent_calls, report_calls
 from dspex_dspy.auth import BridgeGuard
 from dspex_dspy.client import SessionContext
+from dspex_dspy.dashboard import DashboardServer
 from dspex_dspy.errors import (
     AuthenticationError,
     PermissionDeniedError,
@@ -213,3 +215,22 @@ def test_reporting_never_blocks_or_fails_a_call_when_the_bridge_is_gone(spawn_br
             bridge.kill()
             for _ in range(5):
                 worker.report_call({"module": "M", "at": 1.0, "bindings": {}})  # returns; nothing raised
+
+
+def test_the_dashboard_api_serves_a_sessions_calls_through_the_pages_token(auth_bridge: BridgeServer) -> None:
+    auth_bridge.store.report_calls(SID, [_call(1)])
+    with DashboardServer(auth_bridge.address, port=0) as dashboard:
+
+        def get(path: str, token: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return httpx.get(dashboard.url.rstrip("/") + path, headers=headers, timeout=30)
+
+        ok = get(f"/api/sessions/{SID}/calls", _token("read"))
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["calls"] == [_call(1)]
+        assert get(f"/api/sessions/{SID}/calls?limit=1", _token("read")).json()["calls"] == [_call(1)]
+        refused = get(f"/api/sessions/{SID}/calls", _token("read", [OTHER_SID]))
+        assert refused.status_code == 403
+        assert refused.json()["error"]["kind"] == "PermissionDeniedError"
+        assert get(f"/api/sessions/{SID}/calls?limit=zero", _token("read")).status_code == 400
+        assert get("/api/sessions/missing/calls", _token("read", "*")).status_code == 404
