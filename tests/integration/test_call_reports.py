@@ -5,10 +5,12 @@ reporting the provenance of their ``VariableAwarePredict`` calls (bridge nodes o
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import secrets
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -234,3 +236,71 @@ def test_the_dashboard_api_serves_a_sessions_calls_through_the_pages_token(auth_
         assert refused.json()["error"]["kind"] == "PermissionDeniedError"
         assert get(f"/api/sessions/{SID}/calls?limit=zero", _token("read")).status_code == 400
         assert get("/api/sessions/missing/calls", _token("read", "*")).status_code == 404
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting across fork
+# --------------------------------------------------------------------------------------------
+
+FORKED: dict[str, Any] = {}
+
+
+def _report_in_child(i: int) -> int:
+    ctx: SessionContext = FORKED["ctx"]
+    ctx.report_call({"module": "Child", "at": float(i), "bindings": {}})
+    ctx.close()  # sends what is queued
+    return i
+
+
+def _fork_and_report(address: str, session: str) -> None:
+    """The parent reports while fork pools start; every child reports through its own channel."""
+    fork = multiprocessing.get_context("fork")
+    client = SessionContext.connect(address, session, report_calls=True)
+    FORKED["ctx"] = client
+    try:
+        for round_ in range(3):
+            for n in range(10):  # the reporter thread is sending while the pool forks
+                client.report_call({"module": "Parent", "at": float(round_ * 100 + n), "bindings": {}})
+            with fork.Pool(2, maxtasksperchild=1) as pool:  # one task per forked child
+                assert sorted(pool.map_async(_report_in_child, range(4)).get(timeout=DEADLINE_S)) == [0, 1, 2, 3]
+    finally:
+        FORKED.clear()
+        client.close()
+
+
+def _run_forking(report: Any, address: str, session: str) -> None:
+    try:
+        _fork_and_report(address, session)
+    except BaseException:
+        report.send(traceback.format_exc())
+        raise
+    report.send(None)
+
+
+def test_a_reporting_client_survives_forks_and_its_children_report_too(remote_bridge: Any) -> None:
+    with Context(bridge=remote_bridge.address) as ctx:
+        _orchestrate(ctx)
+        spawn = multiprocessing.get_context("spawn")
+        receive, send = spawn.Pipe(duplex=False)
+        parent = spawn.Process(target=_run_forking, args=(send, remote_bridge.address, ctx.id))
+        parent.start()
+        send.close()
+        try:
+            assert receive.poll(4 * DEADLINE_S), "the forking process did not finish"
+            failure = receive.recv()
+            assert failure is None, failure
+            parent.join(DEADLINE_S)
+            assert parent.exitcode == 0
+        finally:
+            if parent.is_alive():
+                parent.kill()
+                parent.join()
+            receive.close()
+        channel = open_channel(remote_bridge.address)
+        try:
+            calls = recent_calls(channel, ctx.id)
+        finally:
+            channel.close()
+    modules = [c["module"] for c in calls]
+    # Nothing was lost: every record of the parent (paused for each fork) and of each child.
+    assert (modules.count("Parent"), modules.count("Child")) == (30, 12)
