@@ -360,7 +360,9 @@ class SessionContext(ClientCore):
             long :meth:`watch_variables` keeps trying to reconnect before it raises, 30 s; None:
             for ever; the cache itself retries until :meth:`close`), ``silence_timeout`` (seconds
             without any message on the cache's stream after which the connection is taken as
-            dead, 30 s; None: never; keep it above the server's heartbeat interval). See
+            dead, 30 s; None: never; keep it above the server's heartbeat interval),
+            ``report_calls`` (send the provenance of variable-aware module calls to the bridge in
+            the background, see :meth:`report_call`; default ``DSPEX_REPORT_CALLS=1`` or off). See
             :class:`~dspex_dspy.client.core.ClientOptions`.
 
     Example:
