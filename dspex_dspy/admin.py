@@ -1,4 +1,4 @@
-"""The bridge's operator service: list the sessions a bridge holds (for the CLI and dashboards).
+"""The bridge's operator service: list the sessions a bridge holds, and the module calls workers report.
 
 The snakepit ``BridgeService`` contract has no call that lists sessions, and it is kept unchanged.
 This module adds a second, small gRPC service beside it, ``dspex.bridge.v1.BridgeAdmin``, built on
