@@ -1,10 +1,15 @@
-"""The bridge's operator service: list the sessions a bridge holds (for the CLI and dashboards).
+"""The bridge's operator service: list the sessions a bridge holds, and the module calls workers report.
 
 The snakepit ``BridgeService`` contract has no call that lists sessions, and it is kept unchanged.
 This module adds a second, small gRPC service beside it, ``dspex.bridge.v1.BridgeAdmin``, built on
 protobuf's well-known ``Struct`` message (so it needs no generated code): ``ListSessions`` takes an
 optional ``{"pattern": "<glob>"}`` and answers ``{"sessions": [{id, created_at, ttl, expires_in,
 variables, metadata, watchers}, ...]}``. Listing does not refresh any session's TTL.
+``ReportCalls`` takes ``{"session_id", "calls": [...]}`` (each call a record object, or its JSON
+text so numbers keep their type) and answers ``{"stored": n}``; ``RecentCalls`` takes
+``{"session_id", "limit"}`` and answers ``{"calls": [...]}`` (each call's JSON text, newest
+first): the provenance of recent module calls that workers report. They need the ``write`` and
+``read`` permission on that session when the bridge checks tokens (see :mod:`dspex_dspy.auth`).
 :func:`add_admin_service` serves it on the bridge's ``grpc.aio`` server (the store calls run in a
 thread pool) or on a blocking ``grpc.server``.
 """
@@ -13,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,12 +33,21 @@ from dspex_dspy.auth import current_principal
 from dspex_dspy.errors import DSPexError, ValidationError
 from dspex_dspy.store import SessionStore
 from dspex_dspy.store.glob import compile_glob
-from dspex_dspy.wire_errors import error_from_rpc
+from dspex_dspy.wire_errors import error_from_rpc, rpc_status_for
 
-__all__ = ["ADMIN_SERVICE", "SessionSummary", "add_admin_service", "list_sessions"]
+__all__ = [
+    "ADMIN_SERVICE",
+    "SessionSummary",
+    "add_admin_service",
+    "list_sessions",
+    "recent_calls",
+    "report_calls",
+]
 
 ADMIN_SERVICE: Final = "dspex.bridge.v1.BridgeAdmin"
 LIST_SESSIONS: Final = f"/{ADMIN_SERVICE}/ListSessions"
+REPORT_CALLS: Final = f"/{ADMIN_SERVICE}/ReportCalls"
+RECENT_CALLS: Final = f"/{ADMIN_SERVICE}/RecentCalls"
 
 
 @dataclass(frozen=True)
@@ -98,6 +113,79 @@ def _answer(store: SessionStore, request: struct_pb2.Struct) -> struct_pb2.Struc
     return reply
 
 
+def _session_id(data: Mapping[str, Any]) -> str:
+    session_id = data.get("session_id")
+    if not isinstance(session_id, str) or not session_id:
+        raise ValidationError("", "session_id", session_id, "session_id must be a non-empty string")
+    return session_id
+
+
+def _report(store: SessionStore, request: struct_pb2.Struct) -> struct_pb2.Struct:
+    """The reply to ``ReportCalls`` (raises the store's error when refused)."""
+    data = json_format.MessageToDict(request)
+    session_id = _session_id(data)
+    calls = data.get("calls")
+    if not isinstance(calls, list):
+        raise ValidationError("", "calls", calls, "calls must be a list of call records")
+    records: list[Any] = []
+    for i, call in enumerate(calls):
+        if isinstance(call, str):
+            try:
+                call = json.loads(call)
+            except ValueError as exc:
+                raise ValidationError("", "calls", call, f"call {i} is not JSON: {exc}") from None
+        records.append(call)
+    stored = store.report_calls(session_id, records)
+    reply = struct_pb2.Struct()
+    reply.update({"stored": stored})
+    return reply
+
+
+def _recent(store: SessionStore, request: struct_pb2.Struct) -> struct_pb2.Struct:
+    """The reply to ``RecentCalls``: each call as its JSON text, newest first."""
+    data = json_format.MessageToDict(request)
+    session_id = _session_id(data)
+    limit = data.get("limit", 50)
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)  # a Struct carries every number as a double
+    calls = store.recent_calls(session_id, limit)
+    reply = struct_pb2.Struct()
+    reply.update({"calls": [json.dumps(call, separators=(",", ":"), ensure_ascii=False) for call in calls]})
+    return reply
+
+
+def _serve(handle: Callable[[SessionStore, struct_pb2.Struct], struct_pb2.Struct], store: SessionStore) -> Any:
+    """A blocking handler for ``handle``: a store error ends the call with its status."""
+
+    def handler(request: struct_pb2.Struct, context: grpc.ServicerContext) -> struct_pb2.Struct:
+        try:
+            return handle(store, request)
+        except DSPexError as exc:
+            context.abort_with_status(rpc_status_for(exc))
+            raise  # pragma: no cover - abort raises
+
+    return handler
+
+
+def _serve_async(
+    handle: Callable[[SessionStore, struct_pb2.Struct], struct_pb2.Struct],
+    store: SessionStore,
+    executor: Executor | None,
+) -> Any:
+    """A ``grpc.aio`` handler for ``handle``, run in ``executor`` with the caller's context."""
+
+    async def handler(request: struct_pb2.Struct, context: grpc.aio.ServicerContext[Any, Any]) -> struct_pb2.Struct:
+        call = contextvars.copy_context()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, call.run, handle, store, request)
+        except DSPexError as exc:
+            status = rpc_status_for(exc)
+            await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+            raise  # pragma: no cover - abort raises
+
+    return handler
+
+
 def add_admin_service(
     server: grpc.Server | grpc.aio.Server, store: SessionStore, executor: Executor | None = None
 ) -> None:
@@ -124,14 +212,21 @@ def add_admin_service(
             await context.abort(*answer)
         return answer
 
+    is_aio = isinstance(server, grpc.aio.Server)
+
+    def unary(behavior: Any) -> grpc.RpcMethodHandler[Any, Any]:
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=struct_pb2.Struct.FromString,
+            response_serializer=struct_pb2.Struct.SerializeToString,
+        )
+
     handler = grpc.method_handlers_generic_handler(
         ADMIN_SERVICE,
         {
-            "ListSessions": grpc.unary_unary_rpc_method_handler(
-                list_async if isinstance(server, grpc.aio.Server) else list_handler,
-                request_deserializer=struct_pb2.Struct.FromString,
-                response_serializer=struct_pb2.Struct.SerializeToString,
-            )
+            "ListSessions": unary(list_async if is_aio else list_handler),
+            "ReportCalls": unary(_serve_async(_report, store, executor) if is_aio else _serve(_report, store)),
+            "RecentCalls": unary(_serve_async(_recent, store, executor) if is_aio else _serve(_recent, store)),
         },
     )
     server.add_generic_rpc_handlers((handler,))
@@ -171,3 +266,63 @@ def list_sessions(
         )
         for item in data.get("sessions", [])
     ]
+
+
+def _struct_call(channel: grpc.Channel, method: str) -> Callable[..., struct_pb2.Struct]:
+    return channel.unary_unary(
+        method,
+        request_serializer=struct_pb2.Struct.SerializeToString,
+        response_deserializer=struct_pb2.Struct.FromString,
+    )
+
+
+def report_calls(
+    channel: grpc.Channel,
+    session_id: str,
+    calls: Sequence[Mapping[str, Any]],
+    *,
+    timeout: float = 10.0,
+    metadata: Any = None,
+) -> int:
+    """Report module call records (their provenance) to a session; return how many were kept.
+
+    Each record travels as its JSON text, so its numbers keep their type.
+
+    Raises:
+        ValidationError: a record is not JSON (or the bridge refused the report).
+        SessionNotFoundError: the session does not exist.
+        PermissionDeniedError: the token lacks ``write`` on the session.
+        BridgeUnavailableError: the bridge cannot be reached.
+    """
+    texts = []
+    for i, call in enumerate(calls):
+        try:
+            texts.append(json.dumps(dict(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError("", "calls", call, f"call {i} is not JSON: {exc}") from None
+    request = struct_pb2.Struct()
+    request.update({"session_id": session_id, "calls": texts})
+    try:
+        reply = _struct_call(channel, REPORT_CALLS)(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as err:
+        raise error_from_rpc(err, session_id=session_id) from err
+    return int(json_format.MessageToDict(reply).get("stored", 0))
+
+
+def recent_calls(
+    channel: grpc.Channel, session_id: str, *, limit: int = 50, timeout: float = 10.0, metadata: Any = None
+) -> list[dict[str, Any]]:
+    """The session's newest reported module calls, newest first (at most ``limit``).
+
+    Raises:
+        SessionNotFoundError: the session does not exist.
+        PermissionDeniedError: the token lacks ``read`` on the session.
+        BridgeUnavailableError: the bridge cannot be reached.
+    """
+    request = struct_pb2.Struct()
+    request.update({"session_id": session_id, "limit": limit})
+    try:
+        reply = _struct_call(channel, RECENT_CALLS)(request, timeout=timeout, metadata=metadata)
+    except grpc.RpcError as err:
+        raise error_from_rpc(err, session_id=session_id) from err
+    return [json.loads(text) for text in json_format.MessageToDict(reply).get("calls", [])]

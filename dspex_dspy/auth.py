@@ -3,8 +3,8 @@
 :class:`AsyncBridgeGuard` (a ``grpc.aio`` server's interceptor; :class:`BridgeGuard` is the same
 for a blocking server) stands in front of ``BridgeService``. With a secret
 it requires a bearer token (:mod:`dspex_dspy.tokens`) on every call except the health service,
-checks the permission each RPC needs (:data:`RPC_PERMISSIONS`) on the session named by the
-request's ``session_id``, and makes the token's claims the call's principal
+checks the permission each RPC needs (:data:`RPC_PERMISSIONS`, and :data:`ADMIN_RPC_PERMISSIONS`
+for the operator RPCs about one session) on the session named by the request's ``session_id``, and makes the token's claims the call's principal
 (:func:`current_principal`), so the servicer records the token's ``sub`` as the writer. Without a
 secret every call passes, as the snakepit contract expects on loopback. In both modes it applies
 an optional per-principal token-bucket :class:`RateLimiter` (``RESOURCE_EXHAUSTED`` with a retry
@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import grpc
 import grpc.aio
+from google.protobuf import struct_pb2
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.errors import AuthenticationError, PermissionDeniedError, RateLimitError
@@ -87,6 +88,13 @@ token). An RPC missing here, or any other service, needs ``admin``."""
 OPEN_ADMIN_RPCS: Final = frozenset({"/dspex.bridge.v1.BridgeAdmin/ListSessions"})
 """Operator RPCs any valid token may call: the service itself narrows the answer to what the
 token may see (``ListSessions`` lists only the sessions a token without ``admin`` names)."""
+
+ADMIN_RPC_PERMISSIONS: Final = {
+    "/dspex.bridge.v1.BridgeAdmin/ReportCalls": "write",
+    "/dspex.bridge.v1.BridgeAdmin/RecentCalls": "read",
+}
+"""Operator RPCs about one session (named by the request's ``session_id`` field) and the
+permission each needs on it."""
 
 SESSION_RPCS: Final = frozenset({"InitializeSession", "CleanupSession", "GetSession", "Heartbeat"})
 """RPCs about a whole session: ``admin`` allows them on sessions the token does not name."""
@@ -226,6 +234,15 @@ def _audit(call: _Call, outcome: str, *, variable: Any = None, version: Any = No
     audit_logger.info(json.dumps(line, sort_keys=False, default=str))
 
 
+def _session_of(request: Any) -> str:
+    """The session a request names: its ``session_id`` field (a message's, or a ``Struct``'s)."""
+    if request is None:
+        return ""
+    if isinstance(request, struct_pb2.Struct):
+        return request.fields["session_id"].string_value if "session_id" in request.fields else ""
+    return getattr(request, "session_id", "")
+
+
 def _write_target(rpc: str, request: Any) -> Any:
     if rpc == "RegisterVariable":
         return request.name
@@ -285,6 +302,8 @@ class _GuardCore:
             return None  # nothing to check or record
         if service == _SERVICE:
             return rpc, RPC_PERMISSIONS.get(rpc, "admin")
+        if method in ADMIN_RPC_PERMISSIONS:
+            return rpc, ADMIN_RPC_PERMISSIONS[method]
         return rpc, (None if method in OPEN_ADMIN_RPCS else "admin")
 
     def _wrap(
@@ -352,7 +371,7 @@ class _GuardCore:
         self, rpc: str, perm: str | None, request: Any, metadata: Sequence[tuple[str, Any]], context: Any
     ) -> tuple[_Call, Claims | None, _Refusal | None]:
         """Check the call: who it is, and the refusal (audited here) if it may not run."""
-        session = getattr(request, "session_id", "") if request is not None else ""
+        session = _session_of(request)
         call = _Call(rpc, context, session, "anonymous")
         claims: Claims | None = None
         refusal: _Refusal | None = None

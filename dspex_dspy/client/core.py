@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADDRESS_ENV",
+    "REPORT_CALLS_ENV",
     "CLIENT_CHANNEL_OPTIONS",
     "ClientCore",
     "ClientOptions",
@@ -53,6 +54,9 @@ logger = logging.getLogger("dspex_dspy.client")
 
 ADDRESS_ENV: Final = "DSPEX_BRIDGE_ADDRESS"
 """The environment variable naming the bridge address when ``connect`` is given none."""
+
+REPORT_CALLS_ENV: Final = "DSPEX_REPORT_CALLS"
+"""Set to ``1`` to have worker clients report module call provenance (see ``report_calls``)."""
 
 MAX_RECEIVE_BYTES: Final = 64 * 1024 * 1024
 """The largest message a worker client accepts: above what a bridge sends (16 MiB by default)."""
@@ -150,6 +154,9 @@ class ClientOptions(TypedDict, total=False):
         token: a bearer token sent on every call (default ``DSPEX_BRIDGE_TOKEN``).
         certificate_chain: a client certificate (PEM), for bridges that require mutual TLS.
         private_key: the key of that client certificate.
+        report_calls: report the provenance of each call of a variable-aware module bound to this
+            client to the bridge, in the background (default False, or ``DSPEX_REPORT_CALLS=1``;
+            the blocking client only).
     """
 
     cache: bool
@@ -160,6 +167,7 @@ class ClientOptions(TypedDict, total=False):
     token: str | None
     certificate_chain: Pem | None
     private_key: Pem | None
+    report_calls: bool
 
 
 class ConnectOptions(ClientOptions, total=False):
@@ -231,6 +239,7 @@ class ClientCore:
         token: str | None = None,
         certificate_chain: Pem | None = None,
         private_key: Pem | None = None,
+        report_calls: bool | None = None,
     ) -> None:
         if call_timeout <= 0:
             raise ValueError(f"call_timeout must be positive, got {call_timeout}")
@@ -244,6 +253,10 @@ class ClientCore:
             root_certificates, token, certificate_chain=certificate_chain, private_key=private_key
         )
         self._cache = VariableCache(silence_timeout) if cache else None
+        # Opt-in: report module call provenance (the environment decides when the caller does not).
+        self.reporting_calls = (
+            bool(report_calls) if report_calls is not None else os.environ.get(REPORT_CALLS_ENV, "") == "1"
+        )
         self._streams = Streams()
         self._generation = _FORKS[0]
         _LIVE.add(self)
@@ -288,6 +301,7 @@ class ClientCore:
             "token": self.security.token,
             "certificate_chain": self.security.certificate_chain,
             "private_key": self.security.private_key,
+            "report_calls": self.reporting_calls,
         }
 
     @classmethod

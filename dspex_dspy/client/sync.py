@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
-from dspex_dspy.client.cache import WORKER
+from dspex_dspy.client.cache import WORKER, VariableCache
 from dspex_dspy.client.core import (
     CLIENT_CHANNEL_OPTIONS,
     ClientCore,
@@ -32,13 +32,14 @@ from dspex_dspy.client.core import (
 )
 from dspex_dspy.client.events import WatchEvent, deprecated, detached
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
+from dspex_dspy.client.reporter import CallReporter, send_calls
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.ops import CallbackWatch, cas_update
 from dspex_dspy.records import HistoryEntry
 from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore, open_channel
 from dspex_dspy.tls import ChannelSecurity, resolve_security, secure_channel
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, is_secret
 
 __all__ = ["SessionContext", "VariableWatch"]
 
@@ -46,6 +47,8 @@ _T = TypeVar("_T")
 logger = logging.getLogger("dspex_dspy.client")
 if TYPE_CHECKING:
     from dspex_dspy.client.core import DefineOptions, Meta, Unpack
+
+_SECRET_TEXT = "<secret>"  # what a secret variable's value is reported as (as everywhere it is shown)
 
 # What a forked child inherited and must never touch (closing it could wait on the parent's threads).
 _INHERITED: list[Any] = []
@@ -75,6 +78,7 @@ class _Link:
 
     def _set(self, stub: Any, channel: grpc.Channel | None) -> None:
         self.stub = stub
+        self.channel = channel
         self.remote = RemoteStore(stub, channel=channel, address=self.address, call_timeout=self.call_timeout)
 
     def reopen(self, *, inherited: bool) -> bool:
@@ -245,6 +249,60 @@ os.register_at_fork(
 )
 
 
+def _secrecy(link: _Link, cache: VariableCache | None, session_id: str, name: str) -> bool | None:
+    """Whether a variable is secret (its metadata, from the cache or the bridge); None: cannot tell."""
+    var = cache.lookup_record(name) if cache is not None else None
+    if var is None:
+        try:
+            var = link.remote.call(BridgeCalls.get_variable(session_id, name))
+        except DSPexError:
+            return None
+    return is_secret(var.metadata)
+
+
+def _masked(
+    batch: list[Mapping[str, Any]], link: _Link, cache: VariableCache | None, session_id: str
+) -> list[Mapping[str, Any]]:
+    """The records with each secret variable's value as ``"<secret>"`` (left out when unknown)."""
+    known: dict[str, bool | None] = {}
+    out: list[Mapping[str, Any]] = []
+    for record in batch:
+        bindings = record.get("bindings")
+        if not isinstance(bindings, Mapping):
+            out.append(record)
+            continue
+        shown: dict[str, Any] = {}
+        for attr, binding in bindings.items():
+            name = binding.get("variable") if isinstance(binding, Mapping) else None
+            if not isinstance(name, str) or "value" not in binding:
+                shown[attr] = binding
+                continue
+            if name not in known:
+                known[name] = _secrecy(link, cache, session_id, name)
+            secret = known[name]
+            if secret is None:
+                shown[attr] = {k: v for k, v in binding.items() if k != "value"}  # the version only
+            elif secret:
+                shown[attr] = {**binding, "value": _SECRET_TEXT}
+            else:
+                shown[attr] = binding
+        out.append({**record, "bindings": shown})
+    return out
+
+
+def _call_sender(
+    link: _Link, cache: VariableCache | None, session_id: str
+) -> Callable[[list[Mapping[str, Any]]], object]:
+    """Sends a batch of call records on the link's current channel (no reference to the client)."""
+
+    def send(batch: list[Mapping[str, Any]]) -> object:
+        if link.channel is None:
+            raise BridgeUnavailableError("this client was made from a stub without its channel")
+        return send_calls(link.channel, session_id, _masked(batch, link, cache, session_id), link.call_timeout)
+
+    return send
+
+
 def _feed_cache(link: _Link, feed: CacheFeed, streams: Streams) -> None:
     """The cache feed thread: the :class:`CacheFeed` machine over blocking streams, until closed.
 
@@ -311,7 +369,9 @@ class SessionContext(ClientCore):
             long :meth:`watch_variables` keeps trying to reconnect before it raises, 30 s; None:
             for ever; the cache itself retries until :meth:`close`), ``silence_timeout`` (seconds
             without any message on the cache's stream after which the connection is taken as
-            dead, 30 s; None: never; keep it above the server's heartbeat interval). See
+            dead, 30 s; None: never; keep it above the server's heartbeat interval),
+            ``report_calls`` (send the provenance of variable-aware module calls to the bridge in
+            the background, see :meth:`report_call`; default ``DSPEX_REPORT_CALLS=1`` or off). See
             :class:`~dspex_dspy.client.core.ClientOptions`.
 
     Example:
@@ -335,7 +395,9 @@ class SessionContext(ClientCore):
         self._link = _Link(stub, channel, address, self.call_timeout, self.security)
         self._fork_lock = threading.Lock()
         self._feed: threading.Thread | None = None
+        self._reporter: CallReporter | None = None
         self._start_feed()
+        self._start_reporter()
 
     @property
     def stub(self) -> Any:
@@ -352,6 +414,32 @@ class SessionContext(ClientCore):
             daemon=True,
         )
         self._feed.start()
+
+    def _start_reporter(self) -> None:
+        if not self.reporting_calls:
+            return
+        self._reporter = CallReporter(
+            _call_sender(self._link, self._cache, self.session_id),
+            guard=_FORK_PAUSE.inside,
+            name=f"dspex-calls-{self.session_id[:24]}",
+        )
+
+    def report_call(self, record: Mapping[str, Any]) -> None:
+        """Queue a module call record for the bridge (``BridgeAdmin/ReportCalls``), in the background.
+
+        Never blocks and never raises: with reporting off, a closed client, a full queue (1,000
+        records) or a bridge that cannot take the report, the record is dropped (a debug log line).
+        Records should be JSON mappings of at most 8 KiB; the bridge keeps a session's newest 50.
+        """
+        if self._reporter is None or self.closed:
+            return
+        if self._forked():
+            try:
+                self._adopt()
+            except DSPexError:
+                return
+        if self._reporter is not None:
+            self._reporter.put(record)
 
     @classmethod
     def connect(
@@ -407,6 +495,8 @@ class SessionContext(ClientCore):
         self._streams.cancel_all()
         if self._cache is not None:
             self._cache.mark_down()
+        if self._reporter is not None:
+            self._reporter.close(timeout=self.call_timeout)  # what is queued goes out first
         if self._feed is not None and self._feed is not threading.current_thread():
             self._feed.join(timeout=self.call_timeout)
         self._link.close()
@@ -430,6 +520,7 @@ class SessionContext(ClientCore):
                 )
             self._adopted()
             self._start_feed()
+            self._start_reporter()
 
     def __enter__(self) -> SessionContext:
         return self
@@ -444,6 +535,9 @@ class SessionContext(ClientCore):
         if streams is None or streams.closed or finalizing() or self._forked():
             return
         streams.cancel_all()
+        reporter = self.__dict__.get("_reporter")
+        if reporter is not None:
+            reporter.close(timeout=0)
 
     @classmethod
     def _unpickle(cls, address: str, session_id: str, options: ClientOptions) -> SessionContext:

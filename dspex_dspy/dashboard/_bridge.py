@@ -20,7 +20,7 @@ import grpc.aio
 
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
-from dspex_dspy.admin import SessionSummary, list_sessions
+from dspex_dspy.admin import SessionSummary, list_sessions, recent_calls
 from dspex_dspy.errors import BridgeUnavailableError
 from dspex_dspy.records import SessionInfo
 from dspex_dspy.remote import CHANNEL_OPTIONS, RemoteStore
@@ -150,6 +150,12 @@ class BridgeLink:
         """The bridge's sessions (its ``BridgeAdmin.ListSessions``), as the token may see them."""
         store = self.store(token)
         return list_sessions(self._channels[id(store)], pattern=pattern, timeout=store.call_timeout)
+
+    def recent_calls(self, token: str | None, session_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The session's newest reported module calls (its ``BridgeAdmin.RecentCalls``), newest first."""
+        store = self.store(token)
+        calls = recent_calls(self._channels[id(store)], session_id, limit=limit, timeout=store.call_timeout)
+        return [jsonable(call) for call in calls]
 
     def close(self) -> None:
         """Close every client. Idempotent."""

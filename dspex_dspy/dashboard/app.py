@@ -10,6 +10,7 @@ Routes (all JSON unless said otherwise; a token, when the bridge wants one, trav
 ``GET /api/sessions?q=``                    sessions, filtered by a substring of their id
 ``GET /api/sessions/{sid}``                 one session and its variables
 ``GET /api/sessions/{sid}/events``          ``text/event-stream`` of its live changes
+``GET /api/sessions/{sid}/calls?limit=``    recent module calls workers reported, newest first
 ``GET .../variables/{name}/history``        a variable's history, newest first
 ``POST .../variables/{name}``               ``{"value": text, "expected_version": n?}``: a write
 ``POST .../variables/{name}/rollback``      ``{"version": n}``: write that version's value again
@@ -162,6 +163,20 @@ def create_app(
 
         return await guarded(request, handler)
 
+    async def calls(request: Request) -> Response:
+        sid = request.path_params["sid"]
+        raw = request.query_params.get("limit", "50")
+        if not raw.isdigit() or int(raw) < 1:
+            return _bad_request("limit must be a positive integer")
+        limit = int(raw)
+
+        async def handler() -> dict[str, Any]:
+            token = _token(request)
+            found = await run_in_threadpool(bridge_link.recent_calls, token, sid, limit)
+            return {"calls": found}
+
+        return await guarded(request, handler)
+
     async def history(request: Request) -> Response:
         sid, name = request.path_params["sid"], request.path_params["name"]
 
@@ -264,6 +279,7 @@ def create_app(
         Route("/api/sessions", sessions),
         Route("/api/sessions/{sid}", session),
         Route("/api/sessions/{sid}/events", events),
+        Route("/api/sessions/{sid}/calls", calls),
         Route("/api/sessions/{sid}/variables/{name}/history", history),
         Route("/api/sessions/{sid}/variables/{name}", write, methods=["POST"]),
         Route("/api/sessions/{sid}/variables/{name}/rollback", rollback, methods=["POST"]),

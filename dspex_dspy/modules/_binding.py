@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 import weakref
 from collections.abc import Callable, Collection, Mapping
 from contextvars import ContextVar
@@ -949,6 +950,9 @@ class VariableBindingMixin:
                 result = super().__call__(*args, **kwargs)  # type: ignore[misc]
             finally:
                 thread_local_overrides.reset(token)
+        report = _reporter(d, scope)
+        if report is not None:
+            _report_call(report, self, provenance)
         return _finish(d, result, provenance)
 
     async def _dspex_acall(self, *args: Any, **kwargs: Any) -> Any:
@@ -973,6 +977,9 @@ class VariableBindingMixin:
                 result = await super().acall(*args, **kwargs)  # type: ignore[misc]
             finally:
                 thread_local_overrides.reset(token)
+        report = _reporter(d, scope)
+        if report is not None:
+            _report_call(report, self, provenance)
         return _finish(d, result, provenance)
 
     # ------------------------------------------------------------------ save / load
@@ -1142,6 +1149,47 @@ def _open_scope(
         slot.last = (bindings, readings, scope, provenance, injected)
     slot.var.set(provenance)
     return scope, provenance
+
+
+_MAX_REPORTED_VALUE = 1024  # characters of JSON; a longer value is reported shortened
+
+
+def _reporter(d: dict[str, Any], scope: CallScope) -> Callable[[Mapping[str, Any]], None] | None:
+    """Where a finished call's provenance goes: its client's ``report_call`` for a top-level call."""
+    source: VariableSource | None = d.get("_dspex_source")
+    if source is None or scope.parent is not None:
+        return None
+    return source.report
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` if it is short JSON, else a short text of it (a call record travels as JSON)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return _short(value)
+    return value if len(text) <= _MAX_REPORTED_VALUE else _short(value)
+
+
+def _report_call(report: Callable[[Mapping[str, Any]], None], module: Any, provenance: dict[str, BoundValue]) -> None:
+    """Hand a finished top-level call's provenance to the worker client that reports calls.
+
+    The client checks, off this thread, which variables are secret (their values are reported
+    as ``"<secret>"``, or left out when it cannot tell).
+    """
+    try:
+        report(
+            {
+                "module": type(module).__name__,
+                "at": time.time(),
+                "bindings": {
+                    attr: {"variable": b.variable, "version": b.version, "value": _json_value(b.value)}
+                    for attr, b in provenance.items()
+                },
+            }
+        )
+    except Exception:  # reporting never fails a call
+        return
 
 
 def _finish(d: dict[str, Any], result: Any, provenance: dict[str, BoundValue]) -> Any:

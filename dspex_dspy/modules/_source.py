@@ -16,7 +16,7 @@ returns the same source, and pickling drops it (a saved program never carries a 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from dspex_dspy.context import Context
@@ -46,7 +46,7 @@ class VariableSource:
         TypeError: ``target`` is none of these.
     """
 
-    __slots__ = ("_kind", "many_reader", "reader", "target")
+    __slots__ = ("_kind", "many_reader", "reader", "report", "target")
 
     target: Any
     _kind: str
@@ -54,6 +54,9 @@ class VariableSource:
     reader: Callable[[str], tuple[Any, int]]
     #: The fastest callable doing what :meth:`read_many` does (the per-call hot path uses it).
     many_reader: Callable[[Iterable[str]], dict[str, tuple[Any, int]]]
+    #: Where a finished call's provenance goes: a worker client's ``report_call`` when it reports
+    #: calls (``report_calls=True``), else None (the call path then does nothing more).
+    report: Callable[[Mapping[str, Any]], None] | None
 
     def __init__(self, target: Any) -> None:
         if isinstance(target, VariableSource):
@@ -73,6 +76,8 @@ class VariableSource:
             )
         self.target = target
         self._kind = kind
+        report = getattr(target, "report_call", None) if getattr(target, "reporting_calls", False) is True else None
+        self.report = report if callable(report) else None
         if kind == "async":
             self.reader = self.read
             self.many_reader = self.read_many

@@ -3,8 +3,9 @@
 Each session is a handful of keys sharing the hash tag ``{session}`` (a Redis Cluster keeps them in
 one slot): ``s`` (the session: metadata, creation time, TTL, change position, id counter), per
 variable fields in ``d`` (definition), ``x`` (value, time, writer), ``r`` (version), ``m``
-(metadata), ``n`` (name -> id), ``h`` (history, field ``<id>:<version>``) and ``l``, a stream that is
-the session's change log (entry id ``<position>-0``, bounded with ``XADD MAXLEN ~``).
+(metadata), ``n`` (name -> id), ``h`` (history, field ``<id>:<version>``), ``l``, a stream that is
+the session's change log (entry id ``<position>-0``, bounded with ``XADD MAXLEN ~``), ``a`` and ``o``
+(optimization leases) and ``c``, a list of the session's recent module calls (newest first).
 
 Every operation is one Lua script run with ``EVALSHA`` (redis-py's ``register_script``): a write,
 an atomic batch or a rollback checks every version, writes the variable, trims its history and
@@ -49,7 +50,8 @@ PREFIX: Final = "dspex"
 _SESSIONS_INDEX: Final = f"{PREFIX}:sessions"
 _ID_COUNTER: Final = f"{PREFIX}:ids"
 _ALL_HISTORY: Final = 1 << 30  # "every entry there is": the history of a version is at most that version long
-_KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l", "a", "o")
+# New keys go at the end: the scripts address keys by index.
+_KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l", "a", "o", "c")
 
 # Shared by every script: refresh the expiry of all of a session's keys (every KEYS entry).
 _TOUCH = """
@@ -402,6 +404,27 @@ return {'ok'}
 """
 )
 
+# Recent module calls: ARGV[1] how many to keep, then the records, oldest first.
+_REPORT_CALLS = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+for i = 2, #ARGV do redis.call('LPUSH', KEYS[11], ARGV[i]) end
+redis.call('LTRIM', KEYS[11], 0, tonumber(ARGV[1]) - 1)
+touch()
+return #ARGV - 1
+"""
+)
+
+_RECENT_CALLS = (
+    _TOUCH
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+touch()
+return redis.call('LRANGE', KEYS[11], 0, tonumber(ARGV[1]) - 1)
+"""
+)
+
 
 def _keys(session_id: str) -> list[str]:
     return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in _KEY_SUFFIXES]
@@ -516,6 +539,8 @@ class RedisStorage:
         self._history = register(_HISTORY)
         self._lease_start = register(_LEASE_START)
         self._lease_stop = register(_LEASE_STOP)
+        self._report_calls = register(_REPORT_CALLS)
+        self._recent_calls = register(_RECENT_CALLS)
         self._call(self._redis.ping)
 
     def __repr__(self) -> str:
@@ -816,6 +841,20 @@ class RedisStorage:
             raise SessionNotFoundError(session_id)
         if got[0] == "locked":
             raise VariableLockedError(name, got[1], "stop the optimization by its lease id, or with force=True")
+
+    # ------------------------------------------------------------------ recent calls
+
+    def report_calls(self, session_id: str, calls: Sequence[str], *, keep: int) -> int:
+        got = int(self._call(self._report_calls, keys=_keys(session_id), args=[keep, *calls]))
+        if got < 0:
+            raise SessionNotFoundError(session_id)
+        return got
+
+    def recent_calls(self, session_id: str, limit: int) -> list[str]:
+        got = self._call(self._recent_calls, keys=_keys(session_id), args=[limit])
+        if got is None:
+            raise SessionNotFoundError(session_id)
+        return list(got)
 
     # ------------------------------------------------------------------ change log
 

@@ -59,6 +59,7 @@ from dspex_dspy.leases import (
 )
 from dspex_dspy.limits import StoreLimits, check_value_size
 from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateType, VariableUpdate
+from dspex_dspy.store.calls import MAX_CALLS_KEPT, decode_calls, encode_calls
 from dspex_dspy.store.glob import compile_glob
 from dspex_dspy.store.storage import (
     MAX_VERSION,
@@ -877,6 +878,33 @@ class SessionStore:
                     return
                 logger.exception("following the changes of session %s failed unexpectedly (retrying)", session_id)
                 self._stop_sweeper.wait(_FOLLOW_WAIT_S)
+
+    # ------------------------------------------------------------------ recent module calls
+
+    def report_calls(self, session_id: str, calls: Sequence[Mapping[str, Any]]) -> int:
+        """Keep call records a worker reports (their provenance); the session keeps the newest 50.
+
+        Refreshes the session's TTL, like any write. See :mod:`dspex_dspy.store.calls`.
+
+        Raises:
+            ValidationError: a bad report (nothing is kept).
+            SessionNotFoundError: the session does not exist.
+        """
+        encoded = encode_calls(calls)
+        self._check_open()
+        return self._storage.report_calls(session_id, encoded, keep=MAX_CALLS_KEPT)
+
+    def recent_calls(self, session_id: str, limit: int = MAX_CALLS_KEPT) -> list[dict[str, Any]]:
+        """The session's newest call records, newest first: at most ``limit`` (a positive integer).
+
+        Raises:
+            ValidationError: a bad ``limit``.
+            SessionNotFoundError: the session does not exist.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError("", "limit", limit, f"limit must be a positive integer, got {limit!r}")
+        self._check_open()
+        return decode_calls(self._storage.recent_calls(session_id, min(limit, MAX_CALLS_KEPT)))
 
     # ------------------------------------------------------------------ internals
 

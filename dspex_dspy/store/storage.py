@@ -6,7 +6,8 @@ many or all variables of a session; insert variables; apply a write or an atomic
 with per-variable version checks (compare-and-swap), returning the new versions; delete a
 variable; a bounded per-variable history; and a per-session **change log** with a monotonically
 increasing position, readable from a position and bounded (a reader that fell behind the
-compacted part is told to resync, never handed a silent gap). A rollback is an ordinary write.
+compacted part is told to resync, never handed a silent gap); and a bounded list of the session's
+recent module calls (JSON text). A rollback is an ordinary write.
 
 Engines never hand out mutable records: every answer is a frozen :class:`~dspex_dspy.types.Variable`
 or record, so a remote engine (:mod:`dspex_dspy.store.redis_storage`) can implement the same
@@ -229,6 +230,12 @@ class Storage(Protocol):
     def read_changes(self, session_id: str, after: int, timeout: float) -> ChangeBatch:
         """The changes after position ``after``, waiting up to ``timeout`` seconds for one."""
 
+    def report_calls(self, session_id: str, calls: Sequence[str], *, keep: int) -> int:
+        """Append call records (JSON text, oldest first), keeping the newest ``keep``; return how many were added."""
+
+    def recent_calls(self, session_id: str, limit: int) -> list[str]:
+        """The session's newest call records (JSON text), newest first, at most ``limit``."""
+
     def close(self) -> None:
         """Release the engine's resources."""
 
@@ -265,6 +272,8 @@ class _Session:
         self.bytes_used = 0
         self.fixed: dict[str, int] = {}
         self.history_bytes: dict[str, int] = {}
+        # Recent module calls reported by workers (JSON text, oldest first); bounded by the store.
+        self.calls: deque[str] = deque()
 
 
 def _entry(var: Variable, metadata: Mapping[str, str]) -> HistoryEntry:
@@ -628,6 +637,24 @@ class MemoryStorage:
                 return ChangeBatch(session.position, resync=True)
             updates = tuple(update for pos, update, _ in session.log if pos > after)
             return ChangeBatch(session.position, updates)
+
+    # ------------------------------------------------------------------ recent calls
+
+    def report_calls(self, session_id: str, calls: Sequence[str], *, keep: int) -> int:
+        session = self._live(session_id)
+        with session.lock:
+            if session.ended:
+                raise SessionNotFoundError(session_id)
+            session.calls.extend(calls)
+            while len(session.calls) > keep:
+                session.calls.popleft()
+        return len(calls)
+
+    def recent_calls(self, session_id: str, limit: int) -> list[str]:
+        session = self._live(session_id)
+        with session.lock:
+            newest = list(session.calls)[::-1]
+        return newest[:limit]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -23,9 +23,10 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from dspex_dspy import Context, Variables
+from dspex_dspy.admin import report_calls
 from dspex_dspy.dashboard import DashboardServer
 from dspex_dspy.errors import VariableLockedError
-from dspex_dspy.remote import RemoteStore
+from dspex_dspy.remote import RemoteStore, open_channel
 from dspex_dspy.tokens import mint_token
 
 pytestmark = pytest.mark.e2e
@@ -298,3 +299,49 @@ def test_with_auth_a_read_only_token_sees_values_but_cannot_edit(browser: Browse
         assert (Variables.get(ctx, "temperature"), Variables.get_variable(ctx, "temperature").version) == (0.7, 1)
     finally:
         ctx.stop()
+
+
+REPORTING_WORKER = Path(__file__).resolve().parents[1] / "integration" / "workers" / "reporting.py"
+
+
+def test_the_session_view_shows_the_module_calls_workers_report(
+    page: Page, dashboard: DashboardServer, bridge: Any, session: Context
+) -> None:
+    Variables.defvariable(session, "system_prompt", "string", "Be terse.", metadata={"secret": "true"})
+    Variables.set(session, "temperature", 0.4)  # version 2
+    env = {**os.environ, "DSPEX_REPORT_CALLS": "1"}
+    worker = subprocess.run(
+        [sys.executable, str(REPORTING_WORKER), "--address", bridge.address, "--session", session.id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert worker.returncode == 0, worker.stderr
+    _open_session(page, dashboard, session.id)
+    calls = page.locator("#calls tr[data-role=call]")
+    expect(calls).to_have_count(1)
+    expect(calls.first).to_contain_text("VariableAwarePredict")
+    expect(calls.first.locator('[data-attribute="temperature"]')).to_have_text("temperature v2 = 0.4")
+    expect(calls.first.locator('[data-attribute="instructions"]')).to_have_text("system_prompt v1 = <secret>")
+    expect(page.locator("#calls")).not_to_contain_text("Be terse.")
+    page.screenshot(path=str(SHOTS / "calls.png"), full_page=True)
+
+    # A report whose text looks like markup shows as text; a live change of the session refreshes the panel.
+    hostile = "<img src=x onerror=\"document.body.dataset.owned='1'\">"
+    channel = open_channel(bridge.address)
+    try:
+        record = {
+            "module": hostile,
+            "at": time.time(),
+            "bindings": {"temperature": {"variable": "temperature", "version": 3}},
+        }
+        assert report_calls(channel, session.id, [record]) == 1
+    finally:
+        channel.close()
+    Variables.set(session, "temperature", 0.5)
+    expect(calls).to_have_count(2, timeout=LIVE_DEADLINE_MS)
+    expect(calls.first.locator("td").nth(1)).to_have_text(hostile)
+    expect(calls.first.locator('[data-attribute="temperature"]')).to_have_text("temperature v3")
+    assert page.locator("#calls img").count() == 0
+    assert page.evaluate("document.body.dataset.owned") is None

@@ -228,6 +228,52 @@ function applyRecord(record, flash) {
   }
 }
 
+// ------------------------------------------------------------------ recent module calls
+
+function fmtBinding(binding) {
+  const parts = [binding.variable || "?"];
+  if (binding.version !== undefined && binding.version !== null) parts.push(` v${binding.version}`);
+  if (Object.prototype.hasOwnProperty.call(binding, "value")) {
+    const v = binding.value;
+    parts.push(" = ", typeof v === "string" ? v : JSON.stringify(v));
+  }
+  return parts.join("");
+}
+
+function renderCalls(calls) {
+  const body = $("calls").querySelector("tbody");
+  body.replaceChildren();
+  for (const call of calls) {
+    const list = el("ul", { class: "bindings" });
+    for (const [attr, binding] of Object.entries(call.bindings || {})) {
+      list.append(el("li", { "data-attribute": attr, title: attr, text: fmtBinding(binding || {}) }));
+    }
+    body.append(el("tr", { "data-role": "call" },
+      el("td", { "data-label": "When", text: fmtTime(call.at) }),
+      el("td", { "data-label": "Module", text: String(call.module || "—") }),
+      el("td", { "data-label": "Bound variables" }, list)));
+  }
+  if (!calls.length) body.append(el("tr", {}, el("td", { colspan: "3", class: "muted", text: "No calls reported yet." })));
+}
+
+let callsLoading = null;
+async function loadCalls(sid) {
+  // One request at a time: events arriving meanwhile ask for one more load when it is done.
+  if (callsLoading) { callsLoading.again = true; return; }
+  callsLoading = { again: false };
+  try {
+    $("calls-error").textContent = "";
+    const body = await api(`/api/sessions/${encodeURIComponent(sid)}/calls`);
+    if (state.route.session === sid) renderCalls(body.calls || []);
+  } catch (err) {
+    if (state.route.session === sid) $("calls-error").textContent = describeError(err);
+  } finally {
+    const again = callsLoading.again;
+    callsLoading = null;
+    if (again && state.route.session === sid && state.route.variable === null) loadCalls(sid);
+  }
+}
+
 async function openSession(sid) {
   $("empty").hidden = true;
   $("variable-view").hidden = true;
@@ -249,6 +295,7 @@ async function openSession(sid) {
   state.variables = new Map(body.variables.map((v) => [v.name, v]));
   renderVariables();
   follow(sid);
+  loadCalls(sid);
 }
 
 async function saveValue(name, input, fieldError) {
@@ -335,6 +382,7 @@ function handleEvent(block) {
     return;
   }
   if (event !== "update" || !payload.variable) return;
+  if (state.route.variable === null && state.route.session) loadCalls(state.route.session);
   if (payload.kind === "deleted") {
     state.variables.delete(payload.name);
     if (state.route.variable === null) renderVariables();
