@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from dspex_dspy.errors import BridgeUnavailableError, SessionNotFoundError, VariableNotFoundError, VersionConflictError
 from dspex_dspy.records import UpdateType
@@ -182,7 +183,12 @@ def test_cas_increments_through_two_nodes_are_exact(two_nodes: tuple[SessionStor
 
 
 def test_session_ttl_is_redis_expiry(redis_url: str) -> None:
-    store = SessionStore(storage=RedisStorage(redis_url), default_ttl=0.3, limits=StoreLimits())
+    # A database of its own: a sweeper of another store on the shared server (e.g. a bridge a
+    # test left serving) must not sweep this test's expired session before it does.
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    store = SessionStore(storage=RedisStorage(url), default_ttl=0.3, limits=StoreLimits())
     try:
         store.create_session("s1")
         store.register_variable("s1", "x", "integer", 1)
