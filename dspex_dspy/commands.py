@@ -42,7 +42,6 @@ from dspex_dspy.admin import list_sessions
 from dspex_dspy.display import (
     HISTORY_HEADERS,
     SECRET,
-    event_record,
     format_time,
     format_value,
     history_record,
@@ -410,9 +409,9 @@ def _watch(conn: Connection, args: argparse.Namespace, out: TextIO) -> int:
             event = event_from_update(update)
             if event is None:
                 continue
-            secret = update.variable is not None and is_secret(update.variable.metadata)
+            secret = event.secret
             if args.json:
-                _emit(out, event_record(event, secret=secret))
+                _emit(out, event.to_record())
             else:
                 meta = (
                     f" [{', '.join(f'{k}={v}' for k, v in sorted(event.metadata.items()))}]" if event.metadata else ""

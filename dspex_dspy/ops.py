@@ -24,10 +24,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from dspex_dspy.display import event_record
+from dspex_dspy.display import SECRET, event_record
 from dspex_dspy.errors import DSPexError, VersionConflictError
 from dspex_dspy.records import UpdateType, VariableUpdate
-from dspex_dspy.types import BATCH_METADATA_KEY, OptimizationStatus
+from dspex_dspy.types import BATCH_METADATA_KEY, OptimizationStatus, is_secret
 
 __all__ = [
     "AsyncCallbackWatch",
@@ -63,6 +63,8 @@ class WatchEvent:
         variable_id: the variable's id.
         metadata: the metadata given with this one write (not the variable's own metadata).
         optimization_status: the optimization lease holding the variable at that version, or None.
+        secret: the variable is secret: its value is kept here for the program, but the event's
+            repr and records show ``<secret>``.
     """
 
     name: str
@@ -74,10 +76,18 @@ class WatchEvent:
     variable_id: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     optimization_status: OptimizationStatus | None = None
+    secret: bool = False
+
+    def __repr__(self) -> str:
+        value = SECRET if self.secret else repr(self.value)
+        return (
+            f"WatchEvent(name={self.name!r}, value={value}, version={self.version}, "
+            f"update_type={self.update_type!r}, source={self.source!r})"
+        )
 
     def to_record(self) -> dict[str, Any]:
         """The event as a plain dict (JSON-ready; the time as ISO-8601 UTC), as ``watch --json`` prints it."""
-        return event_record(self)
+        return event_record(self, secret=self.secret)
 
 
 def event_from_update(update: VariableUpdate) -> WatchEvent | None:
@@ -95,6 +105,7 @@ def event_from_update(update: VariableUpdate) -> WatchEvent | None:
         variable_id=update.variable_id or var.id,
         metadata={k: v for k, v in update.metadata.items() if k != BATCH_METADATA_KEY},
         optimization_status=var.optimization_status,
+        secret=is_secret(var.metadata),
     )
 
 

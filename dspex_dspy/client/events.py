@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from dspex_dspy.ops import WatchEvent
 from dspex_dspy.records import UpdateType, VariableUpdate
-from dspex_dspy.types import Variable
+from dspex_dspy.types import Variable, is_secret
 
 __all__ = ["StreamOrder", "WatchEvent", "WatchTracker", "detached"]
 
@@ -112,6 +112,7 @@ class WatchTracker:
             var.id,
             dict(update.metadata),
             var.optimization_status,
+            is_secret(var.metadata),
         )
 
     def on_listing(self, variables: Iterable[Variable]) -> list[WatchEvent]:
@@ -140,6 +141,7 @@ class WatchTracker:
                         var.id,
                         {},
                         var.optimization_status,
+                        is_secret(var.metadata),
                     )
                 )
         now = time.time()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from support.recording_lm import RecordingEngine, recording_lm
 
-from dspex_dspy import Context, VariableAwarePredict, Variables
+from dspex_dspy import Context, SessionContext, VariableAwarePredict, Variables
 from dspex_dspy.display import History, Provenance, VariableList, format_value
 from dspex_dspy.modules import get_provenance
 
@@ -156,3 +156,32 @@ def test_a_history_entry_written_as_secret_stays_hidden() -> None:
     )
     assert "sk-hidden" not in repr(history) and "public" in repr(history)
     assert [r["value"] for r in history.to_records()] == ["public", "<secret>"]
+
+
+@pytest.mark.parametrize("backend", ["local", "bridged"])
+def test_a_secret_variables_watch_events_never_show_its_value(backend: str) -> None:
+    ctx = Context(backend=backend)
+    try:
+        Variables.defvariable(ctx, "api_key", "string", "sk-first-0001", metadata={"secret": "true"})
+        Variables.defvariable(ctx, "model", "string", "small")
+        with Variables.watch(ctx, ["api_key", "model"]) as events:
+            first = [next(events), next(events)]
+            Variables.set(ctx, "api_key", "sk-second-0002")
+            change = next(events)
+        secret = next(e for e in first if e.name == "api_key")
+        public = next(e for e in first if e.name == "model")
+        assert secret.secret and change.secret and not public.secret
+        assert (secret.value, change.value) == ("sk-first-0001", "sk-second-0002")  # the program sees it
+        for event in (secret, change):
+            assert "sk-" not in repr(event) and "sk-" not in repr(event.to_record())
+            assert event.to_record()["value"] == "<secret>"
+        assert "small" in repr(public) and public.to_record()["value"] == "small"
+        if backend == "bridged":  # a worker's watch (fed by its cache) marks the event the same way
+            assert ctx.bridge_address is not None
+            with SessionContext.connect(ctx.bridge_address, ctx.id) as worker:
+                watch = worker.watch_variables(["api_key"])
+                seen = next(watch)
+                watch.close()
+            assert seen.secret and seen.value == "sk-second-0002" and "sk-" not in repr(seen)
+    finally:
+        ctx.stop()
