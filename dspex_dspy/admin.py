@@ -20,10 +20,10 @@ import asyncio
 import contextvars
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -31,9 +31,16 @@ from google.protobuf import json_format, struct_pb2
 
 from dspex_dspy.auth import current_principal
 from dspex_dspy.errors import DSPexError, ValidationError
+from dspex_dspy.remote.reports import (
+    ADMIN_SERVICE,
+    LIST_SESSIONS,
+    ask_admin,
+    recent_calls,
+    report_calls,
+)
 from dspex_dspy.store import SessionStore
 from dspex_dspy.store.glob import compile_glob
-from dspex_dspy.wire_errors import error_from_rpc, rpc_status_for
+from dspex_dspy.wire_errors import rpc_status_for
 
 __all__ = [
     "ADMIN_SERVICE",
@@ -43,11 +50,6 @@ __all__ = [
     "recent_calls",
     "report_calls",
 ]
-
-ADMIN_SERVICE: Final = "dspex.bridge.v1.BridgeAdmin"
-LIST_SESSIONS: Final = f"/{ADMIN_SERVICE}/ListSessions"
-REPORT_CALLS: Final = f"/{ADMIN_SERVICE}/ReportCalls"
-RECENT_CALLS: Final = f"/{ADMIN_SERVICE}/RecentCalls"
 
 
 @dataclass(frozen=True)
@@ -241,19 +243,9 @@ def list_sessions(
         BridgeUnavailableError: the bridge cannot be reached.
         DSPexError: the bridge refused (e.g. it does not serve ``BridgeAdmin``).
     """
-    call: Callable[..., struct_pb2.Struct] = channel.unary_unary(
-        LIST_SESSIONS,
-        request_serializer=struct_pb2.Struct.SerializeToString,
-        response_deserializer=struct_pb2.Struct.FromString,
+    data = ask_admin(
+        channel, LIST_SESSIONS, {"pattern": pattern} if pattern else {}, timeout=timeout, metadata=metadata
     )
-    request = struct_pb2.Struct()
-    if pattern:
-        request.update({"pattern": pattern})
-    try:
-        reply = call(request, timeout=timeout, metadata=metadata)
-    except grpc.RpcError as err:
-        raise error_from_rpc(err) from err
-    data = json_format.MessageToDict(reply)
     return [
         SessionSummary(
             id=str(item["id"]),
@@ -266,63 +258,3 @@ def list_sessions(
         )
         for item in data.get("sessions", [])
     ]
-
-
-def _struct_call(channel: grpc.Channel, method: str) -> Callable[..., struct_pb2.Struct]:
-    return channel.unary_unary(
-        method,
-        request_serializer=struct_pb2.Struct.SerializeToString,
-        response_deserializer=struct_pb2.Struct.FromString,
-    )
-
-
-def report_calls(
-    channel: grpc.Channel,
-    session_id: str,
-    calls: Sequence[Mapping[str, Any]],
-    *,
-    timeout: float = 10.0,
-    metadata: Any = None,
-) -> int:
-    """Report module call records (their provenance) to a session; return how many were kept.
-
-    Each record travels as its JSON text, so its numbers keep their type.
-
-    Raises:
-        ValidationError: a record is not JSON (or the bridge refused the report).
-        SessionNotFoundError: the session does not exist.
-        PermissionDeniedError: the token lacks ``write`` on the session.
-        BridgeUnavailableError: the bridge cannot be reached.
-    """
-    texts = []
-    for i, call in enumerate(calls):
-        try:
-            texts.append(json.dumps(dict(call), separators=(",", ":"), ensure_ascii=False, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise ValidationError("", "calls", call, f"call {i} is not JSON: {exc}") from None
-    request = struct_pb2.Struct()
-    request.update({"session_id": session_id, "calls": texts})
-    try:
-        reply = _struct_call(channel, REPORT_CALLS)(request, timeout=timeout, metadata=metadata)
-    except grpc.RpcError as err:
-        raise error_from_rpc(err, session_id=session_id) from err
-    return int(json_format.MessageToDict(reply).get("stored", 0))
-
-
-def recent_calls(
-    channel: grpc.Channel, session_id: str, *, limit: int = 50, timeout: float = 10.0, metadata: Any = None
-) -> list[dict[str, Any]]:
-    """The session's newest reported module calls, newest first (at most ``limit``).
-
-    Raises:
-        SessionNotFoundError: the session does not exist.
-        PermissionDeniedError: the token lacks ``read`` on the session.
-        BridgeUnavailableError: the bridge cannot be reached.
-    """
-    request = struct_pb2.Struct()
-    request.update({"session_id": session_id, "limit": limit})
-    try:
-        reply = _struct_call(channel, RECENT_CALLS)(request, timeout=timeout, metadata=metadata)
-    except grpc.RpcError as err:
-        raise error_from_rpc(err, session_id=session_id) from err
-    return [json.loads(text) for text in json_format.MessageToDict(reply).get("calls", [])]

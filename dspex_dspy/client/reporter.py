@@ -11,55 +11,22 @@ or fail a program.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
-import grpc
-from google.protobuf import struct_pb2
-
-from dspex_dspy.wire_errors import error_from_rpc
-
-__all__ = ["MAX_BATCH", "MAX_QUEUED", "REPORT_CALLS_METHOD", "CallReporter", "send_calls"]
+__all__ = ["MAX_BATCH", "MAX_QUEUED", "CallReporter"]
 
 logger = logging.getLogger("dspex_dspy.client")
 
-REPORT_CALLS_METHOD: Final = "/dspex.bridge.v1.BridgeAdmin/ReportCalls"
 MAX_QUEUED: Final = 1_000
 """Records waiting to be sent; more are dropped."""
 MAX_BATCH: Final = 100
 """Records sent in one ``ReportCalls``."""
 
 _STOP: Final = object()
-
-
-def send_calls(channel: grpc.Channel, session_id: str, calls: Sequence[Mapping[str, Any]], timeout: float) -> int:
-    """Send one ``ReportCalls`` (each record as its JSON text); return how many the bridge kept.
-
-    Raises:
-        DSPexError: the bridge refused the report or cannot be reached.
-    """
-    request = struct_pb2.Struct()
-    request.update(
-        {
-            "session_id": session_id,
-            "calls": [json.dumps(dict(c), separators=(",", ":"), ensure_ascii=False, allow_nan=False) for c in calls],
-        }
-    )
-    call = channel.unary_unary(
-        REPORT_CALLS_METHOD,
-        request_serializer=struct_pb2.Struct.SerializeToString,
-        response_deserializer=struct_pb2.Struct.FromString,
-    )
-    try:
-        reply = call(request, timeout=timeout)
-    except grpc.RpcError as err:
-        raise error_from_rpc(err, session_id=session_id) from err
-    stored = reply.fields["stored"].number_value if "stored" in reply.fields else 0
-    return int(stored)
 
 
 class CallReporter:

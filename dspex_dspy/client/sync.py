@@ -32,12 +32,13 @@ from dspex_dspy.client.core import (
 )
 from dspex_dspy.client.events import WatchEvent, deprecated, detached
 from dspex_dspy.client.feed import CachedWatch, CacheFeed, Listing, StreamWatch
-from dspex_dspy.client.reporter import CallReporter, send_calls
+from dspex_dspy.client.reporter import CallReporter
 from dspex_dspy.errors import BridgeUnavailableError, DSPexError
 from dspex_dspy.leases import DEFAULT_LEASE_SECONDS, OptimizationLease
 from dspex_dspy.ops import CallbackWatch, cas_update
 from dspex_dspy.records import HistoryEntry
 from dspex_dspy.remote import BridgeCall, BridgeCalls, RemoteStore, open_channel
+from dspex_dspy.remote.reports import report_calls
 from dspex_dspy.tls import ChannelSecurity, resolve_security, secure_channel
 from dspex_dspy.types import Variable, is_secret
 
@@ -298,7 +299,9 @@ def _call_sender(
     def send(batch: list[Mapping[str, Any]]) -> object:
         if link.channel is None:
             raise BridgeUnavailableError("this client was made from a stub without its channel")
-        return send_calls(link.channel, session_id, _masked(batch, link, cache, session_id), link.call_timeout)
+        return report_calls(
+            link.channel, session_id, _masked(batch, link, cache, session_id), timeout=link.call_timeout
+        )
 
     return send
 

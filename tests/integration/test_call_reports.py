@@ -10,7 +10,6 @@ import os
 import secrets
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from support.spawned import run_spawned
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.admin import add_admin_service, recent_calls, report_calls
@@ -268,34 +268,10 @@ def _fork_and_report(address: str, session: str) -> None:
         client.close()
 
 
-def _run_forking(report: Any, address: str, session: str) -> None:
-    try:
-        _fork_and_report(address, session)
-    except BaseException:
-        report.send(traceback.format_exc())
-        raise
-    report.send(None)
-
-
 def test_a_reporting_client_survives_forks_and_its_children_report_too(remote_bridge: Any) -> None:
     with Context(bridge=remote_bridge.address) as ctx:
         _orchestrate(ctx)
-        spawn = multiprocessing.get_context("spawn")
-        receive, send = spawn.Pipe(duplex=False)
-        parent = spawn.Process(target=_run_forking, args=(send, remote_bridge.address, ctx.id))
-        parent.start()
-        send.close()
-        try:
-            assert receive.poll(4 * DEADLINE_S), "the forking process did not finish"
-            failure = receive.recv()
-            assert failure is None, failure
-            parent.join(DEADLINE_S)
-            assert parent.exitcode == 0
-        finally:
-            if parent.is_alive():
-                parent.kill()
-                parent.join()
-            receive.close()
+        run_spawned(_fork_and_report, (remote_bridge.address, ctx.id), deadline_s=4 * DEADLINE_S)
         channel = open_channel(remote_bridge.address)
         try:
             calls = recent_calls(channel, ctx.id)

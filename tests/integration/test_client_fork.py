@@ -16,13 +16,12 @@ import re
 import secrets
 import subprocess
 import sys
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
+from support.spawned import run_spawned
 
 from dspex_dspy.client import SessionContext
 from dspex_dspy.remote import RemoteStore
@@ -106,33 +105,8 @@ def fork_pools(where: str) -> None:
             store.close()
 
 
-def run_fork_pools(report: Connection, where: str) -> None:
-    """:func:`fork_pools` in a spawned process; sends None, or the traceback of what failed."""
-    try:
-        fork_pools(where)
-    except BaseException:
-        report.send(traceback.format_exc())
-        raise
-    report.send(None)
-
-
 @pytest.mark.parametrize("where", ["here", "another process"])
 def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(where: str) -> None:
     # The pools' parent is a fresh process of its own: what forking leaves inside gRPC stays there,
     # away from the test process and the tests after this one.
-    spawn = multiprocessing.get_context("spawn")
-    receive, send = spawn.Pipe(duplex=False)
-    parent = spawn.Process(target=run_fork_pools, args=(send, where), name="fork-pools")
-    parent.start()
-    send.close()
-    try:
-        assert receive.poll(PARENT_DEADLINE_S), f"the fork pools did not finish within {PARENT_DEADLINE_S:g} s"
-        failure = receive.recv()
-        assert failure is None, failure
-        parent.join(PARENT_DEADLINE_S)
-        assert parent.exitcode == 0
-    finally:
-        if parent.is_alive():
-            parent.kill()
-            parent.join()
-        receive.close()
+    run_spawned(fork_pools, (where,), deadline_s=PARENT_DEADLINE_S, name="the fork pools")

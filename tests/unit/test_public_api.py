@@ -85,7 +85,7 @@ ALLOWED = {
         "aio_server",
     },
     "aio_server": {"errors", "types", "records", "store", "wire", "wire_errors", "guard", "auth", "_proto", "server"},
-    "admin": {"auth", "errors", "types", "records", "store", "wire", "wire_errors"},
+    "admin": {"auth", "errors", "types", "records", "store", "remote", "wire", "wire_errors"},
     "remote": {"errors", "types", "records", "leases", "wire", "wire_errors", "remote", "tls", "_proto"},
     "client": {
         "errors",
