@@ -561,6 +561,13 @@ if kind == "ping":
     stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
     request = pb.PingRequest(message="ping")
     call = lambda i: stub.Ping(request, timeout=10)
+elif kind == "raw-set":
+    # A bare stub sending ready-made SetVariable requests: no client library in the way.
+    from google.protobuf import any_pb2
+    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
+    def call(i):
+        value = any_pb2.Any(type_url="type.googleapis.com/snakepit.integer", value=str(i).encode())
+        stub.SetVariable(pb.SetVariableRequest(session_id=session, variable_identifier=name, value=value), timeout=10)
 else:
     ctx = SessionContext.connect(address, session_id=session, cache=False)
     call = lambda i: ctx.set_variable(name, i)
@@ -573,6 +580,43 @@ while time.perf_counter() < end:
     call(count)
     count += 1
 print(count, flush=True)
+"""
+
+
+_FLOOR_NODE = """
+import asyncio, sys
+import grpc
+import redis.asyncio as aredis
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+# The least a node can do per write and still be a store: one atomic script that checks the
+# expected version, bumps it, keeps the value and appends the change to a bounded stream.
+SCRIPT = \"\"\"
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
+if tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) ~= current then return -current end
+redis.call('HSET', KEYS[1], 'version', current + 1, 'value', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'v', ARGV[1])
+return current + 1
+\"\"\"
+async def main():
+    client = aredis.Redis.from_url(sys.argv[1])
+    script = client.register_script(SCRIPT)
+    async def set_variable(request, context):
+        key = "{floor:" + request.session_id + "}:"
+        version = await script(keys=[key + request.variable_identifier, key + "log"],
+                               args=[request.value.value, request.expected_version])
+        return pb.SetVariableResponse(success=version > 0, new_version=abs(version))
+    handler = grpc.method_handlers_generic_handler("snakepit.bridge.BridgeService", {
+        "SetVariable": grpc.unary_unary_rpc_method_handler(
+            set_variable, request_deserializer=pb.SetVariableRequest.FromString,
+            response_serializer=pb.SetVariableResponse.SerializeToString)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"127.0.0.1:{port}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await server.stop(0)
+asyncio.run(main())
 """
 
 
@@ -714,6 +758,7 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
                     )
                 )
                 print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
+            _write_floor(rows, url, address_a, ctx.id, seconds)
             ctx.stop()
 
             times = []
@@ -744,6 +789,48 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
                 proc.wait(10)
             redis_proc.terminate()
             redis_proc.wait(10)
+
+
+def _write_floor(rows: list[Row], url: str, node: str, session: str, seconds: float) -> None:
+    """Where the sustained-write ratio can go on this machine at all, and where its cost lies.
+
+    The same 4 processes, against the same plain-server Ping baseline, in turn send bare
+    ``SetVariable`` stubs (no client library) to a bridge node, then to a *floor node*: a
+    ``grpc.aio`` server whose only work per write is one Lua script on the same Redis (check the
+    version, bump it, keep the value, append to a bounded stream), with no validation, history,
+    leases, limits or auth. No node that stores each write in Redis before answering can do less,
+    so the floor's ratio bounds what any such node reaches on this machine.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FLOOR_NODE, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        floor = proc.stdout.readline().strip()
+        with _plain_servers(1) as plain_addresses:
+            pings = _burst([[_PINGER, plain_addresses[0], str(seconds)] for _ in range(4)]) / seconds
+        for label, address, note in (
+            ("bare SetVariable stubs, 1 bridge node", node, "the bridge node without the client library"),
+            ("bare SetVariable stubs, 1 floor node", floor, "the least any Redis-backed node can do"),
+        ):
+            writes = _sustained("raw-set", [address], session, seconds)
+            ratio = writes / pings
+            rows.append(
+                Row(
+                    f"sustained writes, 4 processes, {label}",
+                    1e6 / writes,
+                    0.0,
+                    baseline=f"raw Ping calls/s, 4 processes, 1 plain server ({note})",
+                    baseline_us=1e6 / pings,
+                    ratio=pings / writes,
+                    target="reference",
+                )
+            )
+            print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(10)
 
 
 def bench_security(rows: list[Row], quick: bool) -> None:

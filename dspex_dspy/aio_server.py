@@ -89,6 +89,8 @@ class AsyncBridgeServicer:
                 continue
             make = self._stream if method.server_streaming else self._unary
             setattr(self, method.name, make(method.name))
+        if servicer.store.writes_without_blocking:
+            setattr(self, "SetVariable", self._set_variable(self._unary("SetVariable")))  # noqa: B010
 
     def _blocking(self, rpc: str) -> Callable[..., Any]:
         # The handler without its blocking-server wrapper (which ends calls the blocking way).
@@ -114,6 +116,23 @@ class AsyncBridgeServicer:
             except Exception as exc:
                 # The status only: the exception's frames (and the request in them) are let go.
                 status = failure_status(rpc, exc)
+            await abort_with(context, status)
+
+        return call
+
+    def _set_variable(self, in_pool: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+        """``SetVariable`` written from the loop itself when the store can (no thread hand-off, nothing
+        blocked while the engine answers), else by ``in_pool``."""
+        servicer = self.servicer
+
+        async def call(request: Any, context: Any) -> Any:
+            await self._refuse_if_stopping(context)
+            try:
+                response = await servicer.set_variable_async(request, context)
+            except Exception as exc:
+                status = failure_status("SetVariable", exc)
+            else:
+                return response if response is not None else await in_pool(request, context)
             await abort_with(context, status)
 
         return call

@@ -448,17 +448,29 @@ class BridgeServicer:
     @_unary
     def SetVariable(self, request: pb.SetVariableRequest, context: grpc.ServicerContext) -> pb.SetVariableResponse:
         """Write one variable; a non-zero ``expected_version`` that is not current is ``ABORTED``."""
-        ident = request.variable_identifier
-        value = self._decode(request.value, ident, request.binary_value)
         variable = self.store.set_variable(
-            request.session_id,
-            ident,
-            value,
-            metadata=dict(request.metadata),
-            expected_version=request.expected_version or None,
-            source=self._writer(request.metadata, context),
+            request.session_id, request.variable_identifier, **self._set(request, context)
         )
         return pb.SetVariableResponse(success=True, new_version=variable.version)
+
+    async def set_variable_async(
+        self, request: pb.SetVariableRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SetVariableResponse | None:
+        """``SetVariable`` on the event loop when the store can write without blocking; None when it cannot
+        (nothing was written: run :meth:`SetVariable` in a thread)."""
+        variable = await self.store.set_variable_async(
+            request.session_id, request.variable_identifier, **self._set(request, context)
+        )
+        return None if variable is None else pb.SetVariableResponse(success=True, new_version=variable.version)
+
+    def _set(self, request: pb.SetVariableRequest, context: Any) -> dict[str, Any]:
+        """The store's arguments for the write ``request`` asks for (its value decoded)."""
+        return {
+            "value": self._decode(request.value, request.variable_identifier, request.binary_value),
+            "metadata": dict(request.metadata),
+            "expected_version": request.expected_version or None,
+            "source": self._writer(request.metadata, context),
+        }
 
     @_unary
     def GetVariables(

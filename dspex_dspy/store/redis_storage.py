@@ -20,14 +20,17 @@ a reader that meets a bulk import (logged as one entry rather than one per varia
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
 
 import redis
+import redis.asyncio as aioredis
 
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -57,6 +60,17 @@ _KEY_SUFFIXES: Final = ("s", "d", "x", "r", "m", "n", "h", "l", "a", "o", "c")
 _TOUCH = """
 local function touch()
   local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+-- For scripts that create no key: a session touched within the last 1% of its TTL (a second at
+-- most) keeps its expiry, so a burst of reads and writes does not refresh every key every time.
+-- Every key was given the same expiry by the last full touch (and the change log, which a write
+-- may append to, must still carry one), so the session still expires as a whole, that much early
+-- at worst.
+local function touch_soon()
+  local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
+  local left = redis.call('PTTL', KEYS[1])
+  if left >= 0 and ttl - left < math.min(1000, ttl / 100) and redis.call('PTTL', KEYS[8]) >= 0 then return end
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 """
@@ -129,7 +143,7 @@ _READ = (
     + _LEASE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-touch()
+touch_soon()
 local leased = redis.call('EXISTS', KEYS[9]) == 1
 local now = leased and now_ms() or 0
 local out = {}
@@ -281,7 +295,7 @@ for i = 0, n - 1 do
   out[#out + 1] = wmeta
   out[#out + 1] = st
 end
-touch()
+touch_soon()
 return out
 """
 )
@@ -491,6 +505,9 @@ def _creation_order(var: Variable) -> tuple[float, int]:
     return var.created_at, int(tail) if tail.isdigit() else 0
 
 
+_CLOSE_WAIT_S: Final = 2.0
+
+
 class RedisStorage:
     """Sessions and variables in Redis (redis-py, with hiredis when installed).
 
@@ -519,6 +536,10 @@ class RedisStorage:
         if changelog_limit < 1:
             raise ValueError(f"changelog_limit must be at least 1, got {changelog_limit}")
         self.url = url
+        self._async_url = url if client is None else None
+        self._async_lock = threading.Lock()
+        self._async_clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
+        self._async_scripts: dict[asyncio.AbstractEventLoop, Any] = {}
         self._redis: redis.Redis = (
             client
             if client is not None
@@ -688,6 +709,65 @@ class RedisStorage:
         unknown = [w.variable_id for w in writes if w.variable_id not in found]
         if unknown:
             found.update(self.read_variables(session_id, list(dict.fromkeys(unknown))))
+        got = self._call(
+            self._write, keys=_keys(session_id), args=self._write_args(session_id, writes, found, history_limit)
+        )
+        return self._written(session_id, writes, found, got)
+
+    @property
+    def writes_without_blocking(self) -> bool:
+        """Whether :meth:`apply_writes_async` is available (this storage was opened from a URL)."""
+        return self._async_url is not None
+
+    async def apply_writes_async(
+        self, session_id: str, writes: Sequence[Write], *, history_limit: int
+    ) -> list[Variable]:
+        """:meth:`apply_writes` on the running event loop, through an asyncio client of its own.
+
+        The same script, checks and change log as the blocking call; every write must carry its
+        definition (``Write.variable``). A bridge node on ``grpc.aio`` writes this way, so a write
+        costs no thread hand-off and blocks nothing while Redis answers.
+
+        Raises:
+            ValueError: a write without its definition, or no URL to open an asyncio client from.
+        """
+        found = {w.variable_id: w.variable for w in writes if w.variable is not None}
+        if len(found) != len({w.variable_id for w in writes}):
+            raise ValueError("apply_writes_async needs every write's definition (Write.variable)")
+        script = self._async_write_script()
+        args = self._write_args(session_id, writes, found, history_limit)
+        try:
+            got = await script(keys=_keys(session_id), args=args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
+        except Exception as exc:
+            if self._closed:
+                raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
+            raise
+        return self._written(session_id, writes, found, got)
+
+    def _async_write_script(self) -> Any:
+        """The write script on an asyncio client bound to the running loop (one client per loop)."""
+        loop = asyncio.get_running_loop()
+        script = self._async_scripts.get(loop)
+        if script is None:
+            if self._closed:
+                raise BridgeUnavailableError(f"the session storage at {self.url} is closed")
+            if self._async_url is None:
+                raise ValueError("this storage was given a client, not a URL: it has no asyncio client")
+            client = aioredis.Redis.from_url(
+                self._async_url, decode_responses=True, health_check_interval=30, socket_keepalive=True
+            )
+            script = client.register_script(_WRITE)
+            with self._async_lock:
+                self._async_clients[loop] = client
+                self._async_scripts[loop] = script
+        return script
+
+    def _write_args(
+        self, session_id: str, writes: Sequence[Write], found: Mapping[str, Variable], history_limit: int
+    ) -> list[Any]:
+        """The write script's arguments: per write its id, expected version, definition, state and lease check."""
         args: list[Any] = [self._changelog_limit, history_limit]
         for write in writes:
             var = found.get(write.variable_id)
@@ -705,7 +785,12 @@ class RedisStorage:
                 write.lease_check,
                 write.holder,
             ]
-        got = self._call(self._write, keys=_keys(session_id), args=args)
+        return args
+
+    def _written(
+        self, session_id: str, writes: Sequence[Write], found: Mapping[str, Variable], got: Any
+    ) -> list[Variable]:
+        """The variables the write script's answer reports written (raising what it refused), announced."""
         status = got[0]
         if status == "nosession":
             raise SessionNotFoundError(session_id)
@@ -894,6 +979,30 @@ class RedisStorage:
         return ChangeBatch(int(entries[-1][0].split("-")[0]), tuple(updates))
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools (the asyncio clients' on their own loops)."""
         self._closed = True
         self._redis.close()
+        with self._async_lock:
+            clients = list(self._async_clients.items())
+            self._async_clients.clear()
+            self._async_scripts.clear()
+        for loop, client in clients:
+            _close_on(loop, client)
+
+
+def _close_on(loop: asyncio.AbstractEventLoop, client: aioredis.Redis) -> None:
+    """Close an asyncio client on the loop it belongs to (a loop that no longer runs frees it with itself)."""
+    if loop.is_closed() or not loop.is_running():
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.create_task(client.aclose())
+        return
+    done = asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+    try:
+        done.result(_CLOSE_WAIT_S)
+    except Exception:  # closing is best effort: the sockets go with the process
+        done.cancel()

@@ -459,18 +459,8 @@ class SessionStore:
         force: bool,
     ) -> Variable:
         """One write, admitted by the leases first (the admission and the write are one step)."""
-        if var.version >= MAX_VERSION:
-            raise LimitExceededError(f"{var.name}: version", var.version + 1, MAX_VERSION)
-        if meta:
-            merged = map_bytes({**var.metadata, **meta})
-            if merged > self.limits.max_variable_metadata_bytes:
-                raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
-        if self._shared_leases is not None:
-            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
-            write = _lease_checked(write, meta, "force" if force else "admit")
-            return self._write(session_id, [write], {var.id: var.name})[0]
-        if not self._lease_view:
-            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+        write = self._engine_write(var, value, expected_version, meta, source, force)
+        if write is not None:
             return self._write(session_id, [write], {var.id: var.name})[0]
         with self._lease_lock:
             if all(_lease_clock() >= deadline for _, deadline in self._lease_view.values()):
@@ -480,6 +470,76 @@ class SessionStore:
                 meta = {**meta, **forced}
             write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
             return self._write(session_id, [write], {var.id: var.name})[0]
+
+    def _engine_write(
+        self, var: Variable, value: Any, expected_version: int | None, meta: dict[str, str], source: str, force: bool
+    ) -> Write | None:
+        """The write of one valid value, ready for the engine; None while leases kept here must admit it first.
+
+        Raises:
+            LimitExceededError: the version or the merged metadata would pass its limit.
+        """
+        if var.version >= MAX_VERSION:
+            raise LimitExceededError(f"{var.name}: version", var.version + 1, MAX_VERSION)
+        if meta:
+            merged = map_bytes({**var.metadata, **meta})
+            if merged > self.limits.max_variable_metadata_bytes:
+                raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
+        if self._shared_leases is not None:
+            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+            return _lease_checked(write, meta, "force" if force else "admit")
+        if not self._lease_view:
+            return Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+        return None
+
+    @property
+    def writes_without_blocking(self) -> bool:
+        """Whether :meth:`set_variable_async` can write without blocking (the engine has an asyncio path)."""
+        return bool(getattr(self._storage, "writes_without_blocking", False))
+
+    async def set_variable_async(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        expected_version: int | None = None,
+        source: str = "orchestrator",
+    ) -> Variable | None:
+        """:meth:`set_variable` on the running event loop, when it can be done without blocking.
+
+        That is when the engine writes without blocking (:attr:`writes_without_blocking`), the
+        variable's definition is known from an earlier read or write, and no lease kept in this
+        process must admit the write. Otherwise, and whenever the value or the definition must be
+        judged afresh, it writes nothing and returns None: call :meth:`set_variable`, which applies
+        every rule and raises what it breaks.
+
+        Raises:
+            VersionConflictError, VariableLockedError, SessionNotFoundError,
+            BridgeUnavailableError: as :meth:`set_variable` (the engine refused the write).
+        """
+        apply_async = getattr(self._storage, "apply_writes_async", None)
+        known = self._known.get((session_id, identifier))
+        if apply_async is None or known is None or self._closed or not self.writes_without_blocking:
+            return None
+        try:
+            meta = normalize_metadata(identifier, metadata) if metadata else {}
+            force = pop_force(meta)
+            normalised = self._spec(session_id, known).validate(value)
+            self._check_size(known.name, known.type, normalised)
+            write = self._engine_write(known, normalised, expected_version, meta, source, force)
+        except (ValidationError, LimitExceededError):
+            return None  # judged again on the current definition, by set_variable
+        if write is None:
+            return None
+        try:
+            written = await apply_async(session_id, [write], history_limit=self.limits.history_limit)
+        except VariableNotFoundError:
+            self._known.pop((session_id, identifier), None)
+            return None  # a stale definition: nothing was written
+        self._log_writes(session_id, written)
+        return self._view(written[0])
 
     def set_variables(
         self,
@@ -944,6 +1004,11 @@ class SessionStore:
             written = self._storage.apply_writes(session_id, writes, history_limit=self.limits.history_limit)
         except VariableNotFoundError as exc:
             raise VariableNotFoundError(names.get(exc.identifier, exc.identifier), session_id) from None
+        self._log_writes(session_id, written)
+        return written
+
+    @staticmethod
+    def _log_writes(session_id: str, written: Sequence[Variable]) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             for var in written:
                 logger.debug(
@@ -960,7 +1025,6 @@ class SessionStore:
                         "source": var.source,
                     },
                 )
-        return written
 
     def _prune_watchers(self) -> None:
         for session_id, watchers in list(self._watchers.items()):

@@ -1,0 +1,275 @@
+"""Writes a Redis-backed ``grpc.aio`` node applies on its event loop (no thread hand-off).
+
+A node whose store can write without blocking (``RedisStorage`` opened from a URL) answers
+``SetVariable`` for a variable it already knows from the loop itself, through an asyncio Redis
+client; everything else, and every write that must be judged afresh, still runs the blocking
+handler in the pool. These tests serve a real store on a real redis-server through real gRPC
+servers, count which path each write took, and check that both paths answer alike: the same
+values, versions, history and watch events, and the same errors for the same bad writes, with
+nothing written by a refused one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from dspex_dspy.errors import (
+    BridgeUnavailableError,
+    DSPexError,
+    ValidationError,
+    VariableLockedError,
+    VariableNotFoundError,
+    VersionConflictError,
+)
+from dspex_dspy.remote import RemoteStore
+from dspex_dspy.server import BridgeServer, create_server
+from dspex_dspy.store import SessionStore
+from dspex_dspy.store.redis_storage import RedisStorage, _keys
+from dspex_dspy.store.storage import Write
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+class Paths:
+    """Counts the writes each path of a storage applied, and the threads they ran on."""
+
+    def __init__(self, storage: RedisStorage) -> None:
+        self.loop_writes = 0
+        self.pool_writes = 0
+        self.loop_threads: set[str] = set()
+        blocking, on_loop = storage.apply_writes, storage.apply_writes_async
+
+        def apply_writes(*args: Any, **kwargs: Any) -> Any:
+            self.pool_writes += 1
+            return blocking(*args, **kwargs)
+
+        async def apply_writes_async(*args: Any, **kwargs: Any) -> Any:
+            self.loop_writes += 1
+            self.loop_threads.add(threading.current_thread().name)
+            return await on_loop(*args, **kwargs)
+
+        storage.apply_writes = apply_writes  # type: ignore[method-assign]
+        storage.apply_writes_async = apply_writes_async  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def served(redis_url: str) -> Iterator[tuple[SessionStore, Paths, Callable[..., BridgeServer]]]:
+    """A Redis-backed store, the counts of its write paths, and a maker of servers serving it."""
+    storage = RedisStorage(redis_url)
+    store = SessionStore(storage=storage)
+    paths = Paths(storage)
+    servers: list[BridgeServer] = []
+
+    def serve(asyncio: bool = True) -> BridgeServer:
+        server, _ = create_server(store, asyncio=asyncio)
+        servers.append(server.start())
+        return server
+
+    yield store, paths, serve
+    for server in servers:
+        server.stop(0)
+    store.close()
+    storage.close()
+
+
+def test_a_known_variable_is_written_from_the_event_loop(served: Any) -> None:
+    store, paths, serve = served
+    server = serve()
+    assert store.writes_without_blocking
+    with RemoteStore.connect(server.address) as client:
+        client.create_session("s")
+        client.register_variable("s", "count", "integer", 0, constraints={"min": 0})
+        watch = store.watch("s", ["count"])
+        versions = [client.set_variable("s", "count", i).version for i in range(1, 11)]
+        assert versions == list(range(2, 12))
+        assert client.get_variable("s", "count").value == 10
+        # The first write learns the definition (in the pool); every later one is the loop's.
+        assert paths.pool_writes == 1
+        assert paths.loop_writes == 9
+        assert paths.loop_threads == {"dspex-bridge-loop"}
+        history = client.get_history("s", "count")  # newest first
+        assert [entry.version for entry in history] == list(range(11, 0, -1))
+        assert [entry.value for entry in history] == list(range(10, -1, -1))
+        seen: list[int] = []
+        deadline = time.monotonic() + 30
+        while (not seen or seen[-1] < 11) and time.monotonic() < deadline:
+            update = watch.next_update(timeout=1.0)
+            if update is not None and update.variable is not None:
+                seen.append(update.variable.version)
+        watch.close()
+        assert seen == sorted(seen) and seen[-1] == 11
+
+
+@pytest.mark.parametrize(
+    ("write", "error"),
+    [
+        ({"value": -5}, ValidationError),
+        ({"value": "not a number"}, ValidationError),
+        ({"value": 3, "expected_version": 1}, VersionConflictError),
+    ],
+    ids=["constraint", "type", "stale-version"],
+)
+def test_a_refused_write_is_refused_alike_on_both_servers_and_writes_nothing(
+    served: Any, write: dict[str, Any], error: type[DSPexError]
+) -> None:
+    _, paths, serve = served
+    on_loop, blocking = serve(), serve(asyncio=False)
+    messages = []
+    with RemoteStore.connect(on_loop.address) as a, RemoteStore.connect(blocking.address) as b:
+        a.create_session("s")
+        a.register_variable("s", "count", "integer", 0, constraints={"min": 0})
+        a.set_variable("s", "count", 1)
+        b.set_variable("s", "count", 2)
+        before_loop = paths.loop_writes
+        for client in (a, b):
+            with pytest.raises(error) as raised:
+                client.set_variable("s", "count", **write)
+            messages.append((type(raised.value), str(raised.value)))
+        assert client.get_variable("s", "count").version == 3
+        assert len(client.get_history("s", "count")) == 3
+    assert messages[0] == messages[1]
+    if error is VersionConflictError:
+        assert paths.loop_writes == before_loop + 1  # the engine's own check, on the loop
+
+
+def test_a_leased_variable_refuses_a_write_on_the_loop_and_a_forced_one_passes(served: Any) -> None:
+    store, paths, serve = served
+    server = serve()
+    with RemoteStore.connect(server.address) as client:
+        client.create_session("s")
+        client.register_variable("s", "temperature", "float", 0.5)
+        client.set_variable("s", "temperature", 0.6)
+        store.start_optimization("s", ["temperature"], "tuner-1", ttl=60)
+        before = paths.loop_writes
+        with pytest.raises(VariableLockedError, match="tuner-1"):
+            client.set_variable("s", "temperature", 0.7)
+        forced = client.set_variable("s", "temperature", 0.8, force=True)
+        assert paths.loop_writes == before + 2
+        assert forced.version == 3
+        entry = client.get_history("s", "temperature")[0]  # newest first
+        assert entry.value == 0.8
+        assert entry.metadata.get("forced_over") == "tuner-1"
+
+
+def test_a_variable_another_node_deleted_and_defined_again_is_written_as_the_new_one(
+    served: Any, redis_url: str
+) -> None:
+    _, paths, serve = served
+    server = serve()
+    other = SessionStore(storage=RedisStorage(redis_url))  # another node's store on the same Redis
+    try:
+        with RemoteStore.connect(server.address) as client:
+            client.create_session("s")
+            client.register_variable("s", "mode", "string", "a")
+            client.set_variable("s", "mode", "b")
+            client.set_variable("s", "mode", "c")  # now known to the node: written on the loop
+            other.delete_variable("s", "mode")
+            fresh = other.register_variable("s", "mode", "string", "x", constraints={"max_length": 3})
+            # The node's known definition is stale: the loop's write finds the old id gone and
+            # writes nothing; the pool reads the new definition and writes it.
+            loop_writes, pool_writes = paths.loop_writes, paths.pool_writes
+            assert client.set_variable("s", "mode", "d").version == 2
+            assert (paths.loop_writes, paths.pool_writes) == (loop_writes + 1, pool_writes + 1)
+            got = other.get_variable("s", "mode")
+            assert (got.id, got.value, got.version) == (fresh.id, "d", 2)
+            assert [entry.value for entry in other.get_history("s", "mode")] == ["d", "x"]
+            # The new definition's rule holds from now on, on the loop path as on the pool's.
+            with pytest.raises(ValidationError, match=r"max_length|at most"):
+                client.set_variable("s", "mode", "toolong")
+            with pytest.raises(VariableNotFoundError):
+                client.set_variable("s", "gone", 1)
+    finally:
+        other.close()
+        other.storage.close()  # type: ignore[attr-defined]
+
+
+def test_redis_down_is_unavailable_on_the_loop_path(tmp_path: Any) -> None:
+    redis_server = RedisServer(tmp_path)
+    storage = RedisStorage(redis_server.url)
+    store = SessionStore(storage=storage)
+    paths = Paths(storage)
+    server, _ = create_server(store)
+    server.start()
+    try:
+        with RemoteStore.connect(server.address) as client:
+            client.create_session("s")
+            client.register_variable("s", "x", "integer", 0)
+            client.set_variable("s", "x", 1)
+            client.set_variable("s", "x", 2)
+            assert paths.loop_writes == 1
+            redis_server.kill()
+            with pytest.raises(BridgeUnavailableError, match="cannot be reached"):
+                client.set_variable("s", "x", 3)
+            assert paths.loop_writes == 2 and paths.pool_writes == 1
+    finally:
+        server.stop(0)
+        store.close()
+        storage.close()
+        redis_server.stop()
+
+
+def test_loop_clients_close_with_the_storage_and_a_given_client_keeps_the_pool(redis_url: str) -> None:
+    storage = RedisStorage(redis_url)
+    store = SessionStore(storage=storage)
+    server, _ = create_server(store)
+    with server, RemoteStore.connect(server.address) as client:
+        client.create_session("s")
+        client.register_variable("s", "x", "integer", 0)
+        client.set_variable("s", "x", 1)
+        client.set_variable("s", "x", 2)
+        assert len(storage._async_clients) == 1
+    store.close()
+    storage.close()
+    assert storage._async_clients == {}
+
+    given = RedisStorage(client=redis.Redis.from_url(redis_url, decode_responses=True))
+    assert not given.writes_without_blocking
+    assert not SessionStore(storage=given).writes_without_blocking
+    given.close()
+
+
+def test_a_loop_write_needs_every_definition(redis_url: str) -> None:
+    import asyncio
+
+    storage = RedisStorage(redis_url)
+    try:
+        with pytest.raises(ValueError, match="definition"):
+            asyncio.run(storage.apply_writes_async("s", [Write("v_1", 1, None, {}, "worker", 0.0)], history_limit=10))
+    finally:
+        storage.close()
+
+
+def test_every_key_of_a_busy_session_keeps_an_expiry(served: Any, redis_url: str) -> None:
+    """Reads and writes refresh a session at most once per 1% of its TTL; no key is left without one."""
+    store, _, serve = served
+    server = serve()
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        with RemoteStore.connect(server.address) as client:
+            store.create_session("s", ttl=2.0)
+            client.register_variable("s", "a", "integer", 0)
+            for i in range(20):
+                client.set_variable("s", "a", i)
+                client.get_variable("s", "a")
+            client.delete_variable("s", "a")  # the variable hashes empty out
+            client.register_variable("s", "b", "integer", 0)  # ... and come back
+            for i in range(20):
+                client.set_variable("s", "b", i)
+            existing = [key for key in _keys("s") if raw.exists(key)]
+            assert len(existing) >= 8
+            assert all(raw.pttl(key) > 0 for key in existing), {key: raw.pttl(key) for key in existing}
+            # Past the refresh window, a write refreshes the whole session again.
+            before = raw.pttl(_keys("s")[0])
+            time.sleep(0.5)
+            client.set_variable("s", "b", 100)
+            after = [raw.pttl(key) for key in existing]
+            assert min(after) > before - 500, (before, after)
+    finally:
+        raw.close()
