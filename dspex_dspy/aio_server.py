@@ -89,8 +89,14 @@ class AsyncBridgeServicer:
                 continue
             make = self._stream if method.server_streaming else self._unary
             setattr(self, method.name, make(method.name))
-        if servicer.store.writes_without_blocking:
-            setattr(self, "SetVariable", self._set_variable(self._unary("SetVariable")))  # noqa: B010
+        if servicer.store.nonblocking:
+            # Served on the loop itself: no thread hand-off, nothing blocked while Redis answers.
+            for rpc, on_loop in (
+                ("GetVariable", servicer.get_variable_async),
+                ("GetVariables", servicer.get_variables_async),
+                ("SetVariable", servicer.set_variable_async),
+            ):
+                setattr(self, rpc, self._on_loop(rpc, on_loop, self._unary(rpc)))
 
     def _blocking(self, rpc: str) -> Callable[..., Any]:
         # The handler without its blocking-server wrapper (which ends calls the blocking way).
@@ -120,17 +126,21 @@ class AsyncBridgeServicer:
 
         return call
 
-    def _set_variable(self, in_pool: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
-        """``SetVariable`` written from the loop itself when the store can (no thread hand-off, nothing
-        blocked while the engine answers), else by ``in_pool``."""
-        servicer = self.servicer
+    def _on_loop(
+        self,
+        rpc: str,
+        on_loop: Callable[[Any, Any], Awaitable[Any]],
+        in_pool: Callable[[Any, Any], Awaitable[Any]],
+    ) -> Callable[[Any, Any], Awaitable[Any]]:
+        """``rpc`` served by the coroutine ``on_loop``; when it answers None (it could not do the call
+        without blocking, and did nothing), by the blocking handler in the pool."""
 
         async def call(request: Any, context: Any) -> Any:
             await self._refuse_if_stopping(context)
             try:
-                response = await servicer.set_variable_async(request, context)
+                response = await on_loop(request, context)
             except Exception as exc:
-                status = failure_status("SetVariable", exc)
+                status = failure_status(rpc, exc)
             else:
                 return response if response is not None else await in_pool(request, context)
             await abort_with(context, status)

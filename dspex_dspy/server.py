@@ -445,6 +445,11 @@ class BridgeServicer:
         variable = self.store.get_variable(request.session_id, request.variable_identifier)
         return pb.GetVariableResponse(variable=variable_to_proto(variable), from_cache=False)
 
+    async def get_variable_async(self, request: pb.GetVariableRequest, context: Any) -> pb.GetVariableResponse:
+        """``GetVariable`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`)."""
+        variable = await self.store.get_variable_async(request.session_id, request.variable_identifier)
+        return pb.GetVariableResponse(variable=variable_to_proto(variable), from_cache=False)
+
     @_unary
     def SetVariable(self, request: pb.SetVariableRequest, context: grpc.ServicerContext) -> pb.SetVariableResponse:
         """Write one variable; a non-zero ``expected_version`` that is not current is ``ABORTED``."""
@@ -478,10 +483,14 @@ class BridgeServicer:
     ) -> pb.BatchGetVariablesResponse:
         """Return the variables found, keyed by identifier as requested, and the missing identifiers."""
         found, missing = self.store.get_variables(request.session_id, list(request.variable_identifiers))
-        return pb.BatchGetVariablesResponse(
-            variables={ident: variable_to_proto(var) for ident, var in found.items()},
-            missing_variables=missing,
-        )
+        return _batch_get_response(found, missing)
+
+    async def get_variables_async(
+        self, request: pb.BatchGetVariablesRequest, context: Any
+    ) -> pb.BatchGetVariablesResponse:
+        """``GetVariables`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`)."""
+        found, missing = await self.store.get_variables_async(request.session_id, list(request.variable_identifiers))
+        return _batch_get_response(found, missing)
 
     @_unary
     def SetVariables(
@@ -822,6 +831,12 @@ class BridgeServer:
         state = "running" if self.running else ("stopped" if self._stopped.is_set() else "created")
         kind = "" if self.asyncio else ", blocking"
         return f"BridgeServer(address={self.address!r}, {state}{kind})"
+
+
+def _batch_get_response(found: Mapping[str, Variable], missing: Sequence[str]) -> pb.BatchGetVariablesResponse:
+    return pb.BatchGetVariablesResponse(
+        variables={ident: variable_to_proto(var) for ident, var in found.items()}, missing_variables=missing
+    )
 
 
 def _token_or_peer(context: grpc.ServicerContext) -> str:

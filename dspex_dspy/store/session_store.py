@@ -493,9 +493,33 @@ class SessionStore:
         return None
 
     @property
-    def writes_without_blocking(self) -> bool:
-        """Whether :meth:`set_variable_async` can write without blocking (the engine has an asyncio path)."""
-        return bool(getattr(self._storage, "writes_without_blocking", False))
+    def nonblocking(self) -> bool:
+        """Whether the engine serves :meth:`get_variable_async`, :meth:`get_variables_async` and
+        :meth:`set_variable_async` on an event loop without blocking it (Redis opened from a URL)."""
+        return bool(getattr(self._storage, "nonblocking", False))
+
+    async def get_variable_async(self, session_id: str, identifier: str) -> Variable:
+        """:meth:`get_variable` on the running event loop; needs :attr:`nonblocking`.
+
+        Raises:
+            VariableNotFoundError, SessionNotFoundError, ValidationError: as :meth:`get_variable`.
+        """
+        self._check_identifier(identifier)
+        self._check_open()
+        var = (await self._storage.read_variables_async(session_id, [identifier])).get(identifier)  # type: ignore[attr-defined]
+        if var is None:
+            raise VariableNotFoundError(identifier, session_id)
+        return self._view(var)
+
+    async def get_variables_async(
+        self, session_id: str, identifiers: Iterable[str]
+    ) -> tuple[dict[str, Variable], list[str]]:
+        """:meth:`get_variables` on the running event loop; needs :attr:`nonblocking`."""
+        idents = list(identifiers)
+        self._check_open()
+        found = await self._storage.read_variables_async(session_id, idents)  # type: ignore[attr-defined]
+        missing = [i for i in idents if i not in found]
+        return {i: self._view(v) for i, v in found.items()}, missing
 
     async def set_variable_async(
         self,
@@ -509,7 +533,7 @@ class SessionStore:
     ) -> Variable | None:
         """:meth:`set_variable` on the running event loop, when it can be done without blocking.
 
-        That is when the engine writes without blocking (:attr:`writes_without_blocking`), the
+        That is when the engine writes without blocking (:attr:`nonblocking`), the
         variable's definition is known from an earlier read or write, and no lease kept in this
         process must admit the write. Otherwise, and whenever the value or the definition must be
         judged afresh, it writes nothing and returns None: call :meth:`set_variable`, which applies
@@ -521,7 +545,7 @@ class SessionStore:
         """
         apply_async = getattr(self._storage, "apply_writes_async", None)
         known = self._known.get((session_id, identifier))
-        if apply_async is None or known is None or self._closed or not self.writes_without_blocking:
+        if apply_async is None or known is None or self._closed or not self.nonblocking:
             return None
         try:
             meta = normalize_metadata(identifier, metadata) if metadata else {}
@@ -972,9 +996,13 @@ class SessionStore:
         if self._closed:
             raise BridgeUnavailableError("the session store is closed")
 
-    def _lookup(self, session_id: str, identifier: str) -> Variable:
+    @staticmethod
+    def _check_identifier(identifier: str) -> None:
         if not isinstance(identifier, str) or not identifier:
             raise ValidationError("", "identifier", identifier, "a variable identifier must be a non-empty string")
+
+    def _lookup(self, session_id: str, identifier: str) -> Variable:
+        self._check_identifier(identifier)
         self._check_open()
         var = self._storage.read_variables(session_id, [identifier]).get(identifier)
         if var is None:

@@ -175,11 +175,12 @@ class Storage(Protocol):
     variable that is gone raises :class:`VariableNotFoundError`; a failed version check raises
     :class:`VersionConflictError`; an operation that raises changes nothing.
 
-    Optional: an engine that can write from an event loop without blocking it offers
-    ``writes_without_blocking`` (True) and ``async apply_writes_async(session_id, writes, *,
-    history_limit)``, the same operation as :meth:`apply_writes` for writes that carry their
-    definitions. A ``grpc.aio`` bridge node then applies single writes on its loop
-    (:meth:`SessionStore.set_variable_async <dspex_dspy.store.SessionStore.set_variable_async>`).
+    Optional: an engine that can serve from an event loop without blocking it offers
+    ``nonblocking`` (True), ``async read_variables_async(session_id, identifiers)`` and
+    ``async apply_writes_async(session_id, writes, *, history_limit)``: the same operations as
+    :meth:`read_variables` and :meth:`apply_writes` (for writes that carry their definitions).
+    A ``grpc.aio`` bridge node then serves reads and single writes on its loop, with no thread
+    hand-off (:attr:`SessionStore.nonblocking <dspex_dspy.store.SessionStore.nonblocking>`).
     """
 
     #: True when other processes may change the records (the store then follows the change log).

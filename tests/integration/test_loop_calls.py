@@ -1,12 +1,12 @@
-"""Writes a Redis-backed ``grpc.aio`` node applies on its event loop (no thread hand-off).
+"""Reads and writes a Redis-backed ``grpc.aio`` node serves on its event loop (no thread hand-off).
 
-A node whose store can write without blocking (``RedisStorage`` opened from a URL) answers
-``SetVariable`` for a variable it already knows from the loop itself, through an asyncio Redis
-client; everything else, and every write that must be judged afresh, still runs the blocking
-handler in the pool. These tests serve a real store on a real redis-server through real gRPC
-servers, count which path each write took, and check that both paths answer alike: the same
-values, versions, history and watch events, and the same errors for the same bad writes, with
-nothing written by a refused one.
+A node whose store is nonblocking (``RedisStorage`` opened from a URL) answers ``GetVariable``,
+``GetVariables``, and ``SetVariable`` for a variable it already knows, from the loop itself,
+through an asyncio Redis client; everything else, and every write that must be judged afresh,
+still runs the blocking handler in the pool. These tests serve a real store on a real
+redis-server through real gRPC servers, count which path each call took, and check that both
+paths answer alike: the same records, versions, history and watch events, and the same errors
+for the same bad calls, with nothing written by a refused write.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import redis
 from dspex_dspy.errors import (
     BridgeUnavailableError,
     DSPexError,
+    SessionNotFoundError,
     ValidationError,
     VariableLockedError,
     VariableNotFoundError,
@@ -38,13 +39,28 @@ pytestmark = pytest.mark.integration
 
 
 class Paths:
-    """Counts the writes each path of a storage applied, and the threads they ran on."""
+    """Counts the writes and reads each path of a storage did, and the threads the loop's ran on."""
 
     def __init__(self, storage: RedisStorage) -> None:
         self.loop_writes = 0
         self.pool_writes = 0
+        self.loop_reads = 0
+        self.pool_reads = 0
         self.loop_threads: set[str] = set()
         blocking, on_loop = storage.apply_writes, storage.apply_writes_async
+        read, read_on_loop = storage.read_variables, storage.read_variables_async
+
+        def read_variables(*args: Any, **kwargs: Any) -> Any:
+            self.pool_reads += 1
+            return read(*args, **kwargs)
+
+        async def read_variables_async(*args: Any, **kwargs: Any) -> Any:
+            self.loop_reads += 1
+            self.loop_threads.add(threading.current_thread().name)
+            return await read_on_loop(*args, **kwargs)
+
+        storage.read_variables = read_variables  # type: ignore[method-assign]
+        storage.read_variables_async = read_variables_async  # type: ignore[method-assign]
 
         def apply_writes(*args: Any, **kwargs: Any) -> Any:
             self.pool_writes += 1
@@ -82,7 +98,7 @@ def served(redis_url: str) -> Iterator[tuple[SessionStore, Paths, Callable[..., 
 def test_a_known_variable_is_written_from_the_event_loop(served: Any) -> None:
     store, paths, serve = served
     server = serve()
-    assert store.writes_without_blocking
+    assert store.nonblocking
     with RemoteStore.connect(server.address) as client:
         client.create_session("s")
         client.register_variable("s", "count", "integer", 0, constraints={"min": 0})
@@ -230,8 +246,8 @@ def test_loop_clients_close_with_the_storage_and_a_given_client_keeps_the_pool(r
     assert storage._async_clients == {}
 
     given = RedisStorage(client=redis.Redis.from_url(redis_url, decode_responses=True))
-    assert not given.writes_without_blocking
-    assert not SessionStore(storage=given).writes_without_blocking
+    assert not given.nonblocking
+    assert not SessionStore(storage=given).nonblocking
     given.close()
 
 
@@ -273,3 +289,40 @@ def test_every_key_of_a_busy_session_keeps_an_expiry(served: Any, redis_url: str
             assert min(after) > before - 500, (before, after)
     finally:
         raw.close()
+
+
+def test_reads_are_served_from_the_loop_and_answer_as_the_blocking_server_does(served: Any) -> None:
+    store, paths, serve = served
+    on_loop, blocking = serve(), serve(asyncio=False)
+    with RemoteStore.connect(on_loop.address) as a, RemoteStore.connect(blocking.address) as b:
+        a.create_session("s")
+        a.register_variable("s", "temperature", "float", 0.5, metadata={"owner": "ops"}, description="t")
+        a.register_variable("s", "model", "string", "fast", constraints={"enum": ["fast", "slow"]})
+        a.set_variable("s", "temperature", 0.7, metadata={"note": "warmer"})
+        store.start_optimization("s", ["model"], "tuner-1", ttl=60)
+        reads = paths.loop_reads
+        for ident in ("temperature", "model", a.get_variable("s", "model").id):
+            assert a.get_variable("s", ident) == b.get_variable("s", ident)
+        assert a.get_variable("s", "model").optimization_status is not None
+        found_a, missing_a = a.get_variables("s", ["temperature", "nope", "model"])
+        found_b, missing_b = b.get_variables("s", ["temperature", "nope", "model"])
+        assert (found_a, missing_a) == (found_b, missing_b)
+        assert missing_a == ["nope"] and set(found_a) == {"temperature", "model"}
+        assert paths.loop_reads >= reads + 4
+        assert paths.loop_threads == {"dspex-bridge-loop"}
+        refusals = []
+        for call in (
+            lambda client: client.get_variable("s", "nope"),
+            lambda client: client.get_variable("no-such-session", "temperature"),
+            lambda client: client.get_variables("no-such-session", ["temperature"]),
+        ):
+            for client in (a, b):
+                with pytest.raises(DSPexError) as raised:
+                    call(client)
+                refusals.append((type(raised.value), str(raised.value)))
+        assert refusals[0::2] == refusals[1::2]
+        assert [kind for kind, _ in refusals[0::2]] == [
+            VariableNotFoundError,
+            SessionNotFoundError,
+            SessionNotFoundError,
+        ]
