@@ -495,7 +495,8 @@ class SessionStore:
     @property
     def nonblocking(self) -> bool:
         """Whether the engine serves :meth:`get_variable_async`, :meth:`get_variables_async` and
-        :meth:`set_variable_async` on an event loop without blocking it (Redis opened from a URL)."""
+        :meth:`set_variable_async` on an event loop without blocking it (memory, and Redis opened
+        from a URL)."""
         return bool(getattr(self._storage, "nonblocking", False))
 
     async def get_variable_async(self, session_id: str, identifier: str) -> Variable:

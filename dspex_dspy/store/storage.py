@@ -175,7 +175,8 @@ class Storage(Protocol):
     variable that is gone raises :class:`VariableNotFoundError`; a failed version check raises
     :class:`VersionConflictError`; an operation that raises changes nothing.
 
-    Optional: an engine that can serve from an event loop without blocking it offers
+    Optional: an engine that can serve from an event loop without blocking it (Redis through an
+    asyncio client; memory, whose locks are short) offers
     ``nonblocking`` (True), ``async read_variables_async(session_id, identifiers)`` and
     ``async apply_writes_async(session_id, writes, *, history_limit)``: the same operations as
     :meth:`read_variables` and :meth:`apply_writes` (for writes that carry their definitions).
@@ -302,6 +303,9 @@ class MemoryStorage:
     """
 
     shared = False
+    #: Its operations wait on nothing but short per-session locks (values are validated and copied
+    #: outside them), so an event loop may run reads and writes itself.
+    nonblocking = True
 
     def __init__(
         self,
@@ -523,6 +527,16 @@ class MemoryStorage:
                 )
             self._publish(session, updates)
             return out
+
+    async def read_variables_async(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable]:
+        """:meth:`read_variables`, run by the event loop itself (see :attr:`nonblocking`)."""
+        return self.read_variables(session_id, identifiers)
+
+    async def apply_writes_async(
+        self, session_id: str, writes: Sequence[Write], *, history_limit: int
+    ) -> list[Variable]:
+        """:meth:`apply_writes`, run by the event loop itself (see :attr:`nonblocking`)."""
+        return self.apply_writes(session_id, writes, history_limit=history_limit)
 
     def apply_writes(self, session_id: str, writes: Sequence[Write], *, history_limit: int) -> list[Variable]:
         session = self._live(session_id)

@@ -114,6 +114,17 @@ class CountingStore(SessionStore):
         self.batch_reads += 1
         return super().get_variables(session_id, identifiers)
 
+    # A grpc.aio server serves reads on its event loop through these.
+    async def get_variable_async(self, session_id: str, identifier: str) -> Variable:
+        self.single_reads += 1
+        return await super().get_variable_async(session_id, identifier)
+
+    async def get_variables_async(
+        self, session_id: str, identifiers: Iterable[str]
+    ) -> tuple[dict[str, Variable], list[str]]:
+        self.batch_reads += 1
+        return await super().get_variables_async(session_id, identifiers)
+
 
 def test_a_call_on_a_remote_bridge_reads_its_bindings_in_one_rpc() -> None:
     store = CountingStore()
