@@ -28,6 +28,7 @@ and the client raises the same class with the same fields and message that the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -166,14 +167,19 @@ class VariableLockedError(DSPexError, RuntimeError):
         name: the variable.
         optimizer_id: the optimizer holding the lease.
         detail: what the caller can do about it.
+        others: the other variables of the same write found held (an atomic batch is refused as
+            a whole and reports each one); empty for a single write.
     """
 
-    def __init__(self, name: str, optimizer_id: str, detail: str = "") -> None:
+    def __init__(
+        self, name: str, optimizer_id: str, detail: str = "", others: Sequence[VariableLockedError] = ()
+    ) -> None:
         what = detail or "writes need force=True until the optimization stops or its lease expires"
         super().__init__(f"Variable locked: {name} is held by optimizer {optimizer_id}; {what}")
         self.name = name
         self.optimizer_id = optimizer_id
         self.detail = what
+        self.others = tuple(others)
 
 
 class BridgeUnavailableError(DSPexError, ConnectionError):

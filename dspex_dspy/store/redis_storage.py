@@ -832,17 +832,16 @@ class RedisStorage:
             )
         if status == "locked":
             # Every refused variable is named (an atomic batch reports each one).
-            refusals = {
-                found[var_id].name: VariableLockedError(
+            refused = [
+                VariableLockedError(
                     found[var_id].name,
                     holder,
                     "rolling it back needs the optimization stopped first" if mode == "refuse" else "",
                 )
                 for var_id, holder, mode in zip(got[1::3], got[2::3], got[3::3], strict=True)
-            }
-            first = next(iter(refusals.values()))
-            first.refusals = refusals  # type: ignore[attr-defined]
-            raise first
+            ]
+            first = refused[0]
+            raise VariableLockedError(first.name, first.optimizer_id, first.detail, refused[1:])
         out: list[Variable] = []
         updates: list[VariableUpdate] = []
         for i, write in enumerate(writes):

@@ -652,7 +652,7 @@ class SessionStore:
             except (SessionNotFoundError, BridgeUnavailableError):
                 raise
             except VariableLockedError as exc:  # an engine's lease check: the variables it refused
-                refused = getattr(exc, "refusals", {exc.name: exc})
+                refused = {locked.name: locked for locked in (exc, *exc.others)}
                 return BatchResult({}, {ident: refused[var.name] for ident, var, _ in checked if var.name in refused})
             except DSPexError as exc:  # e.g. the batch as a whole passes a byte limit: nothing applied
                 return BatchResult({}, {ident: exc for ident, _, _ in checked})

@@ -138,3 +138,15 @@ def test_module_docstring_draws_the_hierarchy() -> None:
     for error, builtin in EXAMPLES:
         assert type(error).__name__ in doc
         assert builtin.__name__ in doc
+
+
+def test_a_locked_batch_names_every_held_variable_without_a_cycle() -> None:
+    model = VariableLockedError("model", "tuner-2")
+    first = VariableLockedError("temperature", "tuner-1", others=[model])
+    assert VariableLockedError("x", "tuner-1").others == ()
+    assert first.others == (model,)
+    assert {locked.name: locked.optimizer_id for locked in (first, *first.others)} == {
+        "temperature": "tuner-1",
+        "model": "tuner-2",
+    }
+    assert all(first not in locked.others for locked in first.others)
