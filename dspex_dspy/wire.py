@@ -292,6 +292,18 @@ def proto_to_variable(msg: pb.Variable) -> Variable:
     )
 
 
+def proto_to_versioned(msg: pb.Variable) -> tuple[Any, int]:
+    """``(value, version)`` of a ``snakepit.bridge.Variable`` message, the value validated and
+    normalised as :func:`proto_to_variable` does, without building the rest of the record.
+
+    Raises:
+        ValidationError: unknown type, bad ``constraints_json``, or a value the constraints reject.
+    """
+    spec = _received_spec(msg.name, msg.type, msg.constraints_json)
+    raw = any_to_value(msg.value if msg.HasField("value") else None, name=msg.name, binary=msg.binary_value)
+    return spec.validate(raw), msg.version
+
+
 def update_to_proto(update: VariableUpdate) -> pb.VariableUpdate:
     """Convert a store's :class:`~dspex_dspy.store.VariableUpdate` to a ``VariableUpdate`` message.
 

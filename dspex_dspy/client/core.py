@@ -391,7 +391,7 @@ class ClientCore:
         var = self._lookup(name)
         if var is not None:
             return Op(None, lambda _: (detached(var.value), var.version))
-        return Op(BridgeCalls.get_variable(self.session_id, name), lambda v: (detached(v.value), v.version))
+        return Op(BridgeCalls.get_versioned(self.session_id, name), lambda got: got)
 
     def _has_op(self, name: str) -> Op[bool]:
         if self._lookup(name) is not None:

@@ -38,7 +38,14 @@ from dspex_dspy.types import (
     normalize_metadata,
     validate_name,
 )
-from dspex_dspy.wire import any_to_value, from_timestamp, proto_to_variable, timestamp, value_to_any
+from dspex_dspy.wire import (
+    any_to_value,
+    from_timestamp,
+    proto_to_variable,
+    proto_to_versioned,
+    timestamp,
+    value_to_any,
+)
 from dspex_dspy.wire_errors import error_from_rpc, reported_failure, unpack_status
 
 __all__ = ["BridgeCall", "BridgeCalls", "encode_write", "infer_type", "registered_variable"]
@@ -284,6 +291,18 @@ class BridgeCalls:
             return _checked("RegisterVariable", response).variable_id
 
         return BridgeCall("RegisterVariable", request, parse, identifier=name, session_id=session_id, source=source)
+
+    @staticmethod
+    def get_versioned(session_id: str, identifier: str) -> BridgeCall[tuple[Any, int]]:
+        """``GetVariable``: ``(value, version)`` only (the rest of the record is not decoded)."""
+        request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
+        return BridgeCall(
+            "GetVariable",
+            request,
+            lambda r: proto_to_versioned(r.variable),
+            identifier=identifier,
+            session_id=session_id,
+        )
 
     @staticmethod
     def get_variable(session_id: str, identifier: str) -> BridgeCall[Variable]:

@@ -20,6 +20,7 @@ from dspex_dspy.wire import (
     from_timestamp,
     proto_to_update,
     proto_to_variable,
+    proto_to_versioned,
     timestamp,
     update_to_proto,
     value_to_any,
@@ -235,6 +236,17 @@ def test_proto_to_variable_validates_the_value() -> None:
     msg.constraints_json = "[1]"
     with pytest.raises(ValidationError, match="must be a JSON object"):
         proto_to_variable(msg)
+
+
+@pytest.mark.parametrize("var", VARIABLES, ids=[v.type for v in VARIABLES])
+def test_the_value_and_version_alone_decode_as_the_whole_record_does(var: Variable) -> None:
+    msg = variable_to_proto(var)
+    whole = proto_to_variable(msg)
+    assert proto_to_versioned(msg) == (whole.value, whole.version)
+    bad = variable_to_proto(VARIABLES[0])
+    bad.value.CopyFrom(value_to_any("float", 5.0))
+    with pytest.raises(ValidationError, match=r"above the maximum 2\.0 \(rule max\)"):
+        proto_to_versioned(bad)
 
 
 def test_updates_round_trip_including_heartbeats() -> None:
