@@ -55,6 +55,7 @@ from dspex_dspy.guard import (
 )
 from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
+from dspex_dspy.store.storage import LOOP_MAX_VALUE_BYTES
 from dspex_dspy.tls import ServerTLS
 from dspex_dspy.types import Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
@@ -445,9 +446,12 @@ class BridgeServicer:
         variable = self.store.get_variable(request.session_id, request.variable_identifier)
         return pb.GetVariableResponse(variable=variable_to_proto(variable), from_cache=False)
 
-    async def get_variable_async(self, request: pb.GetVariableRequest, context: Any) -> pb.GetVariableResponse:
-        """``GetVariable`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`)."""
+    async def get_variable_async(self, request: pb.GetVariableRequest, context: Any) -> pb.GetVariableResponse | None:
+        """``GetVariable`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`); None
+        when the value is too large for the loop (run :meth:`GetVariable` in a thread)."""
         variable = await self.store.get_variable_async(request.session_id, request.variable_identifier)
+        if variable is None:
+            return None
         return pb.GetVariableResponse(variable=variable_to_proto(variable), from_cache=False)
 
     @_unary
@@ -462,7 +466,9 @@ class BridgeServicer:
         self, request: pb.SetVariableRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SetVariableResponse | None:
         """``SetVariable`` on the event loop when the store can write without blocking; None when it cannot
-        (nothing was written: run :meth:`SetVariable` in a thread)."""
+        (nothing was written: run :meth:`SetVariable` in a thread), as for a value too large for the loop."""
+        if request.ByteSize() > LOOP_MAX_VALUE_BYTES:
+            return None
         variable = await self.store.set_variable_async(
             request.session_id, request.variable_identifier, **self._set(request, context)
         )
@@ -487,10 +493,11 @@ class BridgeServicer:
 
     async def get_variables_async(
         self, request: pb.BatchGetVariablesRequest, context: Any
-    ) -> pb.BatchGetVariablesResponse:
-        """``GetVariables`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`)."""
-        found, missing = await self.store.get_variables_async(request.session_id, list(request.variable_identifiers))
-        return _batch_get_response(found, missing)
+    ) -> pb.BatchGetVariablesResponse | None:
+        """``GetVariables`` on the event loop (a store that is :attr:`~SessionStore.nonblocking`); None
+        when the values are too large for the loop."""
+        got = await self.store.get_variables_async(request.session_id, list(request.variable_identifiers))
+        return None if got is None else _batch_get_response(*got)
 
     @_unary
     def SetVariables(

@@ -21,12 +21,13 @@ a reader that meets a bulk import (logged as one entry rather than one per varia
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import redis
@@ -44,7 +45,14 @@ from dspex_dspy.errors import (
 )
 from dspex_dspy.leases import LEASE_ID_PREFIX, OptimizationLease
 from dspex_dspy.records import HistoryEntry, SessionInfo, UpdateType, VariableUpdate
-from dspex_dspy.store.storage import DEFAULT_CHANGELOG_LIMIT, ChangeBatch, NewVariable, StorageListener, Write
+from dspex_dspy.store.storage import (
+    DEFAULT_CHANGELOG_LIMIT,
+    LOOP_MAX_VALUE_BYTES,
+    ChangeBatch,
+    NewVariable,
+    StorageListener,
+    Write,
+)
 from dspex_dspy.types import TYPE_URL_PREFIX, OptimizationStatus, Variable, decode_value, encode_value
 
 __all__ = ["RedisStorage"]
@@ -506,6 +514,18 @@ def _creation_order(var: Variable) -> tuple[float, int]:
 
 
 _CLOSE_WAIT_S: Final = 2.0
+_LOOP_CALLS: Final = 32
+"""Scripts one event loop keeps in flight at once (redis-py's asyncio pool opens a connection each)."""
+
+
+@dataclass
+class _LoopClient:
+    """An asyncio client bound to one event loop, its scripts, and the gate on its calls in flight."""
+
+    client: aioredis.Redis
+    scripts: dict[str, Any]
+    gate: asyncio.Semaphore
+
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -554,8 +574,7 @@ class RedisStorage:
         self.url = url
         self._async_url = url if client is None else None
         self._async_lock = threading.Lock()
-        self._async_clients: dict[asyncio.AbstractEventLoop, aioredis.Redis] = {}
-        self._async_scripts: dict[asyncio.AbstractEventLoop, dict[str, Any]] = {}
+        self._loop_clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
         self._redis: redis.Redis = (
             client
             if client is not None
@@ -754,17 +773,30 @@ class RedisStorage:
         got = await self._on_loop(_WRITE, _keys(session_id), args)
         return self._written(session_id, writes, found, got)
 
-    async def read_variables_async(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable]:
-        """:meth:`read_variables` on the running event loop (see :meth:`apply_writes_async`)."""
+    async def read_variables_async(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable] | None:
+        """:meth:`read_variables` on the running event loop (see :meth:`apply_writes_async`).
+
+        Returns None when the values read are too large to decode on the loop (more than
+        :data:`~dspex_dspy.store.storage.LOOP_MAX_VALUE_BYTES`): read them with :meth:`read_variables`.
+        """
         got = await self._on_loop(_READ, _keys(session_id), list(identifiers))
         if got is None:
             raise SessionNotFoundError(session_id)
+        if sum(len(rec[2]) for rec in got if rec) > LOOP_MAX_VALUE_BYTES:
+            return None
         return {ident: _variable(*rec) for ident, rec in zip(identifiers, got, strict=True) if rec}
 
     async def _on_loop(self, source: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script through the asyncio client of the running loop, mapping errors as :meth:`_call`."""
+        """Run a script through the asyncio client of the running loop, mapping errors as :meth:`_call`.
+
+        At most :data:`_LOOP_CALLS` scripts of one loop are in flight (the rest wait their turn), as
+        the blocking path is bounded by its thread pool: a Redis stall under load queues calls
+        instead of opening connection after connection.
+        """
+        here = self._loop_client()
         try:
-            return await self._async_scripts_here()[source](keys=keys, args=args)
+            async with here.gate:
+                return await here.scripts[source](keys=keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
         except Exception as exc:
@@ -772,26 +804,28 @@ class RedisStorage:
                 raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
             raise
 
-    def _async_scripts_here(self) -> dict[str, Any]:
-        """The scripts on an asyncio client bound to the running loop (one client per loop)."""
+    def _loop_client(self) -> _LoopClient:
+        """The asyncio client (and its scripts) bound to the running loop, made on first use."""
         loop = asyncio.get_running_loop()
-        scripts = self._async_scripts.get(loop)
-        if scripts is None:
+        here = self._loop_clients.get(loop)
+        if here is not None:
+            return here
+        if self._async_url is None:
+            raise ValueError("this storage was given a client, not a URL: it has no asyncio client")
+        with self._async_lock:
             if self._closed:
                 raise BridgeUnavailableError(f"the session storage at {self.url} is closed")
-            if self._async_url is None:
-                raise ValueError("this storage was given a client, not a URL: it has no asyncio client")
-            options: dict[str, Any] = {}
-            if _hiredis_pack is not None and self._async_url.startswith("redis://"):
-                options["connection_class"] = _HiredisPacked
-            client = aioredis.Redis.from_url(
-                self._async_url, decode_responses=True, health_check_interval=30, socket_keepalive=True, **options
-            )
-            scripts = {source: client.register_script(source) for source in (_WRITE, _READ)}
-            with self._async_lock:
-                self._async_clients[loop] = client
-                self._async_scripts[loop] = scripts
-        return scripts
+            here = self._loop_clients.get(loop)
+            if here is None:
+                options: dict[str, Any] = {}
+                if _hiredis_pack is not None and self._async_url.startswith("redis://"):
+                    options["connection_class"] = _HiredisPacked
+                client = aioredis.Redis.from_url(
+                    self._async_url, decode_responses=True, health_check_interval=30, socket_keepalive=True, **options
+                )
+                scripts = {source: client.register_script(source) for source in (_WRITE, _READ)}
+                here = self._loop_clients[loop] = _LoopClient(client, scripts, asyncio.Semaphore(_LOOP_CALLS))
+        return here
 
     def _write_args(
         self, session_id: str, writes: Sequence[Write], found: Mapping[str, Variable], history_limit: int
@@ -1011,16 +1045,19 @@ class RedisStorage:
         self._closed = True
         self._redis.close()
         with self._async_lock:
-            clients = list(self._async_clients.items())
-            self._async_clients.clear()
-            self._async_scripts.clear()
-        for loop, client in clients:
-            _close_on(loop, client)
+            clients = list(self._loop_clients.items())
+            self._loop_clients.clear()
+        for loop, here in clients:
+            _close_on(loop, here.client)
 
 
 def _close_on(loop: asyncio.AbstractEventLoop, client: aioredis.Redis) -> None:
-    """Close an asyncio client on the loop it belongs to (a loop that no longer runs frees it with itself)."""
-    if loop.is_closed() or not loop.is_running():
+    """Close an asyncio client on the loop it belongs to (a closed loop took its sockets with it)."""
+    if loop.is_closed():
+        return
+    if not loop.is_running():
+        with contextlib.suppress(RuntimeError):  # another loop runs in this thread: the sockets go with the process
+            loop.run_until_complete(client.aclose())
         return
     try:
         running = asyncio.get_running_loop()

@@ -497,28 +497,43 @@ class SessionStore:
         """Whether the engine serves :meth:`get_variable_async`, :meth:`get_variables_async` and
         :meth:`set_variable_async` on an event loop without blocking it (memory, and Redis opened
         from a URL)."""
-        return bool(getattr(self._storage, "nonblocking", False))
+        storage = self._storage
+        return bool(
+            getattr(storage, "nonblocking", False)
+            and hasattr(storage, "read_variables_async")
+            and hasattr(storage, "apply_writes_async")
+        )
 
-    async def get_variable_async(self, session_id: str, identifier: str) -> Variable:
+    async def get_variable_async(self, session_id: str, identifier: str) -> Variable | None:
         """:meth:`get_variable` on the running event loop; needs :attr:`nonblocking`.
+
+        None when the value is too large for the loop: call :meth:`get_variable` in a thread.
 
         Raises:
             VariableNotFoundError, SessionNotFoundError, ValidationError: as :meth:`get_variable`.
         """
         self._check_identifier(identifier)
         self._check_open()
-        var = (await self._storage.read_variables_async(session_id, [identifier])).get(identifier)  # type: ignore[attr-defined]
+        found = await self._storage.read_variables_async(session_id, [identifier])  # type: ignore[attr-defined]
+        if found is None:
+            return None
+        var = found.get(identifier)
         if var is None:
             raise VariableNotFoundError(identifier, session_id)
         return self._view(var)
 
     async def get_variables_async(
         self, session_id: str, identifiers: Iterable[str]
-    ) -> tuple[dict[str, Variable], list[str]]:
-        """:meth:`get_variables` on the running event loop; needs :attr:`nonblocking`."""
+    ) -> tuple[dict[str, Variable], list[str]] | None:
+        """:meth:`get_variables` on the running event loop; needs :attr:`nonblocking`.
+
+        None when the values are too large for the loop: call :meth:`get_variables` in a thread.
+        """
         idents = list(identifiers)
         self._check_open()
         found = await self._storage.read_variables_async(session_id, idents)  # type: ignore[attr-defined]
+        if found is None:
+            return None
         missing = [i for i in idents if i not in found]
         return {i: self._view(v) for i, v in found.items()}, missing
 
@@ -544,10 +559,10 @@ class SessionStore:
             VersionConflictError, VariableLockedError, SessionNotFoundError,
             BridgeUnavailableError: as :meth:`set_variable` (the engine refused the write).
         """
-        apply_async = getattr(self._storage, "apply_writes_async", None)
         known = self._known.get((session_id, identifier))
-        if apply_async is None or known is None or self._closed or not self.nonblocking:
+        if known is None or self._closed or not self.nonblocking:
             return None
+        apply_async = self._storage.apply_writes_async  # type: ignore[attr-defined]
         try:
             meta = normalize_metadata(identifier, metadata) if metadata else {}
             force = pop_force(meta)

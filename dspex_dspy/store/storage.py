@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 from dspex_dspy.errors import (
     LimitExceededError,
@@ -168,6 +168,11 @@ class StorageListener(Protocol):
         """A session was deleted or expired."""
 
 
+LOOP_MAX_VALUE_BYTES: Final = 64 * 1024
+"""Largest value (encoded bytes, about) an event loop decodes, validates or encodes itself; a larger
+one is handled in a thread, so one big embedding never stalls every other call and stream."""
+
+
 class Storage(Protocol):
     """The operations a storage engine offers a :class:`~dspex_dspy.store.SessionStore`.
 
@@ -179,7 +184,8 @@ class Storage(Protocol):
     asyncio client; memory, whose locks are short) offers
     ``nonblocking`` (True), ``async read_variables_async(session_id, identifiers)`` and
     ``async apply_writes_async(session_id, writes, *, history_limit)``: the same operations as
-    :meth:`read_variables` and :meth:`apply_writes` (for writes that carry their definitions).
+    :meth:`read_variables` and :meth:`apply_writes` (for writes that carry their definitions); the
+    read answers None when its values are too large for the loop (:data:`LOOP_MAX_VALUE_BYTES`).
     A ``grpc.aio`` bridge node then serves reads and single writes on its loop, with no thread
     hand-off (:attr:`SessionStore.nonblocking <dspex_dspy.store.SessionStore.nonblocking>`).
     """
@@ -528,9 +534,13 @@ class MemoryStorage:
             self._publish(session, updates)
             return out
 
-    async def read_variables_async(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable]:
-        """:meth:`read_variables`, run by the event loop itself (see :attr:`nonblocking`)."""
-        return self.read_variables(session_id, identifiers)
+    async def read_variables_async(self, session_id: str, identifiers: Sequence[str]) -> dict[str, Variable] | None:
+        """:meth:`read_variables`, run by the event loop itself (see :attr:`nonblocking`); None when a
+        value is larger than :data:`LOOP_MAX_VALUE_BYTES` (copying it is work for a thread)."""
+        found = self.read_variables(session_id, identifiers)
+        if any(value_size(var.type, var.value) > LOOP_MAX_VALUE_BYTES for var in found.values()):
+            return None
+        return found
 
     async def apply_writes_async(
         self, session_id: str, writes: Sequence[Write], *, history_limit: int

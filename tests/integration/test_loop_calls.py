@@ -16,9 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import pytest
 import redis
 
+from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import (
     BridgeUnavailableError,
     DSPexError,
@@ -32,7 +35,8 @@ from dspex_dspy.remote import RemoteStore
 from dspex_dspy.server import BridgeServer, create_server
 from dspex_dspy.store import SessionStore
 from dspex_dspy.store.redis_storage import RedisStorage, _keys
-from dspex_dspy.store.storage import MemoryStorage, Write
+from dspex_dspy.store.storage import LOOP_MAX_VALUE_BYTES, MemoryStorage, Write
+from dspex_dspy.wire import any_to_value
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -262,10 +266,10 @@ def test_loop_clients_close_with_the_storage_and_a_given_client_keeps_the_pool(r
         client.register_variable("s", "x", "integer", 0)
         client.set_variable("s", "x", 1)
         client.set_variable("s", "x", 2)
-        assert len(storage._async_clients) == 1
+        assert len(storage._loop_clients) == 1
     store.close()
     storage.close()
-    assert storage._async_clients == {}
+    assert storage._loop_clients == {}
 
     given = RedisStorage(client=redis.Redis.from_url(redis_url, decode_responses=True))
     assert not given.nonblocking
@@ -348,3 +352,45 @@ def test_reads_are_served_from_the_loop_and_answer_as_the_blocking_server_does(s
             SessionNotFoundError,
             SessionNotFoundError,
         ]
+
+
+def test_a_large_value_is_written_and_read_in_the_pool_not_on_the_loop(served: Any) -> None:
+    """A value past LOOP_MAX_VALUE_BYTES would stall every call and stream while the loop decoded it."""
+    _, paths, serve = served
+    server = serve()
+    big = "x" * (LOOP_MAX_VALUE_BYTES + 1)
+    with RemoteStore.connect(server.address) as client:
+        client.create_session("s")
+        client.register_variable("s", "prompt", "string", "short")
+        client.set_variable("s", "prompt", "known now")
+        loop_writes, pool_writes, pool_reads = paths.loop_writes, paths.pool_writes, paths.pool_reads
+        assert client.set_variable("s", "prompt", big).version == 3
+        assert (paths.loop_writes, paths.pool_writes) == (loop_writes, pool_writes + 1)
+        assert client.get_variable("s", "prompt").value == big
+        found, _ = client.get_variables("s", ["prompt"])
+        assert found["prompt"].value == big
+        assert paths.pool_reads >= pool_reads + 2  # both reads were done again in the pool
+        client.set_variable("s", "prompt", "short again")
+        assert paths.loop_writes == loop_writes + 1
+        assert client.get_variable("s", "prompt").value == "short again"
+
+
+def test_a_redis_stall_under_load_queues_loop_calls_instead_of_failing_them(served_redis: Any, redis_url: str) -> None:
+    """Calls on the loop take turns on a bounded number of Redis connections, as the pool's threads do."""
+    _, paths, serve = served_redis
+    server = serve()
+    raw = redis.Redis.from_url(redis_url)
+    try:
+        with RemoteStore.connect(server.address) as client, grpc.insecure_channel(server.address) as channel:
+            client.create_session("s")
+            client.register_variable("s", "x", "integer", 7)
+            stub = pb_grpc.BridgeServiceStub(channel)
+            request = pb.GetVariableRequest(session_id="s", variable_identifier="x")
+            reads = paths.loop_reads
+            raw.execute_command("CLIENT", "PAUSE", "400", "ALL")
+            calls = [stub.GetVariable.future(request, timeout=60) for _ in range(300)]
+            values = [any_to_value(call.result().variable.value) for call in calls]
+            assert values == [7] * 300
+            assert paths.loop_reads == reads + 300
+    finally:
+        raw.close()
