@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -66,6 +66,7 @@ from dspex_dspy.store.storage import (
     LeaseCheck,
     MemoryStorage,
     NewVariable,
+    SharedLeases,
     Storage,
     Write,
     constraints_bytes,
@@ -175,7 +176,9 @@ class SessionStore:
         self._lease_lock = threading.Lock()
         self._lease_view: dict[str, tuple[OptimizationStatus, float]] = {}
         # An engine shared by several nodes keeps the leases itself and checks them in its writes.
-        self._shared_leases: Any = self._storage if getattr(self._storage, "shares_leases", False) else None
+        self._shared_leases: SharedLeases | None = (
+            cast("SharedLeases", self._storage) if getattr(self._storage, "shares_leases", False) else None
+        )
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()

@@ -33,6 +33,7 @@ from dspex_dspy.errors import (
     VariableNotFoundError,
     VersionConflictError,
 )
+from dspex_dspy.leases import OptimizationLease
 from dspex_dspy.limits import StoreLimits, value_size
 from dspex_dspy.records import HistoryEntry, SessionInfo, UpdateType, VariableUpdate
 from dspex_dspy.types import Variable
@@ -171,6 +172,22 @@ class StorageListener(Protocol):
 LOOP_MAX_VALUE_BYTES: Final = 64 * 1024
 """Largest value (encoded bytes, about) an event loop decodes, validates or encodes itself; a larger
 one is handled in a thread, so one big embedding never stalls every other call and stream."""
+
+
+class SharedLeases(Protocol):
+    """An engine several nodes share that keeps optimization leases itself (``shares_leases``), so a
+    lease taken through one node holds on every node (its write scripts check them)."""
+
+    def start_lease(
+        self, session_id: str, variables: Mapping[str, str], optimizer_id: str, ttl: float
+    ) -> OptimizationLease:
+        """Take or renew ``optimizer_id``'s lease on ``variables`` (id -> name) for ``ttl`` seconds."""
+
+    def stop_lease(self, session_id: str, lease_id: str) -> None:
+        """End a lease by its id (ending one that already ended does nothing)."""
+
+    def stop_variable_lease(self, session_id: str, variable_id: str, name: str, *, force: bool) -> None:
+        """End the lease holding a variable (``force`` needed)."""
 
 
 class Storage(Protocol):
