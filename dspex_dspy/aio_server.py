@@ -90,6 +90,7 @@ class AsyncBridgeServicer:
             make = self._stream if method.server_streaming else self._unary
             setattr(self, method.name, make(method.name))
         # Ping touches no store: answered on the loop, it costs what a plain server's does.
+        self._ping_handler = self._blocking("Ping")
         setattr(self, "Ping", self._on_loop("Ping", self._ping, self._unary("Ping")))  # noqa: B010
         if servicer.store.nonblocking:
             # Served on the loop itself: no thread hand-off, nothing blocked while Redis answers.
@@ -129,7 +130,7 @@ class AsyncBridgeServicer:
         return call
 
     async def _ping(self, request: pb.PingRequest, context: Any) -> pb.PingResponse:
-        return self._blocking("Ping")(self.servicer, request, context)  # type: ignore[no-any-return]
+        return self._ping_handler(self.servicer, request, context)  # type: ignore[no-any-return]
 
     def _on_loop(
         self,

@@ -209,6 +209,11 @@ def _history(response: pb.GetVariableHistoryResponse) -> list[HistoryEntry]:
     ]
 
 
+def _get_variable(session_id: str, identifier: str, parse: Callable[[pb.GetVariableResponse], _T]) -> BridgeCall[_T]:
+    request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
+    return BridgeCall("GetVariable", request, parse, identifier=identifier, session_id=session_id)
+
+
 class BridgeCalls:
     """Builders of the :class:`BridgeCall` for each operation a client performs (no I/O here).
 
@@ -295,26 +300,12 @@ class BridgeCalls:
     @staticmethod
     def get_versioned(session_id: str, identifier: str) -> BridgeCall[tuple[Any, int]]:
         """``GetVariable``: ``(value, version)`` only (the rest of the record is not decoded)."""
-        request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
-        return BridgeCall(
-            "GetVariable",
-            request,
-            lambda r: proto_to_versioned(r.variable),
-            identifier=identifier,
-            session_id=session_id,
-        )
+        return _get_variable(session_id, identifier, lambda r: proto_to_versioned(r.variable))
 
     @staticmethod
     def get_variable(session_id: str, identifier: str) -> BridgeCall[Variable]:
         """``GetVariable``: the variable."""
-        request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
-        return BridgeCall(
-            "GetVariable",
-            request,
-            lambda r: proto_to_variable(r.variable),
-            identifier=identifier,
-            session_id=session_id,
-        )
+        return _get_variable(session_id, identifier, lambda r: proto_to_variable(r.variable))
 
     @staticmethod
     def get_variables(session_id: str, identifiers: Sequence[str]) -> BridgeCall[tuple[dict[str, Variable], list[str]]]:

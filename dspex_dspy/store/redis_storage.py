@@ -605,12 +605,20 @@ class RedisStorage:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
         except Exception as exc:
-            if self._closed:  # a call still running when the pool was closed under it
-                raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
-            raise
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _failure(self, exc: Exception) -> Exception:
+        """What a failed Redis call raises: Redis unreachable, or the storage closed under the call,
+        is :class:`BridgeUnavailableError`; anything else is itself."""
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            return BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}")
+        if self._closed:  # a call still running when the pool was closed under it
+            return BridgeUnavailableError(f"the session storage at {self.url} is closed")
+        return exc
 
     def add_listener(self, listener: StorageListener) -> None:
         self._listeners.append(listener)
@@ -797,12 +805,11 @@ class RedisStorage:
         try:
             async with here.gate:
                 return await here.scripts[source](keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise BridgeUnavailableError(f"the session storage at {self.url} cannot be reached: {exc}") from exc
         except Exception as exc:
-            if self._closed:
-                raise BridgeUnavailableError(f"the session storage at {self.url} is closed") from exc
-            raise
+            failure = self._failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     def _loop_client(self) -> _LoopClient:
         """The asyncio client (and its scripts) bound to the running loop, made on first use."""

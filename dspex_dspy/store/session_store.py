@@ -179,6 +179,11 @@ class SessionStore:
         self._shared_leases: SharedLeases | None = (
             cast("SharedLeases", self._storage) if getattr(self._storage, "shares_leases", False) else None
         )
+        self._nonblocking = bool(
+            getattr(self._storage, "nonblocking", False)
+            and hasattr(self._storage, "read_variables_async")
+            and hasattr(self._storage, "apply_writes_async")
+        )
         self._closed = False
         self._sweeper: threading.Thread | None = None
         self._stop_sweeper = threading.Event()
@@ -437,14 +442,12 @@ class SessionStore:
         known = self._known.get((session_id, identifier))
         if known is not None:
             try:
-                normalised = self._spec(session_id, known).validate(value)
-                self._check_size(known.name, known.type, normalised)
+                normalised = self._valid(session_id, known, value)
                 return self._view(self._write_one(session_id, known, normalised, expected_version, meta, source, force))
             except (ValidationError, VariableNotFoundError, LimitExceededError):
                 self._known.pop((session_id, identifier), None)
         var = self._lookup(session_id, identifier)
-        normalised = self._spec(session_id, var).validate(value)
-        self._check_size(var.name, var.type, normalised)
+        normalised = self._valid(session_id, var, value)
         if expected_version and expected_version != var.version:
             raise VersionConflictError(var.name, expected_version, var.version)
         written = self._write_one(session_id, var, normalised, expected_version, meta, source, force)
@@ -488,24 +491,17 @@ class SessionStore:
             merged = map_bytes({**var.metadata, **meta})
             if merged > self.limits.max_variable_metadata_bytes:
                 raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
-        if self._shared_leases is not None:
-            write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
-            return _lease_checked(write, meta, "force" if force else "admit")
-        if not self._lease_view:
-            return Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
-        return None
+        if self._shared_leases is None and self._lease_view:
+            return None
+        write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+        return write if self._shared_leases is None else _lease_checked(write, meta, "force" if force else "admit")
 
     @property
     def nonblocking(self) -> bool:
         """Whether the engine serves :meth:`get_variable_async`, :meth:`get_variables_async` and
         :meth:`set_variable_async` on an event loop without blocking it (memory, and Redis opened
         from a URL)."""
-        storage = self._storage
-        return bool(
-            getattr(storage, "nonblocking", False)
-            and hasattr(storage, "read_variables_async")
-            and hasattr(storage, "apply_writes_async")
-        )
+        return self._nonblocking
 
     async def get_variable_async(self, session_id: str, identifier: str) -> Variable | None:
         """:meth:`get_variable` on the running event loop; needs :attr:`nonblocking`.
@@ -563,14 +559,13 @@ class SessionStore:
             BridgeUnavailableError: as :meth:`set_variable` (the engine refused the write).
         """
         known = self._known.get((session_id, identifier))
-        if known is None or self._closed or not self.nonblocking:
+        if known is None or self._closed or not self._nonblocking:
             return None
         apply_async = self._storage.apply_writes_async  # type: ignore[attr-defined]
         try:
             meta = normalize_metadata(identifier, metadata) if metadata else {}
             force = pop_force(meta)
-            normalised = self._spec(session_id, known).validate(value)
-            self._check_size(known.name, known.type, normalised)
+            normalised = self._valid(session_id, known, value)
             write = self._engine_write(known, normalised, expected_version, meta, source, force)
         except (ValidationError, LimitExceededError):
             return None  # judged again on the current definition, by set_variable
@@ -616,8 +611,7 @@ class SessionStore:
                             "", "identifier", ident, "a variable identifier must be a non-empty string"
                         )
                     raise VariableNotFoundError(ident, session_id)
-                normalised = self._spec(session_id, var).validate(value)
-                self._check_size(var.name, var.type, normalised)
+                normalised = self._valid(session_id, var, value)
             except DSPexError as exc:
                 errors[ident] = exc
                 continue
@@ -1094,6 +1088,12 @@ class SessionStore:
         ):
             if size > maximum:
                 raise LimitExceededError(f"{name}: {what}", size, maximum)
+
+    def _valid(self, session_id: str, var: Variable, value: Any) -> Any:
+        """``value`` normalised by the variable's spec, within the value size limit (raises otherwise)."""
+        normalised = self._spec(session_id, var).validate(value)
+        self._check_size(var.name, var.type, normalised)
+        return normalised
 
     def _check_size(self, name: str, type_: str, value: Any) -> None:
         check_value_size(self.limits, name, type_, value)
