@@ -586,8 +586,8 @@ print(count, flush=True)
 _FLOOR_NODE = """
 import asyncio, sys
 import grpc
-import redis.asyncio as aredis
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy.store._redis_loop import LoopRedis
 # The least a node can do per write and still be a store: one atomic script that checks the
 # expected version, bumps it, keeps the value and appends the change to a bounded stream.
 SCRIPT = \"\"\"
@@ -598,12 +598,11 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'v', ARGV[1])
 return current + 1
 \"\"\"
 async def main():
-    client = aredis.Redis.from_url(sys.argv[1])
-    script = client.register_script(SCRIPT)
+    client = LoopRedis(sys.argv[1])  # the bridge node's own Redis client
     async def set_variable(request, context):
         key = "{floor:" + request.session_id + "}:"
-        version = await script(keys=[key + request.variable_identifier, key + "log"],
-                               args=[request.value.value, request.expected_version])
+        version = await client.script(SCRIPT, [key + request.variable_identifier, key + "log"],
+                                      [request.value.value, request.expected_version])
         return pb.SetVariableResponse(success=version > 0, new_version=abs(version))
     handler = grpc.method_handlers_generic_handler("snakepit.bridge.BridgeService", {
         "SetVariable": grpc.unary_unary_rpc_method_handler(

@@ -298,8 +298,12 @@ class _GuardCore:
         service, _, rpc = method.lstrip("/").rpartition("/")
         if service in EXEMPT_SERVICES:
             return None
-        if self.secret is None and self.limiter is None and rpc not in _AUDITED:
-            return None  # nothing to check or record
+        if (
+            self.secret is None
+            and self.limiter is None
+            and (rpc not in _AUDITED or not audit_logger.isEnabledFor(logging.INFO))
+        ):
+            return None  # nothing to check or record (asked per call: the audit level may change)
         if service == _SERVICE:
             return rpc, RPC_PERMISSIONS.get(rpc, "admin")
         if method in ADMIN_RPC_PERMISSIONS:

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 import redis
-import redis.asyncio as aioredis
 
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -448,8 +448,10 @@ return redis.call('LRANGE', KEYS[11], 0, tonumber(ARGV[1]) - 1)
 )
 
 
-def _keys(session_id: str) -> list[str]:
-    return [f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in _KEY_SUFFIXES]
+@functools.lru_cache(maxsize=4096)
+def _keys(session_id: str) -> tuple[str, ...]:
+    """A session's keys, in the order the scripts name them (``KEYS[1]`` .. ``KEYS[11]``)."""
+    return tuple(f"{PREFIX}:{{{session_id}}}:{suffix}" for suffix in _KEY_SUFFIXES)
 
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -514,34 +516,10 @@ def _creation_order(var: Variable) -> tuple[float, int]:
 
 
 _CLOSE_WAIT_S: Final = 2.0
-_LOOP_CALLS: Final = 32
-"""Scripts one event loop keeps in flight at once (redis-py's asyncio pool opens a connection each)."""
-
-
-@dataclass
-class _LoopClient:
-    """An asyncio client bound to one event loop, its scripts, and the gate on its calls in flight."""
-
-    client: aioredis.Redis
-    scripts: dict[str, Any]
-    gate: asyncio.Semaphore
-
-
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is a dependency of the redis extra
-    _hiredis_pack = None
-
-
-class _HiredisPacked(aioredis.Connection):
-    """A plain-TCP asyncio connection that packs commands with hiredis (C), as redis-py's blocking
-    client already does, instead of in Python: a write's dozen keys and arguments cost a third less."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:
-            args = (*args[0].split(), *args[1:])  # "SCRIPT LOAD" is two words on the wire
-        return [_hiredis_pack(args)]  # type: ignore[misc]
+    from dspex_dspy.store._redis_loop import LoopRedis
+except ImportError:  # pragma: no cover - hiredis comes with the redis extra; without it, no loop path
+    LoopRedis = None  # type: ignore[misc,assignment]
 
 
 class RedisStorage:
@@ -574,7 +552,7 @@ class RedisStorage:
         self.url = url
         self._async_url = url if client is None else None
         self._async_lock = threading.Lock()
-        self._loop_clients: dict[asyncio.AbstractEventLoop, _LoopClient] = {}
+        self._loop_clients: dict[asyncio.AbstractEventLoop, LoopRedis] = {}
         self._redis: redis.Redis = (
             client
             if client is not None
@@ -759,8 +737,9 @@ class RedisStorage:
 
     @property
     def nonblocking(self) -> bool:
-        """Whether the ``*_async`` operations are available (this storage was opened from a URL)."""
-        return self._async_url is not None
+        """Whether the ``*_async`` operations are available (this storage was opened from a URL, and
+        hiredis is installed)."""
+        return self._async_url is not None and LoopRedis is not None
 
     async def apply_writes_async(
         self, session_id: str, writes: Sequence[Write], *, history_limit: int
@@ -794,44 +773,34 @@ class RedisStorage:
             return None
         return {ident: _variable(*rec) for ident, rec in zip(identifiers, got, strict=True) if rec}
 
-    async def _on_loop(self, source: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a script through the asyncio client of the running loop, mapping errors as :meth:`_call`.
+    async def _on_loop(self, source: str, keys: Sequence[str], args: list[Any]) -> Any:
+        """Run a script on the running loop's connection, mapping errors as :meth:`_call`.
 
-        At most :data:`_LOOP_CALLS` scripts of one loop are in flight (the rest wait their turn), as
-        the blocking path is bounded by its thread pool: a Redis stall under load queues calls
-        instead of opening connection after connection.
+        The loop's calls share one multiplexed connection (see :mod:`._redis_loop`): a Redis stall
+        under load queues them on it, as the blocking path queues on its thread pool.
         """
-        here = self._loop_client()
         try:
-            async with here.gate:
-                return await here.scripts[source](keys=keys, args=args)
+            return await self._loop_client().script(source, keys, args)
         except Exception as exc:
             failure = self._failure(exc)
             if failure is exc:
                 raise
             raise failure from exc
 
-    def _loop_client(self) -> _LoopClient:
-        """The asyncio client (and its scripts) bound to the running loop, made on first use."""
+    def _loop_client(self) -> LoopRedis:
+        """The client bound to the running loop, made on first use."""
         loop = asyncio.get_running_loop()
         here = self._loop_clients.get(loop)
         if here is not None:
             return here
-        if self._async_url is None:
-            raise ValueError("this storage was given a client, not a URL: it has no asyncio client")
+        if self._async_url is None or LoopRedis is None:
+            raise ValueError("this storage has no loop client: it was given a client, not a URL, or hiredis is missing")
         with self._async_lock:
             if self._closed:
                 raise BridgeUnavailableError(f"the session storage at {self.url} is closed")
             here = self._loop_clients.get(loop)
             if here is None:
-                options: dict[str, Any] = {}
-                if _hiredis_pack is not None and self._async_url.startswith("redis://"):
-                    options["connection_class"] = _HiredisPacked
-                client = aioredis.Redis.from_url(
-                    self._async_url, decode_responses=True, health_check_interval=30, socket_keepalive=True, **options
-                )
-                scripts = {source: client.register_script(source) for source in (_WRITE, _READ)}
-                here = self._loop_clients[loop] = _LoopClient(client, scripts, asyncio.Semaphore(_LOOP_CALLS))
+                here = self._loop_clients[loop] = LoopRedis(self._async_url)
         return here
 
     def _write_args(
@@ -1055,10 +1024,10 @@ class RedisStorage:
             clients = list(self._loop_clients.items())
             self._loop_clients.clear()
         for loop, here in clients:
-            _close_on(loop, here.client)
+            _close_on(loop, here)
 
 
-def _close_on(loop: asyncio.AbstractEventLoop, client: aioredis.Redis) -> None:
+def _close_on(loop: asyncio.AbstractEventLoop, client: LoopRedis) -> None:
     """Close an asyncio client on the loop it belongs to (a closed loop took its sockets with it)."""
     if loop.is_closed():
         return

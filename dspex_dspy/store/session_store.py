@@ -493,8 +493,19 @@ class SessionStore:
                 raise LimitExceededError(f"{var.name}: metadata bytes", merged, self.limits.max_variable_metadata_bytes)
         if self._shared_leases is None and self._lease_view:
             return None
-        write = Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
-        return write if self._shared_leases is None else _lease_checked(write, meta, "force" if force else "admit")
+        if self._shared_leases is None:
+            return Write(var.id, value, expected_version or None, meta, source, self._clock(), var)
+        return Write(
+            var.id,
+            value,
+            expected_version or None,
+            meta,
+            source,
+            self._clock(),
+            var,
+            lease_check="force" if force else "admit",
+            holder=str(meta.get(HOLDER_METADATA_KEY, "")),
+        )
 
     @property
     def nonblocking(self) -> bool:
