@@ -746,7 +746,7 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
                 _sustained_row(
                     rows, label, writes, pings, f"{len(addresses)} plain server(s)", "writes >= 0.7x Ping/s", 0.7
                 )
-            _write_floor(rows, url, address_a, ctx.id, seconds)
+            _write_floor(rows, url, [address_a, address_b], ctx.id, seconds)
             ctx.stop()
 
             times = []
@@ -799,34 +799,48 @@ def _sustained_row(
     print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
 
 
-def _write_floor(rows: list[Row], url: str, node: str, session: str, seconds: float) -> None:
+def _write_floor(rows: list[Row], url: str, nodes: list[str], session: str, seconds: float) -> None:
     """Where the sustained-write ratio can go on this machine at all, and where its cost lies.
 
-    The same 4 processes, against the same plain-server Ping baseline, in turn send bare
-    ``SetVariable`` stubs (no client library) to a bridge node, then to a *floor node*: a
-    ``grpc.aio`` server whose only work per write is one Lua script on the same Redis (check the
-    version, bump it, keep the value, append to a bounded stream), with no validation, history,
-    leases, limits or auth. No node that stores each write in Redis before answering can do less,
-    so the floor's ratio bounds what any such node reaches on this machine.
+    The same 4 processes, against the same plain-server Ping baselines, in turn send bare
+    ``SetVariable`` stubs (no client library) to the bridge nodes, then to as many *floor nodes*:
+    ``grpc.aio`` servers whose only work per write is one Lua script on the same Redis, through the
+    bridge node's own Redis client (check the version, bump it, keep the value, append to a bounded
+    stream), with no validation, history, leases, limits or auth. No node that stores each write
+    in Redis before answering can do less, so the floor's ratio bounds what any such node reaches
+    on this machine, with one node and with two.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FLOOR_NODE, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FLOOR_NODE, url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in nodes
+    ]
     try:
-        assert proc.stdout is not None
-        floor = proc.stdout.readline().strip()
-        with _plain_servers(1) as plain_addresses:
-            pings = _burst([[_PINGER, plain_addresses[0], str(seconds)] for _ in range(4)]) / seconds
-        for label, address, note in (
-            ("bare SetVariable stubs, 1 bridge node", node, "the bridge node without the client library"),
-            ("bare SetVariable stubs, 1 floor node", floor, "the least any Redis-backed node can do"),
-        ):
-            writes = _sustained("raw-set", [address], session, seconds)
-            _sustained_row(rows, label, writes, pings, f"1 plain server ({note})", "reference")
+        floors = [proc.stdout.readline().strip() for proc in procs if proc.stdout is not None]
+        for count in (1, 2):
+            with _plain_servers(count) as plain:
+                pings = _burst([[_PINGER, plain[i % count], str(seconds)] for i in range(4)]) / seconds
+            servers = f"{count} plain server(s)"
+            for label, addresses, note in (
+                (
+                    f"bare SetVariable stubs, {count} bridge node(s)",
+                    nodes[:count],
+                    "the nodes without the client library",
+                ),
+                (
+                    f"bare SetVariable stubs, {count} floor node(s)",
+                    floors[:count],
+                    "the least any Redis-backed node can do",
+                ),
+            ):
+                writes = _sustained("raw-set", addresses, session, seconds)
+                _sustained_row(rows, label, writes, pings, f"{servers} ({note})", "reference")
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(10)
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            proc.wait(10)
 
 
 def bench_security(rows: list[Row], quick: bool) -> None:

@@ -14,6 +14,7 @@ Values being written are encoded as the variable's type when the caller knows it
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo
 from dspex_dspy.types import (
     TYPE_URL_PREFIX,
     Variable,
+    VariableSpec,
     compile_spec,
     encode_constraints,
     is_secret,
@@ -86,6 +88,12 @@ def infer_type(value: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _plain_spec(name: str, type_: str) -> VariableSpec:
+    """The spec of ``type_`` with no constraints (a spec is immutable: compiled once per name and type)."""
+    return compile_spec(name, type_)
+
+
 def encode_write(name: str, value: Any, type_hint: str | None) -> any_pb2.Any:
     """Encode a value being written to ``name``, for the server to judge.
 
@@ -103,7 +111,7 @@ def encode_write(name: str, value: Any, type_hint: str | None) -> any_pb2.Any:
         value = value.item()  # a numpy scalar
     if type_hint is not None:
         try:
-            return value_to_any(type_hint, compile_spec(name, type_hint).validate(value))
+            return value_to_any(type_hint, _plain_spec(name, type_hint).validate(value))
         except ValidationError:
             pass  # the server judges it against the variable's current definition
     natural = infer_type(value)

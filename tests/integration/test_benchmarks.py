@@ -57,6 +57,8 @@ def test_quick_redis_benchmark_run_writes_its_rows(tmp_path: Path) -> None:
         "switch of 10,000 variables to a remote Redis node",
         "sustained writes, 4 processes, 1 node",
         "sustained writes, 4 processes, 2 nodes",
-        "sustained writes, 4 processes, bare SetVariable stubs, 1 bridge node",
-        "sustained writes, 4 processes, bare SetVariable stubs, 1 floor node",
+        "sustained writes, 4 processes, bare SetVariable stubs, 1 bridge node(s)",
+        "sustained writes, 4 processes, bare SetVariable stubs, 1 floor node(s)",
+        "sustained writes, 4 processes, bare SetVariable stubs, 2 bridge node(s)",
+        "sustained writes, 4 processes, bare SetVariable stubs, 2 floor node(s)",
     } <= rows

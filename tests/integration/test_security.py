@@ -585,6 +585,37 @@ def test_writes_deletes_rollbacks_and_refusals_leave_one_audit_line_each(
     assert all(token not in json.dumps(ln) for ln in lines)
 
 
+def test_a_bridge_without_tokens_audits_writes_exactly_while_the_audit_logger_is_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Without tokens or a rate limit the guard has nothing to check: it steps aside for writes
+    # while the audit logger is off, and audits them again from the next call once it is on.
+    server, _ = create_server()
+    server.start()
+    try:
+        server.store.create_session(SID)
+        server.store.register_variable(SID, "x", "float", 1.0)
+        with RemoteStore.connect(server.address) as remote:
+            caplog.set_level(logging.WARNING, logger=AUDIT_LOGGER)
+            remote.set_variable(SID, "x", 2.0)
+            assert _audit_lines(caplog) == []
+            caplog.set_level(logging.INFO, logger=AUDIT_LOGGER)
+            remote.set_variable(SID, "x", 3.0)
+            remote.rollback_variable(SID, "x", 2)
+            caplog.set_level(logging.WARNING, logger=AUDIT_LOGGER)
+            remote.set_variable(SID, "x", 4.0)
+            assert remote.get_variable(SID, "x").version == 5
+        summary = [
+            (ln["rpc"], ln["principal"], ln["variable"], ln["version"], ln["outcome"]) for ln in _audit_lines(caplog)
+        ]
+        assert summary == [
+            ("SetVariable", "anonymous", "x", 3, "OK"),
+            ("RollbackVariable", "anonymous", "x", 4, "OK"),
+        ]
+    finally:
+        server.stop(0)
+
+
 def test_secret_values_never_show(auth_bridge: BridgeServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     hidden = "hunter2-do-not-print"
