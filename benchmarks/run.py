@@ -735,18 +735,18 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
             writer.close()
             for i in range(4):
                 Variables.defvariable(ctx, f"load_{i}", "integer", 0)
-            seconds = 2.0 if quick else 5.0
+            seconds, rounds = (2.0, 1) if quick else (5.0, 3)
             for label, addresses in (("1 node", [address_a]), ("2 nodes", [address_a, address_b])):
                 # The baseline: the same 4 processes calling Ping on as many plain gRPC servers
-                # (a bare handler, no bridge in it) as there are nodes.
+                # (a bare handler, no bridge in it) as there are nodes, measured in turn with the writes.
                 with _plain_servers(len(addresses)) as plain_addresses:
-                    pings = _burst([[_PINGER, plain_addresses[i % len(addresses)], str(seconds)] for i in range(4)])
-                    pings /= seconds
-                writes = _sustained("set", addresses, ctx.id, seconds)
+                    pings, [writes] = _alternating(
+                        plain_addresses, [lambda a=addresses: _sustained("set", a, ctx.id, seconds)], seconds, rounds
+                    )
                 _sustained_row(
                     rows, label, writes, pings, f"{len(addresses)} plain server(s)", "writes >= 0.7x Ping/s", 0.7
                 )
-            _write_floor(rows, url, [address_a, address_b], ctx.id, seconds)
+            _write_floor(rows, url, [address_a, address_b], ctx.id, seconds, rounds)
             ctx.stop()
 
             times = []
@@ -779,27 +779,52 @@ def bench_redis(rows: list[Row], quick: bool) -> None:
             redis_proc.wait(10)
 
 
+def _alternating(
+    plain_addresses: list[str], loads: list[Callable[[], float]], seconds: float, rounds: int
+) -> tuple[list[float], list[list[float]]]:
+    """Raw Ping calls/s from 4 processes on ``plain_addresses``, and each of ``loads``, measured in turn
+    ``rounds`` times, so the baseline and the loads meet the same moments of a noisy machine."""
+    pings: list[float] = []
+    results: list[list[float]] = [[] for _ in loads]
+    count = len(plain_addresses)
+    for _ in range(rounds):
+        pings.append(_burst([[_PINGER, plain_addresses[i % count], str(seconds)] for i in range(4)]) / seconds)
+        for load, got in zip(loads, results, strict=True):
+            got.append(load())
+    return pings, results
+
+
 def _sustained_row(
-    rows: list[Row], label: str, writes: float, pings: float, servers: str, target: str, minimum: float | None = None
+    rows: list[Row],
+    label: str,
+    writes: list[float],
+    pings: list[float],
+    servers: str,
+    target: str,
+    minimum: float | None = None,
 ) -> None:
-    """A sustained-writes row (calls/s of the writes against raw Ping calls/s), printed as it is added."""
-    ratio = writes / pings
+    """A sustained-writes row, printed as it is added: the median writes/s and Ping calls/s of the
+    rounds, and the median of the rounds' ratios (each round's writes against its own Ping)."""
+    ratios = [w / p for w, p in zip(writes, pings, strict=True)]
+    ratio = statistics.median(ratios)
+    rate, ping_rate = statistics.median(writes), statistics.median(pings)
     rows.append(
         Row(
             f"sustained writes, 4 processes, {label}",
-            1e6 / writes,
+            1e6 / rate,
             0.0,
             baseline=f"raw Ping calls/s, 4 processes, {servers}",
-            baseline_us=1e6 / pings,
-            ratio=pings / writes,
+            baseline_us=1e6 / ping_rate,
+            ratio=1 / ratio,
             target=target,
             met=None if minimum is None else ratio >= minimum,
         )
     )
-    print(f"  sustained writes, {label}: {writes:.0f}/s vs Ping {pings:.0f}/s -> {ratio:.2f}x", flush=True)
+    spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+    print(f"  sustained writes, {label}: {rate:.0f}/s vs Ping {ping_rate:.0f}/s -> {ratio:.2f}x{spread}", flush=True)
 
 
-def _write_floor(rows: list[Row], url: str, nodes: list[str], session: str, seconds: float) -> None:
+def _write_floor(rows: list[Row], url: str, nodes: list[str], session: str, seconds: float, rounds: int) -> None:
     """Where the sustained-write ratio can go on this machine at all, and where its cost lies.
 
     The same 4 processes, against the same plain-server Ping baselines, in turn send bare
@@ -819,10 +844,7 @@ def _write_floor(rows: list[Row], url: str, nodes: list[str], session: str, seco
     try:
         floors = [proc.stdout.readline().strip() for proc in procs if proc.stdout is not None]
         for count in (1, 2):
-            with _plain_servers(count) as plain:
-                pings = _burst([[_PINGER, plain[i % count], str(seconds)] for i in range(4)]) / seconds
-            servers = f"{count} plain server(s)"
-            for label, addresses, note in (
+            targets = (
                 (
                     f"bare SetVariable stubs, {count} bridge node(s)",
                     nodes[:count],
@@ -833,9 +855,16 @@ def _write_floor(rows: list[Row], url: str, nodes: list[str], session: str, seco
                     floors[:count],
                     "the least any Redis-backed node can do",
                 ),
-            ):
-                writes = _sustained("raw-set", addresses, session, seconds)
-                _sustained_row(rows, label, writes, pings, f"{servers} ({note})", "reference")
+            )
+            with _plain_servers(count) as plain:
+                pings, results = _alternating(
+                    plain,
+                    [lambda a=addresses: _sustained("raw-set", a, session, seconds) for _, addresses, _ in targets],
+                    seconds,
+                    rounds,
+                )
+            for (label, _, note), writes in zip(targets, results, strict=True):
+                _sustained_row(rows, label, writes, pings, f"{count} plain server(s) ({note})", "reference")
     finally:
         for proc in procs:
             if proc.stdin is not None:
