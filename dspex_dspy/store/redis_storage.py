@@ -744,14 +744,14 @@ class RedisStorage:
     async def apply_writes_async(
         self, session_id: str, writes: Sequence[Write], *, history_limit: int
     ) -> list[Variable]:
-        """:meth:`apply_writes` on the running event loop, through an asyncio client of its own.
+        """:meth:`apply_writes` on the running event loop, through the loop's own multiplexed connection.
 
         The same script, checks and change log as the blocking call; every write must carry its
         definition (``Write.variable``). A bridge node on ``grpc.aio`` writes this way, so a write
         costs no thread hand-off and blocks nothing while Redis answers.
 
         Raises:
-            ValueError: a write without its definition, or no URL to open an asyncio client from.
+            ValueError: a write without its definition, or no URL to open the loop's connection from (or no hiredis).
         """
         found = {w.variable_id: w.variable for w in writes if w.variable is not None}
         if len(found) != len({w.variable_id for w in writes}):
@@ -1017,7 +1017,7 @@ class RedisStorage:
         return ChangeBatch(int(entries[-1][0].split("-")[0]), tuple(updates))
 
     def close(self) -> None:
-        """Close the connection pools (the asyncio clients' on their own loops)."""
+        """Close the connection pool, and each loop's connection on its own loop."""
         self._closed = True
         self._redis.close()
         with self._async_lock:
@@ -1028,7 +1028,7 @@ class RedisStorage:
 
 
 def _close_on(loop: asyncio.AbstractEventLoop, client: LoopRedis) -> None:
-    """Close an asyncio client on the loop it belongs to (a closed loop took its sockets with it)."""
+    """Close a loop's Redis client on the loop it belongs to (a closed loop took its sockets with it)."""
     if loop.is_closed():
         return
     if not loop.is_running():

@@ -197,8 +197,8 @@ class Storage(Protocol):
     variable that is gone raises :class:`VariableNotFoundError`; a failed version check raises
     :class:`VersionConflictError`; an operation that raises changes nothing.
 
-    Optional: an engine that can serve from an event loop without blocking it (Redis through an
-    asyncio client; memory, whose locks are short) offers
+    Optional: an engine that can serve from an event loop without blocking it (Redis through one
+    multiplexed connection per loop; memory, whose locks are short) offers
     ``nonblocking`` (True), ``async read_variables_async(session_id, identifiers)`` and
     ``async apply_writes_async(session_id, writes, *, history_limit)``: the same operations as
     :meth:`read_variables` and :meth:`apply_writes` (for writes that carry their definitions); the
