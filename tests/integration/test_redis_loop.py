@@ -498,7 +498,7 @@ def test_the_watchdog_fails_a_stalled_connection_and_the_next_command_opens_a_ne
     own_redis: RedisServer, make_admin: Callable[..., redis.Redis], where: str
 ) -> None:
     admin = admin_of(make_admin, own_redis.url)
-    timeout = 0.3
+    timeout = 1.0  # long enough that no answer outside the pause comes this late, even on a loaded machine
     url, options = (
         (own_redis.url, {"timeout": timeout})
         if where == "argument"
