@@ -22,7 +22,8 @@ import redis
 START_DEADLINE_S = 30.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port free at the moment of asking."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -54,7 +55,7 @@ class RedisServer:
     def start(self) -> None:
         """Start the server (on its old port when restarting, so clients find it again)."""
         for _ in range(20):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             args = [
                 self.binary,
                 "--bind", "127.0.0.1",
@@ -105,13 +106,19 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate the server."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process, killing it if it does not exit within 10 s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
