@@ -127,8 +127,12 @@ def _derived(var: Variable) -> BaseDistribution | str:
 def _override(var: Variable, given: Any) -> BaseDistribution:
     """The caller's distribution for a variable, checked against the variable's constraints."""
     spec = compile_spec(var.name, var.type, var.constraints)
-    if isinstance(given, BaseDistribution):
+    if isinstance(given, (FloatDistribution, IntDistribution, CategoricalDistribution)):
         dist = given
+    elif isinstance(given, BaseDistribution):
+        raise ValidationError(
+            var.name, "space", given, "an optuna distribution must be a Float-, Int- or CategoricalDistribution"
+        )
     elif isinstance(given, (list, tuple)):
         if not given:
             raise ValidationError(var.name, "space", given, "a list of candidates must not be empty")

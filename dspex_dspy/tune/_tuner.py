@@ -23,12 +23,13 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import dspy
 import optuna
 from dspy.teleprompt.teleprompt import Teleprompter
-from optuna.distributions import BaseDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
@@ -300,10 +301,11 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         logger.info("%s", said)
         if self.progress:
             tqdm.write(said, file=sys.stderr)
+        storage = optuna.storages.get_storage(self.storage)
         study = optuna.create_study(
             direction="maximize",
             sampler=self.sampler or optuna.samplers.TPESampler(seed=self.seed),
-            storage=self.storage,
+            storage=storage,
             study_name=self.study_name,
             load_if_exists=self.storage is not None,
         )
@@ -320,7 +322,7 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
             lease = session.start(list(searched), self.optimizer_id, self.lease_ttl)
             heartbeat = _Heartbeat(session, lease)
         try:
-            self._search(student, study, searched, evaluate, session, result)
+            self._search(student, study, storage, searched, evaluate, session, result)
             if self.publish == "best" and result.best is not None:
                 self._publish(session, result, result.best.number, result.best.values, result.best.score)
         finally:
@@ -342,6 +344,7 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         self,
         program: Any,
         study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
         searched: Mapping[str, BaseDistribution],
         evaluate: Any,
         session: _Session,
@@ -353,9 +356,9 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         )
         best_published = -math.inf
         try:
+            study_id = storage.get_study_id_from_name(study.study_name)
             while len(study.get_trials(deepcopy=False)) < self.num_trials:
-                trial = study.ask(fixed_distributions=dict(searched))
-                trial.set_user_attr(HOLDER_METADATA_KEY, self.optimizer_id)
+                trial = self._ask(study, storage, study_id, searched)
                 values = dict(trial.params)
                 try:
                     with trial_values(values):
@@ -377,6 +380,44 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         best = _best(study)
         if best is not None:
             result.best = _record(best, searched)
+
+    def _ask(
+        self,
+        study: optuna.Study,
+        storage: optuna.storages.BaseStorage,
+        study_id: int,
+        searched: Mapping[str, BaseDistribution],
+    ) -> optuna.Trial:
+        """A new running trial that carries this tuner's id from the moment it exists.
+
+        ``study.ask()`` followed by ``set_user_attr`` would be two storage writes, and another
+        process listing a shared study in between would see a trial with no runner; creating the
+        trial from a template with the attribute set is one write.
+        """
+        template = FrozenTrial(
+            number=-1,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=datetime.now(),
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={HOLDER_METADATA_KEY: self.optimizer_id},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=-1,
+        )
+        trial = optuna.Trial(study, storage.create_new_trial(study_id, template_trial=template))
+        for name, dist in searched.items():
+            if isinstance(dist, FloatDistribution):
+                trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+            elif isinstance(dist, IntDistribution):
+                trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+            elif isinstance(dist, CategoricalDistribution):
+                trial.suggest_categorical(name, dist.choices)
+            else:  # build_space admits only the three kinds above
+                raise TypeError(f"cannot search {name!r} over {dist!r}")
+        return trial
 
     def _publish(
         self, session: _Session, result: TuningResult, trial: int, values: Mapping[str, Any], score: float | None

@@ -22,6 +22,7 @@ from typing import Any
 import dspy
 import optuna
 import pytest
+from optuna.storages.journal import JournalFileBackend
 
 from dspex_dspy import Context, Variables
 from dspex_dspy.errors import VariableLockedError
@@ -455,6 +456,39 @@ def test_two_processes_run_trials_of_one_study_and_one_publishes(
     assert [p.trial for p in result.published] == [result.best.number]
     model = Variables.get_variable(ctx, "model")
     assert model.version == 2 and model.metadata["optimizer_id"] == "tuner-main"
+
+
+class _WatchedJournal(optuna.storages.JournalStorage):
+    """A journal storage that lists the study through a second reader of its file after each new trial.
+
+    The second reader sees what another process sharing the study sees at that instant.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(JournalFileBackend(path))
+        self.reader = optuna.storages.JournalStorage(JournalFileBackend(path))
+        self.seen: list[dict[int, str]] = []
+
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        trials = self.reader.get_all_trials(study_id, deepcopy=False)
+        self.seen.append({t.number: str(t.user_attrs.get("optimizer_id", "")) for t in trials})
+        return trial_id
+
+
+def test_a_trial_names_its_runner_from_the_moment_another_process_can_see_it(tmp_path: Path) -> None:
+    storage = _WatchedJournal(str(tmp_path / "study.log"))
+    tuner = VariableTuner(
+        metric, num_trials=6, seed=0, storage=storage, study_name="seen", optimizer_id="tuner-x", progress=False
+    )
+    with dspy.context(lm=offline_lm(MODELS[0])):
+        tuner.compile(program_for(_ctx()), trainset=trainset())
+    assert [len(view) for view in storage.seen] == [1, 2, 3, 4, 5, 6]
+    assert all(set(view.values()) == {"tuner-x"} for view in storage.seen), storage.seen
+    assert tuner.result is not None
+    assert [(t.number, t.optimizer_id, t.state) for t in tuner.result.trials] == [
+        (n, "tuner-x", "COMPLETE") for n in range(6)
+    ]
 
 
 def test_a_worker_process_tunes_the_session_and_publishes(procs: list[Proc]) -> None:

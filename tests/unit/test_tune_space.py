@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from dspex_dspy import Context, VariableAwarePredict, Variables
 from dspex_dspy.errors import DSPexError, ValidationError
@@ -82,6 +82,22 @@ def test_the_space_narrows_and_overrides_within_the_constraints() -> None:
     assert skipped == {"temperature": "not in the given space", "max_tokens": "not in the given space"}
 
 
+class _OtherDistribution(BaseDistribution):
+    """A distribution of a kind the tuner does not sample."""
+
+    def to_external_repr(self, param_value_in_internal_repr: float) -> Any:
+        return param_value_in_internal_repr
+
+    def to_internal_repr(self, param_value_in_external_repr: Any) -> float:
+        return float(param_value_in_external_repr)
+
+    def single(self) -> bool:
+        return False
+
+    def _contains(self, param_value_in_internal_repr: float) -> bool:
+        return True
+
+
 @pytest.mark.parametrize(
     ("space", "match"),
     [
@@ -92,6 +108,7 @@ def test_the_space_narrows_and_overrides_within_the_constraints() -> None:
         ({"model": {"low": "a", "high": "b"}}, "needs a float or integer variable"),
         ({"model": []}, "must not be empty"),
         ({"temperature": 0.5}, "give None"),
+        ({"temperature": _OtherDistribution()}, "must be a Float-, Int- or CategoricalDistribution"),
         ({"notes": None}, "cannot derive a search space"),
         ({}, "searches no variable"),
     ],
