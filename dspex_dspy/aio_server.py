@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -31,11 +32,38 @@ from dspex_dspy.wire_errors import rpc_status_for
 if TYPE_CHECKING:
     from dspex_dspy.server import BridgeServicer
 
-__all__ = ["AsyncBridgeServicer", "EventLoopThread"]
+__all__ = ["EVENT_LOOP_ENV", "AsyncBridgeServicer", "EventLoopThread", "new_event_loop"]
 
 _T = TypeVar("_T")
 _SHUTTING_DOWN: Final = "the bridge server is shutting down"
 _END: Final = object()
+
+
+EVENT_LOOP_ENV: Final = "DSPEX_EVENT_LOOP"
+"""Set to ``asyncio`` to run the bridge on the standard library's loop even where uvloop is installed."""
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for a bridge node: uvloop's where it is installed, else the standard one.
+
+    uvloop (a dependency on Linux and macOS) runs ``grpc.aio`` and the Redis connection with about
+    a tenth less CPU per call; ``DSPEX_EVENT_LOOP=asyncio`` opts out.
+
+    Raises:
+        ValueError: ``DSPEX_EVENT_LOOP`` names neither ``uvloop`` nor ``asyncio``.
+    """
+    wanted = os.environ.get(EVENT_LOOP_ENV, "").strip().lower()
+    if wanted not in ("", "uvloop", "asyncio"):
+        raise ValueError(f"{EVENT_LOOP_ENV} must be 'uvloop' or 'asyncio', not {wanted!r}")
+    if wanted != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if wanted == "uvloop":
+                raise ValueError(f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed: pip install uvloop") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 class EventLoopThread:
@@ -46,7 +74,7 @@ class EventLoopThread:
     """
 
     def __init__(self, name: str = "dspex-bridge-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

@@ -302,7 +302,7 @@ def _serve(args: argparse.Namespace) -> int:
             if metrics is not None:
                 metrics.watch_server(server)
                 metrics.serve(args.host, args.metrics_port)
-        except (DSPexError, OSError) as exc:
+        except (DSPexError, OSError, ValueError) as exc:  # ValueError: a bad DSPEX_EVENT_LOOP
             print(f"dspex-bridge: {exc}", file=sys.stderr, flush=True)
             store.close()
             store.storage.close()

@@ -787,7 +787,11 @@ class BridgeServer:
             self._started = True
             if self._owns_store:
                 self.store.start_sweeper()
-        logger.info("bridge server listening on %s", self.address)
+        if self._loop is not None:
+            kind = type(self._loop.loop).__module__.split(".")[0]
+            logger.info("bridge server listening on %s (event loop: %s)", self.address, kind)
+        else:
+            logger.info("bridge server listening on %s", self.address)
         return self
 
     async def _start(self) -> None:

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -28,9 +28,8 @@ START_DEADLINE_S = 60.0
 class BridgeProcess:
     """A ``dspex-bridge serve`` subprocess and the address it listens on."""
 
-    def __init__(self, *extra_args: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
+    def __init__(self, *extra_args: str, env: Mapping[str, str] | None = None) -> None:
+        environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", *extra_args],
             stdout=subprocess.PIPE,
@@ -38,7 +37,7 @@ class BridgeProcess:
             stdin=subprocess.DEVNULL,
             text=True,
             cwd=REPO_ROOT,
-            env=env,
+            env=environment,
         )
         self.output: list[str] = []
         self._found = threading.Event()
@@ -83,8 +82,8 @@ def spawn_bridge() -> Iterator[Callable[..., BridgeProcess]]:
     """Start standalone bridge servers on demand; all are stopped at the end of the session."""
     started: list[BridgeProcess] = []
 
-    def spawn(*extra_args: str) -> BridgeProcess:
-        bridge = BridgeProcess(*extra_args)
+    def spawn(*extra_args: str, env: Mapping[str, str] | None = None) -> BridgeProcess:
+        bridge = BridgeProcess(*extra_args, env=env)
         started.append(bridge)
         return bridge
 

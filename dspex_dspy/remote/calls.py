@@ -117,7 +117,7 @@ def encode_write(name: str, value: Any, type_hint: str | None) -> any_pb2.Any:
     natural = infer_type(value)
     if natural is not None and natural != type_hint:
         try:
-            return value_to_any(natural, compile_spec(name, natural).validate(value))
+            return value_to_any(natural, _plain_spec(name, natural).validate(value))
         except ValidationError:
             pass  # a malformed value (a ragged tensor): its raw JSON, below
     try:

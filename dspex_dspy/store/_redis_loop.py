@@ -23,7 +23,7 @@ import collections
 import hashlib
 import ssl
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import hiredis
 import redis
@@ -50,8 +50,8 @@ class _Connection(asyncio.Protocol):
         self.failure: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's does not subclass asyncio.Transport, so no isinstance check).
+        self._transport = cast(asyncio.Transport, transport)
 
     def send(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         """Write one command; the future resolves with its answer (or its error)."""
@@ -215,7 +215,7 @@ class LoopRedis:
         try:
             for answer in hello:
                 await answer
-        except redis.ResponseError:
+        except BaseException:  # refused (AUTH, SELECT), lost or cancelled: the socket goes too
             connection.close()
             raise
         self._connection = connection

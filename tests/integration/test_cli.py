@@ -193,6 +193,21 @@ def test_serve_on_a_taken_port_fails_with_a_message(serve: type[ServeProcess]) -
     assert server.signal_and_wait(signal.SIGTERM) == 0
 
 
+def test_serve_with_an_unknown_event_loop_fails_with_a_message() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0"],
+        cwd=REPO_ROOT,
+        env={**_env(), "DSPEX_EVENT_LOOP": "trio"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "DSPEX_EVENT_LOOP must be 'uvloop' or 'asyncio', not 'trio'" in result.stderr
+    assert "Traceback" not in result.stderr and "listening" not in result.stdout
+
+
 def test_bad_arguments_exit_with_usage() -> None:
     result = _run_cli("serve", "--port", "70000")
     assert result.returncode == 2

@@ -21,6 +21,7 @@ import hashlib
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis
+import uvloop
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -46,9 +48,27 @@ READY = re.compile(r"ready to accept connections", re.IGNORECASE)
 T = TypeVar("T")
 
 
+new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on the standard library's loop and on uvloop's (a bridge node's default)."""
+    kind = str(request.param)
+    monkeypatch.setattr(
+        sys.modules[__name__], "new_loop", uvloop.new_event_loop if kind == "uvloop" else asyncio.new_event_loop
+    )
+    return kind
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run one test's coroutine on a fresh event loop, with a safety-net deadline."""
-    return asyncio.run(asyncio.wait_for(main, DEADLINE_S * 2))
+    """Run one test's coroutine on a fresh event loop of the test's kind, with a safety-net deadline."""
+    loop = new_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(main, DEADLINE_S * 2))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 @contextlib.asynccontextmanager
@@ -547,6 +567,8 @@ def test_a_password_url_authenticates_and_selects_its_db(
                 for _ in range(2):  # every call tries again, and fails again
                     with pytest.raises(redis.AuthenticationError):
                         await client.call("SET", "never", "written")
+        # A refused connection is closed, not left open: only the admin's own connection remains.
+        await eventually(lambda: len(clients(admin)) == 1, "the refused connections to close")
         async with loop_redis(f"redis://{base}/0") as client:
             with pytest.raises(redis.AuthenticationError):
                 await client.call("SET", "never", "written")

@@ -50,7 +50,11 @@ def wait_for(predicate: Callable[[], bool], what: str, deadline_s: float = DEADL
 def test_a_context_made_through_one_node_is_read_written_and_watched_through_another(
     spawn_bridge: Callable[..., Any], redis_url: str
 ) -> None:
-    a, b = node(spawn_bridge, redis_url), node(spawn_bridge, redis_url)
+    # Node A runs on uvloop (the default where installed), node B on the standard library's loop.
+    a = node(spawn_bridge, redis_url)
+    b = spawn_bridge("--storage", redis_url, env={"DSPEX_EVENT_LOOP": "asyncio"})
+    assert any("(event loop: uvloop)" in line for line in a.output), a.output
+    assert any("(event loop: asyncio)" in line for line in b.output), b.output
     with Context(bridge=a.address) as ctx:
         Variables.defvariable(ctx, "temperature", "float", 0.7, constraints={"max": 2.0})
         ctx.ensure_bridged()
