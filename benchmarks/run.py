@@ -587,6 +587,7 @@ _FLOOR_NODE = """
 import asyncio, sys
 import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
+from dspex_dspy.aio_server import new_event_loop
 from dspex_dspy.store._redis_loop import LoopRedis
 # The least a node can do per write and still be a store: one atomic script that checks the
 # expected version, bumps it, keeps the value and appends the change to a bounded stream.
@@ -615,7 +616,8 @@ async def main():
     print(f"127.0.0.1:{port}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await server.stop(0)
-asyncio.run(main())
+loop = new_event_loop()  # the node's own loop (uvloop where installed)
+loop.run_until_complete(main())
 """
 
 

@@ -75,8 +75,8 @@ end
 -- Every key was given the same expiry by the last full touch (and the change log, which a write
 -- may append to, must still carry one), so the session still expires as a whole, that much early
 -- at worst.
-local function touch_soon()
-  local ttl = math.floor(tonumber(redis.call('HGET', KEYS[1], 'ttl')) * 1000)
+local function touch_soon(ttl_s)
+  local ttl = math.floor(tonumber(ttl_s or redis.call('HGET', KEYS[1], 'ttl')) * 1000)
   local left = redis.call('PTTL', KEYS[1])
   if left >= 0 and ttl - left < math.min(1000, ttl / 100) and redis.call('PTTL', KEYS[8]) >= 0 then return end
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
@@ -150,8 +150,10 @@ _READ = (
     + _RESOLVE
     + _LEASE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-touch_soon()
+-- The session's TTL field doubles as its existence check (every session hash has one).
+local ttl_s = redis.call('HGET', KEYS[1], 'ttl')
+if not ttl_s then return false end
+touch_soon(ttl_s)
 local leased = redis.call('EXISTS', KEYS[9]) == 1
 local now = leased and now_ms() or 0
 local out = {}
@@ -237,7 +239,8 @@ _WRITE = (
     + _APPEND
     + _LEASE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'nosession'} end
+local ttl_s = redis.call('HGET', KEYS[1], 'ttl')
+if not ttl_s then return {'nosession'} end
 local n = (#ARGV - 2) / 8
 local limit = tonumber(ARGV[2])
 local current = {}
@@ -303,7 +306,7 @@ for i = 0, n - 1 do
   out[#out + 1] = wmeta
   out[#out + 1] = st
 end
-touch_soon()
+touch_soon(ttl_s)
 return out
 """
 )
