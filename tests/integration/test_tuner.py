@@ -491,6 +491,28 @@ def test_a_trial_names_its_runner_from_the_moment_another_process_can_see_it(tmp
     ]
 
 
+class _SeeingSampler(optuna.samplers.TPESampler):
+    """TPE that records, for each trial, how many completed trials it samples from."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=0, n_startup_trials=2)
+        self.seen: list[tuple[int, int]] = []
+
+    def sample_relative(self, study: optuna.Study, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        # The same call TPE makes for its history (the study's per-trial cache of the storage).
+        done = study._get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,), use_cache=True)
+        self.seen.append((trial.number, len(done)))
+        return super().sample_relative(study, trial, search_space)
+
+
+def test_the_sampler_samples_each_trial_from_every_trial_completed_before_it() -> None:
+    sampler = _SeeingSampler()
+    tuner = VariableTuner(metric, num_trials=6, sampler=sampler, progress=False)
+    with dspy.context(lm=offline_lm(MODELS[0])):
+        tuner.compile(program_for(_ctx()), trainset=trainset())
+    assert sampler.seen == [(n, n) for n in range(6)]
+
+
 def test_a_worker_process_tunes_the_session_and_publishes(procs: list[Proc]) -> None:
     with Context() as ctx:
         define_task(ctx)
