@@ -459,7 +459,7 @@ def bench_throughput(rows: list[Row], quick: bool) -> None:
 
     writers = 4
     seconds = 2.0 if quick else 4.0
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     proc, address = _start_remote_server()
     try:
         # The baseline: the same processes calling Ping on as many plain gRPC servers as nodes (one).
@@ -467,29 +467,33 @@ def bench_throughput(rows: list[Row], quick: bool) -> None:
             ctx = Context(bridge=address, backend="bridged")
             for i in range(writers):
                 Variables.defvariable(ctx, f"w{i}", "integer", 0)
-            writes, pings = [], []
-            for _ in range(rounds):
-                pings.append(_burst([[_PINGER, plain_addresses[0], str(seconds)] for _ in range(writers)]) / seconds)
-                writes.append(
-                    _burst([[_WRITER, address, ctx.id, f"w{i}", str(seconds)] for i in range(writers)]) / seconds
-                )
+            pings, (writes,) = _alternating(
+                plain_addresses,
+                [lambda: _burst([[_WRITER, address, ctx.id, f"w{i}", str(seconds)] for i in range(writers)]) / seconds],
+                seconds,
+                rounds,
+            )
+            # As the Redis rows: the median of the rounds' ratios, each round's writes against the
+            # Ping calls measured right before them.
+            ratios = [w / p for w, p in zip(writes, pings, strict=True)]
+            ratio = statistics.median(ratios)
             write_rate, ping_rate = statistics.median(writes), statistics.median(pings)
-            ratio = ping_rate / write_rate
             rows.append(
                 Row(
                     f"writes from {writers} worker processes, 1 node",
                     1e6 / write_rate,
-                    1e6 / min(writes),
+                    1e6 / max(writes),
                     baseline=f"raw Ping, {writers} processes, 1 plain server",
                     baseline_us=1e6 / ping_rate,
-                    ratio=ratio,
-                    best_ratio=min(pings) / max(writes),
+                    ratio=1 / ratio,
+                    best_ratio=1 / max(ratios),
                     target="<= 1.43x",
-                    met=ratio <= 1 / 0.7,
+                    met=ratio >= 0.7,
                 )
             )
+            spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
             print(
-                f"  {writers} writers, 1 node: {write_rate:.0f} writes/s vs {ping_rate:.0f} Ping/s -> {write_rate / ping_rate:.2f}x"
+                f"  {writers} writers, 1 node: {write_rate:.0f} writes/s vs {ping_rate:.0f} Ping/s -> {ratio:.2f}x{spread}"
             )
             ctx.stop()
     finally:

@@ -392,7 +392,8 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
 
         ``study.ask()`` followed by ``set_user_attr`` would be two storage writes, and another
         process listing a shared study in between would see a trial with no runner; creating the
-        trial from a template with the attribute set is one write.
+        trial from a template with the attribute set is one write. (The study's cache of trials,
+        which ``ask()`` would clear for the sampler, is cleared by every ``tell()``.)
         """
         template = FrozenTrial(
             number=-1,
