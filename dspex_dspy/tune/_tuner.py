@@ -393,8 +393,13 @@ class VariableTuner(Teleprompter):  # type: ignore[misc]
         ``study.ask()`` followed by ``set_user_attr`` would be two storage writes, and another
         process listing a shared study in between would see a trial with no runner; creating the
         trial from a template with the attribute set is one write. (The study's cache of trials,
-        which ``ask()`` would clear for the sampler, is cleared by every ``tell()``.)
+        which ``ask()`` would clear for the sampler, is cleared by every ``tell()``.) A trial queued
+        with ``study.enqueue_trial`` is taken first, through ``ask()``, and gets its runner then.
         """
+        if storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            queued = study.ask(fixed_distributions=dict(searched))
+            queued.set_user_attr(HOLDER_METADATA_KEY, self.optimizer_id)
+            return queued
         template = FrozenTrial(
             number=-1,
             state=TrialState.RUNNING,

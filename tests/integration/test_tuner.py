@@ -491,6 +491,22 @@ def test_a_trial_names_its_runner_from_the_moment_another_process_can_see_it(tmp
     ]
 
 
+def test_a_queued_trial_is_run_first_and_named_after_its_runner(tmp_path: Path) -> None:
+    storage = journal_storage(str(tmp_path / "study.log"))
+    queued = {"temperature": 0.35, "max_tokens": 600, "model": "offline/large"}
+    optuna.create_study(storage=storage, study_name="queued", direction="maximize").enqueue_trial(queued)
+    tuner = VariableTuner(
+        metric, num_trials=3, seed=0, storage=storage, study_name="queued", optimizer_id="tuner-q", progress=False
+    )
+    with dspy.context(lm=offline_lm(MODELS[0])):
+        tuner.compile(program_for(_ctx()), trainset=trainset())
+    assert tuner.result is not None
+    trials = tuner.result.trials
+    assert [(t.number, t.state, t.optimizer_id) for t in trials] == [(n, "COMPLETE", "tuner-q") for n in range(3)]
+    assert trials[0].values == queued and trials[0].score == pytest.approx(OPTIMUM)
+    assert tuner.result.best is not None and tuner.result.best.number == 0
+
+
 class _SeeingSampler(optuna.samplers.TPESampler):
     """TPE that records, for each trial, how many completed trials it samples from."""
 
