@@ -278,15 +278,19 @@ class BridgeCalls:
         source: str,
         initial_version: int = 0,
         created_at: float = 0.0,
+        spec: VariableSpec | None = None,
     ) -> BridgeCall[str]:
         """``RegisterVariable``: the new variable's id.
 
         ``initial_version`` and ``created_at`` (when non-zero) import a variable with them kept.
         The value is checked against the type and constraints here first, so a bad one fails
-        without a round trip, with the same error the server would report.
+        without a round trip, with the same error the server would report. ``spec``: the
+        variable's compiled spec when the caller has it already (it must be compiled from these
+        ``name``, ``type_``, ``constraints`` and ``metadata``).
         """
         validate_name(name)
-        spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
+        if spec is None:
+            spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
         request = pb.RegisterVariableRequest(
             session_id=session_id,
             name=name,

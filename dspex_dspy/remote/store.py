@@ -40,7 +40,7 @@ from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateTyp
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.tls import Pem
-from dspex_dspy.types import Variable, compile_spec, is_secret, normalize_metadata
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata
 from dspex_dspy.wire import proto_to_update
 from dspex_dspy.wire_errors import error_from_rpc
 
@@ -329,6 +329,7 @@ class RemoteStore:
         ``updated_at`` becomes the server's time of import.
         """
         calls: list[BridgeCall[str]] = []
+        specs: list[VariableSpec] = []
         seen: set[str] = set()
         for var in variables:
             if var.name in seen:
@@ -336,6 +337,7 @@ class RemoteStore:
             seen.add(var.name)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
                 raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
+            specs.append(compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata)))
             calls.append(
                 BridgeCalls.register_variable(
                     session_id,
@@ -348,6 +350,7 @@ class RemoteStore:
                     source=var.source,
                     initial_version=var.version,
                     created_at=var.created_at or time.time(),
+                    spec=specs[-1],
                 )
             )
         if self._closed:
@@ -356,8 +359,7 @@ class RemoteStore:
         made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
         now = time.time()
         out = []
-        for (_, var_id), var in zip(sorted(made), variables, strict=True):
-            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
+        for (_, var_id), var, spec in zip(sorted(made), variables, specs, strict=True):
             imported = replace(
                 var,
                 id=var_id,
