@@ -57,7 +57,7 @@ from dspex_dspy.leases import LEASE_ID_PREFIX, lease_request_config
 from dspex_dspy.store import SessionStore, Watch
 from dspex_dspy.store.storage import LOOP_MAX_VALUE_BYTES
 from dspex_dspy.tls import ServerTLS
-from dspex_dspy.types import Variable, compile_spec, decode_constraints
+from dspex_dspy.types import VARIABLE_TYPES, Variable, compile_spec, decode_constraints
 from dspex_dspy.wire import (
     any_to_value,
     from_timestamp,
@@ -383,7 +383,10 @@ class BridgeServicer:
         """Define a variable; a set ``initial_version`` or ``created_at`` imports it with those kept."""
         name = request.name
         constraints = decode_constraints(request.constraints_json, name=name)
-        compile_spec(name, request.type, constraints)  # a bad type or constraint is reported before the value
+        if constraints or request.type not in VARIABLE_TYPES:
+            # A bad type or constraint is reported before the value (without constraints, a known
+            # type always compiles: no need to compile it twice, here and in the store).
+            compile_spec(name, request.type, constraints)
         value = self._decode(request.initial_value, name, request.initial_binary_value)
         source = self._writer(request.metadata, context)
         if request.initial_version != 0 or request.HasField("created_at"):
@@ -417,7 +420,10 @@ class BridgeServicer:
         """The variable a ``RegisterVariableRequest`` of an import describes."""
         name = request.name
         constraints = decode_constraints(request.constraints_json, name=name)
-        compile_spec(name, request.type, constraints)  # a bad type or constraint is reported before the value
+        if constraints or request.type not in VARIABLE_TYPES:
+            # A bad type or constraint is reported before the value (without constraints, a known
+            # type always compiles: no need to compile it twice, here and in the store).
+            compile_spec(name, request.type, constraints)
         return Variable(
             id="",
             name=name,

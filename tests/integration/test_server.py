@@ -259,6 +259,20 @@ def _register(
     )
 
 
+def _import(type_: str = "float", constraints: str = "", **extra: Any) -> Callable[[Bridge], Any]:
+    """An ``ImportVariables`` of one good variable and one described by the arguments (imported last)."""
+    value = extra.pop("value", any_pb2.Any(type_url=TYPE_URL_PREFIX + "float", value=b"0.5"))
+    good = pb.RegisterVariableRequest(
+        session_id=SID, name="good", type="float", initial_value=value_to_any("float", 0.1), initial_version=1
+    )
+    bad = pb.RegisterVariableRequest(
+        session_id=SID, name="fresh", type=type_, initial_value=value, constraints_json=constraints, initial_version=1
+    )
+    return lambda b: b.stub.ImportVariables(
+        pb.ImportVariablesRequest(session_id=SID, variables=[good, bad]), timeout=DEADLINE
+    )
+
+
 DEEP = b"[" * 5000 + b"1" + b"]" * 5000
 BAD_REQUESTS: dict[str, tuple[Callable[[Bridge], Any], tuple[str, ...]]] = {
     "constraint-violation": (_set_any(value_to_any("float", 2.5)), ("temperature", "max", "2.5")),
@@ -288,6 +302,16 @@ BAD_REQUESTS: dict[str, tuple[Callable[[Bridge], Any], tuple[str, ...]]] = {
     ),
     "choice-without-choices": (_register(type_="choice", value=value_to_any("string", "a")), ("choices",)),
     "bad-name": (_register(name="1 bad name"), ("not a valid name",)),
+    # An import reports a bad type or constraint before the value (and imports nothing).
+    "import-unknown-variable-type": (
+        _import(type_="complex", value=any_pb2.Any(type_url=TYPE_URL_PREFIX + "complex", value=b"1")),
+        ("fresh", "unknown variable type", "complex"),
+    ),
+    "import-unknown-constraint": (
+        _import(constraints='{"maximum": 1}', value=any_pb2.Any(type_url=TYPE_URL_PREFIX + "float", value=b"{")),
+        ("fresh", "unknown constraint maximum"),
+    ),
+    "import-constraint-violation": (_import(constraints='{"max": 0.2}'), ("fresh", "above the maximum")),
     "register-without-value": (_register(value=any_pb2.Any()), ("fresh", "no value")),
     "negative-initial-version": (_register(initial_version=-3), ("fresh", "version")),
     "empty-identifier": (
