@@ -203,6 +203,16 @@ def _unimplemented(rpc: str, what: str) -> _Abort:
     )
 
 
+def _check_definition(name: str, type_: str, constraints: dict[str, Any]) -> None:
+    """Report a bad type or constraint of a new variable before its value is decoded.
+
+    Without constraints, a known type always compiles, so it is left to the store (which compiles
+    it anyway) rather than compiled twice.
+    """
+    if constraints or type_ not in VARIABLE_TYPES:
+        compile_spec(name, type_, constraints)
+
+
 class BridgeServicer:
     """The ``snakepit.bridge.BridgeService`` implementation over a :class:`SessionStore`.
 
@@ -383,10 +393,7 @@ class BridgeServicer:
         """Define a variable; a set ``initial_version`` or ``created_at`` imports it with those kept."""
         name = request.name
         constraints = decode_constraints(request.constraints_json, name=name)
-        if constraints or request.type not in VARIABLE_TYPES:
-            # A bad type or constraint is reported before the value (without constraints, a known
-            # type always compiles: no need to compile it twice, here and in the store).
-            compile_spec(name, request.type, constraints)
+        _check_definition(name, request.type, constraints)
         value = self._decode(request.initial_value, name, request.initial_binary_value)
         source = self._writer(request.metadata, context)
         if request.initial_version != 0 or request.HasField("created_at"):
@@ -420,10 +427,7 @@ class BridgeServicer:
         """The variable a ``RegisterVariableRequest`` of an import describes."""
         name = request.name
         constraints = decode_constraints(request.constraints_json, name=name)
-        if constraints or request.type not in VARIABLE_TYPES:
-            # A bad type or constraint is reported before the value (without constraints, a known
-            # type always compiles: no need to compile it twice, here and in the store).
-            compile_spec(name, request.type, constraints)
+        _check_definition(name, request.type, constraints)
         return Variable(
             id="",
             name=name,

@@ -149,11 +149,17 @@ def test_serve_applies_its_limits(serve: type[ServeProcess]) -> None:
     assert server.signal_and_wait(signal.SIGTERM) == 0
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("dspex-bridge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "dspex_dspy.cli"]
     return subprocess.run(
-        [*command, *args], cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=DEADLINE, check=False
+        [*command, *args],
+        cwd=REPO_ROOT,
+        env={**_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
     )
 
 
@@ -194,15 +200,7 @@ def test_serve_on_a_taken_port_fails_with_a_message(serve: type[ServeProcess]) -
 
 
 def test_serve_with_an_unknown_event_loop_fails_with_a_message() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0"],
-        cwd=REPO_ROOT,
-        env={**_env(), "DSPEX_EVENT_LOOP": "trio"},
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=False,
-    )
+    result = _run_cli("serve", "--port", "0", env={"DSPEX_EVENT_LOOP": "trio"})
     assert result.returncode == 1
     assert "DSPEX_EVENT_LOOP must be 'uvloop' or 'asyncio', not 'trio'" in result.stderr
     assert "Traceback" not in result.stderr and "listening" not in result.stdout
