@@ -653,9 +653,9 @@ def compile_spec(
         raise ValidationError(
             name, "type", type_, f"unknown variable type {type_!r} (one of {', '.join(VARIABLE_TYPES)})"
         )
-    if constraints is not None and not isinstance(constraints, Mapping):
+    if constraints is not None and type(constraints) is not dict and not isinstance(constraints, Mapping):
         raise ValidationError(name, "constraints", constraints, "constraints must be a mapping")
-    raw = dict(constraints or {})
+    raw = dict(constraints) if constraints else {}
     unknown = set(raw) - _ALLOWED_CONSTRAINTS[type_]
     if unknown:
         allowed = ", ".join(sorted(_ALLOWED_CONSTRAINTS[type_])) or "none"
@@ -718,7 +718,7 @@ def compile_spec(
         norm["shape"] = list(shape)
         post_checks.append(_Shape(tuple(shape)))
     try:
-        compiled = _compile_pydantic(type_, json.dumps(norm, sort_keys=True))
+        compiled = _compile_pydantic(type_, json.dumps(norm, sort_keys=True) if norm else "{}")
     except SchemaError as exc:
         pattern = norm.get("pattern")
         detail = _short(str(exc).replace("\n", " "), 200)
@@ -771,6 +771,10 @@ def type_from_url(type_url: str) -> str:
     return type_
 
 
+_WIRE_JSON: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+"""The JSON of values on the wire (one encoder: ``json.dumps`` with options builds one per call)."""
+
+
 def encode_value(type_: str, value: Any) -> tuple[str, bytes]:
     """Encode a normalised value as ``(type_url, UTF-8 JSON)`` for a ``google.protobuf.Any``.
 
@@ -788,7 +792,7 @@ def encode_value(type_: str, value: Any) -> tuple[str, bytes]:
         payload = {"shape": value["shape"], "data": [_encode_float(x) for x in value["data"]]}
     else:
         payload = value
-    return TYPE_URL_PREFIX + type_, json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    return TYPE_URL_PREFIX + type_, _WIRE_JSON.encode(payload).encode()
 
 
 def decode_value(type_url: str, data: bytes, *, name: str = "") -> Any:
@@ -841,7 +845,7 @@ def _decode_nested(name: str, raw: list[Any], depth: int) -> list[Any]:
 
 def encode_constraints(constraints: Mapping[str, Any]) -> str:
     """Encode constraints as the JSON object carried in ``constraints_json``."""
-    return json.dumps(dict(constraints), separators=(",", ":"), allow_nan=False)
+    return _WIRE_JSON.encode(dict(constraints))
 
 
 def decode_constraints(text: str, *, name: str = "") -> dict[str, Any]:

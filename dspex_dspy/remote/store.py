@@ -329,28 +329,34 @@ class RemoteStore:
         ``updated_at`` becomes the server's time of import.
         """
         calls: list[BridgeCall[str]] = []
-        specs: list[VariableSpec] = []
+        checked: list[tuple[VariableSpec, Any, dict[str, str], float]] = []
         seen: set[str] = set()
+        now = time.time()
         for var in variables:
             if var.name in seen:
                 raise VariableExistsError(var.name, session_id)
             seen.add(var.name)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
                 raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
-            specs.append(compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata)))
+            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
+            # Checked once here: the request carries these, and so does the record returned.
+            value = spec.validate(var.value)
+            metadata = normalize_metadata(var.name, var.metadata)
+            created_at = var.created_at or now
+            checked.append((spec, value, metadata, created_at))
             calls.append(
                 BridgeCalls.register_variable(
                     session_id,
                     var.name,
                     var.type,
-                    var.value,
+                    value,
                     constraints=var.constraints,
                     description=var.description,
-                    metadata=var.metadata,
+                    metadata=metadata,
                     source=var.source,
                     initial_version=var.version,
-                    created_at=var.created_at or time.time(),
-                    spec=specs[-1],
+                    created_at=created_at,
+                    spec=spec,
                 )
             )
         if self._closed:
@@ -359,15 +365,20 @@ class RemoteStore:
         made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
         now = time.time()
         out = []
-        for (_, var_id), var, spec in zip(sorted(made), variables, specs, strict=True):
-            imported = replace(
-                var,
+        for (_, var_id), var, (spec, value, metadata, created_at) in zip(sorted(made), variables, checked, strict=True):
+            imported = Variable(
                 id=var_id,
-                value=spec.validate(var.value),
+                name=var.name,
+                type=spec.type,
+                value=value,
                 constraints=dict(spec.constraints),
-                metadata=normalize_metadata(var.name, var.metadata),
-                created_at=var.created_at or now,
+                description=var.description,
+                metadata=metadata,
+                version=var.version,
+                created_at=created_at,
                 updated_at=now,
+                source=var.source,
+                optimization_status=var.optimization_status,
             )
             out.append(self._learn(session_id, imported))
         return out

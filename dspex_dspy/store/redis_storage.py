@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import functools
 import json
+import json.encoder
+import math
 import secrets
 import threading
 import time
@@ -213,16 +215,25 @@ for i = 0, n - 1 do
 end
 local total = redis.call('HLEN', KEYS[4]) + n
 if total > tonumber(ARGV[2]) then return {'limit', total} end
+-- Field-value pairs per hash, each hash written by a few HSETs of many fields (not one per field).
+local pairs_of = {{}, {}, {}, {}, {}, {}}
+local function add(t, field, value) t[#t + 1] = field; t[#t + 1] = value end
 for i = 0, n - 1 do
   local b = 3 + i * 7
   local id = ARGV[b + 1]
-  redis.call('HSET', KEYS[6], ARGV[b], id)
-  redis.call('HSET', KEYS[2], id, ARGV[b + 2])
-  redis.call('HSET', KEYS[3], id, ARGV[b + 3])
-  redis.call('HSET', KEYS[4], id, ARGV[b + 4])
-  redis.call('HSET', KEYS[5], id, ARGV[b + 5])
-  redis.call('HSET', KEYS[7], id .. ':' .. ARGV[b + 4], ARGV[b + 6])
+  add(pairs_of[1], ARGV[b], id)
+  add(pairs_of[2], id, ARGV[b + 2])
+  add(pairs_of[3], id, ARGV[b + 3])
+  add(pairs_of[4], id, ARGV[b + 4])
+  add(pairs_of[5], id, ARGV[b + 5])
+  add(pairs_of[6], id .. ':' .. ARGV[b + 4], ARGV[b + 6])
   if n == 1 then append('c', id, ARGV[b + 4], ARGV[b + 2], ARGV[b + 3], ARGV[b + 5], ARGV[b + 5], '') end
+end
+for k, key in ipairs({KEYS[6], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7]}) do
+  local t = pairs_of[k]
+  for first = 1, #t, 1000 do  -- an even step: a chunk never splits a pair (unpack's stack is bounded)
+    redis.call('HSET', key, unpack(t, first, math.min(first + 999, #t)))
+  end
 end
 -- A bulk import is one change: readers of the log re-read the variables (a resync).
 if n > 1 then append('i', '', 0, '', '', '', '', n) end
@@ -464,17 +475,43 @@ def _dumps(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
+# The records below are JSON arrays of a fixed shape, written once per write and per imported
+# variable: spelled out from their parts, as the encoder above spells them (strings quoted by its
+# own C routine, numbers as ``repr``), at a fraction of a general ``encode`` call's cost.
+_quote: Final = json.encoder.encode_basestring_ascii
+
+
+def _number(value: float) -> str:
+    """A finite number as JSON (what the encoder writes; it refuses NaN and infinities too)."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float.__repr__(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int.__repr__(value)
+    raise ValueError(f"not a finite number for JSON: {value!r}")
+
+
+def _map(mapping: Mapping[str, Any]) -> str:
+    """A mapping as a JSON object (``{}`` for none)."""
+    if not mapping:
+        return "{}"
+    return _ENCODER.encode(mapping if type(mapping) is dict else dict(mapping))
+
+
 def _value_json(type_: str, value: Any) -> str:
     return encode_value(type_, value)[1].decode()
 
 
 def _definition(var: NewVariable | Variable, created_at: float) -> str:
-    return _dumps([var.name, var.type, dict(var.constraints), var.description, created_at])
+    """``[name, type, constraints, description, created_at]``."""
+    return (
+        f"[{_quote(var.name)},{_quote(var.type)},{_map(var.constraints)},"
+        f"{_quote(var.description)},{_number(created_at)}]"
+    )
 
 
 def _state(type_: str, value: Any, updated_at: float, source: str) -> str:
     """``[value JSON, updated_at, source]``."""
-    return _dumps([_value_json(type_, value), updated_at, source])
+    return f"[{_quote(_value_json(type_, value))},{_number(updated_at)},{_quote(source)}]"
 
 
 def _history_entry(state: str, metadata: str) -> str:
@@ -695,7 +732,7 @@ class RedisStorage:
             created = new.created_at or now
             updated = new.updated_at or created
             stamped.append((new, created, updated))
-            meta = _dumps(dict(new.metadata))
+            meta = _map(new.metadata)
             state = _state(new.type, new.value, updated, new.source)
             args += [new.name, var_id, _definition(new, created), state, new.version, meta, _history_entry(state, meta)]
         got = self._call(self._insert, keys=_keys(session_id), args=args)
@@ -706,15 +743,16 @@ class RedisStorage:
             raise VariableExistsError(got[1], session_id)
         if status == "limit":
             raise LimitExceededError("variables per session", int(got[1]), max_variables)
+        # The records share the inserted definitions' maps: the store above hands out detached copies.
         out = [
             Variable(
                 id=var_id,
                 name=new.name,
                 type=new.type,
                 value=new.value,
-                constraints=dict(new.constraints),
+                constraints=new.constraints,
                 description=new.description,
-                metadata=dict(new.metadata),
+                metadata=new.metadata,
                 version=new.version,
                 created_at=created,
                 updated_at=updated,
@@ -722,9 +760,11 @@ class RedisStorage:
             )
             for var_id, (new, created, updated) in zip(ids, stamped, strict=True)
         ]
-        self._changed(
-            session_id, [VariableUpdate(v.id, v, UpdateType.VALUE_CHANGE, v.source, dict(v.metadata), now) for v in out]
-        )
+        if self._listeners:
+            self._changed(
+                session_id,
+                [VariableUpdate(v.id, v, UpdateType.VALUE_CHANGE, v.source, dict(v.metadata), now) for v in out],
+            )
         return out
 
     def apply_writes(self, session_id: str, writes: Sequence[Write], *, history_limit: int) -> list[Variable]:
@@ -816,7 +856,7 @@ class RedisStorage:
             if var is None:
                 raise VariableNotFoundError(write.variable_id, session_id)
             state = _state(var.type, write.value, write.timestamp, write.source)
-            meta = _dumps(dict(write.metadata))
+            meta = _map(write.metadata)
             args += [
                 write.variable_id,
                 write.expected_version or 0,

@@ -116,8 +116,20 @@ def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variab
         value = list(value)
     elif isinstance(value, dict):
         value = {"shape": list(value["shape"]), "data": list(value["data"])}
-    return replace(
-        var, value=value, constraints=dict(var.constraints), metadata=dict(var.metadata), optimization_status=status
+    # Every field named (not dataclasses.replace, twice as slow): this runs for every record served.
+    return Variable(
+        id=var.id,
+        name=var.name,
+        type=var.type,
+        value=value,
+        constraints=dict(var.constraints),
+        description=var.description,
+        metadata=dict(var.metadata),
+        version=var.version,
+        created_at=var.created_at,
+        updated_at=var.updated_at,
+        source=var.source,
+        optimization_status=status,
     )
 
 

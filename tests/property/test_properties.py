@@ -371,3 +371,59 @@ VariablesMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestVariablesMachine = VariablesMachine.TestCase
+
+
+# Values as a variable of each type holds them (what the Redis records carry).
+typed_values = st.one_of(
+    st.tuples(st.just("float"), any_float),
+    st.tuples(st.just("integer"), st.integers(-(2**63), 2**63 - 1)),
+    st.tuples(st.just("string"), st.text()),
+    st.tuples(st.just("boolean"), st.booleans()),
+    st.tuples(st.just("embedding"), st.lists(any_float, max_size=4)),
+    st.tuples(st.just("tensor"), tensors()),
+)
+times = st.one_of(finite, st.integers(-(2**53), 2**53))
+
+
+@SETTINGS
+@given(
+    name=st.text(),
+    description=st.text(),
+    constraints=st.dictionaries(st.text(), st.one_of(finite, st.integers(), st.text(), st.lists(st.text()))),
+    typed=typed_values,
+    created_at=times,
+    updated_at=times,
+    source=st.text(),
+)
+def test_redis_records_are_the_json_the_encoder_writes(
+    name: str,
+    description: str,
+    constraints: dict[str, Any],
+    typed: tuple[str, Any],
+    created_at: float,
+    updated_at: float,
+    source: str,
+) -> None:
+    """The definition and state records, spelled out from their parts, are byte for byte what the
+    general JSON encoder writes for the same arrays (so every reader of the records reads them)."""
+    import json
+
+    from dspex_dspy.store import redis_storage
+    from dspex_dspy.store.storage import NewVariable
+
+    encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+    type_, value = typed
+    new = NewVariable(name, type_, value, constraints, description)
+    assert redis_storage._definition(new, created_at) == encoder.encode(
+        [name, type_, constraints, description, created_at]
+    )
+    value_json = encode_value(type_, value)[1].decode()
+    assert redis_storage._state(type_, value, updated_at, source) == encoder.encode([value_json, updated_at, source])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, True, "1", None])
+def test_a_redis_record_refuses_a_time_that_is_not_a_finite_number(bad: Any) -> None:
+    from dspex_dspy.store import redis_storage
+
+    with pytest.raises(ValueError, match="finite number"):
+        redis_storage._state("integer", 1, bad, "orchestrator")

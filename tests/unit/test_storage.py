@@ -238,3 +238,36 @@ def test_watchers_resume_from_their_position_when_redis_comes_back(durable_redis
         for store in (a, b):
             store.close()
             store.storage.close()
+
+
+def test_a_bulk_insert_larger_than_one_redis_command_keeps_every_variable(make_storage) -> None:  # type: ignore[no-untyped-def]
+    """An import of 1,203 variables (each hash written by several HSETs of 500 fields on Redis)
+    keeps every name, id, value, version, description, metadata, time and history entry."""
+    storage = make_storage()
+    storage.create_session("big", {}, 60.0, 1.0, 100)
+    count = 1203
+    made = storage.insert_variables(
+        "big",
+        [
+            NewVariable(
+                f"v{i}", "integer", i * 3, {}, f"d{i}", {"i": str(i)}, 1 + i % 4, 10.0 + i, 20.0 + i, "orchestrator"
+            )
+            for i in range(count)
+        ],
+        now=50.0,
+        max_variables=5000,
+        history_limit=5,
+    )
+    assert len({v.id for v in made}) == count
+    by_name = storage.read_variables("big", [f"v{i}" for i in range(count)])
+    by_id = storage.read_variables("big", [v.id for v in made])
+    assert len(by_name) == len(by_id) == count
+    for i, var in enumerate(made):
+        got = by_name[f"v{i}"]
+        assert got == by_id[var.id]
+        assert (got.id, got.value, got.version, got.description) == (var.id, i * 3, 1 + i % 4, f"d{i}")
+        assert (got.metadata, got.created_at, got.updated_at) == ({"i": str(i)}, 10.0 + i, 20.0 + i)
+    assert [v.name for v in storage.list_variables("big")] == [f"v{i}" for i in range(count)]
+    for i in (0, 499, 500, 1000, count - 1):
+        (entry,) = storage.history("big", made[i].id)
+        assert (entry.version, entry.value, entry.metadata) == (1 + i % 4, i * 3, {"i": str(i)})

@@ -863,3 +863,36 @@ class TestWatch:
 
     def test_heartbeat_update_has_no_name(self) -> None:
         assert VariableUpdate("", None, UpdateType.HEARTBEAT).name == ""
+
+
+def test_a_detached_record_carries_every_field_and_owns_its_mutable_parts() -> None:
+    """What the store hands out is the engine's record field for field, with copies to change freely."""
+    from dataclasses import fields
+
+    from dspex_dspy.types import OptimizationStatus
+
+    status = OptimizationStatus("opt-1", 5.0)
+    record = Variable(
+        id="var_e_1",
+        name="e",
+        type="embedding",
+        value=[0.5, 1.5],
+        constraints={"dimensions": 2},
+        description="an embedding",
+        metadata={"k": "v"},
+        version=7,
+        created_at=1.0,
+        updated_at=2.0,
+        source="worker",
+        optimization_status=status,
+    )
+    # Every field is set above to something other than its default: a new field must be added here.
+    assert {f.name for f in fields(Variable)} == {
+        "id", "name", "type", "value", "constraints", "description", "metadata",
+        "version", "created_at", "updated_at", "source", "optimization_status",
+    }  # fmt: skip
+    copy = session_store_module._detached(record, status)
+    assert copy == record
+    assert copy.value is not record.value and copy.constraints is not record.constraints
+    assert copy.metadata is not record.metadata
+    assert session_store_module._detached(record).optimization_status is None
