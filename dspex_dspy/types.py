@@ -784,6 +784,15 @@ def encode_value(type_: str, value: Any) -> tuple[str, bytes]:
         >>> encode_value("float", float("inf"))
         ('type.googleapis.com/snakepit.float', b'"Infinity"')
     """
+    kind = type(value)
+    # The scalars of the common types, spelled as the encoder spells them (it builds a C encoder per
+    # call even for one number): an int, a finite float, a bool.
+    if kind is int and type_ == "integer":
+        return TYPE_URL_PREFIX + type_, int.__repr__(value).encode()
+    if kind is float and type_ == "float" and math.isfinite(value):
+        return TYPE_URL_PREFIX + type_, float.__repr__(value).encode()
+    if kind is bool and type_ == "boolean":
+        return TYPE_URL_PREFIX + type_, b"true" if value else b"false"
     if type_ == "float":
         payload: Any = _encode_float(value)
     elif type_ == "embedding":

@@ -497,6 +497,11 @@ def _map(mapping: Mapping[str, Any]) -> str:
     return _ENCODER.encode(mapping if type(mapping) is dict else dict(mapping))
 
 
+def _loads_map(text: str) -> dict[str, Any]:
+    """A JSON object read back (most metadata is empty: ``{}`` or nothing is not parsed)."""
+    return {} if not text or text == "{}" else json.loads(text)
+
+
 def _value_json(type_: str, value: Any) -> str:
     return encode_value(type_, value)[1].decode()
 
@@ -531,7 +536,7 @@ def _variable(var_id: str, definition: str, state: str, version: Any, meta: str,
     name, type_, constraints, description, created_at = json.loads(definition)
     # A written state is a history entry: ``[value JSON, updated_at, source, write metadata]``.
     value_json, updated_at, source, *written = json.loads(state)
-    metadata = json.loads(meta) if meta else {}
+    metadata = _loads_map(meta)
     if written and written[0]:
         metadata = {**metadata, **written[0]}
     return Variable(
@@ -906,7 +911,7 @@ class RedisStorage:
                 value=write.value,
                 constraints=base.constraints,
                 description=base.description,
-                metadata=json.loads(got[2 + 4 * i]),
+                metadata=_loads_map(got[2 + 4 * i]),
                 version=int(got[1 + 4 * i]),
                 created_at=base.created_at,
                 updated_at=write.timestamp,
@@ -920,7 +925,7 @@ class RedisStorage:
                     var,
                     UpdateType.VALUE_CHANGE,
                     write.source,
-                    {**json.loads(got[3 + 4 * i]), **write.announce},
+                    {**_loads_map(got[3 + 4 * i]), **write.announce},
                     write.timestamp,
                 )
             )
