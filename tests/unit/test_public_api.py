@@ -158,7 +158,13 @@ def _layer(path: Path) -> str:
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
     """(module-level, function-level) dspex_dspy layers imported by a file."""
-    tree = ast.parse(path.read_text())
+    source = path.read_text()
+    try:
+        tree = ast.parse(source)
+    except SystemError:
+        # CPython 3.11 can fail an AST build with "recursion depth mismatch" now and then
+        # (python/cpython#106905): the interpreter's fault, not the file's; a second parse decides.
+        tree = ast.parse(source)
     top: set[str] = set()
     nested: set[str] = set()
 
