@@ -148,18 +148,30 @@ def _non_negative(field: str, value: int, variable: str = "") -> None:
         raise ValidationError(variable, field, value, f"{field} must not be negative, got {value}")
 
 
+_IDENTIFIER_FIELDS: Final = ("session_id", "variable_identifier", "name", "from_variable", "to_variable")
+_FIELD_PLANS: dict[type, tuple[tuple[str, ...], bool]] = {}
+
+
+def _identifier_fields(request: Any) -> tuple[tuple[str, ...], bool]:
+    """The identifier fields a request's message type has, and whether it has an identifier list
+    (found once per type: asking each request costs an exception per field it lacks)."""
+    plan = _FIELD_PLANS.get(type(request))
+    if plan is None:
+        found = tuple(field for field in _IDENTIFIER_FIELDS if hasattr(request, field))
+        plan = _FIELD_PLANS[type(request)] = (found, hasattr(request, "variable_identifiers"))
+    return plan
+
+
 def check_request(request: Any) -> None:
     """Check a decoded request's fields against their bounds.
 
     Raises:
         ValidationError: the first field out of bounds (the message echoes at most a short preview).
     """
-    if hasattr(request, "session_id"):
-        _identifier("session_id", request.session_id)
-    for field in ("variable_identifier", "name", "from_variable", "to_variable"):
-        if hasattr(request, field):
-            _identifier(field, getattr(request, field))
-    if hasattr(request, "variable_identifiers"):
+    identifiers, has_list = _identifier_fields(request)
+    for field in identifiers:
+        _identifier(field, getattr(request, field))
+    if has_list:
         for ident in request.variable_identifiers:
             _identifier("variable_identifiers", ident)
     if isinstance(request, pb.BatchSetVariablesRequest):

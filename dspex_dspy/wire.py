@@ -196,11 +196,19 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
         >>> (ts.seconds, ts.nanos)
         (1, 500000000)
     """
+    ts = timestamp_pb2.Timestamp()
+    _stamp(ts, seconds)
+    return ts
+
+
+def _stamp(ts: timestamp_pb2.Timestamp, seconds: float) -> None:
+    """Set ``ts`` (a message's own field: no copy) to wall-clock ``seconds``."""
     whole = math.floor(seconds)
     nanos = round((seconds - whole) * _NANOS)
     if nanos >= _NANOS:
         whole, nanos = whole + 1, nanos - _NANOS
-    return timestamp_pb2.Timestamp(seconds=int(whole), nanos=int(nanos))
+    ts.seconds = int(whole)
+    ts.nanos = int(nanos)
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> float:
@@ -237,13 +245,13 @@ def variable_to_proto(var: Variable) -> pb.Variable:
         description=var.description,
     )
     msg.value.CopyFrom(value_to_any(var.type, var.value))
-    msg.last_updated_at.CopyFrom(timestamp(var.updated_at))
-    msg.created_at.CopyFrom(timestamp(var.created_at))
+    _stamp(msg.last_updated_at, var.updated_at)
+    _stamp(msg.created_at, var.created_at)
     status = var.optimization_status
     if status is not None:
         msg.optimization_status.optimizing = True
         msg.optimization_status.optimizer_id = status.optimizer_id
-        msg.optimization_status.started_at.CopyFrom(timestamp(status.started_at))
+        _stamp(msg.optimization_status.started_at, status.started_at)
     return msg
 
 

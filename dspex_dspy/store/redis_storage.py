@@ -54,6 +54,7 @@ from dspex_dspy.store.storage import (
     NewVariable,
     StorageListener,
     Write,
+    owned_constraints,
 )
 from dspex_dspy.types import TYPE_URL_PREFIX, OptimizationStatus, Variable, decode_value, encode_value
 
@@ -532,8 +533,17 @@ def _status(lease: str) -> OptimizationStatus | None:
     return OptimizationStatus(optimizer_id, float(started_at))
 
 
-def _variable(var_id: str, definition: str, state: str, version: Any, meta: str, lease: str = "") -> Variable:
+@functools.lru_cache(maxsize=4096)
+def _parsed_definition(definition: str) -> tuple[str, str, dict[str, Any], str, float]:
+    """``(name, type, constraints, description, created_at)`` of a definition record (a definition
+    never changes, and the same few are read over and over)."""
     name, type_, constraints, description, created_at = json.loads(definition)
+    return name, type_, constraints, description, created_at
+
+
+def _variable(var_id: str, definition: str, state: str, version: Any, meta: str, lease: str = "") -> Variable:
+    name, type_, shared, description, created_at = _parsed_definition(definition)
+    constraints = owned_constraints(shared) if shared else {}  # the cached parse is never handed out
     # A written state is a history entry: ``[value JSON, updated_at, source, write metadata]``.
     value_json, updated_at, source, *written = json.loads(state)
     metadata = _loads_map(meta)

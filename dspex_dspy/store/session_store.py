@@ -71,6 +71,7 @@ from dspex_dspy.store.storage import (
     Write,
     constraints_bytes,
     map_bytes,
+    owned_constraints,
     text_bytes,
 )
 from dspex_dspy.store.watch import Watch
@@ -109,8 +110,8 @@ def _lease_checked(write: Write, meta: Mapping[str, str], check: LeaseCheck) -> 
 
 
 def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variable:
-    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps) the caller may
-    change, reporting the optimization lease that holds it (if any)."""
+    """A copy of a variable whose mutable parts (embedding list, tensor dict, maps, constraint lists)
+    the caller may change, reporting the optimization lease that holds it (if any)."""
     value = var.value
     if isinstance(value, list):
         value = list(value)
@@ -122,7 +123,7 @@ def _detached(var: Variable, status: OptimizationStatus | None = None) -> Variab
         name=var.name,
         type=var.type,
         value=value,
-        constraints=dict(var.constraints),
+        constraints=owned_constraints(var.constraints),
         description=var.description,
         metadata=dict(var.metadata),
         version=var.version,

@@ -66,6 +66,12 @@ def map_bytes(mapping: Mapping[str, str]) -> int:
     return sum(text_bytes(k) + text_bytes(v) for k, v in mapping.items())
 
 
+def owned_constraints(constraints: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of constraints that shares nothing with them (their values are numbers, strings and
+    flat lists: the lists are copied too)."""
+    return {key: list(value) if isinstance(value, list) else value for key, value in constraints.items()}
+
+
 def constraints_bytes(constraints: Mapping[str, Any]) -> int:
     """Bytes of constraints, as their JSON."""
     if not constraints:

@@ -896,3 +896,14 @@ def test_a_detached_record_carries_every_field_and_owns_its_mutable_parts() -> N
     assert copy.value is not record.value and copy.constraints is not record.constraints
     assert copy.metadata is not record.metadata
     assert session_store_module._detached(record).optimization_status is None
+
+
+def test_a_record_served_owns_its_constraints(store: SessionStore, session: str) -> None:
+    """Changing the constraints of a record the store handed out (a list in them too) changes
+    neither the variable's definition nor the next record served."""
+    store.register_variable(session, "model", "string", "a", constraints={"enum": ["a", "b"], "max_length": 5})
+    first = store.get_variable(session, "model")
+    first.constraints["enum"].append("c")  # type: ignore[index]
+    first.constraints["max_length"] = 1  # type: ignore[index]
+    for again in (store.get_variable(session, "model"), store.list_variables(session)[0]):
+        assert again.constraints == {"enum": ["a", "b"], "max_length": 5}
