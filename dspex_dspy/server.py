@@ -446,7 +446,12 @@ class BridgeServicer:
         self, request: pb.ImportVariablesRequest, context: grpc.ServicerContext
     ) -> pb.ImportVariablesResponse:
         """Import many variables in one call, all or none (an extension RPC; see ``bridge/README.md``)."""
-        variables = [self._imported(item, self._writer(item.metadata, context)) for item in request.variables]
+        # An entry names its writer in its own metadata, or else the call does (the same for all).
+        writer = self._writer({}, context)
+        variables = [
+            self._imported(item, self._writer(item.metadata, context) if "source" in item.metadata else writer)
+            for item in request.variables
+        ]
         imported = self.store.import_variables(request.session_id, variables)
         return pb.ImportVariablesResponse(variable_ids=[v.id for v in imported])
 
