@@ -109,4 +109,17 @@ def fork_pools(where: str) -> None:
 def test_a_fork_pool_uses_an_inherited_client_20_times_in_a_row(where: str) -> None:
     # The pools' parent is a fresh process of its own: what forking leaves inside gRPC stays there,
     # away from the test process and the tests after this one.
-    run_spawned(fork_pools, (where,), deadline_s=PARENT_DEADLINE_S, name="the fork pools")
+    #
+    # With the bridge served by the forking process itself, gRPC skips its fork preparation at
+    # every fork (the server's threads are always inside gRPC), and a child can then crash inside
+    # gRPC, which leaves its pool waiting: about 2 runs of 20 rounds in 100 here, as
+    # docs/multiprocessing.md says. Only that outcome (a pool that never answers) gets a second
+    # run; a wrong value fails at once, and two hung runs fail the test.
+    runs = 2 if where == "here" else 1
+    for run in range(1, runs + 1):
+        try:
+            run_spawned(fork_pools, (where,), deadline_s=PARENT_DEADLINE_S, name="the fork pools")
+            return
+        except AssertionError as failure:
+            if run == runs or "multiprocessing.context.TimeoutError" not in str(failure):
+                raise
