@@ -601,8 +601,7 @@ class Context:
         fences writers (readers never wait).
         """
         for _ in range(_OPTIMISTIC_SWITCH_TRIES):
-            exported, writes = local.export_versioned()
-            moved = self._stamped(exported)
+            moved, writes = local.export_versioned(self._marks())
             self._note_imports(moved, created)
             if moved:
                 bridged.import_state(moved)
@@ -612,8 +611,7 @@ class Context:
             logger.debug("context %s: writes landed during the switch, importing again", self.id)
             self._undo_import(store, moved, created)
         with local.fenced():
-            exported, writes = local.export_versioned()
-            moved = self._stamped(exported)
+            moved, writes = local.export_versioned(self._marks())
             self._note_imports(moved, created)
             if moved:
                 bridged.import_state(moved)
@@ -622,10 +620,10 @@ class Context:
             self._provider = bridged
             return moved
 
-    def _stamped(self, exported: Sequence[Variable]) -> list[Variable]:
+    def _marks(self) -> dict[str, str]:
+        """The metadata a migration stamps on every variable it moves."""
         stamp = datetime.now(timezone.utc).isoformat()
-        marks = {"migrated_from": "local", "migrated_at": stamp, "migration": self._migration}
-        return [replace(v, metadata={**v.metadata, **marks}) for v in exported]
+        return {"migrated_from": "local", "migrated_at": stamp, "migration": self._migration}
 
     def _note_imports(self, moved: Sequence[Variable], created: bool) -> None:
         """Remember what an import into a session this switch did not create may leave behind."""

@@ -452,8 +452,7 @@ class BridgeServicer:
             self._imported(item, self._writer(item.metadata, context) if "source" in item.metadata else writer)
             for item in request.variables
         ]
-        imported = self.store.import_variables(request.session_id, variables)
-        return pb.ImportVariablesResponse(variable_ids=[v.id for v in imported])
+        return pb.ImportVariablesResponse(variable_ids=self.store.import_variable_ids(request.session_id, variables))
 
     @_unary
     def GetVariable(self, request: pb.GetVariableRequest, context: grpc.ServicerContext) -> pb.GetVariableResponse:

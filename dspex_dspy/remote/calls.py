@@ -278,29 +278,34 @@ class BridgeCalls:
         source: str,
         initial_version: int = 0,
         created_at: float = 0.0,
-        spec: VariableSpec | None = None,
+        checked: VariableSpec | None = None,
     ) -> BridgeCall[str]:
         """``RegisterVariable``: the new variable's id.
 
         ``initial_version`` and ``created_at`` (when non-zero) import a variable with them kept.
         The value is checked against the type and constraints here first, so a bad one fails
-        without a round trip, with the same error the server would report. ``spec``: the
-        variable's compiled spec when the caller has it already (it must be compiled from these
-        ``name``, ``type_``, ``constraints`` and ``metadata``).
+        without a round trip, with the same error the server would report. ``checked``: the
+        variable's compiled spec, from a caller that has already checked the name, validated
+        ``value`` against that spec and normalised ``metadata`` (all three are sent as given; a
+        bulk import checks each variable once this way).
         """
-        validate_name(name)
-        if spec is None:
+        if checked is None:
+            validate_name(name)
             spec = compile_spec(name, type_, constraints, secret=is_secret(metadata))
+            value = spec.validate(value)
+            metadata = normalize_metadata(name, metadata)
+        else:
+            spec = checked
         request = pb.RegisterVariableRequest(
             session_id=session_id,
             name=name,
             type=spec.type,
             constraints_json=encode_constraints(spec.constraints) if spec.constraints else "",
-            metadata=normalize_metadata(name, metadata),
+            metadata=metadata,
             description=description or "",
             initial_version=initial_version,
         )
-        request.initial_value.CopyFrom(value_to_any(spec.type, spec.validate(value)))
+        request.initial_value.CopyFrom(value_to_any(spec.type, value))
         if created_at:
             request.created_at.CopyFrom(timestamp(created_at))
 

@@ -40,7 +40,7 @@ from dspex_dspy.records import BatchResult, HistoryEntry, SessionInfo, UpdateTyp
 from dspex_dspy.remote.calls import BridgeCall, BridgeCalls, registered_variable
 from dspex_dspy.remote.channel import DEFAULT_CALL_TIMEOUT, open_channel
 from dspex_dspy.tls import Pem
-from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata
+from dspex_dspy.types import Variable, VariableSpec, compile_spec, is_secret, normalize_metadata, validate_name
 from dspex_dspy.wire import proto_to_update
 from dspex_dspy.wire_errors import error_from_rpc
 
@@ -336,6 +336,7 @@ class RemoteStore:
             if var.name in seen:
                 raise VariableExistsError(var.name, session_id)
             seen.add(var.name)
+            validate_name(var.name)
             if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
                 raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
             spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
@@ -356,7 +357,7 @@ class RemoteStore:
                     source=var.source,
                     initial_version=var.version,
                     created_at=created_at,
-                    spec=spec,
+                    checked=spec,
                 )
             )
         if self._closed:

@@ -559,8 +559,10 @@ class LocalState:
 
     # ---------------------------------------------------------------- migration support
 
-    def export_versioned(self) -> tuple[builtins.list[Variable], int]:
+    def export_versioned(self, marks: Mapping[str, str] | None = None) -> tuple[builtins.list[Variable], int]:
         """A full export and the write counter it was taken at, read together under the lock.
+
+        ``marks``: metadata added to every exported variable's (a migration's stamp).
 
         Raises:
             DSPexError: the state was already retired (its variables live elsewhere now).
@@ -568,7 +570,7 @@ class LocalState:
         with self._lock:
             if self._retired is not None:
                 raise DSPexError(f"the local state of {self.owner} was already moved")
-            return [self._snapshot(n, r, overlay=False) for n, r in self._vars.items()], self._writes
+            return [self._snapshot(n, r, overlay=False, marks=marks) for n, r in self._vars.items()], self._writes
 
     def retire_if_unchanged(self, successor: StateProvider, writes: int) -> bool:
         """Retire in favour of ``successor`` if no write was accepted since the export at ``writes``.
@@ -628,13 +630,18 @@ class LocalState:
             raise VariableNotFoundError(name, self.owner)
         return self, real
 
-    def _snapshot(self, name: str, rec: _Record, *, overlay: bool = True) -> Variable:
-        """The record as a Variable; ``overlay``: with the current version's write metadata on top."""
+    def _snapshot(
+        self, name: str, rec: _Record, *, overlay: bool = True, marks: Mapping[str, str] | None = None
+    ) -> Variable:
+        """The record as a Variable; ``overlay``: with the current version's write metadata on top;
+        ``marks``: metadata added on top of all."""
         metadata = dict(rec.metadata)
         if overlay and rec.version > 1:
             last = rec.history[-1] if rec.history else None
             if last is not None and last[0] == rec.version and last[3]:
                 metadata.update(last[3])
+        if marks:
+            metadata.update(marks)
         return Variable(
             id=rec.id,
             name=name,

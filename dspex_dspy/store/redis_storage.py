@@ -498,6 +498,13 @@ def _map(mapping: Mapping[str, Any]) -> str:
     return _ENCODER.encode(mapping if type(mapping) is dict else dict(mapping))
 
 
+def _text_map(mapping: Mapping[str, str]) -> str:
+    """A ``str -> str`` map (metadata) as a JSON object, spelled as the encoder spells it."""
+    if not mapping:
+        return "{}"
+    return "{" + ",".join([f"{_quote(key)}:{_quote(value)}" for key, value in mapping.items()]) + "}"
+
+
 def _loads_map(text: str) -> dict[str, Any]:
     """A JSON object read back (most metadata is empty: ``{}`` or nothing is not parsed)."""
     return {} if not text or text == "{}" else json.loads(text)
@@ -747,7 +754,7 @@ class RedisStorage:
             created = new.created_at or now
             updated = new.updated_at or created
             stamped.append((new, created, updated))
-            meta = _map(new.metadata)
+            meta = _text_map(new.metadata)
             state = _state(new.type, new.value, updated, new.source)
             args += [new.name, var_id, _definition(new, created), state, new.version, meta, _history_entry(state, meta)]
         got = self._call(self._insert, keys=_keys(session_id), args=args)
@@ -871,7 +878,7 @@ class RedisStorage:
             if var is None:
                 raise VariableNotFoundError(write.variable_id, session_id)
             state = _state(var.type, write.value, write.timestamp, write.source)
-            meta = _map(write.metadata)
+            meta = _text_map(write.metadata)
             args += [
                 write.variable_id,
                 write.expected_version or 0,

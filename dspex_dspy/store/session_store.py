@@ -368,6 +368,15 @@ class SessionStore:
         Used to migrate a context's state into a session: every variable is validated first and
         a single failure imports none of them.
         """
+        return [self._view(v) for v in self._import(session_id, variables)]
+
+    def import_variable_ids(self, session_id: str, variables: Sequence[Variable]) -> list[str]:
+        """:meth:`import_variables`, answering only the new variables' ids, in order (what a bridge's
+        ``ImportVariables`` answers: no records are copied out for it)."""
+        return [v.id for v in self._import(session_id, variables)]
+
+    def _import(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+        """The import both of the above run; the engine's records of what it made."""
         prepared: list[NewVariable] = []
         seen: set[str] = set()
         now = self._clock()
@@ -406,14 +415,13 @@ class SessionStore:
                 )
             )
         self._check_open()
-        made = self._storage.insert_variables(
+        return self._storage.insert_variables(
             session_id,
             prepared,
             now=now,
             max_variables=self.limits.max_variables_per_session,
             history_limit=self.limits.history_limit,
         )
-        return [self._view(v) for v in made]
 
     def get_variable(self, session_id: str, identifier: str) -> Variable:
         """Return a variable by id or name."""

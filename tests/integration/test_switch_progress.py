@@ -33,6 +33,14 @@ class PausingStore(SessionStore):
         self._guard = threading.Lock()
 
     def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+        self._starting(variables)
+        return super().import_variables(session_id, variables)
+
+    def import_variable_ids(self, session_id: str, variables: Sequence[Variable]) -> list[str]:
+        self._starting(variables)  # what the bridge's ImportVariables calls
+        return super().import_variable_ids(session_id, variables)
+
+    def _starting(self, variables: Sequence[Variable]) -> None:
         with self._guard:
             first = any(v.name == "v0" for v in variables)
             if first:
@@ -40,7 +48,6 @@ class PausingStore(SessionStore):
                 attempt = self.attempts
         if first:
             self.on_import(attempt)
-        return super().import_variables(session_id, variables)
 
 
 @pytest.fixture

@@ -405,6 +405,7 @@ times = st.one_of(finite, st.integers(-(2**53), 2**53))
     created_at=times,
     updated_at=times,
     source=st.text(),
+    metadata=st.dictionaries(st.text(), st.text()),
 )
 def test_redis_records_are_the_json_the_encoder_writes(
     name: str,
@@ -414,9 +415,10 @@ def test_redis_records_are_the_json_the_encoder_writes(
     created_at: float,
     updated_at: float,
     source: str,
+    metadata: dict[str, str],
 ) -> None:
-    """The definition and state records, spelled out from their parts, are byte for byte what the
-    general JSON encoder writes for the same arrays (so every reader of the records reads them)."""
+    """The definition, state and metadata records, spelled out from their parts, are byte for byte
+    what the general JSON encoder writes for the same values (so every reader of the records reads them)."""
     import json
 
     from dspex_dspy.store import redis_storage
@@ -430,6 +432,7 @@ def test_redis_records_are_the_json_the_encoder_writes(
     )
     value_json = encode_value(type_, value)[1].decode()
     assert redis_storage._state(type_, value, updated_at, source) == encoder.encode([value_json, updated_at, source])
+    assert redis_storage._text_map(metadata) == encoder.encode(metadata)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, True, "1", None])
@@ -438,3 +441,15 @@ def test_a_redis_record_refuses_a_time_that_is_not_a_finite_number(bad: Any) -> 
 
     with pytest.raises(ValueError, match="finite number"):
         redis_storage._state("integer", 1, bad, "orchestrator")
+
+
+@SETTINGS
+@given(mapping=st.dictionaries(st.text(), st.text()))
+def test_map_bytes_counts_the_utf8_bytes_of_keys_and_values(mapping: dict[str, str]) -> None:
+    """The limits count a map's size as its keys' and values' UTF-8 bytes (lone surrogates included)."""
+    from dspex_dspy.store.storage import map_bytes
+
+    expected = sum(
+        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass")) for k, v in mapping.items()
+    )
+    assert map_bytes(mapping) == expected

@@ -543,6 +543,7 @@ class TestVariables:
         ]
         out = store.import_variables(session, incoming)
         assert [(v.name, v.value, v.version) for v in out] == [("a", 5, 7), ("b", 1.0, 1)]
+        assert [store.get_variable(session, v.name).id for v in out] == [v.id for v in out]
         assert store.get_variable(session, "a").metadata == {"k": "v"}
         assert store.get_variable(session, "a").created_at == 1.0
         assert store.set_variable(session, "a", 6).version == 8
@@ -561,12 +562,27 @@ class TestVariables:
         ],
         ids=["type", "constraint", "name", "version", "clash", "duplicate-in-batch"],
     )
-    def test_import_is_all_or_nothing(self, store: SessionStore, session: str, bad: Variable) -> None:
+    @pytest.mark.parametrize("entry", ["import_variables", "import_variable_ids"])
+    def test_import_is_all_or_nothing(self, store: SessionStore, session: str, bad: Variable, entry: str) -> None:
         store.register_variable(session, "existing", "integer", 1)
         good = Variable(id="", name="a", type="integer", value=1)
         with pytest.raises(DSPexError):
-            store.import_variables(session, [good, bad])
+            getattr(store, entry)(session, [good, bad])
         assert [v.name for v in store.list_variables(session)] == ["existing"]
+
+    def test_an_import_for_ids_answers_the_ids_of_what_it_made(self, store: SessionStore, session: str) -> None:
+        incoming = [
+            Variable(id="old_1", name="a", type="integer", value=5, version=7, metadata={"k": "v"}, created_at=1.0),
+            Variable(id="old_2", name="b", type="embedding", value=[1.0, 2.0], version=2),
+        ]
+        ids = store.import_variable_ids(session, incoming)
+        made = store.list_variables(session)
+        assert ids == [v.id for v in made]
+        assert all(i not in ("old_1", "old_2") for i in ids)
+        assert [(v.name, v.value, v.version, dict(v.metadata)) for v in made] == [
+            ("a", 5, 7, {"k": "v"}),
+            ("b", [1.0, 2.0], 2, {}),
+        ]
 
 
 # ------------------------------------------------------------------ limits and rejected operations
