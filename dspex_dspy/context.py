@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
+from dspex_dspy._gc import collector_paused
 from dspex_dspy.display import VariableList, context_html, context_text
 from dspex_dspy.errors import (
     BridgeUnavailableError,
@@ -296,6 +297,10 @@ class Context:
         :attr:`switch_timeout` plus a few seconds of clean-up, and a retry works: what the failed
         attempt left on the bridge is removed first.
 
+        While the variables are copied, Python's automatic cyclic garbage collection is paused in
+        this process (every copy stays alive to the end, and each collection pass would walk them
+        all again); it resumes when the copy ends, if it was on before.
+
         Raises:
             BridgeUnavailableError: the bridge or its store cannot be reached; the context is
                 still local with every value intact (or, bridged, the embedded bridge lost the
@@ -540,7 +545,8 @@ class Context:
                             raise
                         created = True
                     bridged = BridgedState(store, self.id, address)
-                    moved = self._migrate(local, bridged, store, created)
+                    with collector_paused():  # every record copied stays alive to the end
+                        moved = self._migrate(local, bridged, store, created)
                     self._leftover = None
             except BaseException as exc:
                 self._abandon(store, created)

@@ -34,6 +34,7 @@ from google.protobuf import any_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as aio_health  # type: ignore[attr-defined]
 
+from dspex_dspy._gc import collector_paused
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy.admin import add_admin_service
 from dspex_dspy.aio_server import AsyncBridgeServicer, EventLoopThread
@@ -448,11 +449,13 @@ class BridgeServicer:
         """Import many variables in one call, all or none (an extension RPC; see ``bridge/README.md``)."""
         # An entry names its writer in its own metadata, or else the call does (the same for all).
         writer = self._writer({}, context)
-        variables = [
-            self._imported(item, self._writer(item.metadata, context) if "source" in item.metadata else writer)
-            for item in request.variables
-        ]
-        return pb.ImportVariablesResponse(variable_ids=self.store.import_variable_ids(request.session_id, variables))
+        with collector_paused():  # every record built stays alive to the end of the import
+            variables = [
+                self._imported(item, self._writer(item.metadata, context) if "source" in item.metadata else writer)
+                for item in request.variables
+            ]
+            ids = self.store.import_variable_ids(request.session_id, variables)
+        return pb.ImportVariablesResponse(variable_ids=ids)
 
     @_unary
     def GetVariable(self, request: pb.GetVariableRequest, context: grpc.ServicerContext) -> pb.GetVariableResponse:
