@@ -10,6 +10,7 @@ collecting after the copy instead of during it.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +22,27 @@ _depth = 0
 _resume = False
 
 
+def _after_fork_in_child() -> None:
+    """A child forked during a pause runs none of its blocks: its collector is on if it was before."""
+    global _lock, _depth
+    _lock = threading.Lock()  # the parent's may have been held by a thread the child does not have
+    if _depth:
+        _depth = 0
+        if _resume:
+            gc.enable()
+
+
+if hasattr(os, "register_at_fork"):  # every POSIX platform; Windows does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextmanager
 def collector_paused() -> Iterator[None]:
     """Pause automatic garbage collection for the block (explicit ``gc.collect()`` still runs).
 
     Pauses nest and may overlap across threads: the last one to end turns the collector back on,
-    and only if it was on when the first began.
+    and only if it was on when the first began. A process forked during a pause starts with the
+    collector as it was before the pause.
     """
     global _depth, _resume
     with _lock:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -70,3 +73,31 @@ def test_overlapping_pauses_in_two_threads_resume_when_the_last_ends() -> None:
     thread.join(30)
     assert seen == [True]
     assert gc.isenabled()
+
+
+_FORK_DURING_A_PAUSE = """
+import gc, os
+from dspex_dspy._gc import collector_paused
+gc.enable()
+with collector_paused():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, b"1" if gc.isenabled() else b"0")
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 1).decode()
+    os.waitpid(pid, 0)
+    parent = gc.isenabled()
+print(child, int(parent), int(gc.isenabled()))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_child_forked_during_a_pause_has_its_collector_on() -> None:
+    # In a fresh interpreter with one thread (forking a threaded test process is unsafe).
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_DURING_A_PAUSE], capture_output=True, text=True, timeout=60, check=True
+    )
+    child, parent_inside, parent_after = out.stdout.split()
+    assert (child, parent_inside, parent_after) == ("1", "0", "1")
