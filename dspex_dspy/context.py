@@ -675,7 +675,8 @@ class Context:
                 store.create_session(self.id, {"context": self.id})
                 try:
                     if values:
-                        store.import_variables(self.id, values)
+                        with collector_paused():  # as a switch: every record copied stays alive to the end
+                            store.import_variables(self.id, values)
                 except BaseException:
                     with contextlib.suppress(Exception), self._deadline(store, _CLEANUP_TIMEOUT):
                         store.cleanup_session(self.id)
