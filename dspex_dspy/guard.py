@@ -162,6 +162,54 @@ def _identifier_fields(request: Any) -> tuple[tuple[str, ...], bool]:
     return plan
 
 
+def _check_batch_set(request: pb.BatchSetVariablesRequest) -> None:
+    for ident in request.updates:
+        _identifier("updates", ident)
+    for ident in request.binary_updates:
+        _identifier("binary_updates", ident)
+
+
+def _check_list(request: pb.ListVariablesRequest) -> None:
+    if len(request.pattern) > MAX_GLOB_LENGTH:
+        raise ValidationError(
+            "",
+            "pattern",
+            None,
+            f"a pattern of {len(request.pattern)} characters is longer than the {MAX_GLOB_LENGTH} allowed",
+        )
+
+
+def _check_register(request: pb.RegisterVariableRequest) -> None:
+    _non_negative("initial_version", request.initial_version, request.name)
+    if request.HasField("created_at"):
+        _timestamp("created_at", request.created_at, request.name)
+
+
+def _check_set(request: pb.SetVariableRequest) -> None:
+    _non_negative("expected_version", request.expected_version, request.variable_identifier)
+
+
+def _check_history(request: pb.GetVariableHistoryRequest) -> None:
+    _non_negative("limit", request.limit, request.variable_identifier)
+
+
+def _check_heartbeat(request: pb.HeartbeatRequest) -> None:
+    if request.HasField("client_time"):
+        _timestamp("client_time", request.client_time)
+
+
+# The checks of one message type beyond its identifier fields, looked up by its exact type (the
+# generated message classes are never subclassed): one lookup per request, not a test per kind.
+_TYPE_CHECKS: Final[dict[type, Callable[[Any], None]]] = {
+    pb.BatchSetVariablesRequest: _check_batch_set,
+    pb.ListVariablesRequest: _check_list,
+    pb.RegisterVariableRequest: _check_register,
+    pb.SetVariableRequest: _check_set,
+    pb.GetVariableHistoryRequest: _check_history,
+    pb.HeartbeatRequest: _check_heartbeat,
+}
+
+
 def check_request(request: Any) -> None:
     """Check a decoded request's fields against their bounds.
 
@@ -174,28 +222,9 @@ def check_request(request: Any) -> None:
     if has_list:
         for ident in request.variable_identifiers:
             _identifier("variable_identifiers", ident)
-    if isinstance(request, pb.BatchSetVariablesRequest):
-        for ident in request.updates:
-            _identifier("updates", ident)
-        for ident in request.binary_updates:
-            _identifier("binary_updates", ident)
-    if isinstance(request, pb.ListVariablesRequest) and len(request.pattern) > MAX_GLOB_LENGTH:
-        raise ValidationError(
-            "",
-            "pattern",
-            None,
-            f"a pattern of {len(request.pattern)} characters is longer than the {MAX_GLOB_LENGTH} allowed",
-        )
-    if isinstance(request, pb.RegisterVariableRequest):
-        _non_negative("initial_version", request.initial_version, request.name)
-        if request.HasField("created_at"):
-            _timestamp("created_at", request.created_at, request.name)
-    if isinstance(request, pb.SetVariableRequest):
-        _non_negative("expected_version", request.expected_version, request.variable_identifier)
-    if isinstance(request, pb.GetVariableHistoryRequest):
-        _non_negative("limit", request.limit, request.variable_identifier)
-    if isinstance(request, pb.HeartbeatRequest) and request.HasField("client_time"):
-        _timestamp("client_time", request.client_time)
+    more = _TYPE_CHECKS.get(type(request))
+    if more is not None:
+        more(request)
 
 
 class _Undecodable:

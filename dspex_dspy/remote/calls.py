@@ -54,6 +54,7 @@ __all__ = ["BridgeCall", "BridgeCalls", "encode_write", "infer_type", "registere
 
 _T = TypeVar("_T")
 _Metadata = tuple[tuple[str, str], ...]
+_UNCLAIMED = "worker"  # the writer a bridge records for a write that names none
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +145,8 @@ class BridgeCall(Generic[_T]):
         parse: turns the response message into the result (and raises for a reported failure).
         identifier: the variable the call is about, for error messages.
         session_id: the session the call is about, for error messages.
-        source: the writer to record, sent as gRPC metadata ``source``; None for reads.
+        source: the writer to record, sent as gRPC metadata ``source``; None for reads. A
+            ``"worker"`` write sends none: a write that claims no writer is a worker's.
     """
 
     rpc: str
@@ -156,8 +158,8 @@ class BridgeCall(Generic[_T]):
 
     @property
     def metadata(self) -> _Metadata | None:
-        """The gRPC call metadata to send."""
-        return (("source", self.source),) if self.source else None
+        """The gRPC call metadata to send (None for none: a worker's write need not say so)."""
+        return (("source", self.source),) if self.source and self.source != _UNCLAIMED else None
 
     def error(self, err: grpc.RpcError) -> DSPexError:
         """The error a failed run of this call stands for."""

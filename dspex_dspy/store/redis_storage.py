@@ -243,9 +243,10 @@ return {'ok'}
 """
 )
 
-# ARGV: maxlen, history limit, then per write: id, expected version (0 = none), def, state,
-# write metadata, history entry, lease check ('' none, 'admit', 'force' or 'refuse'), the writer's
-# optimizer id. Every version and lease is checked before anything is written.
+# ARGV: maxlen, history limit, then per write: id, expected version (0 = none), state, write
+# metadata, history entry, lease check ('' none, 'admit', 'force' or 'refuse'), the writer's
+# optimizer id. Every version and lease is checked before anything is written. The change log's
+# copy of the definition is read here, where it is kept, rather than sent with every write.
 _WRITE = (
     _TOUCH
     + _APPEND
@@ -253,7 +254,7 @@ _WRITE = (
     + """
 local ttl_s = redis.call('HGET', KEYS[1], 'ttl')
 if not ttl_s then return {'nosession'} end
-local n = (#ARGV - 2) / 8
+local n = (#ARGV - 2) / 7
 local limit = tonumber(ARGV[2])
 local current = {}
 local forced = {}
@@ -261,18 +262,18 @@ local now = nil
 local leased = redis.call('EXISTS', KEYS[9]) == 1
 local locked = {'locked'}
 for i = 0, n - 1 do
-  local b = 3 + i * 8
+  local b = 3 + i * 7
   local id = ARGV[b]
   local v = current[id] or tonumber(redis.call('HGET', KEYS[4], id) or '-1')
   if v < 0 then return {'novar', id} end
   local expected = tonumber(ARGV[b + 1])
   if expected ~= 0 and expected ~= v then return {'conflict', id, v} end
   current[id] = v + 1
-  local mode = ARGV[b + 6]
+  local mode = ARGV[b + 5]
   if mode ~= '' then
     now = now or now_ms()
     local l = held(id, now)
-    if l and (mode == 'refuse' or l[2] ~= ARGV[b + 7]) then
+    if l and (mode == 'refuse' or l[2] ~= ARGV[b + 6]) then
       if mode == 'force' then
         forced[i] = l[2]
       else
@@ -284,16 +285,16 @@ end
 if #locked > 1 then return locked end
 local out = {'ok'}
 for i = 0, n - 1 do
-  local b = 3 + i * 8
+  local b = 3 + i * 7
   local id = ARGV[b]
-  local wmeta = ARGV[b + 4]
-  local entry = ARGV[b + 5]
+  local wmeta = ARGV[b + 3]
+  local entry = ARGV[b + 4]
   if forced[i] then
     -- Written through another optimizer's lease: the write's metadata says over whose.
     local m = cjson.decode(wmeta)
     m['forced_over'] = forced[i]
     wmeta = cjson.encode(m)
-    entry = string.sub(ARGV[b + 3], 1, -2) .. ',' .. wmeta .. ']'
+    entry = string.sub(ARGV[b + 2], 1, -2) .. ',' .. wmeta .. ']'
   end
   local version = redis.call('HINCRBY', KEYS[4], id, 1)
   -- The state keeps this write's metadata: it shows on this version only, never on later ones.
@@ -312,7 +313,7 @@ for i = 0, n - 1 do
     now = now or now_ms()
     st = status(id, now)
   end
-  append('c', id, version, ARGV[b + 2], ARGV[b + 3], meta, wmeta, st)
+  append('c', id, version, redis.call('HGET', KEYS[2], id), ARGV[b + 2], meta, wmeta, st)
   out[#out + 1] = version
   out[#out + 1] = meta
   out[#out + 1] = wmeta
@@ -871,7 +872,7 @@ class RedisStorage:
     def _write_args(
         self, session_id: str, writes: Sequence[Write], found: Mapping[str, Variable], history_limit: int
     ) -> list[Any]:
-        """The write script's arguments: per write its id, expected version, definition, state and lease check."""
+        """The write script's arguments: per write its id, expected version, state, metadata and lease check."""
         args: list[Any] = [self._changelog_limit, history_limit]
         for write in writes:
             var = found.get(write.variable_id)
@@ -882,7 +883,6 @@ class RedisStorage:
             args += [
                 write.variable_id,
                 write.expected_version or 0,
-                _definition(var, var.created_at),
                 state,
                 meta,
                 _history_entry(state, meta),

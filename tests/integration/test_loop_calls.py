@@ -35,7 +35,7 @@ from dspex_dspy.remote import RemoteStore
 from dspex_dspy.server import BridgeServer, create_server
 from dspex_dspy.store import SessionStore
 from dspex_dspy.store.redis_storage import RedisStorage, _keys
-from dspex_dspy.store.storage import LOOP_MAX_VALUE_BYTES, MemoryStorage, Write
+from dspex_dspy.store.storage import LOOP_MAX_VALUE_BYTES, MemoryStorage, NewVariable, Write
 from dspex_dspy.wire import any_to_value
 from tests.support.redis_server import RedisServer
 
@@ -394,3 +394,51 @@ def test_a_redis_stall_under_load_queues_loop_calls_instead_of_failing_them(serv
             assert paths.loop_reads == reads + 300
     finally:
         raw.close()
+
+
+def test_the_change_log_carries_each_written_variable_whole_on_both_paths(redis_url: str) -> None:
+    """A write sends no definition: the script copies the stored one into the change record, so a
+    reader of the log (a watcher on another node) still gets the name, type, constraints,
+    description and creation time of every variable written, by the blocking and the loop path."""
+    import asyncio
+
+    writer, reader = RedisStorage(redis_url), RedisStorage(redis_url)
+    loop = asyncio.new_event_loop()  # kept open until the writer has closed its connection on it
+    try:
+        writer.create_session("defs", {}, 60.0, 1.0, 100)
+        a, b = writer.insert_variables(
+            "defs",
+            [
+                NewVariable("a", "float", 0.5, constraints={"min": 0.0, "max": 2.0}, description='the "a" knob'),
+                NewVariable("b", "string", "x", constraints={"choices": ["x", "y"]}, description="b"),
+            ],
+            now=3.25,
+            max_variables=10,
+            history_limit=5,
+        )
+        start = reader.position("defs")
+        writer.apply_writes("defs", [Write(a.id, 1.5, variable=a)], history_limit=5)
+
+        async def on_loop() -> None:
+            await writer.apply_writes_async(
+                "defs", [Write(b.id, "y", variable=b), Write(a.id, 0.25, variable=a)], history_limit=5
+            )
+
+        loop.run_until_complete(on_loop())
+        changes = reader.read_changes("defs", start, 1.0)
+        seen = [u.variable for u in changes.updates]
+        assert [(v.name, v.value, v.version) for v in seen if v] == [("a", 1.5, 2), ("b", "y", 2), ("a", 0.25, 3)]
+        for var in seen:
+            assert var is not None
+            made = a if var.name == "a" else b
+            assert (var.id, var.type, var.constraints, var.description, var.created_at) == (
+                made.id,
+                made.type,
+                made.constraints,
+                made.description,
+                made.created_at,
+            )
+    finally:
+        writer.close()
+        reader.close()
+        loop.close()

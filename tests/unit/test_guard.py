@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,6 +40,9 @@ def test_clip_keeps_short_text_and_both_ends_of_long_text() -> None:
         ),
         (pb.SetVariableRequest(session_id="s", variable_identifier="v", expected_version=-5), "expected_version"),
         (pb.GetVariableHistoryRequest(session_id="s", variable_identifier="v", limit=-1), "limit"),
+        (pb.BatchSetVariablesRequest(session_id="s", updates={"u" * 1025: any_pb2.Any()}), "updates"),
+        (pb.BatchSetVariablesRequest(session_id="s", binary_updates={"b" * 1025: b""}), "binary_updates"),
+        (pb.HeartbeatRequest(session_id="s", client_time=timestamp_pb2.Timestamp(seconds=-(2**40))), "client_time"),
     ],
 )
 def test_out_of_bounds_fields_are_refused_by_name(request_msg: object, field: str) -> None:

@@ -67,3 +67,14 @@ def test_a_value_that_is_not_json_cannot_be_sent() -> None:
     with pytest.raises(ValidationError) as info:
         calls.encode_write("t", object(), "string")
     assert (info.value.variable, info.value.rule) == ("t", "type")
+
+
+def test_only_a_write_that_names_a_writer_other_than_a_worker_sends_call_metadata() -> None:
+    # A bridge records a write that claims no writer as a worker's: a worker's write need not say so.
+    def sent(source: str) -> object:
+        return calls.BridgeCalls.set_variable("s", "x", 1, source=source).metadata
+
+    assert sent("worker") is None
+    assert sent("orchestrator") == (("source", "orchestrator"),)
+    assert sent("elixir") == (("source", "elixir"),)
+    assert calls.BridgeCalls.get_variable("s", "x").metadata is None
