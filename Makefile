@@ -13,7 +13,7 @@ PYTHONS ?= 3.10 3.11 3.12 3.13
 PKG_LIST := $(VENV)/.package-files
 PKG_FILES := $(sort $(wildcard dspex_dspy/*.py dspex_dspy/*/*.py dspex_dspy/*/*/*.py))
 
-.PHONY: demo test test-pythons bench lint proto clean system-packages dashboard-screenshot FORCE
+.PHONY: demo test test-pythons bench bench-instructions lint proto clean system-packages dashboard-screenshot FORCE
 
 $(PKG_LIST): FORCE | $(BIN)/python
 	@echo "$(PKG_FILES)" | cmp -s - $@ || echo "$(PKG_FILES)" > $@
@@ -68,6 +68,11 @@ test-pythons:
 
 bench: $(DEV_STAMP) system-packages
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# Instructions per call of every process of a write, counted by callgrind (repeatable to ~0.1%).
+bench-instructions: $(DEV_STAMP)
+	@$(MAKE) --no-print-directory system-packages SYSTEM_PACKAGES="redis-server:redis-server valgrind:valgrind"
+	$(BIN)/python -m benchmarks.instructions $(BENCH_ARGS)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check dspex_dspy tests benchmarks examples
