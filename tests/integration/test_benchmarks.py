@@ -62,3 +62,15 @@ def test_quick_redis_benchmark_run_writes_its_rows(tmp_path: Path) -> None:
         "sustained writes, 4 processes, bare SetVariable stubs, 2 bridge node(s)",
         "sustained writes, 4 processes, bare SetVariable stubs, 2 floor node(s)",
     } <= rows
+
+
+def test_the_instruction_counter_refuses_a_count_of_no_calls() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.instructions", "--calls", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--calls must be at least 1, got 0" in proc.stderr
