@@ -35,28 +35,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.run import _FLOOR_NODE, _PLAIN_SERVER, RESULTS
+from benchmarks.run import _FLOOR_NODE, _PLAIN_SERVER, CALL_MAKER, RESULTS
 
-_CLIENT = r"""
+_CLIENT = (
+    CALL_MAKER
+    + r"""
 import os, subprocess, sys
-import grpc
-from google.protobuf import any_pb2
-from dspex_dspy._proto import snakepit_bridge_pb2 as pb, snakepit_bridge_pb2_grpc as pb_grpc
 kind, address, session, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 pids = [os.getpid(), *(int(p) for p in sys.argv[5].split(",") if p)]
-if kind == "ping":
-    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
-    request = pb.PingRequest(message="ping")
-    call = lambda i: stub.Ping(request, timeout=120)
-elif kind == "stub":
-    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
-    def call(i):
-        value = any_pb2.Any(type_url="type.googleapis.com/snakepit.integer", value=str(i).encode())
-        stub.SetVariable(pb.SetVariableRequest(session_id=session, variable_identifier="x", value=value), timeout=120)
-else:
-    from dspex_dspy.client import SessionContext
-    ctx = SessionContext.connect(address, session_id=session, cache=False, timeout=120)
-    call = lambda i: ctx.set_variable("x", i)
+call = make_call(kind, address, session, "x", 120)
 for i in range(200):
     call(i)
 def control(flag):
@@ -67,6 +54,7 @@ for i in range(calls):
     call(i)
 control("-d")
 """
+)
 
 
 @dataclass
@@ -207,7 +195,7 @@ def measure(calls: int) -> list[Count]:
             with _server([sys.executable, "-c", _FLOOR_NODE, url], "127.0.0.1:", grind) as (server, address):
                 counts.append(
                     _measure(
-                        "bare SetVariable stub, floor node", "stub", address, "s", calls, server, redis_proc, grind
+                        "bare SetVariable stub, floor node", "raw-set", address, "s", calls, server, redis_proc, grind
                     )
                 )
             node = [sys.executable, "-m", "dspex_dspy.cli", "serve", "--port", "0", "--log-level", "WARNING"]
@@ -216,8 +204,8 @@ def measure(calls: int) -> list[Count]:
                     setup.create_session("s")
                     setup.register_variable("s", "x", "integer", 0)
                 for scenario, kind in (
-                    ("bare SetVariable stub, bridge node", "stub"),
-                    ("worker's set_variable, bridge node", "worker"),
+                    ("bare SetVariable stub, bridge node", "raw-set"),
+                    ("worker's set_variable, bridge node", "set"),
                 ):
                     counts.append(_measure(scenario, kind, address, "s", calls, server, redis_proc, grind))
     return counts

@@ -541,27 +541,37 @@ def _start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-_LOAD = """
-import sys, time
+# The call a load process makes, by kind: a raw ``Ping``, a bare stub sending ready-made
+# ``SetVariable`` requests (``raw-set``: no client library in the way) or a worker's
+# ``set_variable`` (``set``). Shared by the sustained loads and ``benchmarks.instructions``.
+CALL_MAKER = """
 import grpc
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
-from dspex_dspy.client import SessionContext
+def make_call(kind, address, session, name, timeout):
+    if kind == "ping":
+        stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
+        request = pb.PingRequest(message="ping")
+        return lambda i: stub.Ping(request, timeout=timeout)
+    if kind == "raw-set":
+        from google.protobuf import any_pb2
+        stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
+        def call(i):
+            value = any_pb2.Any(type_url="type.googleapis.com/snakepit.integer", value=str(i).encode())
+            request = pb.SetVariableRequest(session_id=session, variable_identifier=name, value=value)
+            stub.SetVariable(request, timeout=timeout)
+        return call
+    from dspex_dspy.client import SessionContext
+    ctx = SessionContext.connect(address, session_id=session, cache=False, timeout=timeout)
+    return lambda i: ctx.set_variable(name, i)
+"""
+
+_LOAD = (
+    CALL_MAKER
+    + """
+import sys, time
 kind, address, session, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5])
-if kind == "ping":
-    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
-    request = pb.PingRequest(message="ping")
-    call = lambda i: stub.Ping(request, timeout=10)
-elif kind == "raw-set":
-    # A bare stub sending ready-made SetVariable requests: no client library in the way.
-    from google.protobuf import any_pb2
-    stub = pb_grpc.BridgeServiceStub(grpc.insecure_channel(address))
-    def call(i):
-        value = any_pb2.Any(type_url="type.googleapis.com/snakepit.integer", value=str(i).encode())
-        stub.SetVariable(pb.SetVariableRequest(session_id=session, variable_identifier=name, value=value), timeout=10)
-else:
-    ctx = SessionContext.connect(address, session_id=session, cache=False)
-    call = lambda i: ctx.set_variable(name, i)
+call = make_call(kind, address, session, name, 10)
 for i in range(50):
     call(i)
 print("ready", flush=True)
@@ -572,6 +582,7 @@ while time.perf_counter() < end:
     count += 1
 print(count, flush=True)
 """
+)
 
 
 _FLOOR_NODE = """
