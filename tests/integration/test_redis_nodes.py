@@ -341,12 +341,15 @@ def test_get_set_cas_from_eight_clients_on_two_nodes_is_linearizable(
                 elif kind == "set":
                     var = store.set_variable("s", "x", value)
                     op = Op(n, "set", start, time.monotonic(), var.version, value)
+                    seen = var.version
                 else:
                     try:
                         var = store.set_variable("s", "x", value, expected_version=seen)
                         op = Op(n, "cas", start, time.monotonic(), var.version, value)
-                    except VersionConflictError:
+                        seen = var.version
+                    except VersionConflictError as conflict:
                         op = Op(n, "cas-failed", start, time.monotonic(), seen, value)
+                        seen = max(conflict.actual, seen)
                 with lock:
                     ops.append(op)
 
@@ -356,6 +359,21 @@ def test_get_set_cas_from_eight_clients_on_two_nodes_is_linearizable(
     for t in threads:
         t.join(DEADLINE_S * 4)
     assert len(ops) == 320
+    # Whether a racing compare-and-swap wins depends on the schedule, so a last client, alone on
+    # node B, makes sure the history holds both outcomes: a swap from what it read, then a swap
+    # from the version that swap replaced.
+    with RemoteStore.connect(b.address) as store:
+        start = time.monotonic()
+        var = store.get_variable("s", "x")
+        ops.append(Op(8, "get", start, time.monotonic(), var.version, var.value))
+        for value in (8001, 8002):
+            start = time.monotonic()
+            try:
+                done = store.set_variable("s", "x", value, expected_version=var.version)
+                ops.append(Op(8, "cas", start, time.monotonic(), done.version, value))
+            except VersionConflictError:
+                ops.append(Op(8, "cas-failed", start, time.monotonic(), var.version, value))
+    assert [op.kind for op in ops[-3:]] == ["get", "cas", "cas-failed"]
     assert {op.kind for op in ops} == {"get", "set", "cas", "cas-failed"}
     assert linearizability_violations((1, 0), ops) == []
 
