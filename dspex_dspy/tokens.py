@@ -10,6 +10,7 @@ Nothing here ever puts a secret or a token into an error message.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -156,8 +157,17 @@ def mint_token(
     return jwt.encode(payload, _as_key(secret), algorithm=ALGORITHM)
 
 
-def verify_token(secret: bytes | str, token: str) -> Claims:
+def verify_token(secret: bytes | str, token: str, now: float | None = None) -> Claims:
     """Check a token's signature, expiry and claims; return what it allows.
+
+    A token is valid until the exact time its ``exp`` names (fractions of a second included), the
+    rule the bridge applies to a token it has already checked. (PyJWT's own check truncates ``exp``
+    to a whole second, which would refuse a token up to a second early; so it is made here.)
+
+    Args:
+        secret: the fleet's shared secret.
+        token: the token to check.
+        now: the time to check the expiry against (default: the current wall-clock time).
 
     Raises:
         AuthenticationError: the token is malformed, signed with another secret, expired, or
@@ -165,16 +175,22 @@ def verify_token(secret: bytes | str, token: str) -> Claims:
     """
     try:
         payload = jwt.decode(
-            token, _as_key(secret), algorithms=[ALGORITHM], options={"require": list(_REQUIRED_CLAIMS)}
+            token,
+            _as_key(secret),
+            algorithms=[ALGORITHM],
+            options={"require": list(_REQUIRED_CLAIMS), "verify_exp": False},
         )
-    except jwt.ExpiredSignatureError:
-        raise AuthenticationError("the token has expired") from None
     except jwt.InvalidSignatureError:
         raise AuthenticationError("the token's signature is not valid for this bridge") from None
     except jwt.MissingRequiredClaimError as exc:
         raise AuthenticationError(f"the token lacks the {exc.claim!r} claim") from None
     except jwt.InvalidTokenError as exc:
         raise AuthenticationError(f"the token is malformed ({type(exc).__name__})") from None
+    exp = payload["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+        raise AuthenticationError("the token's exp claim is not a time (seconds since the epoch)")
+    if exp <= (time.time() if now is None else now):
+        raise AuthenticationError("the token has expired")
     sub, sessions, perms = payload["sub"], payload["sessions"], payload["perms"]
     if not isinstance(sub, str) or not sub:
         raise AuthenticationError("the token's sub claim is not a non-empty string")
@@ -186,4 +202,4 @@ def verify_token(secret: bytes | str, token: str) -> Claims:
         raise AuthenticationError("the token's sessions claim is neither a list of ids nor '*'")
     if not isinstance(perms, list) or not all(isinstance(p, str) for p in perms):
         raise AuthenticationError("the token's perms claim is not a list of permissions")
-    return Claims(sub=sub, sessions=allowed, perms=frozenset(perms) & set(PERMISSIONS), exp=float(payload["exp"]))
+    return Claims(sub=sub, sessions=allowed, perms=frozenset(perms) & set(PERMISSIONS), exp=float(exp))

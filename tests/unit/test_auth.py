@@ -26,6 +26,14 @@ def test_a_minted_token_verifies_with_its_claims() -> None:
     assert time.time() < claims.exp <= time.time() + 60
 
 
+def test_a_token_is_valid_until_the_exact_time_its_exp_names() -> None:
+    # exp 1000.9: PyJWT alone would take it for 1000 and refuse the token from then on.
+    token = mint_token(SECRET, sub="w1", sessions=["a"], perms="read", ttl=0.9, now=1000.0)
+    assert verify_token(SECRET, token, now=1000.5).exp == 1000.9
+    with pytest.raises(AuthenticationError, match="expired"):
+        verify_token(SECRET, token, now=1000.9)
+
+
 def test_star_opens_every_session() -> None:
     claims = verify_token(SECRET, mint_token(SECRET, sub="ops", sessions="*", perms="admin", ttl=60))
     assert claims.sessions is None and claims.names_session("anything")
@@ -48,8 +56,12 @@ def test_star_opens_every_session() -> None:
             ),
             "malformed",
         ),
+        (
+            lambda: jwt.encode({"sub": "a", "sessions": ["s"], "perms": ["read"], "exp": "soon"}, SECRET),
+            "exp claim",
+        ),
     ],
-    ids=["garbage", "other-secret", "expired", "missing-claim", "bad-sessions", "other-algorithm"],
+    ids=["garbage", "other-secret", "expired", "missing-claim", "bad-sessions", "other-algorithm", "bad-exp"],
 )
 def test_a_bad_token_is_an_authentication_error_that_hides_it(token: object, message: str) -> None:
     text = token()  # type: ignore[operator]
