@@ -174,24 +174,28 @@ def test_versioned_many_without_cache_never_mixes_atomic_writes(
     store.register_variable(session, "b", "integer", 0)
     client, _ = recorded(server.address, session, cache=False)
     stop = threading.Event()
+    first_write = threading.Event()
 
     def write() -> None:
         i = 0
         while not stop.is_set():
             i += 1
             store.set_variables(session, {"a": i, "b": i})
+            first_write.set()
             time.sleep(0.0002)  # interleave with the reads instead of starving them of the session lock
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     try:
+        # Every read below comes after the first write, so the last one cannot still see the 0s.
+        assert wait_for(first_write.is_set), "the writer never wrote"
         seen = [client.run(client.ctx.get_versioned_many, ["a", "b"]) for _ in range(300)]
     finally:
         stop.set()
         writer.join(QUICK_S)
     torn = [s for s in seen if s["a"] != s["b"]]
     assert not torn, f"{len(torn)} of {len(seen)} reads mixed two writes, e.g. {torn[0]}"
-    assert seen[-1]["a"][0] > 0
+    assert seen[-1]["a"][0] > 0  # the reads saw the writes
 
 
 def test_versioned_many_is_served_by_the_synced_cache_without_rpcs(

@@ -469,10 +469,12 @@ def test_parallel_calls_over_one_module_show_no_cross_talk(ctx: Context) -> None
     Variables.defvariable(ctx, "model", "string", "openai/m0")
     Variables.defvariable(ctx, "policy", "string", "Policy 0.")
     writes = itertools.count(1)
+    writing = threading.Lock()  # the k-th write applied is write k: version k + 1 holds "openai/m{k}"
 
     def respond(request: RecordedRequest) -> Any:
-        k = next(writes)
-        Variables.update_many(ctx, {"temperature": k / 100, "model": f"openai/m{k}", "policy": f"Policy {k}."})
+        with writing:
+            k = next(writes)
+            Variables.update_many(ctx, {"temperature": k / 100, "model": f"openai/m{k}", "policy": f"Policy {k}."})
         time.sleep(0.002)
         return {"answer": "ok"}
 
@@ -504,7 +506,11 @@ def test_parallel_calls_over_one_module_show_no_cross_talk(ctx: Context) -> None
             assert provenance["temperature"].applied is True
         assert provenance["model"].value == f"openai/m{provenance['model'].version - 1}"
         seen_versions.add(provenance["model"].version)
-    assert len(seen_versions) > 8  # the writes really interleaved with the calls
+    # The writes really interleaved with the calls. A thread's calls run one after another and each
+    # writes before it returns, so every call of a thread reads a newer version than the one before;
+    # some thread of the 8 ran at least 64 / 8 = 8 calls, hence at least 8 versions whatever the
+    # scheduling (a reader that missed the writes would see one).
+    assert len(seen_versions) >= 8
 
 
 def test_concurrent_acalls_show_no_cross_talk(ctx: Context) -> None:

@@ -35,7 +35,7 @@ import uvloop
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dspex_dspy.store._redis_loop import LoopRedis
+from dspex_dspy.store._redis_loop import DEFAULT_TIMEOUT_S, LoopRedis
 from tests.support.redis_server import RedisServer, free_port, stop_process
 from tests.support.tls_material import TlsMaterial, make_material
 
@@ -499,38 +499,54 @@ def test_a_killed_redis_fails_waiting_and_new_commands_and_is_reconnected_to_aft
 # --- 6. the watchdog -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["argument", "url"])
 def test_the_watchdog_fails_a_stalled_connection_and_the_next_command_opens_a_new_one(
-    own_redis: RedisServer, make_admin: Callable[..., redis.Redis], where: str
+    own_redis: RedisServer, make_admin: Callable[..., redis.Redis]
 ) -> None:
     admin = admin_of(make_admin, own_redis.url)
-    timeout = 1.0  # long enough that no answer outside the pause comes this late, even on a loaded machine
-    url, options = (
-        (own_redis.url, {"timeout": timeout})
-        if where == "argument"
-        else (f"{own_redis.url}?socket_timeout={timeout}", {})
-    )
+    # Every command of these clients, in the pause or not, runs under the watchdog: twice the
+    # default is long enough that no answer outside the pause is ever that late, even on a loaded
+    # machine, and a stall that lasts it shows the configured timeout was used, not the default.
+    timeout = 2 * DEFAULT_TIMEOUT_S
+    # The timeout given as the argument and in the URL, both clients stalled by the same pause.
+    configured = {
+        "argument": (own_redis.url, {"timeout": timeout}),
+        "url": (f"{own_redis.url}?socket_timeout={timeout:g}", {}),
+    }
+
+    async def stall(where: str, client: LoopRedis, old_id: int) -> int:
+        """Two commands stalled by the pause fail together; the next opens a new connection."""
+        started = time.monotonic()
+        stalled = [
+            asyncio.ensure_future(client.call("SET", f"stalled-{where}", "v")),
+            asyncio.ensure_future(client.call("GET", f"stalled-{where}")),
+        ]
+        for future in stalled:
+            with pytest.raises(redis.TimeoutError):
+                await future
+        waited = time.monotonic() - started
+        assert waited >= timeout - 0.01, f"{where}: failed after {waited:.2f} s, before its deadline"
+        # Reads still run during a WRITE pause: the next command gets a new connection.
+        new_id: int = await client.call("CLIENT", "ID")
+        assert new_id != old_id, where
+        return new_id
 
     async def main() -> None:
-        async with loop_redis(url, **options) as client:
-            old_id = await client.call("CLIENT", "ID")
+        async with contextlib.AsyncExitStack() as stack:
+            by_where = {
+                where: await stack.enter_async_context(loop_redis(url, **options))
+                for where, (url, options) in configured.items()
+            }
+            old_ids = {where: await client.call("CLIENT", "ID") for where, client in by_where.items()}
             with paused_writes(admin):
-                started = time.monotonic()
-                stalled = [
-                    asyncio.ensure_future(client.call("SET", "stalled", "v")),
-                    asyncio.ensure_future(client.call("GET", "stalled")),
-                ]
-                for future in stalled:
-                    with pytest.raises(redis.TimeoutError):
-                        await future
-                assert time.monotonic() - started >= timeout - 0.01  # never before its deadline
-                # Reads still run during a WRITE pause: the next command gets a new connection.
-                new_id = await client.call("CLIENT", "ID")
-                assert new_id != old_id
-            assert await client.call("SET", "k", "w") == "OK"
-            assert await client.call("GET", "k") == "w"
-            assert await client.call("CLIENT", "ID") == new_id
-            await eventually(lambda: old_id not in clients(admin), "the stalled connection to be closed")
+                stalls = [stall(where, client, old_ids[where]) for where, client in by_where.items()]
+                new_ids = dict(zip(by_where, await gather(*stalls), strict=True))
+            for where, client in by_where.items():
+                assert await client.call("SET", f"k-{where}", "w") == "OK"
+                assert await client.call("GET", f"k-{where}") == "w"
+                assert await client.call("CLIENT", "ID") == new_ids[where], where
+            await eventually(
+                lambda: not set(old_ids.values()) & set(clients(admin)), "the stalled connections to be closed"
+            )
 
     run(main())
 

@@ -31,7 +31,7 @@ from dspex_dspy.errors import (
     VersionConflictError,
 )
 from dspex_dspy.server import SERVICE_NAME, BridgeServer, EmbeddedBridge, ServerLimits, create_server
-from dspex_dspy.store import SessionStore, StoreLimits
+from dspex_dspy.store import MemoryStorage, SessionStore, StoreLimits
 from dspex_dspy.types import TYPE_URL_PREFIX
 from dspex_dspy.wire import (
     any_to_value,
@@ -829,12 +829,43 @@ def test_watch_ends_with_not_found_when_its_session_is_cleaned_up(bridge: Bridge
 # ------------------------------------------------------------------------------------------- TTL
 
 
+class FakeClock:
+    """The clock a store measures TTLs on, moved only by the test: a TTL passes when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+TTL_S = 10.0  # on the fake clock: no test here waits for it in real time
+
+
+def fake_clock_store(clock: FakeClock) -> SessionStore:
+    return SessionStore(default_ttl=TTL_S, storage=MemoryStorage(monotonic=clock.monotonic))
+
+
+def expires_in(store: SessionStore, session_id: str) -> float | None:
+    """Seconds left of the session's TTL, looked at without refreshing it (None: expired or gone)."""
+    return next((info.expires_in for info in store.list_sessions() if info.id == session_id), None)
+
+
 def test_idle_sessions_expire_and_the_sweep_removes_them(make_bridge: Callable[..., Bridge]) -> None:
-    bridge = make_bridge(store=SessionStore(default_ttl=0.3))
+    clock = FakeClock()
+    # No watch heartbeat within the test (it would refresh the session): only the fake clock ages it.
+    bridge = make_bridge(store=fake_clock_store(clock), heartbeat_interval=3600.0)
     bridge.register("x", "integer", 1)
     stream = bridge.watch(["x"])
     assert stream.update().update_type == "initial_value"
-    wait_until(lambda: not bridge.store.has_session(SID), "the idle session to expire")
+    clock.advance(0.9 * TTL_S)
+    assert bridge.store.has_session(SID)  # not yet idle for its TTL (and the look does not refresh it) ...
+    assert bridge.store.sweep() == []
+    clock.advance(0.2 * TTL_S)
+    assert not bridge.store.has_session(SID)  # ... now it is
     assert bridge.store.sweep() == [SID]
     err = stream.next()
     assert isinstance(err, grpc.RpcError)
@@ -846,7 +877,8 @@ def test_idle_sessions_expire_and_the_sweep_removes_them(make_bridge: Callable[.
 
 
 def test_heartbeats_keep_a_session_alive(make_bridge: Callable[..., Bridge]) -> None:
-    bridge = make_bridge(store=SessionStore(default_ttl=1.0), session=False)
+    clock = FakeClock()
+    bridge = make_bridge(store=fake_clock_store(clock), session=False)
     for sid in ("kept", "idle"):
         bridge.stub.InitializeSession(pb.InitializeSessionRequest(session_id=sid), timeout=DEADLINE)
 
@@ -856,8 +888,12 @@ def test_heartbeats_keep_a_session_alive(make_bridge: Callable[..., Bridge]) -> 
         )
         return bool(reply.session_valid)
 
-    # Both sessions start together; "kept" is refreshed continually while "idle" runs out its TTL.
-    wait_until(lambda: beat() and not bridge.store.has_session("idle"), "the idle session to expire")
+    # Both sessions start together; "kept" is beaten every 0.4 TTL while "idle" runs out its TTL.
+    for _ in range(3):
+        clock.advance(0.4 * TTL_S)
+        assert beat()
+    assert not bridge.store.has_session("idle")
+    assert bridge.store.has_session("kept")
     assert beat()
     assert bridge.stub.GetSession(pb.GetSessionRequest(session_id="kept"), timeout=DEADLINE).session_id == "kept"
     assert bridge.store.sweep() == ["idle"]
@@ -957,23 +993,26 @@ def test_embedded_bridge_is_a_lazy_singleton_that_can_be_restarted() -> None:
 
 def test_an_open_watch_keeps_its_session_from_expiring(make_bridge: Callable[..., Bridge]) -> None:
     """Each heartbeat of an open watch refreshes the session's TTL; once the watch closes, it expires."""
-    bridge = make_bridge(store=SessionStore(default_ttl=0.5), heartbeat_interval=0.1)
+    clock = FakeClock()
+    bridge = make_bridge(store=fake_clock_store(clock), heartbeat_interval=0.1)
     bridge.register("x", "integer", 1)
     stream = bridge.watch(["x"])
     assert stream.update().update_type == "initial_value"
-    beats = 0
-    while beats < 8:  # 8 heartbeats, at least 0.1 s of silence each: more than the 0.5 s TTL went by
-        item = stream.next(heartbeats=True)
-        assert isinstance(item, pb.VariableUpdate), item
-        beats += item.update_type == "heartbeat"
+    # Five times 0.4 TTL: two TTLs pass while the watch is open, yet never 0.4 TTL without a refresh.
+    for _ in range(5):
+        clock.advance(0.4 * TTL_S)
+        # Only the watch's heartbeats touch the session: a full TTL left now is a refresh since the advance.
+        wait_until(lambda: expires_in(bridge.store, SID) == TTL_S, "a heartbeat of the open watch to refresh it")
+        item = stream.next(heartbeats=True)  # nothing is written: the stream carries heartbeats only
+        assert isinstance(item, pb.VariableUpdate) and item.update_type == "heartbeat", item
     assert bridge.store.sweep() == []
     assert bridge.store.has_session(SID)
 
     stream.close()
-    removed: list[str] = []
-    deadline = time.monotonic() + 30.0
-    while SID not in removed:
-        assert time.monotonic() < deadline, "the session did not expire after its watch closed"
-        removed += bridge.store.sweep()
-        time.sleep(0.05)
-    assert not bridge.store.has_session(SID)
+    wait_until(lambda: bridge.server.servicer.active_watches == 0, "the server to end the closed watch")
+    assert bridge.store.has_session(SID)  # closing its watch does not end the session ...
+    clock.advance(1.1 * TTL_S)
+    assert not bridge.store.has_session(SID)  # ... but with nothing refreshing it, its TTL runs out
+    # Swept now, unless a heartbeat the closed stream had under way already found it expired and ended it.
+    bridge.store.sweep()
+    assert bridge.store.session_ids() == []

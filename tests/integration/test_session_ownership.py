@@ -20,6 +20,7 @@ import pytest
 from dspex_dspy import Context, Variables
 from dspex_dspy._proto import snakepit_bridge_pb2 as pb
 from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
+from dspex_dspy.admin import list_sessions
 from dspex_dspy.errors import SessionExistsError, SessionNotFoundError
 from dspex_dspy.remote import RemoteStore
 from dspex_dspy.server import BridgeServicer
@@ -28,7 +29,23 @@ from dspex_dspy.types import Variable
 
 pytestmark = pytest.mark.integration
 
-TTL_S = 1.0
+# A context heartbeats its session every TTL/3: a 5 s TTL leaves a heartbeat over 3 s of slack before
+# the session could expire under its owner. Tests wait for TTLs to pass on conditions, never sleeps.
+TTL_S = 5.0
+DEADLINE_S = 60.0  # hang guard for every wait below; never an assertion on speed
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def listed(address: str, session_id: str) -> bool:
+    """Whether the bridge lists the session: ``ListSessions`` does not refresh any TTL, unlike ``GetSession``."""
+    with grpc.insecure_channel(address) as channel:
+        return session_id in {s.id for s in list_sessions(channel, timeout=DEADLINE_S)}
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -42,7 +59,9 @@ def test_an_idle_context_keeps_its_session_past_the_ttl(short_ttl_bridge: Any) -
         Variables.defvariable(ctx, "temperature", "float", 0.7)
         ctx.ensure_bridged()
         probe.create_session("unowned")  # the same TTL, but nobody keeps it alive
-        time.sleep(4 * TTL_S)  # the context stays idle (any look at "unowned" would refresh it)
+        assert listed(short_ttl_bridge.address, "unowned")
+        # The context stays idle; "unowned" is only listed (a GetSession would refresh its TTL).
+        wait_for(lambda: not listed(short_ttl_bridge.address, "unowned"), "the unowned session to expire")
         assert not probe.has_session("unowned")  # the TTL really passed ...
         assert Variables.get(ctx, "temperature") == 0.7  # ... yet the context's session is there
         assert probe.get_session(ctx.id).variable_count == 1
@@ -142,5 +161,6 @@ def test_a_context_dropped_without_stop_stops_keeping_its_session_alive(short_tt
         assert probe.get_session(session_id).ttl == TTL_S
         del ctx
         gc.collect()
-        time.sleep(4 * TTL_S)  # idle: no look at the session until the end
+        # Only listed until it is gone (a GetSession would refresh its TTL).
+        wait_for(lambda: not listed(short_ttl_bridge.address, session_id), "the dropped context's session to expire")
         assert not probe.has_session(session_id)

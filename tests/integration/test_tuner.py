@@ -309,8 +309,29 @@ def test_a_live_fleet_serves_old_values_during_the_search_and_the_winner_right_a
         for proc in procs:
             proc.wait_ready()
 
+        def calls_of(proc: Proc) -> list[dict[str, Any]]:
+            """Every call the worker reported so far (its pending lines collected first)."""
+            while not proc.lines.empty():
+                line = proc.lines.get_nowait()
+                if line is None:
+                    raise AssertionError(proc.stderr)
+                proc.seen.append(line)
+            return [json.loads(line) for line in proc.seen if line.startswith("{")]
+
+        # The search waits, inside its first trial, until every worker has reported a call it made
+        # after that trial began: each worker then surely served calls during the search.
+        gate = threading.Lock()
+        in_trial: list[float] = []
+
         def paced(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
-            time.sleep(0.01)  # a search long enough for the workers to serve many calls during it
+            with gate:
+                if not in_trial:
+                    in_trial.append(time.time())
+                    for proc in procs:
+                        wait_for(
+                            lambda proc=proc: any(c["at"] >= in_trial[0] for c in calls_of(proc)),
+                            f"worker {proc.proc.args} to serve a call during the search",
+                        )
             return metric(example, prediction, trace)
 
         tuner = VariableTuner(paced, num_trials=30, seed=0, num_threads=2, progress=False)
@@ -324,47 +345,65 @@ def test_a_live_fleet_serves_old_values_during_the_search_and_the_winner_right_a
         winner = result.best.values
 
         def switched(proc: Proc) -> bool:
-            while not proc.lines.empty():
-                line = proc.lines.get_nowait()
-                if line is None:
-                    raise AssertionError(proc.stderr)
-                proc.seen.append(line)
-            return any(json.loads(line)["seen"]["model"][1] == 2 for line in proc.seen if line.startswith("{"))
+            return any(c["seen"]["model"][1] == 2 for c in calls_of(proc))
 
         for proc in procs:
             wait_for(lambda proc=proc: switched(proc), "the worker to use the published winner")
         for proc in procs:
             proc.finish()
-            calls = [json.loads(line) for line in proc.seen if line.startswith("{")]
-            during = [c for c in calls if started <= c["at"] < published_at]
-            assert during, "the worker served no call during the search"
+            calls = calls_of(proc)
+            # A call that ended before the publication's timestamp read its bindings before it
+            # (the store stamps a write before applying it); one that ended later may have seen either.
+            during = [c for c in calls if started <= c["at"] and c["end"] < published_at]
+            assert any(c["at"] >= in_trial[0] for c in during), "the worker served no call during the search"
             for call in during:  # the search never showed through: old values, version 1
                 assert call["seen"] == {"temperature": [1.2, 1], "max_tokens": [64, 1], "model": ["offline/small", 1]}
-            first_new = next(c for c in calls if c["seen"]["model"][1] == 2)
-            assert first_new["at"] - published_at < 1.0
-            assert first_new["seen"] == {name: [winner[name], 2] for name in ("temperature", "max_tokens", "model")}
-            assert f"model={winner['model']}" in first_new["answer"]
-            after = [c for c in calls if c["at"] >= first_new["at"]]
-            assert all(c["seen"]["model"][1] == 2 for c in after)
+            first_new = next(i for i, c in enumerate(calls) if c["seen"]["model"][1] == 2)
+            new = calls[first_new]
+            assert new["end"] >= published_at
+            print(f"{new['worker']} served the winner {new['end'] - published_at:.3f} s after it was published")
+            assert new["seen"] == {name: [winner[name], 2] for name in ("temperature", "max_tokens", "model")}
+            assert f"model={winner['model']}" in new["answer"]
+            assert all(c["seen"]["model"][1] == 2 for c in calls[first_new:])
 
 
-def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> None:
+def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc], monkeypatch: pytest.MonkeyPatch) -> None:
+    ttl = 10.0
     with Context() as ctx:
         define_task(ctx)
         ctx.ensure_bridged()
         assert ctx.bridge_address is not None
+        # The bridge is embedded in this process: note each take or renewal of tuner-proc's lease
+        # (monotonic time before and after the store handled it, the lease it returned).
+        store = ctx.provider.store
+        takes: list[tuple[float, float, Any]] = []
+        start_optimization = store.start_optimization
+
+        def noting(session_id: str, identifiers: Any, optimizer_id: str, **kwargs: Any) -> Any:
+            before = time.monotonic()
+            lease = start_optimization(session_id, identifiers, optimizer_id, **kwargs)
+            if session_id == ctx.id and optimizer_id == "tuner-proc":
+                takes.append((before, time.monotonic(), lease))
+            return lease
+
+        monkeypatch.setattr(store, "start_optimization", noting)
         tuner = Proc(
             "tune", "--address", ctx.bridge_address, "--session", ctx.id, "--optimizer-id", "tuner-proc",
-            "--lease-ttl", "3.0", "--hang",
+            "--lease-ttl", str(ttl), "--hang",
         )  # fmt: skip
         procs.append(tuner)
         tuner.wait_ready()  # searching: the metric of the first trial is blocked
         status = Variables.get_variable(ctx, "max_tokens").optimization_status
         assert status is not None and status.optimizer_id == "tuner-proc"
-        # Longer than the ttl: the heartbeat keeps the lease alive while the tuner lives.
-        time.sleep(4.0)
+        # The first lease ends by this (monotonic) time unless the heartbeat renews it. Wait for a
+        # renewal made after that time; the lease holds right after it: renewed, it outlived its ttl.
+        first_deadline = takes[0][1] + ttl
+        wait_for(lambda: any(before >= first_deadline for before, _, _ in takes[1:]), "a renewal after the ttl")
         with pytest.raises(VariableLockedError, match="held by optimizer tuner-proc"):
             Variables.set(ctx, "max_tokens", 128)
+        renewal = next(lease for before, _, lease in takes[1:] if before >= first_deadline)
+        kept = "kept" if renewal.id == takes[0][2].id else "lapsed and was taken again"
+        print(f"{len(takes) - 1} renewals; the lease was {kept} across its first ttl")
         rival = VariableTuner(metric, num_trials=2, seed=0, optimizer_id="tuner-rival", progress=False)
         with dspy.context(lm=offline_lm(MODELS[0])), pytest.raises(VariableLockedError):
             rival.compile(program_for(ctx), trainset=trainset())
@@ -377,9 +416,22 @@ def test_a_killed_tuner_holds_its_lease_until_it_expires(procs: list[Proc]) -> N
         assert _versions(ctx) == {"temperature": 1, "max_tokens": 2, "model": 1}
 
         tuner.kill()
-        wait_for(lambda: Variables.get_variable(ctx, "max_tokens").optimization_status is None, "the lease to expire")
+        # No heartbeat any more: the lease ends when its ttl runs out, and then another tuner can take it.
+        taken: list[Any] = []
+
+        def next_tuner_takes_it() -> bool:
+            try:
+                taken.append(Variables.start_optimization(ctx, ["max_tokens"], "tuner-next", ttl=60))
+            except VariableLockedError as exc:
+                assert exc.optimizer_id == "tuner-proc"
+                return False
+            return True
+
+        wait_for(next_tuner_takes_it, "the lease to expire")
+        status = Variables.get_variable(ctx, "max_tokens").optimization_status
+        assert status is not None and status.optimizer_id == "tuner-next"
+        Variables.stop_optimization(ctx, taken[0])
         assert Variables.set(ctx, "max_tokens", 256) == 3
-        Variables.start_optimization(ctx, ["max_tokens"], "tuner-next", ttl=60)
 
 
 @pytest.fixture
@@ -416,9 +468,11 @@ def test_two_processes_run_trials_of_one_study_and_one_publishes(
     procs: list[Proc], tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     journal = str(tmp_path / "study.log") if backend == "file" else request.getfixturevalue("redis_url")
+    # The helper runs two trials, then waits (inside its third) until the main tuner runs a trial:
+    # however slow either start is, both processes run trials of the study.
     helper = Proc(
         "helper", "--journal", journal, "--study", "shared", "--trials", "16", "--optimizer-id", "tuner-helper",
-        "--delay", "0.05",
+        "--delay", "0.05", "--pause-after", "2",
     )  # fmt: skip
     procs.append(helper)
     helper.wait_ready()
@@ -431,10 +485,21 @@ def test_two_processes_run_trials_of_one_study_and_one_publishes(
             return 0
         return len([t for t in study.get_trials(deepcopy=False) if t.state.is_finished()])
 
-    wait_for(lambda: helper_trials() >= 2, "the helper's first trials")
+    while helper.line() != "paused":
+        pass
+    assert helper_trials() == 2
     ctx = _ctx()
+    released = threading.Lock()
+    resumed = False
 
     def slow(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        nonlocal resumed
+        with released:
+            if not resumed:  # the main tuner is running a trial: let the helper go on
+                assert helper.proc.stdin is not None
+                helper.proc.stdin.write("go\n")
+                helper.proc.stdin.flush()
+                resumed = True
         time.sleep(0.05)
         return metric(example, prediction, trace)
 

@@ -1,9 +1,12 @@
 """Worker processes never hang at exit.
 
 200 short worker processes in a row (a few at a time) each connect to a real bridge, watch a
-variable, read it and exit without closing anything; every one must leave within 5 s of the end of
-its work. Before the fix, a client's ``__del__`` cancelled its streams during interpreter
+variable, read it and exit without closing anything; every one must leave on its own after its
+work ends. Before the fix, a client's ``__del__`` cancelled its streams during interpreter
 finalization and could wait for ever on a lock held by a frozen daemon thread.
+
+The exit limit is a hang guard (generous for a slow, loaded machine), not a speed requirement:
+the bug made a worker hang for ever. The slowest exit is printed for information.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ WORKER = Path(__file__).with_name("exit_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 RUNS = 200
 AT_ONCE = 4
-EXIT_LIMIT_S = 5.0
+EXIT_LIMIT_S = 60.0  # hang guard: an exit this late is taken as a hang
 START_LIMIT_S = 60.0
 MODES = ("sync", "sync-plain", "sync-nocache", "async")
 
@@ -64,13 +67,30 @@ def run_one(address: str, mode: str) -> tuple[str, float | None, str]:
     return mode, ended - float(done[0].split()[1]), out
 
 
-def test_200_short_workers_all_exit_within_5_s(bridge: BridgeServer) -> None:
+# A hang guard for the whole run: 200 interpreter start-ups take minutes on a slow, loaded 2-core
+# machine (the suite's default 300 s limit would make this a speed requirement). A hung worker
+# still fails the test within START_LIMIT_S + EXIT_LIMIT_S: no worker is started after one hangs.
+@pytest.mark.timeout(1800)
+def test_200_short_workers_all_exit_without_hanging(bridge: BridgeServer) -> None:
     modes = [MODES[i % len(MODES)] for i in range(RUNS)]
+    results: list[tuple[str, float | None, str]] = []
     with ThreadPoolExecutor(AT_ONCE) as pool:
-        results = list(pool.map(lambda mode: run_one(bridge.address, mode), modes))
+        futures = [pool.submit(run_one, bridge.address, mode) for mode in modes]
+        try:
+            for future in as_completed(futures):
+                results.append(future.result())
+                if results[-1][1] is None or results[-1][1] > EXIT_LIMIT_S:
+                    break  # a worker hung: that is the verdict, start no more
+        finally:
+            for future in futures:
+                future.cancel()
     hung = [(mode, out) for mode, took, out in results if took is None]
-    slow = [(mode, took) for mode, took, _ in results if took is not None and took > EXIT_LIMIT_S]
-    worst = max(took for _, took, _ in results if took is not None) if len(hung) < RUNS else float("nan")
-    print(f"{RUNS} workers: {len(hung)} hung, {len(slow)} slower than {EXIT_LIMIT_S:g} s, slowest exit {worst:.2f} s")
-    assert not hung, f"{len(hung)} of {RUNS} workers hung at exit, e.g. {hung[0][0]}: {hung[0][1][-2000:]}"
-    assert not slow, f"{len(slow)} of {RUNS} workers took longer than {EXIT_LIMIT_S:g} s to exit: {slow[:5]}"
+    late = [(mode, took) for mode, took, _ in results if took is not None and took > EXIT_LIMIT_S]
+    exits = [took for _, took, _ in results if took is not None]
+    worst = max(exits) if exits else float("nan")
+    print(f"\n{len(results)} workers: {len(hung)} hung, slowest exit {worst:.2f} s after its work (for information)")
+    assert not hung, f"{len(hung)} of {len(results)} workers hung at exit, e.g. {hung[0][0]}: {hung[0][1][-2000:]}"
+    assert not late, (
+        f"{len(late)} of {len(results)} workers took longer than {EXIT_LIMIT_S:g} s to exit (hung): {late[:5]}"
+    )
+    assert len(results) == RUNS

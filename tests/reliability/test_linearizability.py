@@ -22,6 +22,7 @@ pytestmark = pytest.mark.reliability
 KEYS = ("a", "b", "c")
 THREADS = 4
 OPS_PER_THREAD = 400
+RESET_EVERY = 40  # operations begun (by all threads) per connection-reset round of the remote test
 
 
 # ----------------------------------------------------------------------------- the checker itself
@@ -155,11 +156,18 @@ def test_remote_histories_through_connection_resets_are_linearizable(served: Ser
     stores = [RemoteStore.connect(proxy.address, call_timeout=10.0) for _ in range(THREADS)]
     stop = threading.Event()
     resets = 0
+    started = [0] * THREADS  # operations each thread has begun
 
     def chaos() -> None:
+        # A reset round per RESET_EVERY operations begun, not per stretch of time: a slow machine
+        # gets as many rounds (and writes of unknown outcome, which the checker must place) as a
+        # fast one, so the history's shape and the check's cost do not grow with the run's length.
         nonlocal resets
-        while not stop.wait(0.05):
-            resets += proxy.reset() > 0
+        next_round = RESET_EVERY
+        while not stop.wait(0.005):
+            if sum(started) >= next_round:
+                next_round += RESET_EVERY
+                resets += proxy.reset() > 0
 
     chaos_thread = threading.Thread(target=chaos)
     chaos_thread.start()
@@ -168,17 +176,19 @@ def test_remote_histories_through_connection_resets_are_linearizable(served: Ser
         remote = stores[seed]
 
         def read(key: str) -> tuple[Any, int]:
+            started[seed] += 1
             var = remote.get_variable("lin", key)
             return var.value, var.version
 
-        _run(
-            history,
-            read,
-            lambda k, v: remote.set_variable("lin", k, v).version,
-            lambda k, v, e: remote.set_variable("lin", k, v, expected_version=e).version,
-            BridgeUnavailableError,
-            seed,
-        )
+        def write(key: str, value: str) -> int:
+            started[seed] += 1
+            return remote.set_variable("lin", key, value).version
+
+        def cas(key: str, value: str, expected: int) -> int:
+            started[seed] += 1
+            return remote.set_variable("lin", key, value, expected_version=expected).version
+
+        _run(history, read, write, cas, BridgeUnavailableError, seed)
 
     try:
         _threads(run)

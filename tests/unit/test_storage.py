@@ -13,7 +13,7 @@ import redis
 from dspex_dspy.errors import BridgeUnavailableError, SessionNotFoundError, VariableNotFoundError, VersionConflictError
 from dspex_dspy.records import UpdateType
 from dspex_dspy.store import MemoryStorage, SessionStore, StoreLimits
-from dspex_dspy.store.redis_storage import RedisStorage
+from dspex_dspy.store.redis_storage import RedisStorage, _keys
 from dspex_dspy.store.storage import NewVariable, Storage, Write
 
 pytestmark = pytest.mark.unit
@@ -188,20 +188,32 @@ def test_session_ttl_is_redis_expiry(redis_url: str) -> None:
     url = redis_url.rsplit("/", 1)[0] + "/9"
     with redis.Redis.from_url(url) as client:
         client.flushdb()
-    store = SessionStore(storage=RedisStorage(url), default_ttl=0.3, limits=StoreLimits())
+    ttl_s = 60.0  # long: nothing may expire while the session is being set up
+    store = SessionStore(storage=RedisStorage(url), default_ttl=ttl_s, limits=StoreLimits())
+    raw = redis.Redis.from_url(url)
     try:
         store.create_session("s1")
         store.register_variable("s1", "x", "integer", 1)
-        info = store.get_session("s1")
-        assert 0 < info.expires_in <= 0.3
+        info = store.get_session("s1")  # refreshes the expiry and reads it back in one script
+        assert info.ttl == ttl_s
+        assert 0 < info.expires_in <= ttl_s
+        # The TTL is Redis's own expiry, on every key of the session.
+        keys = [key for key in _keys("s1") if raw.exists(key)]
+        assert len(keys) >= 2
+        assert all(0 < raw.pttl(key) <= ttl_s * 1000 for key in keys), {key: raw.pttl(key) for key in keys}
+
+        # Let Redis expire it now (as the TTL would, later): no sweep, no store call removes it.
+        for key in keys:
+            assert raw.pexpire(key, 50)
         end = time.monotonic() + DEADLINE_S
-        while store.has_session("s1") and time.monotonic() < end:
+        while store.has_session("s1") and time.monotonic() < end:  # has_session does not refresh
             time.sleep(0.05)
         assert not store.has_session("s1")
         assert store.sweep() == ["s1"]
         store.create_session("s1")  # the id is free again
         assert store.list_variables("s1") == []
     finally:
+        raw.close()
         store.close()
         store.storage.close()
 

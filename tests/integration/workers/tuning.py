@@ -2,13 +2,14 @@
 
     python tuning.py serve  --address A --session S --name N
         serve calls of a bound program until stdin closes; one JSON line per call with the
-        values and versions its provenance shows and the time of the call.
+        values and versions its provenance shows, and when the call started and ended.
     python tuning.py tune   --address A --session S --optimizer-id ID --lease-ttl T [--hang]
         tune the session's variables as a worker; with --hang the metric blocks after the first
         trial's first example is scored (the process holds its lease until killed).
-    python tuning.py helper --journal PATH_OR_REDIS_URL --study NAME --trials N --optimizer-id ID
+    python tuning.py helper --journal PATH_OR_REDIS_URL --study NAME --trials N --optimizer-id ID [--pause-after K]
         run trials of a shared study (Optuna journal storage on a file or Redis) on a local copy
-        of the task; no lease, no publication.
+        of the task; no lease, no publication. With --pause-after K, once K of its trials are done
+        it prints ``paused`` (from inside its next trial) and waits for a line on stdin.
 
 Each prints ``ready`` when in position.
 """
@@ -84,8 +85,9 @@ def serve(opts: argparse.Namespace) -> None:
             while not stop.is_set():
                 at = time.time()
                 prediction = program(question="What is 2 + 3?")
+                end = time.time()
                 seen = {attr: [b.value, b.version] for attr, b in get_provenance(prediction).items()}
-                say({"worker": opts.name, "at": at, "seen": seen, "answer": prediction.answer})
+                say({"worker": opts.name, "at": at, "end": end, "seen": seen, "answer": prediction.answer})
                 stop.wait(0.02)
 
 
@@ -121,8 +123,14 @@ def helper(opts: argparse.Namespace) -> None:
     storage = journal_storage(opts.journal)
     ctx = Context()
     define_task(ctx)
+    scored = 0
 
     def slow_metric(example: dspy.Example, prediction: dspy.Prediction, trace: object = None) -> float:
+        nonlocal scored
+        scored += 1  # num_threads=1: one example at a time
+        if opts.pause_after is not None and scored == opts.pause_after * len(trainset()) + 1:
+            say("paused")
+            sys.stdin.readline()  # a line (or stdin closed) resumes
         time.sleep(opts.delay)
         return metric(example, prediction, trace)
 
@@ -158,6 +166,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--study")
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--delay", type=float, default=0.02)
+    parser.add_argument("--pause-after", type=int, default=None)
     opts = parser.parse_args(argv)
     {"serve": serve, "tune": tune, "helper": helper}[opts.job](opts)
     return 0
