@@ -610,7 +610,8 @@ class Context:
             moved, writes = local.export_versioned(self._marks())
             self._note_imports(moved, created)
             if moved:
-                bridged.import_state(moved)
+                # Into a session this switch made, nobody else looks yet: the import may go in parts.
+                bridged.import_state(moved, atomic=not created)
             if local.retire_if_unchanged(bridged, writes):
                 self._provider = bridged
                 return moved
@@ -620,7 +621,7 @@ class Context:
             moved, writes = local.export_versioned(self._marks())
             self._note_imports(moved, created)
             if moved:
-                bridged.import_state(moved)
+                bridged.import_state(moved, atomic=not created)
             if not local.retire_if_unchanged(bridged, writes):  # pragma: no cover - writers are fenced
                 raise DSPexError(f"context {self.id} changed while its writers were fenced")
             self._provider = bridged
@@ -676,7 +677,7 @@ class Context:
                 try:
                     if values:
                         with collector_paused():  # as a switch: every record copied stays alive to the end
-                            store.import_variables(self.id, values)
+                            store.import_variables(self.id, values, atomic=False)  # a session just made
                 except BaseException:
                     with contextlib.suppress(Exception), self._deadline(store, _CLEANUP_TIMEOUT):
                         store.cleanup_session(self.id)

@@ -54,10 +54,16 @@ _BATCH_IMPORT_BYTES: Final = 8 * 1024 * 1024
 IMPORT_WINDOW: Final = 256
 """How many ``RegisterVariable`` calls :meth:`RemoteStore.import_variables` keeps in flight."""
 
+PIPELINED_IMPORT_CHUNK: Final = 1000
+"""Variables per ``ImportVariables`` call of a non-atomic import (see :meth:`RemoteStore.import_variables`)."""
+
 UNDO_TIMEOUT: Final = 2.0
 """Seconds the clean-up of a failed import may take (the connection is often what failed)."""
 
 _T = TypeVar("_T")
+
+_Part = tuple[int, int, "grpc.Future[pb.ImportVariablesResponse]"]
+"""A part of a pipelined import that was sent: its variables' ``[start, end)`` and its call."""
 
 
 class RemoteStore:
@@ -316,7 +322,9 @@ class RemoteStore:
         registered = registered_variable(var_id, name, type_, value, constraints, description, metadata, source)
         return self._learn(session_id, registered)
 
-    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+    def import_variables(
+        self, session_id: str, variables: Sequence[Variable], *, atomic: bool = True
+    ) -> list[Variable]:
         """Import whole variables (value, version, created_at, description, metadata), all or nothing.
 
         Every variable is checked here first; then they travel in one ``ImportVariables`` call
@@ -325,45 +333,81 @@ class RemoteStore:
         :data:`IMPORT_WINDOW` in flight at a time; if any of them fails, the variables already made
         are deleted again and the first failure (in input order) is raised.
 
+        ``atomic=False`` trades the single call for speed: an import of more than
+        :data:`PIPELINED_IMPORT_CHUNK` variables travels in several ``ImportVariables`` calls, each
+        sent as soon as its variables are checked, so the bridge applies one part while the next is
+        prepared here. A failure (a bad variable, a refused part, a lost connection) still deletes
+        whatever was made and raises the first failure in input order, but until then another
+        client may see part of the import: meant for a session nobody else uses yet, such as the one
+        a context's switch has just created.
+
         The wire contract carries no ``updated_at`` for a registration, so an imported variable's
         ``updated_at`` becomes the server's time of import.
         """
+        pipelined = not atomic and self._batch_import is not False and len(variables) > PIPELINED_IMPORT_CHUNK
         calls: list[BridgeCall[str]] = []
         checked: list[tuple[VariableSpec, Any, dict[str, str], float]] = []
+        sent: list[_Part] = []
+        part_start = part_bytes = 0
         seen: set[str] = set()
         now = time.time()
-        for var in variables:
-            if var.name in seen:
-                raise VariableExistsError(var.name, session_id)
-            seen.add(var.name)
-            validate_name(var.name)
-            if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
-                raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
-            spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
-            # Checked once here: the request carries these, and so does the record returned.
-            value = spec.validate(var.value)
-            metadata = normalize_metadata(var.name, var.metadata)
-            created_at = var.created_at or now
-            checked.append((spec, value, metadata, created_at))
-            calls.append(
-                BridgeCalls.register_variable(
-                    session_id,
-                    var.name,
-                    var.type,
-                    value,
-                    constraints=var.constraints,
-                    description=var.description,
-                    metadata=metadata,
-                    source=var.source,
-                    initial_version=var.version,
-                    created_at=created_at,
-                    checked=spec,
+        try:
+            for var in variables:
+                if var.name in seen:
+                    raise VariableExistsError(var.name, session_id)
+                seen.add(var.name)
+                validate_name(var.name)
+                if isinstance(var.version, bool) or not isinstance(var.version, int) or var.version < 1:
+                    raise ValidationError(var.name, "version", var.version, "a version must be an integer >= 1")
+                spec = compile_spec(var.name, var.type, var.constraints, secret=is_secret(var.metadata))
+                # Checked once here: the request carries these, and so does the record returned.
+                value = spec.validate(var.value)
+                metadata = normalize_metadata(var.name, var.metadata)
+                created_at = var.created_at or now
+                checked.append((spec, value, metadata, created_at))
+                calls.append(
+                    BridgeCalls.register_variable(
+                        session_id,
+                        var.name,
+                        var.type,
+                        value,
+                        constraints=var.constraints,
+                        description=var.description,
+                        metadata=metadata,
+                        source=var.source,
+                        initial_version=var.version,
+                        created_at=created_at,
+                        checked=spec,
+                    )
                 )
-            )
-        if self._closed:
-            raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
-        ids = self._import_batch(session_id, calls) if calls else []
-        made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
+                if pipelined:
+                    # A part ends at PIPELINED_IMPORT_CHUNK variables, or before the one that would take
+                    # it past _BATCH_IMPORT_BYTES (a variable that big alone travels alone).
+                    size = calls[-1].request.ByteSize()
+                    if part_bytes + size > _BATCH_IMPORT_BYTES and len(calls) - 1 > part_start:
+                        sent.append(self._send_part(session_id, calls, part_start, len(calls) - 1))
+                        part_start, part_bytes = len(calls) - 1, 0
+                    part_bytes += size
+                    if len(calls) - part_start == PIPELINED_IMPORT_CHUNK:
+                        sent.append(self._send_part(session_id, calls, part_start, len(calls)))
+                        part_start, part_bytes = len(calls), 0
+            if pipelined and len(calls) > part_start:
+                sent.append(self._send_part(session_id, calls, part_start, len(calls)))
+        except BaseException as exc:
+            if sent:  # what the parts already sent made goes again; the check's failure is raised
+                made, _ = self._gather_parts(session_id, sent)
+                answered = not isinstance(exc, BridgeUnavailableError)
+                self._undo_import(session_id, [var_id for _, var_id in made], bridge_answered=answered)
+            raise
+        if sent:
+            made, unimplemented = self._gather_parts(session_id, sent)
+            if unimplemented:  # nothing was made: an older bridge, registered one by one
+                made = self._import_one_by_one(session_id, calls)
+        else:
+            if self._closed:
+                raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+            ids = self._import_batch(session_id, calls) if calls else []
+            made = list(enumerate(ids)) if ids is not None else self._import_one_by_one(session_id, calls)
         now = time.time()
         out = []
         for (_, var_id), var, (spec, value, metadata, created_at) in zip(sorted(made), variables, checked, strict=True):
@@ -383,6 +427,54 @@ class RemoteStore:
             )
             out.append(self._learn(session_id, imported))
         return out
+
+    def _send_part(self, session_id: str, calls: list[BridgeCall[str]], start: int, end: int) -> _Part:
+        """Send ``calls[start:end]`` as one ``ImportVariables`` call, not waiting for its answer."""
+        if self._closed:
+            raise BridgeUnavailableError(f"the connection to the bridge at {self.address or '?'} is closed")
+        part = calls[start:end]
+        entries = [cast(pb.RegisterVariableRequest, c.request) for c in part]
+        request = pb.ImportVariablesRequest(session_id=session_id, variables=entries)
+        try:
+            future = self.stub.ImportVariables.future(request, timeout=self._timeout(), metadata=part[0].metadata)
+        except ValueError as err:  # grpc raises this for a call on a closed channel
+            raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
+        return start, end, future
+
+    def _gather_parts(self, session_id: str, sent: list[_Part]) -> tuple[list[tuple[int, str]], bool]:
+        """Wait for every part sent: ``(made, unimplemented)``, ``made`` as ``(index, id)`` pairs.
+
+        A part that failed undoes every part that succeeded and raises the first failure (in
+        input order). ``unimplemented``: the bridge has no ``ImportVariables`` (nothing was made).
+        """
+        made: list[tuple[int, str]] = []
+        failure: DSPexError | None = None
+        unimplemented = False
+        for start, end, future in sent:
+            try:
+                response = future.result()
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    unimplemented = True
+                elif failure is None:
+                    failure = error_from_rpc(err, session_id=session_id)
+                continue
+            expected = end - start
+            if len(response.variable_ids) != expected and failure is None:
+                failure = BridgeUnavailableError(
+                    f"the bridge answered {len(response.variable_ids)} ids for an import of {expected} variables"
+                )
+            made.extend(enumerate(response.variable_ids, start))
+        if unimplemented and not made and failure is None:
+            self._batch_import = False  # an older bridge: register one by one from now on
+            return [], True
+        if failure is None and unimplemented:
+            failure = BridgeUnavailableError("the bridge refused part of an import as unimplemented")
+        if failure is not None:
+            answered = not isinstance(failure, BridgeUnavailableError)
+            self._undo_import(session_id, [var_id for _, var_id in made], bridge_answered=answered)
+            raise failure
+        return made, False
 
     def _import_batch(self, session_id: str, calls: list[BridgeCall[str]]) -> list[str] | None:
         """One ``ImportVariables`` call; None when the bridge does not have that extension RPC."""
@@ -436,13 +528,19 @@ class RemoteStore:
             raise failure[1]
         return made
 
-    def _undo_import(self, session_id: str, variable_ids: list[str]) -> None:
+    def _undo_import(self, session_id: str, variable_ids: list[str], *, bridge_answered: bool = False) -> None:
         """Delete the variables a failed import made (pipelined); failures are logged, not raised.
 
         The clean-up gets its own short deadline (:data:`UNDO_TIMEOUT`): when the connection is what
         failed it cannot succeed, and the caller must learn of the failure in bounded time.
+        ``bridge_answered``: the import failed on something else (the bridge refused a part, or a
+        variable was bad), so the connection works: each window of deletes gets a whole
+        :attr:`call_timeout` instead.
         """
-        undo_by = time.monotonic() + UNDO_TIMEOUT
+        budget = UNDO_TIMEOUT
+        if bridge_answered:
+            budget = max(budget, self.call_timeout * -(-len(variable_ids) // IMPORT_WINDOW))
+        undo_by = time.monotonic() + budget
         for start in range(0, len(variable_ids), IMPORT_WINDOW):
             left = undo_by - time.monotonic()
             if left <= 0:

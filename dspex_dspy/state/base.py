@@ -135,8 +135,13 @@ class StateProvider(Protocol):
         """Every variable as a full record, in creation order (for migration)."""
         ...
 
-    def import_state(self, variables: Sequence[Variable]) -> None:
-        """Add whole variables (versions and metadata kept), all or nothing."""
+    def import_state(self, variables: Sequence[Variable], *, atomic: bool = True) -> None:
+        """Add whole variables (versions and metadata kept), all or nothing.
+
+        ``atomic=False``: a failure still adds nothing, but others may see part of the variables
+        while they are being added (a remote bridge then sends a large import in parts, faster);
+        for a session nobody else uses yet.
+        """
         ...
 
     def close(self) -> None:

@@ -36,7 +36,9 @@ class SessionAccess(Protocol):
         source: str = ...,
     ) -> Variable: ...
 
-    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> builtins.list[Variable]: ...
+    def import_variables(
+        self, session_id: str, variables: Sequence[Variable], *, atomic: bool = True
+    ) -> builtins.list[Variable]: ...
 
     def get_variable(self, session_id: str, identifier: str) -> Variable: ...
 
@@ -201,8 +203,8 @@ class BridgedState:
     def export_state(self) -> builtins.list[Variable]:
         return self.list()
 
-    def import_state(self, variables: Sequence[Variable]) -> None:
-        self.store.import_variables(self.session_id, variables)
+    def import_state(self, variables: Sequence[Variable], *, atomic: bool = True) -> None:
+        self.store.import_variables(self.session_id, variables, atomic=atomic)
 
     def close(self) -> None:
         """Nothing to release: the session outlives the provider (the context cleans it up)."""

@@ -375,7 +375,7 @@ class LocalState:
         target, key = self._miss(name)
         target.delete(key)
 
-    def import_state(self, variables: Sequence[Variable]) -> None:
+    def import_state(self, variables: Sequence[Variable], *, atomic: bool = True) -> None:
         prepared = []
         for var in variables:
             validate_name(var.name)
@@ -410,7 +410,7 @@ class LocalState:
                     self._by_id[rec.id] = var.name
                     self._last_created = max(self._last_created, var.created_at)
                 return
-        forward.import_state(variables)
+        forward.import_state(variables, atomic=atomic)
 
     def close(self) -> None:
         with self._lock:

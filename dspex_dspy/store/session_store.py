@@ -362,11 +362,14 @@ class SessionStore:
         )
         return self._view(var)
 
-    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+    def import_variables(
+        self, session_id: str, variables: Sequence[Variable], *, atomic: bool = True
+    ) -> list[Variable]:
         """Import whole variables (value, version, timestamps, metadata), all or nothing.
 
         Used to migrate a context's state into a session: every variable is validated first and
-        a single failure imports none of them.
+        a single failure imports none of them. ``atomic`` is accepted for the signature a remote
+        store shares; here every import is one atomic step either way.
         """
         return [self._view(v) for v in self._import(session_id, variables)]
 

@@ -103,7 +103,7 @@ def test_attach_on_the_embedded_bridge() -> None:
         assert Variables.get(owner, "x") == 1
 
 
-def test_switching_ten_thousand_variables_to_a_remote_bridge_is_one_import(remote_bridge: Any) -> None:
+def test_switching_ten_thousand_variables_to_a_remote_bridge_lands_every_variable(remote_bridge: Any) -> None:
     ctx = Context(bridge=remote_bridge.address)
     try:
         for i in range(10_000):

@@ -32,9 +32,11 @@ class PausingStore(SessionStore):
         self.attempts = 0
         self._guard = threading.Lock()
 
-    def import_variables(self, session_id: str, variables: Sequence[Variable]) -> list[Variable]:
+    def import_variables(
+        self, session_id: str, variables: Sequence[Variable], *, atomic: bool = True
+    ) -> list[Variable]:
         self._starting(variables)
-        return super().import_variables(session_id, variables)
+        return super().import_variables(session_id, variables, atomic=atomic)
 
     def import_variable_ids(self, session_id: str, variables: Sequence[Variable]) -> list[str]:
         self._starting(variables)  # what the bridge's ImportVariables calls
