@@ -480,22 +480,8 @@ class RemoteStore:
         """One ``ImportVariables`` call; None when the bridge does not have that extension RPC."""
         if self._batch_import is False or sum(c.request.ByteSize() for c in calls) > _BATCH_IMPORT_BYTES:
             return None
-        entries = [cast(pb.RegisterVariableRequest, c.request) for c in calls]
-        request = pb.ImportVariablesRequest(session_id=session_id, variables=entries)
-        try:
-            response = self.stub.ImportVariables(request, timeout=self._timeout(), metadata=calls[0].metadata)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._batch_import = False  # an older bridge: register one by one from now on
-                return None
-            raise error_from_rpc(err, session_id=session_id) from err
-        except ValueError as err:  # grpc raises this for a call on a closed channel
-            raise BridgeUnavailableError(f"the connection to the bridge is closed: {err}") from err
-        if len(response.variable_ids) != len(calls):
-            raise BridgeUnavailableError(
-                f"the bridge answered {len(response.variable_ids)} ids for an import of {len(calls)} variables"
-            )
-        return list(response.variable_ids)
+        made, unimplemented = self._gather_parts(session_id, [self._send_part(session_id, calls, 0, len(calls))])
+        return None if unimplemented else [var_id for _, var_id in made]
 
     def _import_one_by_one(self, session_id: str, calls: list[BridgeCall[str]]) -> list[tuple[int, str]]:
         """Pipelined ``RegisterVariable`` calls (bridges without ``ImportVariables``); undone on failure."""
