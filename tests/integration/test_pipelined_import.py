@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent import futures
-from typing import Any
 
-import grpc
 import pytest
 
 from dspex_dspy import Context, Variables
-from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.errors import ValidationError, VariableExistsError
 from dspex_dspy.remote import RemoteStore
 from dspex_dspy.remote.store import PIPELINED_IMPORT_CHUNK
-from dspex_dspy.server import BridgeServer, BridgeServicer, create_server
+from dspex_dspy.server import BridgeServer, create_server
 from dspex_dspy.store import SessionStore
 from dspex_dspy.types import Variable
+from tests.support.old_bridge import older_bridge
 
 pytestmark = pytest.mark.integration
 
@@ -98,20 +95,8 @@ def test_a_bad_variable_found_after_parts_were_sent_undoes_them(bridge: BridgeSe
     assert bridge.store.list_variables("s") == []
 
 
-class _OldBridge(BridgeServicer):
-    """A bridge without the ImportVariables extension (as a peer of the plain contract)."""
-
-    def ImportVariables(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-
-
 def test_a_non_atomic_import_to_an_older_bridge_registers_one_by_one() -> None:
-    store = SessionStore()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_BridgeServiceServicer_to_server(_OldBridge(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with older_bridge() as (port, store):
         with RemoteStore.connect(f"127.0.0.1:{port}") as remote:
             remote.create_session("s")
             made = remote.import_variables("s", many(PIPELINED_IMPORT_CHUNK + 200), atomic=False)
@@ -120,9 +105,6 @@ def test_a_non_atomic_import_to_an_older_bridge_registers_one_by_one() -> None:
         assert [(v.name, v.version) for v in stored] == [
             (f"v{i}", 1 + i % 3) for i in range(PIPELINED_IMPORT_CHUNK + 200)
         ]
-    finally:
-        server.stop(None)
-        store.close()
 
 
 def test_a_switch_into_a_session_it_made_imports_in_parts(bridge: BridgeServer) -> None:

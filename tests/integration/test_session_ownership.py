@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -23,9 +22,9 @@ from dspex_dspy._proto import snakepit_bridge_pb2_grpc as pb_grpc
 from dspex_dspy.admin import list_sessions
 from dspex_dspy.errors import SessionExistsError, SessionNotFoundError
 from dspex_dspy.remote import RemoteStore
-from dspex_dspy.server import BridgeServicer
 from dspex_dspy.store import SessionStore
 from dspex_dspy.types import Variable
+from tests.support.old_bridge import older_bridge
 
 pytestmark = pytest.mark.integration
 
@@ -121,24 +120,9 @@ def test_switching_ten_thousand_variables_to_a_remote_bridge_lands_every_variabl
         ctx.stop()
 
 
-class _OldBridge(BridgeServicer):
-    """A bridge without the ImportVariables extension (as a peer of the plain contract)."""
-
-    def ImportVariables(self, request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-
-
 def test_import_falls_back_to_registering_one_by_one_on_an_older_bridge() -> None:
-    store = SessionStore()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_BridgeServiceServicer_to_server(_OldBridge(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with older_bridge() as (port, store):
         _import_through(port, store)
-    finally:
-        server.stop(None)
-        store.close()
 
 
 def _import_through(port: int, store: SessionStore) -> None:
